@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Regenerates all generated code: protobufs in api/, and (when the controller
+# has CRD types) deepcopy functions and CRD manifests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PWD/bin/tools:$PATH"
+
+(
+  cd api
+  for p in $(find . -name '*.proto' | sort); do
+    protoc -I . \
+      --go_out=. --go_opt=paths=source_relative \
+      --go-grpc_out=. --go-grpc_opt=paths=source_relative \
+      "$p"
+  done
+)
+
+if [ -d controller/apis ]; then
+  (
+    cd controller
+    controller-gen object:headerFile=../hack/boilerplate.go.txt paths=./apis/...
+    controller-gen crd:allowDangerousTypes=false paths=./apis/... output:crd:artifacts:config=../manifests/base/crds
+  )
+fi
