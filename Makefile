@@ -36,6 +36,10 @@ tools: ## Build the pinned developer tools (tools/go.mod) into bin/tools.
 kube-bins: ## Build the pinned kube-apiserver, etcd, kubectl… from source (cached).
 	@hack/kube-bins.sh "$(KUBE_BIN)"
 
+.PHONY: print-kube-bin
+print-kube-bin: ## Print the directory holding the pinned Kubernetes binaries (KUBEBUILDER_ASSETS).
+	@echo "$(KUBE_BIN)"
+
 ##@ Build
 .PHONY: build
 build: ## Build every binary into bin/.
