@@ -11,12 +11,12 @@ mkdir -p "$out"
 echo "kube-bins: building ${bins[*]} from source into $out (first time only; takes a while)"
 cd "$(dirname "$0")/../tools/kube"
 start=$(date +%s)
-GOWORK=off go build -trimpath -o "$out/" \
+GOWORK=off go build -o "$out/" \
   k8s.io/kubernetes/cmd/kube-apiserver \
   k8s.io/kubernetes/cmd/kube-controller-manager \
   k8s.io/kubernetes/cmd/kube-scheduler \
   k8s.io/kubernetes/cmd/kube-proxy \
   k8s.io/kubernetes/cmd/kubectl \
   go.etcd.io/etcd/server/v3
-mv "$out/v3" "$out/etcd"
+mv "$out/server" "$out/etcd"
 echo "kube-bins: built in $(( $(date +%s) - start ))s"
