@@ -1,0 +1,459 @@
+package capture
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"runtime"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+)
+
+// Test topology: a "pod" netns and a "node" netns joined by a veth pair.
+// Every address lives only inside these two namespaces.
+var (
+	nodeIP  = netip.MustParseAddr("198.18.0.1")
+	podIP   = netip.MustParseAddr("198.18.0.2")
+	otherIP = netip.MustParseAddr("198.18.0.3") // a second address of the node netns
+	nodeIP6 = netip.MustParseAddr("fd00:a5e5::1")
+	podIP6  = netip.MustParseAddr("fd00:a5e5::2")
+)
+
+func needRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: creates network namespaces and nftables rules")
+	}
+}
+
+// inNS runs fn on a fresh locked OS thread that has entered ns. The thread
+// is never unlocked, so Go discards it afterwards.
+func inNS(ns netns.NsHandle, fn func() error) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		if err := netns.Set(ns); err != nil {
+			errc <- fmt.Errorf("setns: %w", err)
+			return
+		}
+		errc <- fn()
+	}()
+	return <-errc
+}
+
+func newNS(t *testing.T) netns.NsHandle {
+	t.Helper()
+	var h netns.NsHandle
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
+		n, err := netns.New()
+		h = n
+		errc <- err
+	}()
+	if err := <-errc; err != nil {
+		t.Fatalf("new netns: %v", err)
+	}
+	t.Cleanup(func() { h.Close() })
+	return h
+}
+
+func must(t *testing.T, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func prefix(a netip.Addr, bits int) *netlink.Addr {
+	return &netlink.Addr{IPNet: &net.IPNet{IP: a.AsSlice(), Mask: net.CIDRMask(bits, a.BitLen())}, Flags: unix.IFA_F_NODAD}
+}
+
+// topology returns (pod, node) namespaces wired with a veth pair.
+func topology(t *testing.T) (pod, node netns.NsHandle) {
+	t.Helper()
+	pod, node = newNS(t), newNS(t)
+	must(t, inNS(node, func() error {
+		lo, err := netlink.LinkByName("lo")
+		if err != nil {
+			return err
+		}
+		return netlink.LinkSetUp(lo)
+	}))
+	must(t, inNS(pod, func() error {
+		lo, err := netlink.LinkByName("lo")
+		if err != nil {
+			return err
+		}
+		if err := netlink.LinkSetUp(lo); err != nil {
+			return err
+		}
+		veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "eth0"}, PeerName: "veth0", PeerNamespace: netlink.NsFd(node)}
+		if err := netlink.LinkAdd(veth); err != nil {
+			return fmt.Errorf("veth: %w", err)
+		}
+		eth, err := netlink.LinkByName("eth0")
+		if err != nil {
+			return err
+		}
+		for _, a := range []*netlink.Addr{prefix(podIP, 24), prefix(podIP6, 64)} {
+			if err := netlink.AddrAdd(eth, a); err != nil {
+				return err
+			}
+		}
+		if err := netlink.LinkSetUp(eth); err != nil {
+			return err
+		}
+		for _, gw := range []netip.Addr{nodeIP, nodeIP6} {
+			if err := netlink.RouteAdd(&netlink.Route{LinkIndex: eth.Attrs().Index, Gw: gw.AsSlice()}); err != nil {
+				return fmt.Errorf("default route via %v: %w", gw, err)
+			}
+		}
+		return nil
+	}))
+	must(t, inNS(node, func() error {
+		peer, err := netlink.LinkByName("veth0")
+		if err != nil {
+			return err
+		}
+		for _, a := range []*netlink.Addr{prefix(nodeIP, 24), prefix(otherIP, 24), prefix(nodeIP6, 64)} {
+			if err := netlink.AddrAdd(peer, a); err != nil {
+				return err
+			}
+		}
+		return netlink.LinkSetUp(peer)
+	}))
+	return pod, node
+}
+
+// serve accepts on ln until it is closed and answers every connection with
+// one line: "<name> <original destination or -> <remote address>". (A
+// connection that was not redirected reports its own destination as the
+// original one: conntrack tracks it too.)
+func serve(t *testing.T, ln net.Listener, name string) {
+	t.Helper()
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			od := "-"
+			if a, err := OriginalDestination(c.(*net.TCPConn)); err == nil {
+				od = a.String()
+			}
+			fmt.Fprintf(c, "%s %s %s\n", name, od, c.RemoteAddr())
+			c.Close()
+		}
+	}()
+}
+
+func listen(t *testing.T, ns netns.NsHandle, addr, name string) {
+	t.Helper()
+	var ln net.Listener
+	must(t, inNS(ns, func() (err error) {
+		ln, err = net.Listen("tcp", addr)
+		return err
+	}))
+	serve(t, ln, name)
+}
+
+// ask connects from inside ns to addr (with the dialer d) and returns the
+// answering listener's line.
+func ask(ns netns.NsHandle, d *net.Dialer, addr string) (string, error) {
+	var c net.Conn
+	if err := inNS(ns, func() (err error) {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		c, err = d.DialContext(ctx, "tcp", addr)
+		return err
+	}); err != nil {
+		return "", err
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(2 * time.Second))
+	line, err := bufio.NewReader(c).ReadString('\n')
+	return strings.TrimSpace(line), err
+}
+
+func TestInstallCheckRemove(t *testing.T) {
+	needRoot(t)
+	pod, _ := topology(t)
+	cfg := Config{ProbeSources: []netip.Addr{nodeIP, nodeIP6}, ProbePorts: []uint16{8081, 9000}}
+	other := Config{ProbeSources: []netip.Addr{nodeIP}, ProbePorts: []uint16{8081}}
+	steps := []struct {
+		name string
+		do   func() error
+		// expected Check results for cfg and other afterwards
+		cfgErr, otherErr error
+	}{
+		{"initially absent", func() error { return nil }, ErrNotInstalled, ErrNotInstalled},
+		{"remove absent", Remove, ErrNotInstalled, ErrNotInstalled},
+		{"install", func() error { return Install(cfg) }, nil, ErrMismatch},
+		{"install again", func() error { return Install(cfg) }, nil, ErrMismatch},
+		{"install reordered duplicates", func() error {
+			return Install(Config{ProbeSources: []netip.Addr{nodeIP6, nodeIP, nodeIP}, ProbePorts: []uint16{9000, 8081, 9000}})
+		}, nil, ErrMismatch},
+		{"replace", func() error { return Install(other) }, ErrMismatch, nil},
+		{"remove", Remove, ErrNotInstalled, ErrNotInstalled},
+		{"remove again", Remove, ErrNotInstalled, ErrNotInstalled},
+		{"install after remove", func() error { return Install(cfg) }, nil, ErrMismatch},
+	}
+	for _, s := range steps {
+		must(t, inNS(pod, func() error {
+			if err := s.do(); err != nil {
+				return fmt.Errorf("%s: %w", s.name, err)
+			}
+			if err := Check(cfg); !errors.Is(err, s.cfgErr) {
+				return fmt.Errorf("%s: Check(cfg) = %v, want %v", s.name, err, s.cfgErr)
+			}
+			if err := Check(other); !errors.Is(err, s.otherErr) {
+				return fmt.Errorf("%s: Check(other) = %v, want %v", s.name, err, s.otherErr)
+			}
+			return nil
+		}))
+	}
+	// After a final Remove nothing of ours is left: no table, rule or route.
+	must(t, inNS(pod, func() error {
+		if err := Remove(); err != nil {
+			return err
+		}
+		for _, fam := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+			rules, err := netlink.RuleList(fam)
+			if err != nil {
+				return err
+			}
+			for _, r := range rules {
+				if r.Table == RouteTable {
+					return fmt.Errorf("rule left behind: %v", r)
+				}
+			}
+			routes, err := netlink.RouteListFiltered(fam, &netlink.Route{Table: RouteTable}, netlink.RT_FILTER_TABLE)
+			if err != nil {
+				return err
+			}
+			if len(routes) > 0 {
+				return fmt.Errorf("routes left behind: %v", routes)
+			}
+		}
+		return nil
+	}))
+}
+
+func TestCheckDetectsTampering(t *testing.T) {
+	needRoot(t)
+	pod, _ := topology(t)
+	cfg := Config{ProbeSources: []netip.Addr{nodeIP}, ProbePorts: []uint16{8081}}
+	must(t, inNS(pod, func() error {
+		if err := Install(cfg); err != nil {
+			return err
+		}
+		// Someone deletes the reply-routing rule: Check notices.
+		if err := netlink.RuleDel(replyRule(unix.AF_INET)); err != nil {
+			return err
+		}
+		if err := Check(cfg); !errors.Is(err, ErrMismatch) {
+			return fmt.Errorf("Check after rule deletion = %v, want ErrMismatch", err)
+		}
+		if err := Install(cfg); err != nil {
+			return err
+		}
+		return Check(cfg)
+	}))
+}
+
+func TestValidate(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		cfg  Config
+		ok   bool
+	}{
+		{"zero", Config{}, true},
+		{"probes", Config{ProbeSources: []netip.Addr{nodeIP, nodeIP6}, ProbePorts: []uint16{80}}, true},
+		{"invalid source", Config{ProbeSources: []netip.Addr{{}}}, false},
+		{"unspecified source", Config{ProbeSources: []netip.Addr{netip.IPv4Unspecified()}}, false},
+		{"port 0", Config{ProbePorts: []uint16{0}}, false},
+		{"hbone port", Config{ProbePorts: []uint16{InboundHBONEPort}}, false},
+		{"outbound port", Config{ProbePorts: []uint16{OutboundPort}}, false},
+	} {
+		if err := tc.cfg.Validate(); (err == nil) != tc.ok {
+			t.Errorf("%s: Validate() = %v, want ok=%v", tc.name, err, tc.ok)
+		}
+	}
+}
+
+func hostPort(a netip.Addr, p uint16) string { return netip.AddrPortFrom(a, p).String() }
+
+func TestOutboundCapture(t *testing.T) {
+	needRoot(t)
+	pod, node := topology(t)
+	must(t, inNS(pod, func() error { return Install(Config{}) }))
+	listen(t, pod, fmt.Sprintf("[::]:%d", OutboundPort), "ztunnel-outbound")
+	listen(t, pod, "127.0.0.1:9090", "pod-local")
+	listen(t, node, "[::]:8080", "node-app")
+
+	plain := &net.Dialer{}
+	marked := &net.Dialer{Control: MarkSocket}
+	for _, tc := range []struct {
+		name   string
+		dialer *net.Dialer
+		addr   string
+		want   string // prefix of the answer
+	}{
+		{"outbound v4 captured", plain, hostPort(nodeIP, 8080), "ztunnel-outbound " + hostPort(nodeIP, 8080)},
+		{"outbound v6 captured", plain, hostPort(nodeIP6, 8080), "ztunnel-outbound " + hostPort(nodeIP6, 8080)},
+		{"outbound other port captured", plain, hostPort(nodeIP, 443), "ztunnel-outbound " + hostPort(nodeIP, 443)},
+		{"marked socket bypasses", marked, hostPort(nodeIP, 8080), "node-app "},
+		{"marked socket bypasses v6", marked, hostPort(nodeIP6, 8080), "node-app "},
+		{"loopback not captured", plain, "127.0.0.1:9090", "pod-local "},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := ask(pod, tc.dialer, tc.addr)
+			if err != nil {
+				t.Fatalf("connect %s: %v", tc.addr, err)
+			}
+			if !strings.HasPrefix(got, tc.want) {
+				t.Fatalf("connect %s answered %q, want prefix %q", tc.addr, got, tc.want)
+			}
+		})
+	}
+
+	// Without the rules the same connection reaches the node directly.
+	must(t, inNS(pod, Remove))
+	got, err := ask(pod, plain, hostPort(nodeIP, 8080))
+	if err != nil || !strings.HasPrefix(got, "node-app") {
+		t.Fatalf("after Remove: %q, %v; want node-app", got, err)
+	}
+}
+
+func TestInboundCapture(t *testing.T) {
+	needRoot(t)
+	pod, node := topology(t)
+	cfg := Config{ProbeSources: []netip.Addr{nodeIP, nodeIP6}, ProbePorts: []uint16{8081}}
+	must(t, inNS(pod, func() error { return Install(cfg) }))
+	listen(t, pod, fmt.Sprintf("[::]:%d", InboundPlaintextPort), "ztunnel-inbound")
+	listen(t, pod, fmt.Sprintf("[::]:%d", InboundHBONEPort), "ztunnel-hbone")
+	listen(t, pod, "[::]:8081", "app-probe")
+	listen(t, pod, "[::]:8082", "app")
+
+	from := func(a netip.Addr) *net.Dialer {
+		return &net.Dialer{LocalAddr: &net.TCPAddr{IP: a.AsSlice()}}
+	}
+	for _, tc := range []struct {
+		name   string
+		dialer *net.Dialer
+		addr   string
+		want   string
+	}{
+		{"app port captured", from(nodeIP), hostPort(podIP, 8082), "ztunnel-inbound " + hostPort(podIP, 8082)},
+		{"app port captured v6", from(nodeIP6), hostPort(podIP6, 8082), "ztunnel-inbound " + hostPort(podIP6, 8082)},
+		{"hbone not captured", from(nodeIP), hostPort(podIP, InboundHBONEPort), "ztunnel-hbone "},
+		{"probe from node passes", from(nodeIP), hostPort(podIP, 8081), "app-probe "},
+		{"probe from node passes v6", from(nodeIP6), hostPort(podIP6, 8081), "app-probe "},
+		{"probe port from elsewhere captured", from(otherIP), hostPort(podIP, 8081), "ztunnel-inbound " + hostPort(podIP, 8081)},
+		{"other port from node captured", from(nodeIP), hostPort(podIP, 8082), "ztunnel-inbound"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := ask(node, tc.dialer, tc.addr)
+			if err != nil {
+				t.Fatalf("connect %s: %v", tc.addr, err)
+			}
+			if !strings.HasPrefix(got, tc.want) {
+				t.Fatalf("connect %s answered %q, want prefix %q", tc.addr, got, tc.want)
+			}
+		})
+	}
+}
+
+// transparentDialer dials like ztunnel's inbound path: marked, with the
+// original client's address as source (IP_TRANSPARENT).
+func transparentDialer(src netip.Addr) *net.Dialer {
+	return &net.Dialer{
+		LocalAddr: &net.TCPAddr{IP: src.AsSlice()},
+		Control: func(network, address string, c syscall.RawConn) error {
+			if err := MarkSocket(network, address, c); err != nil {
+				return err
+			}
+			var serr error
+			err := c.Control(func(fd uintptr) {
+				if strings.HasSuffix(network, "6") {
+					serr = unix.SetsockoptInt(int(fd), unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1)
+				} else {
+					serr = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_TRANSPARENT, 1)
+				}
+			})
+			if err != nil {
+				return err
+			}
+			return serr
+		},
+	}
+}
+
+func TestReplyRouting(t *testing.T) {
+	needRoot(t)
+	pod, _ := topology(t)
+	must(t, inNS(pod, func() error { return Install(Config{}) }))
+	listen(t, pod, "[::]:7000", "app")
+
+	// ztunnel connects to the app with the remote client's address; the
+	// app sees that address and its answer comes back to ztunnel.
+	for _, tc := range []struct {
+		src, dst netip.Addr
+	}{{nodeIP, podIP}, {nodeIP6, podIP6}} {
+		got, err := ask(pod, transparentDialer(tc.src), hostPort(tc.dst, 7000))
+		if err != nil {
+			t.Fatalf("transparent connect from %v: %v", tc.src, err)
+		}
+		fields := strings.Fields(got)
+		if len(fields) != 3 || fields[0] != "app" {
+			t.Fatalf("answer %q", got)
+		}
+		if ap, err := netip.ParseAddrPort(fields[2]); err != nil || ap.Addr().Unmap() != tc.src {
+			t.Fatalf("app saw client %s, want %v", fields[2], tc.src)
+		}
+	}
+
+	// Without the rules the app's answer leaves through eth0 and the
+	// transparent connection cannot complete.
+	must(t, inNS(pod, Remove))
+	if got, err := ask(pod, transparentDialer(nodeIP), hostPort(podIP, 7000)); err == nil {
+		t.Fatalf("transparent connect without reply routing succeeded: %q", got)
+	}
+}
+
+func TestIPv6Disabled(t *testing.T) {
+	needRoot(t)
+	pod := newNS(t)
+	must(t, inNS(pod, func() error {
+		for _, f := range []string{"all", "default", "lo"} {
+			if err := os.WriteFile("/proc/sys/net/ipv6/conf/"+f+"/disable_ipv6", []byte("1"), 0o644); err != nil {
+				return err
+			}
+		}
+		if err := Install(Config{}); err != nil {
+			return err
+		}
+		if err := Check(Config{}); err != nil {
+			return err
+		}
+		if err := Remove(); err != nil {
+			return err
+		}
+		if err := Check(Config{}); !errors.Is(err, ErrNotInstalled) {
+			return fmt.Errorf("Check after Remove = %v", err)
+		}
+		return nil
+	}))
+}
