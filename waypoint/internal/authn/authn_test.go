@@ -1,0 +1,174 @@
+package authn
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"encoding/json"
+	"errors"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	discoveryv1 "github.com/amesh-dev/amesh/api/discovery/v1"
+	jose "github.com/go-jose/go-jose/v4"
+	"github.com/go-jose/go-jose/v4/jwt"
+)
+
+type signer struct {
+	key *ecdsa.PrivateKey
+	kid string
+}
+
+func newSigner(t *testing.T, kid string) *signer {
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &signer{key: k, kid: kid}
+}
+
+func (s *signer) jwks(t *testing.T) string {
+	b, err := json.Marshal(jose.JSONWebKeySet{Keys: []jose.JSONWebKey{{Key: &s.key.PublicKey, KeyID: s.kid, Algorithm: "ES256", Use: "sig"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+func (s *signer) token(t *testing.T, c jwt.Claims, extra map[string]any) string {
+	sig, err := jose.NewSigner(jose.SigningKey{Algorithm: jose.ES256, Key: s.key},
+		(&jose.SignerOptions{}).WithType("JWT").WithHeader("kid", s.kid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, err := jwt.Signed(sig).Claims(c).Claims(extra).Serialize()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tok
+}
+
+const issuer = "https://issuer.example"
+
+func TestAuthenticate(t *testing.T) {
+	s := newSigner(t, "k1")
+	other := newSigner(t, "k1") // same kid, different key
+	now := time.Unix(1_800_000_000, 0)
+	ra := []*discoveryv1.RequestAuthentication{{Name: "jwt", Namespace: "default", JwtRules: []*discoveryv1.JWTRule{{
+		Issuer: issuer, Audiences: []string{"reviews"}, Jwks: s.jwks(t), OutputPayloadToHeader: "x-jwt-payload",
+	}}}}
+	a := New(ra, NewKeyCache(Options{}), Options{Now: func() time.Time { return now }})
+	good := jwt.Claims{Issuer: issuer, Subject: "alice", Audience: jwt.Audience{"reviews"},
+		Expiry: jwt.NewNumericDate(now.Add(time.Hour)), IssuedAt: jwt.NewNumericDate(now)}
+	mod := func(f func(*jwt.Claims)) jwt.Claims { c := good; f(&c); return c }
+	tests := []struct {
+		name string
+		auth string
+		want error
+	}{
+		{"valid", "Bearer " + s.token(t, good, map[string]any{"groups": []string{"admin"}}), nil},
+		{"expired", "Bearer " + s.token(t, mod(func(c *jwt.Claims) { c.Expiry = jwt.NewNumericDate(now.Add(-2 * time.Minute)) }), nil), ErrExpired},
+		{"not yet valid", "Bearer " + s.token(t, mod(func(c *jwt.Claims) { c.NotBefore = jwt.NewNumericDate(now.Add(time.Hour)) }), nil), ErrNotYetValid},
+		{"wrong issuer", "Bearer " + s.token(t, mod(func(c *jwt.Claims) { c.Issuer = "https://evil.example" }), nil), ErrUnknownIssuer},
+		{"wrong audience", "Bearer " + s.token(t, mod(func(c *jwt.Claims) { c.Audience = jwt.Audience{"ratings"} }), nil), ErrAudience},
+		{"wrong key", "Bearer " + other.token(t, good, nil), ErrSignature},
+		{"garbage", "Bearer not.a.jwt", ErrMalformed},
+		{"no token", "", nil},
+		{"other scheme is no token", "Basic dXNlcjpwYXNz", nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := httptest.NewRequest("GET", "http://reviews/x", nil)
+			if tt.auth != "" {
+				r.Header.Set("Authorization", tt.auth)
+			}
+			id, err := a.Authenticate(context.Background(), r)
+			if !errors.Is(err, tt.want) {
+				t.Fatalf("err = %v, want %v", err, tt.want)
+			}
+			if tt.want != nil {
+				if id != nil {
+					t.Fatal("identity with error")
+				}
+				if c := Challenge(r, err); !strings.HasPrefix(c, `Bearer realm="http://reviews/x", error="invalid_token"`) {
+					t.Fatalf("challenge %q", c)
+				}
+				return
+			}
+			if tt.name == "valid" {
+				if id == nil || id.Principal != issuer+"/alice" || id.Audiences[0] != "reviews" {
+					t.Fatalf("identity %+v", id)
+				}
+				if g, _ := id.Claims["groups"].([]any); len(g) != 1 || g[0] != "admin" {
+					t.Fatalf("claims %v", id.Claims)
+				}
+				if r.Header.Get("Authorization") != "" {
+					t.Error("token forwarded without forward_original_token")
+				}
+				p, err := PayloadJSON(r.Header.Get("x-jwt-payload"))
+				if err != nil || !strings.Contains(string(p), `"sub":"alice"`) {
+					t.Errorf("payload header %q %v", p, err)
+				}
+			} else if id != nil {
+				t.Fatalf("identity without token: %+v", id)
+			}
+		})
+	}
+}
+
+func TestFetchedJWKSCachedAndRotated(t *testing.T) {
+	s1, s2 := newSigner(t, "k1"), newSigner(t, "k2")
+	var fetches atomic.Int32
+	var current atomic.Value
+	current.Store(s1.jwks(t))
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fetches.Add(1)
+		_, _ = w.Write([]byte(current.Load().(string)))
+	}))
+	defer srv.Close()
+	clock := time.Unix(1_800_000_000, 0)
+	now := func() time.Time { return clock }
+	keys := NewKeyCache(Options{Now: now, CacheTTL: time.Hour})
+	a := New([]*discoveryv1.RequestAuthentication{{JwtRules: []*discoveryv1.JWTRule{{Issuer: issuer, JwksUri: srv.URL,
+		FromHeaders: []*discoveryv1.JWTHeader{{Name: "x-token"}}, ForwardOriginalToken: true}}}}, keys, Options{Now: now})
+	claims := jwt.Claims{Issuer: issuer, Subject: "bob", Expiry: jwt.NewNumericDate(clock.Add(time.Hour))}
+	call := func(tok string) error {
+		r := httptest.NewRequest("GET", "http://svc/", nil)
+		r.Header.Set("x-token", tok)
+		_, err := a.Authenticate(context.Background(), r)
+		if err == nil && r.Header.Get("x-token") == "" {
+			t.Fatal("forward_original_token removed the token")
+		}
+		return err
+	}
+	for range 5 {
+		if err := call(s1.token(t, claims, nil)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if fetches.Load() != 1 {
+		t.Fatalf("fetched %d times, want 1 (cached)", fetches.Load())
+	}
+	// Rotation: a new kid forces one refresh once minRefresh has passed.
+	current.Store(s2.jwks(t))
+	clock = clock.Add(minRefresh)
+	if err := call(s2.token(t, claims, nil)); err != nil {
+		t.Fatalf("rotated key: %v", err)
+	}
+	if fetches.Load() != 2 {
+		t.Fatalf("fetched %d times, want 2", fetches.Load())
+	}
+	// The JWKS endpoint failing: tokens fail closed when no keys were ever fetched.
+	bad := New([]*discoveryv1.RequestAuthentication{{JwtRules: []*discoveryv1.JWTRule{{Issuer: issuer, JwksUri: "http://127.0.0.1:1/jwks"}}}},
+		NewKeyCache(Options{}), Options{Now: now})
+	r := httptest.NewRequest("GET", "http://svc/", nil)
+	r.Header.Set("Authorization", "Bearer "+s1.token(t, claims, nil))
+	if _, err := bad.Authenticate(context.Background(), r); !errors.Is(err, ErrKeysNotFetched) {
+		t.Fatalf("unreachable JWKS: %v", err)
+	}
+}
