@@ -1,0 +1,277 @@
+// Package netns opens sockets inside other network namespaces: listeners
+// and outgoing connections of a pod, created on a locked OS thread that
+// enters the pod's namespace with setns(2) and leaves it before the thread
+// is given back to the Go scheduler. Sockets keep the namespace they were
+// created in, so once open they are used from any goroutine.
+//
+// It also carries the socket options ztunnel needs: SO_MARK (so that the
+// pod's capture rules skip ztunnel's own traffic), SO_REUSEPORT (so that a
+// restarted ztunnel binds while the old one drains), IP_TRANSPARENT (to
+// accept redirected connections and to connect to the application with the
+// original client's source address) and SO_ORIGINAL_DST.
+package netns
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"runtime"
+	"syscall"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// ip6tSoOriginalDst is IP6T_SO_ORIGINAL_DST from linux/netfilter_ipv6/ip6_tables.h.
+const ip6tSoOriginalDst = 80
+
+// Namespace is an open network namespace.
+type Namespace struct {
+	f     *os.File
+	inode uint64
+}
+
+// FromFile takes ownership of an open network namespace file (from
+// /proc/<pid>/ns/net, a bind mount, or an SCM_RIGHTS descriptor).
+func FromFile(f *os.File) (*Namespace, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("stat netns: %w", err)
+	}
+	var fs unix.Statfs_t
+	if err := unix.Fstatfs(int(f.Fd()), &fs); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("statfs netns: %w", err)
+	}
+	if fs.Type != unix.NSFS_MAGIC {
+		f.Close()
+		return nil, fmt.Errorf("netns: %s is not a namespace file (fs type %#x)", f.Name(), fs.Type)
+	}
+	return &Namespace{f: f, inode: st.Ino}, nil
+}
+
+// Open opens a network namespace by path.
+func Open(path string) (*Namespace, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("open netns: %w", err)
+	}
+	return FromFile(f)
+}
+
+// Current opens the calling thread's network namespace.
+func Current() (*Namespace, error) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	return Open(fmt.Sprintf("/proc/%d/task/%d/ns/net", os.Getpid(), unix.Gettid()))
+}
+
+// Inode identifies the namespace: two files of one namespace have the same
+// inode.
+func (n *Namespace) Inode() uint64 { return n.inode }
+
+// Close closes the namespace file. Sockets opened in it stay usable.
+func (n *Namespace) Close() error { return n.f.Close() }
+
+// Do runs fn on a locked OS thread inside the namespace. If the thread
+// cannot return to its original namespace it is left locked, so the Go
+// runtime destroys it when fn's goroutine exits.
+func (n *Namespace) Do(fn func() error) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := os.Open(fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid()))
+		if err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("open current netns: %w", err)
+			return
+		}
+		defer orig.Close()
+		if err := unix.Setns(int(n.f.Fd()), unix.CLONE_NEWNET); err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("setns: %w", err)
+			return
+		}
+		ferr := fn()
+		if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err != nil {
+			// Keep the thread locked: it dies with this goroutine.
+			errc <- errors.Join(ferr, fmt.Errorf("setns back: %w", err))
+			return
+		}
+		runtime.UnlockOSThread()
+		errc <- ferr
+	}()
+	return <-errc
+}
+
+// SockOpts are the options set on a socket before bind/connect.
+type SockOpts struct {
+	// Mark is SO_MARK (0 = unset).
+	Mark uint32
+	// ReusePort sets SO_REUSEPORT.
+	ReusePort bool
+	// Transparent sets IP_TRANSPARENT / IPV6_TRANSPARENT.
+	Transparent bool
+}
+
+func (o SockOpts) control(network, _ string, c syscall.RawConn) error {
+	var serr error
+	err := c.Control(func(fd uintptr) {
+		s := int(fd)
+		if o.Mark != 0 {
+			if serr = unix.SetsockoptInt(s, unix.SOL_SOCKET, unix.SO_MARK, int(o.Mark)); serr != nil {
+				serr = fmt.Errorf("SO_MARK: %w", serr)
+				return
+			}
+		}
+		if o.ReusePort {
+			if serr = unix.SetsockoptInt(s, unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); serr != nil {
+				serr = fmt.Errorf("SO_REUSEPORT: %w", serr)
+				return
+			}
+		}
+		if o.Transparent {
+			if network == "tcp6" {
+				serr = unix.SetsockoptInt(s, unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1)
+			} else {
+				serr = unix.SetsockoptInt(s, unix.SOL_IP, unix.IP_TRANSPARENT, 1)
+			}
+			if serr != nil {
+				serr = fmt.Errorf("IP_TRANSPARENT: %w", serr)
+				return
+			}
+			// Pick the local port at connect time, so that many
+			// connections from one client address share ports by 4-tuple.
+			_ = unix.SetsockoptInt(s, unix.SOL_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1)
+		}
+	})
+	if err != nil {
+		return err
+	}
+	return serr
+}
+
+// Listen opens a TCP listener on addr inside the namespace (nil n: the
+// current namespace).
+func (n *Namespace) Listen(ctx context.Context, network, addr string, o SockOpts) (net.Listener, error) {
+	lc := net.ListenConfig{Control: o.control}
+	var ln net.Listener
+	listen := func() error {
+		var err error
+		ln, err = lc.Listen(ctx, network, addr)
+		return err
+	}
+	var err error
+	if n == nil {
+		err = listen()
+	} else {
+		err = n.Do(listen)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("listen %s: %w", addr, err)
+	}
+	return ln, nil
+}
+
+// Dial opens a TCP connection from inside the namespace (nil n: the current
+// namespace). A valid local address is bound first (with Transparent, any
+// address, for example the original client's).
+func (n *Namespace) Dial(ctx context.Context, network, addr string, local netip.Addr, o SockOpts) (net.Conn, error) {
+	d := net.Dialer{Control: o.control}
+	if local.IsValid() {
+		d.LocalAddr = &net.TCPAddr{IP: local.AsSlice()}
+	}
+	var c net.Conn
+	dial := func() error {
+		var err error
+		c, err = d.DialContext(ctx, network, addr)
+		return err
+	}
+	var err error
+	if n == nil {
+		err = dial()
+	} else {
+		err = n.Do(dial)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// OriginalDst returns the destination a connection had before a NAT
+// REDIRECT rule sent it to the local listener (SO_ORIGINAL_DST). For a
+// connection that was not redirected it fails (no conntrack entry) or
+// returns the connection's own local address.
+func OriginalDst(c net.Conn) (netip.AddrPort, error) {
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return netip.AddrPort{}, fmt.Errorf("original dst: %T has no file descriptor", c)
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return netip.AddrPort{}, err
+	}
+	v6 := false
+	if la, ok := c.LocalAddr().(*net.TCPAddr); ok && la.IP.To4() == nil {
+		v6 = true
+	}
+	var out netip.AddrPort
+	var serr error
+	err = raw.Control(func(fd uintptr) {
+		if v6 {
+			var sa unix.RawSockaddrInet6
+			l := uint32(unix.SizeofSockaddrInet6)
+			serr = getsockopt(fd, unix.SOL_IPV6, ip6tSoOriginalDst, unsafe.Pointer(&sa), &l)
+			if serr == nil {
+				port := uint16(sa.Port>>8) | uint16(sa.Port<<8)
+				out = netip.AddrPortFrom(netip.AddrFrom16(sa.Addr).Unmap(), port)
+			}
+			return
+		}
+		var sa unix.RawSockaddrInet4
+		l := uint32(unix.SizeofSockaddrInet4)
+		serr = getsockopt(fd, unix.SOL_IP, unix.SO_ORIGINAL_DST, unsafe.Pointer(&sa), &l)
+		if serr == nil {
+			port := uint16(sa.Port>>8) | uint16(sa.Port<<8)
+			out = netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), port)
+		}
+	})
+	if err != nil {
+		return netip.AddrPort{}, err
+	}
+	if serr != nil {
+		return netip.AddrPort{}, fmt.Errorf("SO_ORIGINAL_DST: %w", serr)
+	}
+	return out, nil
+}
+
+func getsockopt(fd uintptr, level, name int, val unsafe.Pointer, l *uint32) error {
+	_, _, e := unix.Syscall6(unix.SYS_GETSOCKOPT, fd, uintptr(level), uintptr(name), uintptr(val), uintptr(unsafe.Pointer(l)), 0)
+	if e != 0 {
+		return e
+	}
+	return nil
+}
+
+// Mark returns a connection's SO_MARK.
+func Mark(c net.Conn) (uint32, error) {
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return 0, fmt.Errorf("mark: %T has no file descriptor", c)
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var m int
+	var serr error
+	if err := raw.Control(func(fd uintptr) { m, serr = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK) }); err != nil {
+		return 0, err
+	}
+	return uint32(m), serr
+}
