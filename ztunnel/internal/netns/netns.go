@@ -6,9 +6,8 @@
 //
 // It also carries the socket options ztunnel needs: SO_MARK (so that the
 // pod's capture rules skip ztunnel's own traffic), SO_REUSEPORT (so that a
-// restarted ztunnel binds while the old one drains), IP_TRANSPARENT (to
-// accept redirected connections and to connect to the application with the
-// original client's source address) and SO_ORIGINAL_DST.
+// restarted ztunnel binds while the old one drains) and IP_TRANSPARENT (to
+// connect to the application with the original client's source address).
 package netns
 
 import (
@@ -20,13 +19,9 @@ import (
 	"os"
 	"runtime"
 	"syscall"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
-
-// ip6tSoOriginalDst is IP6T_SO_ORIGINAL_DST from linux/netfilter_ipv6/ip6_tables.h.
-const ip6tSoOriginalDst = 80
 
 // Namespace is an open network namespace.
 type Namespace struct {
@@ -201,61 +196,6 @@ func (n *Namespace) Dial(ctx context.Context, network, addr string, local netip.
 		return nil, err
 	}
 	return c, nil
-}
-
-// OriginalDst returns the destination a connection had before a NAT
-// REDIRECT rule sent it to the local listener (SO_ORIGINAL_DST). For a
-// connection that was not redirected it fails (no conntrack entry) or
-// returns the connection's own local address.
-func OriginalDst(c net.Conn) (netip.AddrPort, error) {
-	sc, ok := c.(syscall.Conn)
-	if !ok {
-		return netip.AddrPort{}, fmt.Errorf("original dst: %T has no file descriptor", c)
-	}
-	raw, err := sc.SyscallConn()
-	if err != nil {
-		return netip.AddrPort{}, err
-	}
-	v6 := false
-	if la, ok := c.LocalAddr().(*net.TCPAddr); ok && la.IP.To4() == nil {
-		v6 = true
-	}
-	var out netip.AddrPort
-	var serr error
-	err = raw.Control(func(fd uintptr) {
-		if v6 {
-			var sa unix.RawSockaddrInet6
-			l := uint32(unix.SizeofSockaddrInet6)
-			serr = getsockopt(fd, unix.SOL_IPV6, ip6tSoOriginalDst, unsafe.Pointer(&sa), &l)
-			if serr == nil {
-				port := uint16(sa.Port>>8) | uint16(sa.Port<<8)
-				out = netip.AddrPortFrom(netip.AddrFrom16(sa.Addr).Unmap(), port)
-			}
-			return
-		}
-		var sa unix.RawSockaddrInet4
-		l := uint32(unix.SizeofSockaddrInet4)
-		serr = getsockopt(fd, unix.SOL_IP, unix.SO_ORIGINAL_DST, unsafe.Pointer(&sa), &l)
-		if serr == nil {
-			port := uint16(sa.Port>>8) | uint16(sa.Port<<8)
-			out = netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), port)
-		}
-	})
-	if err != nil {
-		return netip.AddrPort{}, err
-	}
-	if serr != nil {
-		return netip.AddrPort{}, fmt.Errorf("SO_ORIGINAL_DST: %w", serr)
-	}
-	return out, nil
-}
-
-func getsockopt(fd uintptr, level, name int, val unsafe.Pointer, l *uint32) error {
-	_, _, e := unix.Syscall6(unix.SYS_GETSOCKOPT, fd, uintptr(level), uintptr(name), uintptr(val), uintptr(unsafe.Pointer(l)), 0)
-	if e != 0 {
-		return e
-	}
-	return nil
 }
 
 // Mark returns a connection's SO_MARK.

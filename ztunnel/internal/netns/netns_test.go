@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/amesh-dev/amesh/api/capture"
+
 	"github.com/amesh-dev/amesh/ztunnel/internal/netns"
 	"github.com/amesh-dev/amesh/ztunnel/internal/testnet"
 )
@@ -87,6 +89,8 @@ func TestListenAndDialInsideNamespace(t *testing.T) {
 	}
 }
 
+// TestOriginalDst checks that redirected connections accepted by a listener
+// opened inside a namespace report their original destination.
 func TestOriginalDst(t *testing.T) {
 	testnet.RequireRoot(t)
 	if _, err := exec.LookPath("iptables"); err != nil {
@@ -112,7 +116,7 @@ func TestOriginalDst(t *testing.T) {
 			t.Fatalf("dial %s: %v", dst, err)
 		}
 		s := <-got
-		od, err := netns.OriginalDst(s)
+		od, err := capture.OriginalDestination(s.(*net.TCPConn))
 		if err != nil {
 			t.Fatalf("OriginalDst: %v", err)
 		}
@@ -133,7 +137,7 @@ func TestOriginalDst(t *testing.T) {
 	defer c.Close()
 	s := <-got
 	defer s.Close()
-	if od, err := netns.OriginalDst(s); err == nil && od != unmap(s.LocalAddr().(*net.TCPAddr).AddrPort()) {
+	if od, err := capture.OriginalDestination(s.(*net.TCPConn)); err == nil && od != unmap(s.LocalAddr().(*net.TCPAddr).AddrPort()) {
 		t.Fatalf("OriginalDst of a direct connection = %s, want %s or an error", od, s.LocalAddr())
 	}
 }
