@@ -529,6 +529,19 @@ func (s *Store) Policies(ns string, names []string) []*authz.Policy {
 	return out
 }
 
+// HasWorkloadPolicies reports whether a namespace has WORKLOAD-scoped
+// policies (which select pods by name through Workload.authorization_policies).
+func (s *Store) HasWorkloadPolicies(ns string) bool {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	for _, p := range s.policies {
+		if p.Scope == discoveryv1.Authorization_SCOPE_WORKLOAD && p.Namespace == ns {
+			return true
+		}
+	}
+	return false
+}
+
 // Roots returns the roots of every trust domain, by trust domain.
 func (s *Store) Roots() map[string][]*x509.Certificate {
 	s.mu.RLock()

@@ -198,6 +198,9 @@ func TestPoliciesScope(t *testing.T) {
 			}
 		}
 	}
+	if !s.HasWorkloadPolicies("foo") || s.HasWorkloadPolicies("bar") {
+		t.Fatalf("HasWorkloadPolicies: foo %v, bar %v", s.HasWorkloadPolicies("foo"), s.HasWorkloadPolicies("bar"))
+	}
 	mustApply(t, s, discoveryv1.AuthorizationType, nil, []string{"istio-system/global"})
 	if got := s.Policies("bar", nil); len(got) != 1 {
 		t.Fatalf("removed policy still applies: %d", len(got))
