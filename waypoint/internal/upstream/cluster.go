@@ -1,0 +1,358 @@
+package upstream
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptrace"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	discoveryv1 "github.com/amesh-dev/amesh/api/discovery/v1"
+)
+
+// Errors of the upstream layer. The proxy maps them to status codes and
+// response flags.
+var (
+	// ErrNoHealthy: every endpoint is unhealthy or ejected (503, flag UH).
+	ErrNoHealthy = errors.New("no healthy upstream")
+	// ErrOverflow: a circuit-breaker limit was reached (503, flag UO).
+	ErrOverflow = errors.New("upstream overflow")
+)
+
+// ConnectError wraps a failure to open a connection to an endpoint (503,
+// flag UF); it is always retryable.
+type ConnectError struct {
+	Endpoint netip.AddrPort
+	Err      error
+}
+
+func (e *ConnectError) Error() string {
+	return fmt.Sprintf("connect to %s: %v", e.Endpoint, e.Err)
+}
+func (e *ConnectError) Unwrap() error { return e.Err }
+
+// Dialer opens a connection (an HBONE stream or a TCP connection) to ep.
+type Dialer func(ctx context.Context, ep *Endpoint) (net.Conn, error)
+
+// Options configure a Cluster.
+type Options struct {
+	// Name for telemetry: "<namespace>/<hostname>:<port>".
+	Name string
+	// HTTP2 selects h2c (prior knowledge) upstream; else HTTP/1.1.
+	HTTP2 bool
+	Dial  Dialer
+	// Now is the clock (outlier detection); default time.Now.
+	Now func() time.Time
+}
+
+// Cluster is one backend service port. Safe for concurrent use.
+type Cluster struct {
+	name  string
+	http2 bool
+	dial  Dialer
+	now   func() time.Time
+
+	cur       atomic.Pointer[snapshot]
+	mu        sync.Mutex // guards states and updates
+	states    map[netip.AddrPort]*epState
+	transport *http.Transport
+
+	requests, pending, retries atomic.Int64
+	connMu                     sync.Mutex
+	conns                      int64
+	connFreed                  chan struct{}
+
+	// Stats for admin and tests.
+	overflows, ejectionsTotal atomic.Int64
+}
+
+type snapshot struct {
+	all     []*Endpoint
+	byAddr  map[string]*Endpoint
+	lb      balancer
+	hashCk  *discoveryv1.HashCookie
+	limits  limits
+	od      *discoveryv1.OutlierDetection
+	connect time.Duration
+}
+
+type limits struct {
+	maxConns, maxPending, maxRequests, maxRetries int64
+}
+
+func limitsOf(cb *discoveryv1.CircuitBreaker) limits {
+	l := limits{maxConns: int64(cb.GetMaxConnections()), maxPending: int64(cb.GetMaxPendingRequests()),
+		maxRequests: int64(cb.GetMaxRequests()), maxRetries: int64(cb.GetMaxRetries())}
+	if l.maxPending == 0 {
+		l.maxPending = 1024
+	}
+	if l.maxRetries == 0 {
+		l.maxRetries = 3
+	}
+	return l
+}
+
+// New returns a cluster with no endpoints.
+func New(opts Options) *Cluster {
+	c := &Cluster{name: opts.Name, http2: opts.HTTP2, dial: opts.Dial, now: opts.Now,
+		states: map[netip.AddrPort]*epState{}, connFreed: make(chan struct{})}
+	if c.now == nil {
+		c.now = time.Now
+	}
+	t := &http.Transport{
+		DialContext:           c.dialContext,
+		MaxIdleConnsPerHost:   256,
+		IdleConnTimeout:       60 * time.Second,
+		ResponseHeaderTimeout: 0,
+		DisableCompression:    true,
+		ForceAttemptHTTP2:     false,
+	}
+	var p http.Protocols
+	if opts.HTTP2 {
+		p.SetUnencryptedHTTP2(true)
+		t.HTTP2 = &http.HTTP2Config{MaxConcurrentStreams: 1000, PingTimeout: 15 * time.Second, SendPingTimeout: 30 * time.Second}
+	} else {
+		p.SetHTTP1(true)
+	}
+	t.Protocols = &p
+	c.transport = t
+	c.cur.Store(&snapshot{byAddr: map[string]*Endpoint{}, lb: &roundRobin{}, limits: limitsOf(nil), connect: 10 * time.Second})
+	return c
+}
+
+// Name is the cluster's telemetry name.
+func (c *Cluster) Name() string { return c.name }
+
+// Update replaces the endpoints and traffic policy. Per-endpoint state
+// (outlier ejection, outstanding requests) survives for addresses that stay.
+func (c *Cluster) Update(eps []Endpoint, tp *discoveryv1.TrafficPolicy) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	s := &snapshot{byAddr: make(map[string]*Endpoint, len(eps)), lb: newBalancer(tp.GetLoadBalancer()),
+		hashCk: tp.GetLoadBalancer().GetHashCookie(), limits: limitsOf(tp.GetCircuitBreaker()),
+		od: tp.GetOutlierDetection(), connect: tp.GetConnectionPool().GetConnectTimeout().AsDuration()}
+	if s.connect <= 0 {
+		s.connect = 10 * time.Second
+	}
+	if old := c.cur.Load(); old != nil {
+		if rr, ok := old.lb.(*roundRobin); ok {
+			if _, still := s.lb.(*roundRobin); still {
+				s.lb = rr // keep the rotation position
+			}
+		}
+	}
+	states := make(map[netip.AddrPort]*epState, len(eps))
+	for i := range eps {
+		e := eps[i]
+		st := c.states[e.Addr]
+		if st == nil {
+			st = &epState{}
+		}
+		states[e.Addr] = st
+		e.state = st
+		s.all = append(s.all, &e)
+		s.byAddr[e.Addr.String()] = &e
+	}
+	c.states = states
+	if idle := tp.GetConnectionPool().GetIdleTimeout().AsDuration(); idle > 0 {
+		c.transport.IdleConnTimeout = idle
+	}
+	c.cur.Store(s)
+	c.transport.CloseIdleConnections() // drop connections to removed endpoints
+}
+
+// Endpoints returns the current endpoints (for admin dumps).
+func (c *Cluster) Endpoints() []*Endpoint { return c.cur.Load().all }
+
+// HashCookie returns the consistent-hash cookie settings, when the cluster
+// hashes on a cookie.
+func (c *Cluster) HashCookie() *discoveryv1.HashCookie { return c.cur.Load().hashCk }
+
+// Pick chooses an available endpoint, avoiding those in tried when another
+// is available (retries go elsewhere).
+func (c *Cluster) Pick(in *HashInput, tried []*Endpoint) (*Endpoint, error) {
+	s := c.cur.Load()
+	now := c.now()
+	avail := make([]*Endpoint, 0, len(s.all))
+	for _, e := range s.all {
+		if !e.state.ejected(now) {
+			avail = append(avail, e)
+		}
+	}
+	if len(avail) == 0 {
+		return nil, ErrNoHealthy
+	}
+	if len(tried) > 0 && len(avail) > 1 {
+		fresh := avail[:0:0]
+		for _, e := range avail {
+			dup := false
+			for _, t := range tried {
+				if t.Addr == e.Addr {
+					dup = true
+					break
+				}
+			}
+			if !dup {
+				fresh = append(fresh, e)
+			}
+		}
+		if len(fresh) > 0 {
+			avail = fresh
+		}
+	}
+	return s.lb.pick(avail, in), nil
+}
+
+// Admit counts a request against max_requests and max_pending_requests.
+// The returned release must be called when the request is done.
+func (c *Cluster) Admit() (release func(), err error) {
+	l := c.cur.Load().limits
+	if l.maxRequests > 0 && c.requests.Add(1) > l.maxRequests {
+		c.requests.Add(-1)
+		c.overflows.Add(1)
+		return nil, fmt.Errorf("%w: max requests %d", ErrOverflow, l.maxRequests)
+	} else if l.maxRequests == 0 {
+		c.requests.Add(1)
+	}
+	if c.pending.Load() >= l.maxPending {
+		c.requests.Add(-1)
+		c.overflows.Add(1)
+		return nil, fmt.Errorf("%w: max pending requests %d", ErrOverflow, l.maxPending)
+	}
+	var once sync.Once
+	return func() { once.Do(func() { c.requests.Add(-1) }) }, nil
+}
+
+// AdmitRetry counts a retry against max_retries; ok is false when the
+// retry budget is exhausted.
+func (c *Cluster) AdmitRetry() (release func(), ok bool) {
+	l := c.cur.Load().limits
+	if c.retries.Add(1) > l.maxRetries {
+		c.retries.Add(-1)
+		c.overflows.Add(1)
+		return nil, false
+	}
+	var once sync.Once
+	return func() { once.Do(func() { c.retries.Add(-1) }) }, true
+}
+
+// RoundTrip sends req to ep over the pooled connections. req.URL is
+// rewritten to address the endpoint. The endpoint's outstanding count stays
+// raised until the response body is closed.
+func (c *Cluster) RoundTrip(req *http.Request, ep *Endpoint) (*http.Response, error) {
+	req.URL.Scheme = "http"
+	req.URL.Host = ep.Addr.String()
+	ep.state.outstanding.Add(1)
+	var gotConn atomic.Bool
+	c.pending.Add(1)
+	trace := &httptrace.ClientTrace{GotConn: func(httptrace.GotConnInfo) {
+		if gotConn.CompareAndSwap(false, true) {
+			c.pending.Add(-1)
+		}
+	}}
+	req = req.WithContext(httptrace.WithClientTrace(req.Context(), trace))
+	resp, err := c.transport.RoundTrip(req)
+	if gotConn.CompareAndSwap(false, true) {
+		c.pending.Add(-1)
+	}
+	if err != nil {
+		ep.state.outstanding.Add(-1)
+		return nil, err
+	}
+	resp.Body = &countedBody{ReadCloser: resp.Body, ep: ep}
+	return resp, nil
+}
+
+type countedBody struct {
+	io.ReadCloser
+	ep   *Endpoint
+	once sync.Once
+}
+
+func (b *countedBody) Close() error {
+	b.once.Do(func() { b.ep.state.outstanding.Add(-1) })
+	return b.ReadCloser.Close()
+}
+
+func (c *Cluster) dialContext(ctx context.Context, _, addr string) (net.Conn, error) {
+	s := c.cur.Load()
+	ep := s.byAddr[addr]
+	if ep == nil {
+		return nil, &ConnectError{Err: fmt.Errorf("endpoint %s is gone", addr)}
+	}
+	ctx, cancel := context.WithTimeout(ctx, s.connect)
+	defer cancel()
+	if err := c.acquireConn(ctx, s.limits.maxConns); err != nil {
+		return nil, &ConnectError{Endpoint: ep.Addr, Err: fmt.Errorf("%w: max connections: %w", ErrOverflow, err)}
+	}
+	conn, err := c.dial(ctx, ep)
+	if err != nil {
+		c.releaseConn()
+		return nil, &ConnectError{Endpoint: ep.Addr, Err: err}
+	}
+	return &trackedConn{Conn: conn, c: c}, nil
+}
+
+func (c *Cluster) acquireConn(ctx context.Context, limit int64) error {
+	for {
+		c.connMu.Lock()
+		if limit == 0 || c.conns < limit {
+			c.conns++
+			c.connMu.Unlock()
+			return nil
+		}
+		ch := c.connFreed
+		c.connMu.Unlock()
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+func (c *Cluster) releaseConn() {
+	c.connMu.Lock()
+	c.conns--
+	close(c.connFreed)
+	c.connFreed = make(chan struct{})
+	c.connMu.Unlock()
+}
+
+// Conns is the number of open upstream connections.
+func (c *Cluster) Conns() int64 {
+	c.connMu.Lock()
+	defer c.connMu.Unlock()
+	return c.conns
+}
+
+type trackedConn struct {
+	net.Conn
+	c    *Cluster
+	once sync.Once
+}
+
+func (t *trackedConn) Close() error {
+	t.once.Do(t.c.releaseConn)
+	return t.Conn.Close()
+}
+
+// CloseWrite forwards half-close when the underlying connection has it.
+func (t *trackedConn) CloseWrite() error {
+	if cw, ok := t.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return nil
+}
+
+// Close releases pooled connections.
+func (c *Cluster) Close() { c.transport.CloseIdleConnections() }
+
+// Overflows counts circuit-breaker rejections.
+func (c *Cluster) Overflows() int64 { return c.overflows.Load() }

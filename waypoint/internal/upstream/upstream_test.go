@@ -1,0 +1,283 @@
+package upstream
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/netip"
+	"sync"
+	"testing"
+	"time"
+
+	discoveryv1 "github.com/amesh-dev/amesh/api/discovery/v1"
+	"google.golang.org/protobuf/types/known/durationpb"
+)
+
+func tcpDial(ctx context.Context, ep *Endpoint) (net.Conn, error) {
+	var d net.Dialer
+	return d.DialContext(ctx, "tcp", ep.Addr.String())
+}
+
+func eps(n int) []Endpoint {
+	out := make([]Endpoint, n)
+	for i := range out {
+		out[i] = Endpoint{Addr: netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 0, 0, byte(i + 1)}), 8080)}
+	}
+	return out
+}
+
+func TestBalancers(t *testing.T) {
+	const n, reqs = 4, 4000
+	for _, typ := range []discoveryv1.LoadBalancer_Type{discoveryv1.LoadBalancer_TYPE_ROUND_ROBIN, discoveryv1.LoadBalancer_TYPE_RANDOM, discoveryv1.LoadBalancer_TYPE_LEAST_REQUEST} {
+		t.Run(typ.String(), func(t *testing.T) {
+			c := New(Options{Name: "x", Dial: tcpDial})
+			c.Update(eps(n), &discoveryv1.TrafficPolicy{LoadBalancer: &discoveryv1.LoadBalancer{Type: typ}})
+			counts := map[netip.AddrPort]int{}
+			for range reqs {
+				e, err := c.Pick(&HashInput{}, nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				counts[e.Addr]++
+			}
+			for a, k := range counts {
+				// Each share within 20% of fair (random: sd≈27, bound is 200).
+				if k < reqs/n*8/10 || k > reqs/n*12/10 {
+					t.Errorf("%s got %d of %d", a, k, reqs)
+				}
+			}
+			if typ == discoveryv1.LoadBalancer_TYPE_ROUND_ROBIN {
+				for a, k := range counts {
+					if k != reqs/n {
+						t.Errorf("round robin uneven: %s %d", a, k)
+					}
+				}
+			}
+		})
+	}
+}
+
+func TestLeastRequestAvoidsBusy(t *testing.T) {
+	c := New(Options{Name: "x", Dial: tcpDial})
+	c.Update(eps(2), &discoveryv1.TrafficPolicy{LoadBalancer: &discoveryv1.LoadBalancer{Type: discoveryv1.LoadBalancer_TYPE_LEAST_REQUEST}})
+	busy := c.Endpoints()[0]
+	busy.state.outstanding.Add(10)
+	for range 100 {
+		e, _ := c.Pick(&HashInput{}, nil)
+		if e.Addr == busy.Addr {
+			t.Fatal("P2C with two endpoints picked the busy one")
+		}
+	}
+}
+
+func TestConsistentHash(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		lb   *discoveryv1.LoadBalancer
+		in   func(k string) *HashInput
+	}{
+		{"header", &discoveryv1.LoadBalancer{Type: discoveryv1.LoadBalancer_TYPE_CONSISTENT_HASH, HashHeader: "x-user"},
+			func(k string) *HashInput { return &HashInput{Header: http.Header{"X-User": {k}}} }},
+		{"cookie", &discoveryv1.LoadBalancer{Type: discoveryv1.LoadBalancer_TYPE_CONSISTENT_HASH, HashCookie: &discoveryv1.HashCookie{Name: "s"}},
+			func(k string) *HashInput { return &HashInput{Cookie: k} }},
+		{"source ip", &discoveryv1.LoadBalancer{Type: discoveryv1.LoadBalancer_TYPE_CONSISTENT_HASH, HashSourceIp: true},
+			func(k string) *HashInput { return &HashInput{SourceIP: k} }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := New(Options{Name: "x", Dial: tcpDial})
+			c.Update(eps(5), &discoveryv1.TrafficPolicy{LoadBalancer: tc.lb})
+			first := map[string]netip.AddrPort{}
+			spread := map[netip.AddrPort]bool{}
+			for i := range 200 {
+				k := fmt.Sprint("key-", i)
+				e, _ := c.Pick(tc.in(k), nil)
+				first[k] = e.Addr
+				spread[e.Addr] = true
+				for range 3 {
+					if again, _ := c.Pick(tc.in(k), nil); again.Addr != e.Addr {
+						t.Fatalf("key %s moved", k)
+					}
+				}
+			}
+			if len(spread) != 5 {
+				t.Fatalf("200 keys landed on %d of 5 endpoints", len(spread))
+			}
+			// Removing one endpoint moves only its keys.
+			c.Update(eps(4), &discoveryv1.TrafficPolicy{LoadBalancer: tc.lb})
+			removed := eps(5)[4].Addr
+			for k, a := range first {
+				e, _ := c.Pick(tc.in(k), nil)
+				if a != removed && e.Addr != a {
+					t.Fatalf("key %s moved from %s to %s though its endpoint stayed", k, a, e.Addr)
+				}
+			}
+		})
+	}
+}
+
+type clock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (c *clock) now() time.Time      { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
+func (c *clock) add(d time.Duration) { c.mu.Lock(); c.t = c.t.Add(d); c.mu.Unlock() }
+
+func TestOutlierDetection(t *testing.T) {
+	clk := &clock{t: time.Unix(1000, 0)}
+	c := New(Options{Name: "x", Dial: tcpDial, Now: clk.now})
+	od := &discoveryv1.OutlierDetection{Consecutive_5Xx: 3, BaseEjectionTime: durationpb.New(10 * time.Second),
+		Interval: durationpb.New(time.Second), MaxEjectionPercent: 50}
+	c.Update(eps(4), &discoveryv1.TrafficPolicy{OutlierDetection: od})
+	all := c.Endpoints()
+	bad := all[0]
+	c.Report(bad, 500, nil)
+	c.Report(bad, 500, nil)
+	c.Report(bad, 200, nil) // resets
+	c.Report(bad, 500, nil)
+	c.Report(bad, 500, nil)
+	if c.Ejected(bad) {
+		t.Fatal("ejected after a success broke the streak")
+	}
+	c.Report(bad, 503, nil)
+	if !c.Ejected(bad) {
+		t.Fatal("not ejected after 3 consecutive 5xx")
+	}
+	for range 100 {
+		if e, _ := c.Pick(&HashInput{}, nil); e.Addr == bad.Addr {
+			t.Fatal("picked an ejected endpoint")
+		}
+	}
+	// Max ejection percent 50% of 4: a second endpoint may go, a third not.
+	for _, e := range all[1:3] {
+		for range 3 {
+			c.Report(e, 0, &ConnectError{Err: errors.New("refused")})
+		}
+	}
+	if !c.Ejected(all[1]) || c.Ejected(all[2]) {
+		t.Fatalf("ejections beyond 50%%: %v %v", c.Ejected(all[1]), c.Ejected(all[2]))
+	}
+	// Back after base time; the second ejection lasts twice as long.
+	clk.add(10 * time.Second)
+	if c.Ejected(bad) {
+		t.Fatal("still ejected after base_ejection_time")
+	}
+	for range 3 {
+		c.Report(bad, 500, nil)
+	}
+	clk.add(19 * time.Second)
+	if !c.Ejected(bad) {
+		t.Fatal("second ejection shorter than 2 × base")
+	}
+	clk.add(time.Second)
+	if c.Ejected(bad) {
+		t.Fatal("second ejection longer than 2 × base")
+	}
+}
+
+func TestGatewayErrorsOnly(t *testing.T) {
+	c := New(Options{Name: "x", Dial: tcpDial})
+	c.Update(eps(1), &discoveryv1.TrafficPolicy{OutlierDetection: &discoveryv1.OutlierDetection{ConsecutiveGatewayErrors: 2}})
+	e := c.Endpoints()[0]
+	c.Report(e, 500, nil)
+	c.Report(e, 500, nil)
+	c.Report(e, 500, nil)
+	if c.Ejected(e) {
+		t.Fatal("500 counted as gateway error")
+	}
+	c.Report(e, 502, nil)
+	c.Report(e, 504, nil)
+	if !c.Ejected(e) {
+		t.Fatal("not ejected after 2 gateway errors")
+	}
+	if _, err := c.Pick(&HashInput{}, nil); !errors.Is(err, ErrNoHealthy) {
+		t.Fatalf("pick with all ejected: %v", err)
+	}
+}
+
+func backend(t *testing.T, h http.HandlerFunc) Endpoint {
+	srv := httptest.NewServer(h)
+	t.Cleanup(srv.Close)
+	return Endpoint{Addr: netip.MustParseAddrPort(srv.Listener.Addr().String())}
+}
+
+func TestCircuitBreakerMaxRequests(t *testing.T) {
+	release := make(chan struct{})
+	ep := backend(t, func(w http.ResponseWriter, r *http.Request) { <-release })
+	c := New(Options{Name: "x", Dial: tcpDial})
+	c.Update([]Endpoint{ep}, &discoveryv1.TrafficPolicy{CircuitBreaker: &discoveryv1.CircuitBreaker{MaxRequests: 2}})
+	var rels []func()
+	for range 2 {
+		r, err := c.Admit()
+		if err != nil {
+			t.Fatal(err)
+		}
+		rels = append(rels, r)
+	}
+	if _, err := c.Admit(); !errors.Is(err, ErrOverflow) {
+		t.Fatalf("third request admitted: %v", err)
+	}
+	rels[0]()
+	rels[0]() // idempotent
+	if r, err := c.Admit(); err != nil {
+		t.Fatal("not admitted after release")
+	} else {
+		r()
+	}
+	close(release)
+}
+
+func TestMaxConnectionsAndPooling(t *testing.T) {
+	var mu sync.Mutex
+	remotes := map[string]bool{}
+	ep := backend(t, func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		remotes[r.RemoteAddr] = true
+		mu.Unlock()
+		time.Sleep(5 * time.Millisecond)
+		_, _ = io.WriteString(w, "ok")
+	})
+	c := New(Options{Name: "x", Dial: tcpDial})
+	c.Update([]Endpoint{ep}, &discoveryv1.TrafficPolicy{CircuitBreaker: &discoveryv1.CircuitBreaker{MaxConnections: 2}})
+	defer c.Close()
+	var wg sync.WaitGroup
+	for range 20 {
+		wg.Go(func() {
+			e, _ := c.Pick(&HashInput{}, nil)
+			req, _ := http.NewRequest("GET", "http://svc/", nil)
+			resp, err := c.RoundTrip(req, e)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			_, _ = io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+		})
+	}
+	wg.Wait()
+	if len(remotes) > 2 {
+		t.Fatalf("%d upstream connections with max_connections 2", len(remotes))
+	}
+	if e := c.Endpoints()[0]; e.Outstanding() != 0 {
+		t.Fatalf("outstanding %d after all bodies closed", e.Outstanding())
+	}
+}
+
+func TestConnectErrorIsTyped(t *testing.T) {
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	addr := ln.Addr().String()
+	ln.Close() // nothing listens there now
+	c := New(Options{Name: "x", Dial: tcpDial})
+	c.Update([]Endpoint{{Addr: netip.MustParseAddrPort(addr)}}, nil)
+	e, _ := c.Pick(&HashInput{}, nil)
+	req, _ := http.NewRequest("GET", "http://svc/", nil)
+	_, err := c.RoundTrip(req, e)
+	var ce *ConnectError
+	if !errors.As(err, &ce) {
+		t.Fatalf("error %T %v is not a ConnectError", err, err)
+	}
+}
