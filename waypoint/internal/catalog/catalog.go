@@ -1,0 +1,403 @@
+// Package catalog is the waypoint's discovery state: the Workloads, Services
+// and WaypointServices received from the controller, compiled into
+// immutable per-target snapshots (routes, policies, rate limiters) and
+// upstream clusters kept up to date with their endpoints.
+package catalog
+
+import (
+	"fmt"
+	"maps"
+	"net/netip"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+
+	discoveryv1 "github.com/amesh-dev/amesh/api/discovery/v1"
+	"github.com/amesh-dev/amesh/waypoint/internal/authn"
+	"github.com/amesh-dev/amesh/waypoint/internal/authz"
+	"github.com/amesh-dev/amesh/waypoint/internal/ratelimit"
+	"github.com/amesh-dev/amesh/waypoint/internal/route"
+	"github.com/amesh-dev/amesh/waypoint/internal/upstream"
+	"go.uber.org/zap"
+	"google.golang.org/protobuf/proto"
+)
+
+// Target is everything needed to serve traffic addressed to one service
+// port through this waypoint. Immutable.
+type Target struct {
+	// Key is the service resource name "<namespace>/<hostname>".
+	Key      string
+	Service  *discoveryv1.Service
+	Port     uint32
+	Protocol string // "http", "http2", "grpc", "tcp", "tls"
+	Routes   *route.Table
+	Authz    *authz.Engine
+	Authn    *authn.Authenticator
+	// Limiter is shared by all ports of the service; nil when unset.
+	Limiter *ratelimit.Bucket
+	Fault   *discoveryv1.FaultInjection
+	Policy  *discoveryv1.TrafficPolicy
+}
+
+// HTTP reports whether the target is served at L7.
+func (t *Target) HTTP() bool {
+	switch t.Protocol {
+	case "http", "http2", "grpc":
+		return true
+	}
+	return false
+}
+
+// Options configure a Catalog.
+type Options struct {
+	Dial   upstream.Dialer
+	Keys   *authn.KeyCache
+	Logger *zap.Logger
+}
+
+// Catalog holds the discovery state. Safe for concurrent use.
+type Catalog struct {
+	dial upstream.Dialer
+	keys *authn.KeyCache
+	log  *zap.Logger
+
+	mu        sync.Mutex
+	workloads map[string]*discoveryv1.Workload
+	services  map[string]*discoveryv1.Service
+	waypoints map[string]*discoveryv1.WaypointService
+	limiters  map[string]*limiterEntry
+	clusters  map[clusterKey]*upstream.Cluster
+
+	snap atomic.Pointer[snapshot]
+}
+
+type limiterEntry struct {
+	cfg *discoveryv1.LocalRateLimit
+	b   *ratelimit.Bucket
+}
+
+type clusterKey struct {
+	service string
+	port    uint32
+}
+
+type snapshot struct {
+	byAddr     map[netip.AddrPort]*Target
+	byIP       map[netip.Addr]*discoveryv1.Workload
+	waypoints  map[string]*discoveryv1.WaypointService
+	services   map[string]*discoveryv1.Service
+	ready      bool
+	generation uint64
+}
+
+// New returns an empty catalog.
+func New(opts Options) *Catalog {
+	c := &Catalog{dial: opts.Dial, keys: opts.Keys, log: opts.Logger,
+		workloads: map[string]*discoveryv1.Workload{}, services: map[string]*discoveryv1.Service{},
+		waypoints: map[string]*discoveryv1.WaypointService{}, limiters: map[string]*limiterEntry{},
+		clusters: map[clusterKey]*upstream.Cluster{}}
+	if c.log == nil {
+		c.log = zap.NewNop()
+	}
+	if c.keys == nil {
+		c.keys = authn.NewKeyCache(authn.Options{})
+	}
+	c.snap.Store(&snapshot{byAddr: map[netip.AddrPort]*Target{}, byIP: map[netip.Addr]*discoveryv1.Workload{}})
+	return c
+}
+
+// Update applies upserts and removals (by resource name) of one discovery
+// type and rebuilds the snapshot. Unknown message types are an error.
+func (c *Catalog) Update(upserts []proto.Message, removes []string) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, m := range upserts {
+		switch r := m.(type) {
+		case *discoveryv1.Workload:
+			c.workloads[r.GetUid()] = r
+		case *discoveryv1.Service:
+			c.services[r.GetNamespace()+"/"+r.GetHostname()] = r
+		case *discoveryv1.WaypointService:
+			c.waypoints[r.GetService()] = r
+		case *discoveryv1.Authorization, *discoveryv1.TrustBundle:
+			// Waypoints get their policies inside WaypointService; trust
+			// bundles are handled by the identity layer.
+		default:
+			return fmt.Errorf("catalog: unexpected resource %T", m)
+		}
+	}
+	for _, name := range removes {
+		delete(c.workloads, name)
+		delete(c.services, name)
+		delete(c.waypoints, name)
+	}
+	c.rebuild()
+	return nil
+}
+
+// Remove deletes resources of one kind by name; kind is the type URL.
+func (c *Catalog) Remove(typeURL string, names []string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, n := range names {
+		switch typeURL {
+		case discoveryv1.WorkloadType:
+			delete(c.workloads, n)
+		case discoveryv1.ServiceType:
+			delete(c.services, n)
+		case discoveryv1.WaypointServiceType:
+			delete(c.waypoints, n)
+		}
+	}
+	c.rebuild()
+}
+
+// MarkReady records that the initial state has arrived.
+func (c *Catalog) MarkReady() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	s := *c.snap.Load()
+	s.ready = true
+	c.snap.Store(&s)
+}
+
+// Ready reports whether the initial discovery state has arrived.
+func (c *Catalog) Ready() bool { return c.snap.Load().ready }
+
+func addrOf(b []byte) (netip.Addr, bool) {
+	a, ok := netip.AddrFromSlice(b)
+	return a.Unmap(), ok
+}
+
+// rebuild recomputes the snapshot; c.mu is held.
+func (c *Catalog) rebuild() {
+	old := c.snap.Load()
+	s := &snapshot{byAddr: map[netip.AddrPort]*Target{}, byIP: map[netip.Addr]*discoveryv1.Workload{},
+		waypoints: maps.Clone(c.waypoints), services: maps.Clone(c.services), ready: old.ready, generation: old.generation + 1}
+	for _, w := range c.workloads {
+		for _, a := range w.GetAddresses() {
+			if ip, ok := addrOf(a); ok {
+				s.byIP[ip] = w
+			}
+		}
+	}
+	liveLimiters := map[string]bool{}
+	for key, ws := range c.waypoints {
+		svc := c.services[key]
+		if svc == nil {
+			continue
+		}
+		az := authz.Compile(ws.GetAuthorizations())
+		an := authn.New(ws.GetRequestAuthentications(), c.keys, authn.Options{})
+		lim := c.limiter(key, ws.GetTrafficPolicy().GetLocalRateLimit())
+		liveLimiters[key] = true
+		for _, sp := range svc.GetPorts() {
+			t := &Target{Key: key, Service: svc, Port: sp.GetServicePort(), Protocol: protocol(sp),
+				Routes: route.Compile(key, sp.GetServicePort(), ws.GetHttpRoutes(), ws.GetGrpcRoutes()),
+				Authz:  az, Authn: an, Limiter: lim, Fault: ws.GetTrafficPolicy().GetFault(), Policy: ws.GetTrafficPolicy()}
+			for _, err := range t.Routes.Errors() {
+				c.log.Warn("route problem", zap.String("service", key), zap.Error(err))
+			}
+			for _, a := range svc.GetAddresses() {
+				if ip, ok := addrOf(a); ok {
+					s.byAddr[netip.AddrPortFrom(ip, uint16(sp.GetServicePort()))] = t
+				}
+			}
+		}
+	}
+	for k := range c.limiters {
+		if !liveLimiters[k] {
+			delete(c.limiters, k)
+		}
+	}
+	c.snap.Store(s)
+	for k, cl := range c.clusters {
+		if _, ok := c.services[k.service]; !ok {
+			cl.Close()
+			delete(c.clusters, k)
+			continue
+		}
+		cl.Update(c.endpoints(k.service, k.port), c.policyFor(k.service))
+	}
+}
+
+func (c *Catalog) limiter(key string, cfg *discoveryv1.LocalRateLimit) *ratelimit.Bucket {
+	if cfg == nil {
+		delete(c.limiters, key)
+		return nil
+	}
+	if e := c.limiters[key]; e != nil && proto.Equal(e.cfg, cfg) {
+		return e.b // keep the bucket's tokens across unrelated updates
+	}
+	b, err := ratelimit.New(cfg, nil)
+	if err != nil {
+		c.log.Warn("local rate limit ignored", zap.String("service", key), zap.Error(err))
+		delete(c.limiters, key)
+		return nil
+	}
+	c.limiters[key] = &limiterEntry{cfg: cfg, b: b}
+	return b
+}
+
+func protocol(sp *discoveryv1.ServicePort) string {
+	p := strings.ToLower(sp.GetAppProtocol())
+	if p == "" {
+		return "tcp"
+	}
+	return p
+}
+
+// policyFor returns the traffic policy for upstream service key: the served
+// service's own policy, else any waypoint service's backend_policies entry.
+func (c *Catalog) policyFor(key string) *discoveryv1.TrafficPolicy {
+	if ws := c.waypoints[key]; ws != nil && ws.GetTrafficPolicy() != nil {
+		return ws.GetTrafficPolicy()
+	}
+	keys := make([]string, 0, len(c.waypoints))
+	for k := range c.waypoints {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		if tp := c.waypoints[k].GetBackendPolicies()[key]; tp != nil {
+			return tp
+		}
+	}
+	return nil
+}
+
+// endpoints lists the healthy endpoints of service key on service port.
+func (c *Catalog) endpoints(key string, port uint32) []upstream.Endpoint {
+	svc := c.services[key]
+	var target uint32
+	for _, sp := range svc.GetPorts() {
+		if sp.GetServicePort() == port {
+			target = sp.GetTargetPort()
+		}
+	}
+	var out []upstream.Endpoint
+	for _, w := range c.workloads {
+		if w.GetStatus() != discoveryv1.WorkloadStatus_WORKLOAD_STATUS_HEALTHY || len(w.GetAddresses()) == 0 {
+			continue
+		}
+		pl, ok := w.GetServices()[key]
+		if !ok {
+			continue
+		}
+		tp := target
+		for _, p := range pl.GetPorts() {
+			if p.GetServicePort() == port && p.GetTargetPort() != 0 {
+				tp = p.GetTargetPort()
+			}
+		}
+		if tp == 0 {
+			continue
+		}
+		ip, ok := addrOf(w.GetAddresses()[0])
+		if !ok {
+			continue
+		}
+		td := w.GetTrustDomain()
+		if td == "" {
+			td = "cluster.local"
+		}
+		out = append(out, upstream.Endpoint{
+			Addr:     netip.AddrPortFrom(ip, uint16(tp)),
+			HBONE:    w.GetTunnelProtocol() == discoveryv1.TunnelProtocol_TUNNEL_PROTOCOL_HBONE,
+			Identity: "spiffe://" + td + "/ns/" + w.GetNamespace() + "/sa/" + w.GetServiceAccount(),
+			Workload: w.GetWorkloadName(), Namespace: w.GetNamespace(),
+			CanonicalName: w.GetCanonicalName(), CanonicalRevision: w.GetCanonicalRevision(),
+		})
+	}
+	slices.SortFunc(out, func(a, b upstream.Endpoint) int { return a.Addr.Compare(b.Addr) })
+	return out
+}
+
+// Target returns the target for traffic addressed to addr, or nil.
+func (c *Catalog) Target(addr netip.AddrPort) *Target {
+	return c.snap.Load().byAddr[netip.AddrPortFrom(addr.Addr().Unmap(), addr.Port())]
+}
+
+// WorkloadByIP returns the workload with address ip, or nil.
+func (c *Catalog) WorkloadByIP(ip netip.Addr) *discoveryv1.Workload {
+	return c.snap.Load().byIP[ip.Unmap()]
+}
+
+// Service returns the service with resource name key, or nil.
+func (c *Catalog) Service(key string) *discoveryv1.Service {
+	return c.snap.Load().services[key]
+}
+
+// Cluster returns the upstream cluster of service key on port, creating it
+// on first use. It fails when the service or port is unknown.
+func (c *Catalog) Cluster(key string, port uint32) (*upstream.Cluster, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	k := clusterKey{key, port}
+	if cl := c.clusters[k]; cl != nil {
+		return cl, nil
+	}
+	svc := c.services[key]
+	if svc == nil {
+		return nil, fmt.Errorf("unknown backend service %q", key)
+	}
+	var sp *discoveryv1.ServicePort
+	for _, p := range svc.GetPorts() {
+		if p.GetServicePort() == port {
+			sp = p
+		}
+	}
+	if sp == nil {
+		return nil, fmt.Errorf("backend service %q has no port %d", key, port)
+	}
+	proto := protocol(sp)
+	cl := upstream.New(upstream.Options{Name: fmt.Sprintf("%s:%d", key, port), HTTP2: proto == "http2" || proto == "grpc", Dial: c.dial})
+	cl.Update(c.endpoints(key, port), c.policyFor(key))
+	c.clusters[k] = cl
+	return cl, nil
+}
+
+// Dump is the admin view of the catalog.
+type Dump struct {
+	Generation uint64                    `json:"generation"`
+	Ready      bool                      `json:"ready"`
+	Targets    []string                  `json:"targets"`
+	Clusters   map[string][]EndpointDump `json:"clusters"`
+}
+
+// EndpointDump is one endpoint in a Dump.
+type EndpointDump struct {
+	Address     string `json:"address"`
+	HBONE       bool   `json:"hbone"`
+	Identity    string `json:"identity"`
+	Outstanding int64  `json:"outstanding"`
+	Ejected     bool   `json:"ejected"`
+}
+
+// Snapshot returns the admin view.
+func (c *Catalog) Snapshot() Dump {
+	s := c.snap.Load()
+	d := Dump{Generation: s.generation, Ready: s.ready, Clusters: map[string][]EndpointDump{}}
+	for a, t := range s.byAddr {
+		d.Targets = append(d.Targets, fmt.Sprintf("%s -> %s:%d (%s)", a, t.Key, t.Port, t.Protocol))
+	}
+	sort.Strings(d.Targets)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, cl := range c.clusters {
+		var eds []EndpointDump
+		for _, e := range cl.Endpoints() {
+			eds = append(eds, EndpointDump{Address: e.Addr.String(), HBONE: e.HBONE, Identity: e.Identity,
+				Outstanding: e.Outstanding(), Ejected: cl.Ejected(e)})
+		}
+		d.Clusters[cl.Name()] = eds
+	}
+	return d
+}
+
+// WaypointServices returns the raw WaypointService resources (admin dump).
+func (c *Catalog) WaypointServices() map[string]*discoveryv1.WaypointService {
+	return c.snap.Load().waypoints
+}

@@ -1,0 +1,855 @@
+// Package proxy is the waypoint's HTTP handler: for each request arriving
+// through an HBONE tunnel it applies request authentication, authorization,
+// local rate limiting and fault injection, selects the route and backend,
+// applies the route's filters, and forwards with timeouts, retries and
+// mirroring to a load-balanced endpoint, recording metrics, access logs and
+// traces.
+package proxy
+
+import (
+	"bytes"
+	"context"
+	crand "crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net/http"
+	"net/http/httputil"
+	"net/netip"
+	"net/url"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	discoveryv1 "github.com/amesh-dev/amesh/api/discovery/v1"
+	"github.com/amesh-dev/amesh/waypoint/internal/authn"
+	"github.com/amesh-dev/amesh/waypoint/internal/authz"
+	"github.com/amesh-dev/amesh/waypoint/internal/catalog"
+	"github.com/amesh-dev/amesh/waypoint/internal/fault"
+	"github.com/amesh-dev/amesh/waypoint/internal/filter"
+	"github.com/amesh-dev/amesh/waypoint/internal/route"
+	"github.com/amesh-dev/amesh/waypoint/internal/telemetry"
+	"github.com/amesh-dev/amesh/waypoint/internal/upstream"
+	"go.opentelemetry.io/otel/trace"
+	"go.uber.org/zap"
+)
+
+// ConnInfo describes the tunnel a request arrived on.
+type ConnInfo struct {
+	// Peer is the verified mTLS identity of the HBONE client
+	// ("spiffe://..."); empty when there is none.
+	Peer string
+	// Source is the original client address (from the tunnel's Forwarded
+	// header, else the tunnel peer).
+	Source netip.Addr
+	// Target is the tunnel's :authority, the address the client dialled
+	// (a service VIP and port).
+	Target netip.AddrPort
+}
+
+type connKey struct{}
+
+// WithConn returns ctx carrying ci.
+func WithConn(ctx context.Context, ci *ConnInfo) context.Context {
+	return context.WithValue(ctx, connKey{}, ci)
+}
+
+func connFrom(ctx context.Context) *ConnInfo {
+	ci, _ := ctx.Value(connKey{}).(*ConnInfo)
+	if ci == nil {
+		return &ConnInfo{}
+	}
+	return ci
+}
+
+// Options configure a Proxy.
+type Options struct {
+	Catalog *catalog.Catalog
+	Metrics *telemetry.Metrics
+	// Tracer may be nil (no trace propagation).
+	Tracer *telemetry.Tracer
+	// AccessLog receives one entry per request; nil disables it.
+	AccessLog *zap.Logger
+	Logger    *zap.Logger
+	// ClusterID labels metrics (source_cluster, destination_cluster).
+	ClusterID string
+	// MaxReplayBytes is how much of a request body is kept for retries and
+	// mirrors (default 64 KiB); larger bodies are neither retried nor
+	// mirrored.
+	MaxReplayBytes int
+	// MaxMirrors bounds concurrent mirrored requests (default 256); beyond
+	// it mirrors are dropped.
+	MaxMirrors int
+}
+
+// Proxy is the HTTP handler. Safe for concurrent use.
+type Proxy struct {
+	cat       *catalog.Catalog
+	metrics   *telemetry.Metrics
+	tracer    *telemetry.Tracer
+	access    *zap.Logger
+	log       *zap.Logger
+	clusterID string
+	maxReplay int
+	mirrors   chan struct{}
+	mirrorWG  sync.WaitGroup
+	rp        *httputil.ReverseProxy
+}
+
+// New returns a proxy.
+func New(opts Options) *Proxy {
+	p := &Proxy{cat: opts.Catalog, metrics: opts.Metrics, tracer: opts.Tracer, access: opts.AccessLog,
+		log: opts.Logger, clusterID: opts.ClusterID, maxReplay: opts.MaxReplayBytes}
+	if p.log == nil {
+		p.log = zap.NewNop()
+	}
+	if p.maxReplay <= 0 {
+		p.maxReplay = 64 << 10
+	}
+	n := opts.MaxMirrors
+	if n <= 0 {
+		n = 256
+	}
+	p.mirrors = make(chan struct{}, n)
+	p.rp = &httputil.ReverseProxy{
+		Rewrite:        p.rewrite,
+		Transport:      roundTripper{p},
+		ModifyResponse: p.modifyResponse,
+		ErrorHandler:   p.errorHandler,
+		ErrorLog:       zap.NewStdLog(p.log.Named("reverseproxy")),
+		BufferPool:     bufferPool{},
+	}
+	return p
+}
+
+// WaitMirrors waits for in-flight mirrored requests (drain).
+func (p *Proxy) WaitMirrors() { p.mirrorWG.Wait() }
+
+type bufferPool struct{}
+
+var buffers = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+
+func (bufferPool) Get() []byte  { return *(buffers.Get().(*[]byte)) }
+func (bufferPool) Put(b []byte) { buffers.Put(&b) }
+
+// exchange is the per-request state shared by the handler, the transport
+// and the response hooks.
+type exchange struct {
+	start     time.Time
+	ci        *ConnInfo
+	target    *catalog.Target
+	grpc      bool
+	rule      *route.Rule
+	backend   *discoveryv1.BackendRef
+	cluster   *upstream.Cluster
+	endpoint  *upstream.Endpoint
+	flags     []string
+	details   string
+	respMods  []*discoveryv1.HeaderModifier
+	setCookie *http.Cookie
+	hash      upstream.HashInput
+	body      *replay
+	resp      *http.Response
+	span      trace.Span
+	attempts  int
+	reqID     string
+	reqPrin   string
+}
+
+func (ex *exchange) flag(f string) {
+	if !slices.Contains(ex.flags, f) {
+		ex.flags = append(ex.flags, f)
+	}
+}
+
+type exKey struct{}
+
+func exFrom(ctx context.Context) *exchange {
+	ex, _ := ctx.Value(exKey{}).(*exchange)
+	return ex
+}
+
+// ServeHTTP handles one request.
+func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	ex := &exchange{start: time.Now(), ci: connFrom(r.Context()), grpc: route.IsGRPC(r)}
+	rw := &recorder{ResponseWriter: w}
+	reqBody := &countingBody{ReadCloser: r.Body}
+	if r.Body != nil && r.Body != http.NoBody {
+		r.Body = reqBody
+	}
+	ctx := context.WithValue(r.Context(), exKey{}, ex)
+	if p.tracer != nil {
+		var span trace.Span
+		ctx, span = p.tracer.Start(ctx, "waypoint "+r.Method, r.Header)
+		ex.span = span
+	}
+	r = r.WithContext(ctx)
+	defer func() { p.finish(ex, rw, r, reqBody.n) }()
+
+	ex.reqID = r.Header.Get("X-Request-Id")
+	if ex.reqID == "" {
+		ex.reqID = newRequestID()
+		r.Header.Set("X-Request-Id", ex.reqID)
+	}
+	ex.target = p.cat.Target(ex.ci.Target)
+	if ex.target == nil {
+		ex.flag("NR")
+		p.local(rw, r, ex, http.StatusServiceUnavailable, "no service at "+ex.ci.Target.String())
+		return
+	}
+	np, err := route.Normalize(r.URL.EscapedPath())
+	if err != nil {
+		p.local(rw, r, ex, http.StatusBadRequest, err.Error())
+		return
+	}
+	if np != r.URL.EscapedPath() {
+		dec, err := url.PathUnescape(np)
+		if err != nil {
+			p.local(rw, r, ex, http.StatusBadRequest, "bad request path")
+			return
+		}
+		r.URL.Path, r.URL.RawPath = dec, np
+	}
+	t := ex.target
+
+	// Request authentication (JWT).
+	id, err := t.Authn.Authenticate(ctx, r)
+	if err != nil {
+		ex.details = "jwt_authn_access_denied"
+		rw.Header().Set("Www-Authenticate", authn.Challenge(r, err))
+		p.local(rw, r, ex, http.StatusUnauthorized, "Jwt verification fails: "+err.Error())
+		return
+	}
+	// Authorization.
+	attrs := p.attributes(ex, r, id)
+	if d := t.Authz.Evaluate(attrs); !d.Allow {
+		ex.details = "rbac_access_denied_matched_policy[" + d.Policy + "]"
+		p.local(rw, r, ex, http.StatusForbidden, "RBAC: access denied")
+		return
+	}
+	if id != nil {
+		ex.reqPrin = id.Principal
+	}
+	// Local rate limit.
+	if t.Limiter != nil && !t.Limiter.Allow() {
+		ex.flag("RL")
+		p.local(rw, r, ex, http.StatusTooManyRequests, "local_rate_limited")
+		return
+	}
+	// Fault injection.
+	if t.Fault != nil {
+		d := fault.Decide(t.Fault, nil)
+		if d.Delay > 0 {
+			ex.flag("DI")
+			select {
+			case <-time.After(d.Delay):
+			case <-ctx.Done():
+				ex.flag("DC")
+				return
+			}
+		}
+		if d.Abort {
+			ex.flag("FI")
+			if ex.grpc && d.GRPCStatus != 0 {
+				p.grpcLocal(rw, ex, int(d.GRPCStatus), "fault filter abort")
+				return
+			}
+			p.local(rw, r, ex, d.HTTPStatus, "fault filter abort")
+			return
+		}
+	}
+	// Routing.
+	m, ok := t.Routes.Lookup(r)
+	if !ok {
+		ex.flag("NR")
+		p.local(rw, r, ex, http.StatusNotFound, "route_not_found")
+		return
+	}
+	ex.rule = m.Rule
+	var mirrors []*discoveryv1.RequestMirror
+	for _, f := range m.Rule.Filters {
+		switch k := f.GetKind().(type) {
+		case *discoveryv1.HTTPFilter_RequestRedirect:
+			loc, code := filter.Redirect(r, k.RequestRedirect, "http", t.Port, r.URL.Path, m.Prefix)
+			rw.Header().Set("Location", loc)
+			rw.WriteHeader(code)
+			return
+		case *discoveryv1.HTTPFilter_RequestHeaderModifier:
+			filter.ModifyHeaders(r.Header, k.RequestHeaderModifier, &r.Host)
+		case *discoveryv1.HTTPFilter_ResponseHeaderModifier:
+			ex.respMods = append(ex.respMods, k.ResponseHeaderModifier)
+		case *discoveryv1.HTTPFilter_UrlRewrite:
+			if h := k.UrlRewrite.GetHostname(); h != "" {
+				r.Host = h
+			}
+			if pm := k.UrlRewrite.GetPath(); pm != nil {
+				r.URL.Path = filter.ReplacePath(r.URL.Path, m.Prefix, pm)
+				r.URL.RawPath = ""
+			}
+		case *discoveryv1.HTTPFilter_RequestMirror:
+			mirrors = append(mirrors, k.RequestMirror)
+		}
+	}
+	b := pickBackend(m.Rule.Backends)
+	if b == nil || b.GetService() == "" {
+		p.local(rw, r, ex, http.StatusInternalServerError, "no valid backend")
+		return
+	}
+	ex.backend = b
+	for _, f := range b.GetFilters() {
+		switch k := f.GetKind().(type) {
+		case *discoveryv1.HTTPFilter_RequestHeaderModifier:
+			filter.ModifyHeaders(r.Header, k.RequestHeaderModifier, &r.Host)
+		case *discoveryv1.HTTPFilter_ResponseHeaderModifier:
+			ex.respMods = append(ex.respMods, k.ResponseHeaderModifier)
+		case *discoveryv1.HTTPFilter_RequestMirror:
+			mirrors = append(mirrors, k.RequestMirror)
+		}
+	}
+	cl, err := p.cat.Cluster(b.GetService(), b.GetPort())
+	if err != nil {
+		p.local(rw, r, ex, http.StatusInternalServerError, err.Error())
+		return
+	}
+	ex.cluster = cl
+	ex.hash = upstream.HashInput{Header: r.Header, SourceIP: ex.ci.Source.String()}
+	if hc := cl.HashCookie(); hc != nil {
+		if c, err := r.Cookie(hc.GetName()); err == nil {
+			ex.hash.Cookie = c.Value
+		} else if hc.GetTtl().AsDuration() > 0 {
+			ex.hash.Cookie = newRequestID()
+			path := hc.GetPath()
+			if path == "" {
+				path = "/"
+			}
+			ex.setCookie = &http.Cookie{Name: hc.GetName(), Value: ex.hash.Cookie, Path: path,
+				MaxAge: int(hc.GetTtl().AsDuration().Seconds()), HttpOnly: true}
+		}
+	}
+	if r.Body != nil && r.Body != http.NoBody {
+		ex.body = newReplay(r.Body, p.maxReplay)
+	}
+	if len(mirrors) > 0 {
+		p.mirror(r, ex, mirrors)
+	}
+	if m.Rule.RequestTimeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, m.Rule.RequestTimeout)
+		defer cancel()
+		r = r.WithContext(ctx)
+	}
+	p.rp.ServeHTTP(rw, r)
+}
+
+func newRequestID() string {
+	var b [16]byte
+	_, _ = crand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// pickBackend draws a backend by weight.
+func pickBackend(bs []*discoveryv1.BackendRef) *discoveryv1.BackendRef {
+	switch len(bs) {
+	case 0:
+		return nil
+	case 1:
+		return bs[0]
+	}
+	var total uint64
+	for _, b := range bs {
+		total += uint64(b.GetWeight())
+	}
+	if total == 0 {
+		return nil
+	}
+	n := rand.Uint64N(total)
+	for _, b := range bs {
+		if n < uint64(b.GetWeight()) {
+			return b
+		}
+		n -= uint64(b.GetWeight())
+	}
+	return bs[len(bs)-1]
+}
+
+func (p *Proxy) attributes(ex *exchange, r *http.Request, id *authn.Identity) *authz.Attributes {
+	a := &authz.Attributes{SourceIP: ex.ci.Source, Port: ex.target.Port, Host: r.Host,
+		Method: r.Method, Path: r.URL.Path, Header: r.Header}
+	if pr, ok := strings.CutPrefix(ex.ci.Peer, "spiffe://"); ok {
+		a.Principal = pr
+		if _, rest, ok := strings.Cut(pr, "/ns/"); ok {
+			a.Namespace, _, _ = strings.Cut(rest, "/")
+		}
+	}
+	if id != nil {
+		a.RequestPrincipal, a.Audiences, a.Claims = id.Principal, id.Audiences, id.Claims
+	}
+	return a
+}
+
+func (p *Proxy) rewrite(pr *httputil.ProxyRequest) {
+	in, out := pr.In, pr.Out
+	if xff := in.Header.Values("X-Forwarded-For"); len(xff) > 0 {
+		out.Header["X-Forwarded-For"] = slices.Clone(xff)
+	}
+	if ex := exFrom(in.Context()); ex != nil && ex.ci.Source.IsValid() {
+		prior := strings.Join(out.Header.Values("X-Forwarded-For"), ", ")
+		if prior != "" {
+			prior += ", "
+		}
+		out.Header.Set("X-Forwarded-For", prior+ex.ci.Source.String())
+	}
+	out.Header.Set("X-Forwarded-Proto", "http")
+	if p.tracer != nil {
+		p.tracer.Inject(out.Context(), out.Header)
+	}
+	out.Host = in.Host
+}
+
+type roundTripper struct{ p *Proxy }
+
+var errNoExchange = errors.New("proxy: request without exchange state")
+
+// RoundTrip sends one upstream request with retries.
+func (rt roundTripper) RoundTrip(out *http.Request) (*http.Response, error) {
+	ex := exFrom(out.Context())
+	if ex == nil {
+		return nil, errNoExchange
+	}
+	release, err := ex.cluster.Admit()
+	if err != nil {
+		return nil, err
+	}
+	ctx := out.Context()
+	rule := ex.rule
+	retries := 0
+	var codes []uint32
+	backoff := 25 * time.Millisecond
+	if rp := rule.Retry; rp != nil {
+		retries, codes = int(rp.GetAttempts()), rp.GetCodes()
+		if d := rp.GetBackoff().AsDuration(); d > 0 {
+			backoff = d
+		}
+	}
+	var tried []*upstream.Endpoint
+	var retryReleases []func()
+	releaseAll := func() {
+		release()
+		for _, f := range retryReleases {
+			f()
+		}
+	}
+	for attempt := 0; ; attempt++ {
+		ex.attempts = attempt + 1
+		ep, err := ex.cluster.Pick(&ex.hash, tried)
+		if err != nil {
+			releaseAll()
+			return nil, err
+		}
+		tried = append(tried, ep)
+		actx, cancel := attemptContext(ctx, rule.BackendTimeout)
+		req := out.Clone(actx)
+		if ex.body != nil {
+			req.Body = ex.body.view()
+			req.GetBody = nil
+		}
+		resp, err := ex.cluster.RoundTrip(req, ep)
+		status := 0
+		if resp != nil {
+			status = resp.StatusCode
+		}
+		ex.cluster.Report(ep, status, err)
+		retryable := attempt < retries && ctx.Err() == nil &&
+			(err != nil && !errors.Is(err, upstream.ErrOverflow) || slices.Contains(codes, uint32(status))) &&
+			(ex.body == nil || ex.body.replayable())
+		if retryable {
+			if rel, ok := ex.cluster.AdmitRetry(); ok {
+				retryReleases = append(retryReleases, rel)
+			} else {
+				ex.flag("URX")
+				retryable = false
+			}
+		}
+		if !retryable {
+			if err != nil {
+				cancel()
+				releaseAll()
+				if errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil {
+					// The per-try timeout fired.
+					return nil, fmt.Errorf("backend request timeout: %w", err)
+				}
+				return nil, err
+			}
+			if attempt > 0 && slices.Contains(codes, uint32(status)) {
+				ex.flag("URX")
+			}
+			ex.endpoint = ep
+			ex.resp = resp
+			if resp.StatusCode != http.StatusSwitchingProtocols {
+				resp.Body = &doneBody{ReadCloser: resp.Body, done: func() { cancel(); releaseAll() }}
+			}
+			return resp, nil
+		}
+		if resp != nil {
+			_, _ = io.CopyN(io.Discard, resp.Body, 64<<10)
+			resp.Body.Close()
+		}
+		cancel()
+		// Exponential backoff with full jitter, capped at 10× the base.
+		d := min(backoff<<attempt, 10*backoff)
+		d = time.Duration(rand.Int64N(int64(d)) + 1)
+		select {
+		case <-time.After(d):
+		case <-ctx.Done():
+			releaseAll()
+			return nil, ctx.Err()
+		}
+	}
+}
+
+// attemptContext bounds one attempt by the backend request timeout, if any.
+// The cancel function is handed to the response body, so it is returned
+// rather than deferred.
+func attemptContext(ctx context.Context, d time.Duration) (context.Context, context.CancelFunc) {
+	if d <= 0 {
+		return ctx, func() {}
+	}
+	return context.WithTimeout(ctx, d)
+}
+
+type doneBody struct {
+	io.ReadCloser
+	once sync.Once
+	done func()
+}
+
+func (b *doneBody) Close() error {
+	err := b.ReadCloser.Close()
+	b.once.Do(b.done)
+	return err
+}
+
+func (p *Proxy) modifyResponse(resp *http.Response) error {
+	ex := exFrom(resp.Request.Context())
+	if ex == nil {
+		return nil
+	}
+	for _, m := range ex.respMods {
+		filter.ModifyHeaders(resp.Header, m, nil)
+	}
+	if ex.setCookie != nil {
+		resp.Header.Add("Set-Cookie", ex.setCookie.String())
+	}
+	return nil
+}
+
+func (p *Proxy) errorHandler(w http.ResponseWriter, r *http.Request, err error) {
+	ex := exFrom(r.Context())
+	code := http.StatusServiceUnavailable
+	var ce *upstream.ConnectError
+	switch {
+	case errors.Is(err, upstream.ErrOverflow):
+		ex.flag("UO")
+	case errors.Is(err, upstream.ErrNoHealthy):
+		ex.flag("UH")
+	case errors.Is(err, context.DeadlineExceeded):
+		ex.flag("UT")
+		code = http.StatusGatewayTimeout
+	case errors.As(err, &ce):
+		ex.flag("UF")
+	case errors.Is(err, context.Canceled):
+		ex.flag("DC")
+		return // the client went away
+	default:
+		ex.flag("UC")
+	}
+	if ex.attempts > 1 {
+		ex.flag("URX")
+	}
+	msg := "upstream connect error or disconnect/reset before headers"
+	switch {
+	case code == http.StatusGatewayTimeout:
+		msg = "upstream request timeout"
+	case errors.Is(err, upstream.ErrOverflow):
+		msg = "upstream overflow"
+	case errors.Is(err, upstream.ErrNoHealthy):
+		msg = "no healthy upstream"
+	}
+	p.log.Debug("upstream error", zap.Error(err), zap.String("request_id", ex.reqID))
+	p.local(w, r, ex, code, msg)
+}
+
+// grpcCode maps a local HTTP status to a gRPC status (as Envoy does).
+func grpcCode(status int) int {
+	switch status {
+	case 400:
+		return 13
+	case 401:
+		return 16
+	case 403:
+		return 7
+	case 404:
+		return 12
+	case 429, 502, 503, 504:
+		return 14
+	}
+	return 2
+}
+
+// local writes a locally generated reply; gRPC requests get a trailers-only
+// gRPC error instead.
+func (p *Proxy) local(w http.ResponseWriter, r *http.Request, ex *exchange, code int, msg string) {
+	if ex.grpc {
+		p.grpcLocal(w, ex, grpcCode(code), msg)
+		return
+	}
+	w.Header().Set("Content-Type", "text/plain")
+	w.Header().Set("Content-Length", strconv.Itoa(len(msg)))
+	w.WriteHeader(code)
+	if r.Method != http.MethodHead {
+		_, _ = io.WriteString(w, msg)
+	}
+}
+
+func (p *Proxy) grpcLocal(w http.ResponseWriter, _ *exchange, status int, msg string) {
+	h := w.Header()
+	h.Set("Content-Type", "application/grpc")
+	h.Set("Grpc-Status", strconv.Itoa(status))
+	h.Set("Grpc-Message", url.PathEscape(msg))
+	w.WriteHeader(http.StatusOK)
+}
+
+// mirror sends fire-and-forget copies of r. Bodies larger than the replay
+// limit are not mirrored.
+func (p *Proxy) mirror(r *http.Request, ex *exchange, ms []*discoveryv1.RequestMirror) {
+	var body []byte
+	if r.Body != nil && r.Body != http.NoBody {
+		if r.ContentLength < 0 || r.ContentLength > int64(p.maxReplay) {
+			return
+		}
+		// Read the (small, known-size) body once; the main request and the
+		// mirrors then use copies.
+		b, err := io.ReadAll(io.LimitReader(ex.body.view(), int64(p.maxReplay)+1))
+		if err != nil || len(b) > p.maxReplay {
+			return
+		}
+		body = b
+		ex.body = newReplay(io.NopCloser(bytes.NewReader(b)), p.maxReplay)
+	}
+	for _, m := range ms {
+		if pct := m.GetPercent(); pct < 100 && rand.Float64()*100 >= pct {
+			continue
+		}
+		be := m.GetBackend()
+		cl, err := p.cat.Cluster(be.GetService(), be.GetPort())
+		if err != nil {
+			continue
+		}
+		select {
+		case p.mirrors <- struct{}{}:
+		default:
+			continue // too many in flight: drop
+		}
+		req := r.Clone(context.WithoutCancel(r.Context()))
+		req.RequestURI = ""
+		if body != nil {
+			req.Body = io.NopCloser(bytes.NewReader(body))
+		} else {
+			req.Body = http.NoBody
+		}
+		req.Header = r.Header.Clone()
+		req.Host = r.Host
+		hash := ex.hash
+		p.mirrorWG.Go(func() {
+			defer func() { <-p.mirrors }()
+			ctx, cancel := context.WithTimeout(req.Context(), 30*time.Second)
+			defer cancel()
+			req = req.WithContext(ctx)
+			ep, err := cl.Pick(&hash, nil)
+			if err != nil {
+				return
+			}
+			resp, err := cl.RoundTrip(req, ep)
+			if err != nil {
+				return
+			}
+			_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 1<<20))
+			resp.Body.Close()
+		})
+	}
+}
+
+// recorder captures the status and body size written to the client.
+type recorder struct {
+	http.ResponseWriter
+	code  int
+	bytes int64
+}
+
+func (w *recorder) WriteHeader(code int) {
+	if w.code == 0 && code >= 200 {
+		w.code = code
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *recorder) Write(b []byte) (int, error) {
+	if w.code == 0 {
+		w.code = http.StatusOK
+	}
+	n, err := w.ResponseWriter.Write(b)
+	w.bytes += int64(n)
+	return n, err
+}
+
+// Unwrap lets http.ResponseController reach Flush and friends.
+func (w *recorder) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// Flush is used by the reverse proxy for streaming.
+func (w *recorder) Flush() {
+	if f, ok := w.ResponseWriter.(http.Flusher); ok {
+		f.Flush()
+	}
+}
+
+type countingBody struct {
+	io.ReadCloser
+	n int64
+}
+
+func (b *countingBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	b.n += int64(n)
+	return n, err
+}
+
+func headerSize(h http.Header) int64 {
+	var n int64
+	for k, vs := range h {
+		for _, v := range vs {
+			n += int64(len(k) + len(v) + 4)
+		}
+	}
+	return n
+}
+
+// finish records metrics, the access log and the span.
+func (p *Proxy) finish(ex *exchange, rw *recorder, r *http.Request, bodyIn int64) {
+	end := time.Now()
+	code := rw.code
+	if code == 0 {
+		code = http.StatusOK
+		if slices.Contains(ex.flags, "DC") {
+			code = 0
+		}
+	}
+	flags := "-"
+	if len(ex.flags) > 0 {
+		flags = strings.Join(ex.flags, ",")
+	}
+	grpcStatus := ""
+	if ex.grpc {
+		grpcStatus = rw.Header().Get("Grpc-Status")
+		if ex.resp != nil {
+			if s := ex.resp.Trailer.Get("Grpc-Status"); s != "" {
+				grpcStatus = s
+			} else if s := ex.resp.Header.Get("Grpc-Status"); s != "" {
+				grpcStatus = s
+			}
+		}
+	}
+	l := p.labels(ex, code, grpcStatus, flags)
+	reqBytes := headerSize(r.Header) + bodyIn
+	respBytes := headerSize(rw.Header()) + rw.bytes
+	if p.metrics != nil {
+		p.metrics.Request(l, float64(end.Sub(ex.start).Microseconds())/1000, reqBytes, respBytes)
+	}
+	if ex.span != nil {
+		telemetry.End(ex.span, code, flags, end)
+	}
+	if p.access != nil {
+		upstreamHost, clusterName, routeName := "-", "-", "-"
+		if ex.endpoint != nil {
+			upstreamHost = ex.endpoint.Addr.String()
+		}
+		if ex.cluster != nil {
+			clusterName = ex.cluster.Name()
+		}
+		if ex.rule != nil {
+			routeName = ex.rule.Route + "/" + ex.rule.Name
+		}
+		traceID := ""
+		if ex.span != nil {
+			traceID = ex.span.SpanContext().TraceID().String()
+		}
+		p.access.Info("request",
+			zap.Time("start_time", ex.start),
+			zap.String("method", r.Method),
+			zap.String("path", r.URL.RequestURI()),
+			zap.String("protocol", r.Proto),
+			zap.Int("response_code", code),
+			zap.String("grpc_status", grpcStatus),
+			zap.String("response_flags", flags),
+			zap.String("response_code_details", ex.details),
+			zap.Int64("bytes_received", bodyIn),
+			zap.Int64("bytes_sent", rw.bytes),
+			zap.Float64("duration_ms", float64(end.Sub(ex.start).Microseconds())/1000),
+			zap.String("upstream_host", upstreamHost),
+			zap.String("upstream_cluster", clusterName),
+			zap.String("route_name", routeName),
+			zap.Int("attempts", ex.attempts),
+			zap.String("authority", r.Host),
+			zap.String("x_request_id", ex.reqID),
+			zap.String("trace_id", traceID),
+			zap.String("downstream_peer_principal", ex.ci.Peer),
+			zap.String("request_principal", ex.reqPrin),
+			zap.String("downstream_remote_address", ex.ci.Source.String()),
+			zap.String("user_agent", r.UserAgent()),
+		)
+	}
+}
+
+func (p *Proxy) labels(ex *exchange, code int, grpcStatus, flags string) *telemetry.Labels {
+	l := &telemetry.Labels{ResponseCode: strconv.Itoa(code), GRPCResponseStatus: grpcStatus, ResponseFlags: flags,
+		RequestProtocol: "http", SourceCluster: p.clusterID, DestinationCluster: p.clusterID,
+		ConnectionSecurityPolicy: "none"}
+	if ex.grpc {
+		l.RequestProtocol = "grpc"
+	}
+	if ex.ci.Peer != "" {
+		l.SourcePrincipal = ex.ci.Peer
+		l.ConnectionSecurityPolicy = "mutual_tls"
+	}
+	if ex.ci.Source.IsValid() {
+		if w := p.cat.WorkloadByIP(ex.ci.Source); w != nil {
+			l.SourceWorkload, l.SourceWorkloadNamespace = w.GetWorkloadName(), w.GetNamespace()
+			l.SourceCanonicalService, l.SourceCanonicalRevision = w.GetCanonicalName(), w.GetCanonicalRevision()
+			l.SourceApp, l.SourceVersion = w.GetCanonicalName(), w.GetCanonicalRevision()
+			if w.GetClusterId() != "" {
+				l.SourceCluster = w.GetClusterId()
+			}
+		}
+	}
+	if t := ex.target; t != nil {
+		l.DestinationService = t.Service.GetHostname()
+		l.DestinationServiceName = t.Service.GetName()
+		l.DestinationServiceNamespace = t.Service.GetNamespace()
+		l.DestinationCanonicalService = t.Service.GetName()
+	}
+	if ex.backend != nil && ex.target != nil && ex.backend.GetService() != ex.target.Key {
+		if s := p.cat.Service(ex.backend.GetService()); s != nil {
+			l.DestinationService, l.DestinationServiceName, l.DestinationServiceNamespace = s.GetHostname(), s.GetName(), s.GetNamespace()
+		}
+	}
+	if e := ex.endpoint; e != nil {
+		l.DestinationWorkload, l.DestinationWorkloadNamespace = e.Workload, e.Namespace
+		l.DestinationPrincipal = e.Identity
+		l.DestinationCanonicalService, l.DestinationCanonicalRevision = e.CanonicalName, e.CanonicalRevision
+		l.DestinationApp, l.DestinationVersion = e.CanonicalName, e.CanonicalRevision
+	}
+	return l
+}
