@@ -33,6 +33,10 @@ type Attributes struct {
 	RequestPrincipal string
 	Audiences        []string
 	Claims           map[string]any
+	// L4 marks a connection without HTTP (passthrough): L7 fields cannot
+	// be evaluated, so an ALLOW entry that uses them does not match and a
+	// DENY entry ignores them (both fail-closed).
+	L4 bool
 }
 
 // Decision is the outcome of an evaluation.
@@ -137,7 +141,7 @@ func (p *policy) ruleMatches(r *discoveryv1.Rule, a *Attributes) bool {
 	if len(r.GetFrom()) > 0 && !slices.ContainsFunc(r.GetFrom(), func(s *discoveryv1.Source) bool { return p.sourceMatches(s, a) }) {
 		return false
 	}
-	if len(r.GetTo()) > 0 && !slices.ContainsFunc(r.GetTo(), func(o *discoveryv1.Operation) bool { return operationMatches(o, a) }) {
+	if len(r.GetTo()) > 0 && !slices.ContainsFunc(r.GetTo(), func(o *discoveryv1.Operation) bool { return p.operationMatches(o, a) }) {
 		return false
 	}
 	for _, c := range r.GetWhen() {
@@ -186,6 +190,14 @@ func Match(pattern, v string, fold bool) bool {
 }
 
 func (p *policy) sourceMatches(s *discoveryv1.Source, a *Attributes) bool {
+	if a.L4 && (len(s.GetRequestPrincipals()) > 0 || len(s.GetNotRequestPrincipals()) > 0) {
+		if !p.deny {
+			return false
+		}
+		s = &discoveryv1.Source{Principals: s.GetPrincipals(), NotPrincipals: s.GetNotPrincipals(),
+			Namespaces: s.GetNamespaces(), NotNamespaces: s.GetNotNamespaces(),
+			IpBlocks: s.GetIpBlocks(), NotIpBlocks: s.GetNotIpBlocks()}
+	}
 	return field(s.GetPrincipals(), s.GetNotPrincipals(), a.Principal, a.Principal != "", false) &&
 		field(s.GetNamespaces(), s.GetNotNamespaces(), a.Namespace, a.Namespace != "", false) &&
 		p.ipsMatch(s.GetIpBlocks(), s.GetNotIpBlocks(), a.SourceIP) &&
@@ -233,7 +245,13 @@ func (p *policy) hasBad(blocks []string) bool {
 	return false
 }
 
-func operationMatches(o *discoveryv1.Operation, a *Attributes) bool {
+func (p *policy) operationMatches(o *discoveryv1.Operation, a *Attributes) bool {
+	if a.L4 && len(o.GetHosts())+len(o.GetNotHosts())+len(o.GetMethods())+len(o.GetNotMethods())+len(o.GetPaths())+len(o.GetNotPaths()) > 0 {
+		if !p.deny {
+			return false
+		}
+		o = &discoveryv1.Operation{Ports: o.GetPorts(), NotPorts: o.GetNotPorts()}
+	}
 	if len(o.GetPorts()) > 0 && !slices.Contains(o.GetPorts(), a.Port) {
 		return false
 	}
@@ -249,6 +267,9 @@ func operationMatches(o *discoveryv1.Operation, a *Attributes) bool {
 // conditionMatches evaluates a "when" condition. Unknown keys match for
 // DENY policies and do not for ALLOW policies.
 func (p *policy) conditionMatches(c *discoveryv1.Condition, a *Attributes) bool {
+	if a.L4 && strings.HasPrefix(c.GetKey(), "request.") {
+		return p.deny
+	}
 	vals, present, known := p.conditionValues(c.GetKey(), a)
 	if !known {
 		return p.deny

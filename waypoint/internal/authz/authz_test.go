@@ -68,6 +68,15 @@ func TestEvaluate(t *testing.T) {
 		{"when source.ip cidr", []*discoveryv1.Authorization{allow("a", &discoveryv1.Rule{When: []*discoveryv1.Condition{{Key: "source.ip", Values: []string{"10.0.0.0/8"}}}})}, nil, true, "default/a"},
 		{"unknown key in allow never matches", []*discoveryv1.Authorization{allow("a", &discoveryv1.Rule{When: []*discoveryv1.Condition{{Key: "experimental.foo", Values: []string{"*"}}}})}, nil, false, ""},
 		{"unknown key in deny denies", []*discoveryv1.Authorization{deny("d", &discoveryv1.Rule{When: []*discoveryv1.Condition{{Key: "experimental.foo", Values: []string{"x"}}}})}, nil, false, "default/d"},
+		{"L4: allow with L7 fields never matches", []*discoveryv1.Authorization{allow("a", &discoveryv1.Rule{To: []*discoveryv1.Operation{{Methods: []string{"GET"}}}})},
+			func(a *Attributes) { a.L4 = true }, false, ""},
+		{"L4: deny with L7 fields ignores them", []*discoveryv1.Authorization{deny("d", &discoveryv1.Rule{
+			From: []*discoveryv1.Source{{Namespaces: []string{"frontend"}}}, To: []*discoveryv1.Operation{{Methods: []string{"DELETE"}}}})},
+			func(a *Attributes) { a.L4 = true }, false, "default/d"},
+		{"L4: deny with L7 condition denies", []*discoveryv1.Authorization{deny("d", &discoveryv1.Rule{When: []*discoveryv1.Condition{{Key: "request.headers[x]", Values: []string{"y"}}}})},
+			func(a *Attributes) { a.L4 = true }, false, "default/d"},
+		{"L4: allow by principal still works", []*discoveryv1.Authorization{allow("a", &discoveryv1.Rule{From: []*discoveryv1.Source{{Principals: []string{"cluster.local/ns/frontend/sa/web"}}}, To: []*discoveryv1.Operation{{Ports: []uint32{9080}}}})},
+			func(a *Attributes) { a.L4 = true }, true, "default/a"},
 		{"plaintext peer has no principal", []*discoveryv1.Authorization{allow("a", &discoveryv1.Rule{From: []*discoveryv1.Source{{NotPrincipals: []string{"cluster.local/ns/bad/sa/x"}}}})},
 			func(a *Attributes) { a.Principal = "" }, true, "default/a"},
 	}

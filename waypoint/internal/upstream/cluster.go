@@ -356,3 +356,28 @@ func (c *Cluster) Close() { c.transport.CloseIdleConnections() }
 
 // Overflows counts circuit-breaker rejections.
 func (c *Cluster) Overflows() int64 { return c.overflows.Load() }
+
+// DialEndpoint opens a raw connection (for L4 passthrough) to an endpoint
+// picked by the load balancer, trying another endpoint once on failure.
+func (c *Cluster) DialEndpoint(ctx context.Context, in *HashInput) (*Endpoint, net.Conn, error) {
+	var tried []*Endpoint
+	var lastErr error
+	for range 2 {
+		ep, err := c.Pick(in, tried)
+		if err != nil {
+			return nil, nil, err
+		}
+		tried = append(tried, ep)
+		s := c.cur.Load()
+		dctx, cancel := context.WithTimeout(ctx, s.connect)
+		conn, err := c.dial(dctx, ep)
+		cancel()
+		if err == nil {
+			c.Report(ep, 200, nil)
+			return ep, conn, nil
+		}
+		lastErr = &ConnectError{Endpoint: ep.Addr, Err: err}
+		c.Report(ep, 0, lastErr)
+	}
+	return nil, nil, lastErr
+}
