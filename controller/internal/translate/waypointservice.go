@@ -1,0 +1,326 @@
+package translate
+
+import (
+	"cmp"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+
+	pb "github.com/amesh-dev/amesh/api/discovery/v1"
+	"google.golang.org/protobuf/types/known/durationpb"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/amesh-dev/amesh/controller/apis/security/v1alpha1"
+	trafficv1alpha1 "github.com/amesh-dev/amesh/controller/apis/traffic/v1alpha1"
+)
+
+// targets resolves policy targetRefs to the bound services they reach:
+// a Service bound to a waypoint, or every service bound to a waypoint
+// Gateway. unresolved describes the references that reach nothing.
+func (t *translator) targets(ns string, refs []v1alpha1.PolicyTargetReference) (services []string, gatewayLevel map[string]bool, unresolved []string) {
+	gatewayLevel = map[string]bool{}
+	for _, r := range refs {
+		switch {
+		case r.Group == "gateway.networking.k8s.io" && r.Kind == "Gateway":
+			w := t.waypoints[ns+"/"+r.Name]
+			if w == nil {
+				unresolved = append(unresolved, fmt.Sprintf("Gateway %s is not a waypoint (class %s)", r.Name, t.cfg.WaypointClass))
+				continue
+			}
+			for svc, sw := range t.serviceWaypoints {
+				if sw == w {
+					services = append(services, svc)
+					gatewayLevel[svc] = true
+				}
+			}
+		case r.Group == "" && r.Kind == "Service":
+			key := t.serviceKey(ns, r.Name)
+			switch {
+			case t.svcByName[ns+"/"+r.Name] == nil:
+				unresolved = append(unresolved, fmt.Sprintf("Service %s not found", r.Name))
+			case t.serviceWaypoints[key] == nil:
+				unresolved = append(unresolved, fmt.Sprintf("Service %s is not bound to a waypoint that serves services", r.Name))
+			default:
+				services = append(services, key)
+			}
+		default:
+			unresolved = append(unresolved, fmt.Sprintf("unsupported target %s/%s %s", r.Group, r.Kind, r.Name))
+		}
+	}
+	slices.Sort(services)
+	return slices.Compact(services), gatewayLevel, unresolved
+}
+
+// waypointCondition reports where a targetRefs policy is enforced.
+func (t *translator) waypointCondition(kind string, meta metav1.ObjectMeta, services, unresolved []string) {
+	switch {
+	case len(unresolved) > 0:
+		t.setCondition(kind, meta, condition(v1alpha1.ConditionWaypointAccepted, false, v1alpha1.ReasonTargetNotFound,
+			strings.Join(unresolved, "; ")))
+	case len(services) == 0:
+		t.setCondition(kind, meta, condition(v1alpha1.ConditionWaypointAccepted, false, v1alpha1.ReasonTargetNotFound,
+			"the targeted waypoints serve no service"))
+	default:
+		t.setCondition(kind, meta, condition(v1alpha1.ConditionWaypointAccepted, true, v1alpha1.ReasonEnforced,
+			"enforced by waypoints for "+strings.Join(services, ", ")))
+	}
+}
+
+// waypointAuthorization records a targetRefs AuthorizationPolicy, in full,
+// for the services it reaches.
+func (t *translator) waypointAuthorization(ap *v1alpha1.AuthorizationPolicy) {
+	a, res := t.translateAuthorization(ap, false)
+	services, _, unresolved := t.targets(ap.Namespace, ap.Spec.TargetRefs)
+	for _, s := range services {
+		t.wpAuthz[s] = append(t.wpAuthz[s], a)
+	}
+	t.acceptedCondition(v1alpha1.ConditionAccepted, ap, res)
+	t.waypointCondition(KindAuthorizationPolicy, ap.ObjectMeta, services, unresolved)
+}
+
+// requestAuthentications records targetRefs RequestAuthentications for the
+// services they reach; selector-based ones are not enforced in ambient mode.
+func (t *translator) requestAuthentications() {
+	for _, ra := range t.in.RequestAuthentications {
+		if ra.DeletionTimestamp != nil {
+			continue
+		}
+		t.setCondition(KindRequestAuthentication, ra.ObjectMeta, condition(v1alpha1.ConditionAccepted, true,
+			v1alpha1.ReasonAccepted, "the policy is valid"))
+		if len(ra.Spec.TargetRefs) == 0 {
+			t.setCondition(KindRequestAuthentication, ra.ObjectMeta, condition(v1alpha1.ConditionWaypointAccepted, false,
+				v1alpha1.ReasonNotApplicable, "JWT validation happens at waypoints: attach the policy with targetRefs"))
+			continue
+		}
+		r := &pb.RequestAuthentication{Name: ra.Name, Namespace: ra.Namespace}
+		for _, j := range ra.Spec.JWTRules {
+			jr := &pb.JWTRule{
+				Issuer:                j.Issuer,
+				Audiences:             slices.Clone(j.Audiences),
+				Jwks:                  j.JWKS,
+				JwksUri:               j.JWKSURI,
+				FromParams:            slices.Clone(j.FromParams),
+				ForwardOriginalToken:  j.ForwardOriginalToken,
+				OutputPayloadToHeader: j.OutputPayloadToHeader,
+			}
+			for _, h := range j.FromHeaders {
+				jr.FromHeaders = append(jr.FromHeaders, &pb.JWTHeader{Name: h.Name, Prefix: h.Prefix})
+			}
+			r.JwtRules = append(r.JwtRules, jr)
+		}
+		services, _, unresolved := t.targets(ra.Namespace, ra.Spec.TargetRefs)
+		for _, s := range services {
+			t.wpRequestAuthn[s] = append(t.wpRequestAuthn[s], r)
+		}
+		t.waypointCondition(KindRequestAuthentication, ra.ObjectMeta, services, unresolved)
+	}
+}
+
+// backendTrafficPolicies computes the traffic policy of each bound service:
+// the Gateway-level policy, overridden field by field by the Service-level
+// one; among policies of one level the oldest wins each field.
+func (t *translator) backendTrafficPolicies() {
+	btps := slices.Clone(t.in.BackendTrafficPolicies)
+	btps = slices.DeleteFunc(btps, func(p *trafficv1alpha1.BackendTrafficPolicy) bool { return p.DeletionTimestamp != nil })
+	// Newest first: later merges (older policies) override.
+	slices.SortFunc(btps, func(a, b *trafficv1alpha1.BackendTrafficPolicy) int { return -olderFirst(a.ObjectMeta, b.ObjectMeta) })
+	gatewayLevel := map[string]*pb.TrafficPolicy{}
+	serviceLevel := map[string]*pb.TrafficPolicy{}
+	for _, p := range btps {
+		tp, bad := trafficPolicy(&p.Spec)
+		refs := make([]v1alpha1.PolicyTargetReference, len(p.Spec.TargetRefs))
+		for i, r := range p.Spec.TargetRefs {
+			refs[i] = v1alpha1.PolicyTargetReference{Group: r.Group, Kind: r.Kind, Name: r.Name}
+		}
+		services, gw, unresolved := t.targets(p.Namespace, refs)
+		for _, s := range services {
+			level := serviceLevel
+			if gw[s] {
+				level = gatewayLevel
+			}
+			level[s] = mergeTraffic(level[s], tp)
+		}
+		if len(bad) > 0 {
+			t.setCondition(KindBackendTrafficPolicy, p.ObjectMeta, condition(v1alpha1.ConditionAccepted, false,
+				v1alpha1.ReasonInvalid, "invalid values ignored: "+strings.Join(bad, "; ")))
+		} else {
+			t.setCondition(KindBackendTrafficPolicy, p.ObjectMeta, condition(v1alpha1.ConditionAccepted, true,
+				v1alpha1.ReasonAccepted, "the policy is valid"))
+		}
+		t.waypointCondition(KindBackendTrafficPolicy, p.ObjectMeta, services, unresolved)
+	}
+	for s, tp := range gatewayLevel {
+		t.wpTraffic[s] = tp
+	}
+	for s, tp := range serviceLevel {
+		t.wpTraffic[s] = mergeTraffic(t.wpTraffic[s], tp)
+	}
+}
+
+// mergeTraffic returns base with every setting present in over replacing
+// base's.
+func mergeTraffic(base, over *pb.TrafficPolicy) *pb.TrafficPolicy {
+	out := &pb.TrafficPolicy{}
+	if base != nil {
+		*out = pb.TrafficPolicy{
+			LoadBalancer:     base.LoadBalancer,
+			CircuitBreaker:   base.CircuitBreaker,
+			OutlierDetection: base.OutlierDetection,
+			ConnectionPool:   base.ConnectionPool,
+			LocalRateLimit:   base.LocalRateLimit,
+			Fault:            base.Fault,
+		}
+	}
+	out.LoadBalancer = cmp.Or(over.LoadBalancer, out.LoadBalancer)
+	out.CircuitBreaker = cmp.Or(over.CircuitBreaker, out.CircuitBreaker)
+	out.OutlierDetection = cmp.Or(over.OutlierDetection, out.OutlierDetection)
+	out.ConnectionPool = cmp.Or(over.ConnectionPool, out.ConnectionPool)
+	out.LocalRateLimit = cmp.Or(over.LocalRateLimit, out.LocalRateLimit)
+	out.Fault = cmp.Or(over.Fault, out.Fault)
+	return out
+}
+
+// trafficPolicy converts a BackendTrafficPolicy spec; bad lists values
+// that could not be converted (and were left out).
+func trafficPolicy(s *trafficv1alpha1.BackendTrafficPolicySpec) (tp *pb.TrafficPolicy, bad []string) {
+	dur := func(field string, d *trafficv1alpha1.Duration) *durationpb.Duration {
+		if d == nil {
+			return nil
+		}
+		v, err := time.ParseDuration(string(*d))
+		if err != nil || v < 0 {
+			bad = append(bad, fmt.Sprintf("%s %q", field, *d))
+			return nil
+		}
+		return durationpb.New(v)
+	}
+	u32 := func(p *int32) uint32 {
+		if p == nil || *p < 0 {
+			return 0
+		}
+		return uint32(*p)
+	}
+	tp = &pb.TrafficPolicy{}
+	if lb := s.LoadBalancer; lb != nil {
+		l := &pb.LoadBalancer{}
+		switch lb.Type {
+		case trafficv1alpha1.LoadBalancerLeastRequest:
+			l.Type = pb.LoadBalancer_TYPE_LEAST_REQUEST
+		case trafficv1alpha1.LoadBalancerRandom:
+			l.Type = pb.LoadBalancer_TYPE_RANDOM
+		case trafficv1alpha1.LoadBalancerConsistentHash:
+			l.Type = pb.LoadBalancer_TYPE_CONSISTENT_HASH
+			if ch := lb.ConsistentHash; ch != nil {
+				switch {
+				case ch.Type == trafficv1alpha1.ConsistentHashHeader && ch.Header != nil:
+					l.HashHeader = ch.Header.Name
+				case ch.Type == trafficv1alpha1.ConsistentHashCookie && ch.Cookie != nil:
+					l.HashCookie = &pb.HashCookie{Name: ch.Cookie.Name, Ttl: dur("loadBalancer.consistentHash.cookie.ttl", ch.Cookie.TTL), Path: ch.Cookie.Path}
+				default:
+					l.HashSourceIp = true
+				}
+			} else {
+				l.HashSourceIp = true
+			}
+		}
+		tp.LoadBalancer = l
+	}
+	if cb := s.CircuitBreaker; cb != nil {
+		tp.CircuitBreaker = &pb.CircuitBreaker{
+			MaxConnections:     u32(cb.MaxConnections),
+			MaxPendingRequests: u32(cb.MaxPendingRequests),
+			MaxRequests:        u32(cb.MaxRequests),
+			MaxRetries:         u32(cb.MaxRetries),
+		}
+	}
+	if od := s.OutlierDetection; od != nil {
+		tp.OutlierDetection = &pb.OutlierDetection{
+			Consecutive_5Xx:          u32(od.Consecutive5xx),
+			ConsecutiveGatewayErrors: u32(od.ConsecutiveGatewayErrors),
+			Interval:                 dur("outlierDetection.interval", od.Interval),
+			BaseEjectionTime:         dur("outlierDetection.baseEjectionTime", od.BaseEjectionTime),
+			MaxEjectionPercent:       u32(od.MaxEjectionPercent),
+		}
+		if od.MaxEjectionPercent == nil {
+			tp.OutlierDetection.MaxEjectionPercent = 10
+		}
+		if od.Interval == nil {
+			tp.OutlierDetection.Interval = durationpb.New(10 * time.Second)
+		}
+		if od.BaseEjectionTime == nil {
+			tp.OutlierDetection.BaseEjectionTime = durationpb.New(30 * time.Second)
+		}
+	}
+	if cp := s.ConnectionPool; cp != nil {
+		tp.ConnectionPool = &pb.ConnectionPool{
+			ConnectTimeout:           dur("connectionPool.connectTimeout", cp.ConnectTimeout),
+			IdleTimeout:              dur("connectionPool.idleTimeout", cp.IdleTimeout),
+			MaxRequestsPerConnection: u32(cp.MaxRequestsPerConnection),
+		}
+	}
+	if rl := s.LocalRateLimit; rl != nil {
+		fill := rl.FillInterval
+		tp.LocalRateLimit = &pb.LocalRateLimit{
+			MaxTokens:     uint32(max(rl.MaxTokens, 0)),
+			TokensPerFill: u32(rl.TokensPerFill),
+			FillInterval:  dur("localRateLimit.fillInterval", &fill),
+		}
+		if rl.TokensPerFill == nil {
+			tp.LocalRateLimit.TokensPerFill = tp.LocalRateLimit.MaxTokens
+		}
+	}
+	if f := s.FaultInjection; f != nil {
+		fi := &pb.FaultInjection{}
+		if d := f.Delay; d != nil {
+			fixed := d.FixedDelay
+			fi.Delay = &pb.FaultDelay{Percent: percent(d.Percent, d.Fraction), Duration: dur("faultInjection.delay.fixedDelay", &fixed)}
+		}
+		if a := f.Abort; a != nil {
+			fi.Abort = &pb.FaultAbort{Percent: percent(a.Percent, a.Fraction), HttpStatus: uint32(max(a.HTTPStatus, 0)), GrpcStatus: u32(a.GRPCStatus)}
+		}
+		tp.Fault = fi
+	}
+	return tp, bad
+}
+
+// percent converts a percent or fraction (default: all) to 0–100.
+func percent(p *int32, f *trafficv1alpha1.Fraction) float64 {
+	switch {
+	case p != nil:
+		return float64(min(max(*p, 0), 100))
+	case f != nil && f.Denominator > 0:
+		return min(100*float64(f.Numerator)/float64(f.Denominator), 100)
+	}
+	return 100
+}
+
+// waypointServices builds the configuration of every service bound to a
+// waypoint.
+func (t *translator) waypointServices(services []*pb.Service) []*pb.WaypointService {
+	t.requestAuthentications()
+	t.backendTrafficPolicies()
+	var out []*pb.WaypointService
+	for _, s := range services {
+		key := s.Namespace + "/" + s.Hostname
+		w := t.serviceWaypoints[key]
+		if w == nil {
+			continue
+		}
+		ws := &pb.WaypointService{
+			Service:                key,
+			Gateway:                w.key(),
+			Authorizations:         t.wpAuthz[key],
+			RequestAuthentications: t.wpRequestAuthn[key],
+			TrafficPolicy:          t.wpTraffic[key],
+		}
+		slices.SortFunc(ws.Authorizations, func(a, b *pb.Authorization) int {
+			return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name))
+		})
+		slices.SortFunc(ws.RequestAuthentications, func(a, b *pb.RequestAuthentication) int {
+			return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name))
+		})
+		out = append(out, ws)
+	}
+	return out
+}
