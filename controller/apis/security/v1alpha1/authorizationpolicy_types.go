@@ -48,7 +48,7 @@ type AuthorizationPolicySpec struct {
 	// matches everything.
 	// +optional
 	// +listType=atomic
-	// +kubebuilder:validation:MaxItems=512
+	// +kubebuilder:validation:MaxItems=64
 	Rules []Rule `json:"rules,omitempty"`
 }
 
@@ -58,17 +58,17 @@ type Rule struct {
 	// From lists sources.
 	// +optional
 	// +listType=atomic
-	// +kubebuilder:validation:MaxItems=64
+	// +kubebuilder:validation:MaxItems=16
 	From []RuleFrom `json:"from,omitempty"`
 	// To lists operations.
 	// +optional
 	// +listType=atomic
-	// +kubebuilder:validation:MaxItems=64
+	// +kubebuilder:validation:MaxItems=16
 	To []RuleTo `json:"to,omitempty"`
 	// When lists further conditions.
 	// +optional
 	// +listType=atomic
-	// +kubebuilder:validation:MaxItems=64
+	// +kubebuilder:validation:MaxItems=8
 	When []Condition `json:"when,omitempty"`
 }
 
@@ -134,14 +134,14 @@ type Source struct {
 	// IPBlocks are peer source addresses: single IPs or CIDRs.
 	// +optional
 	// +listType=atomic
-	// +kubebuilder:validation:MaxItems=256
-	// +kubebuilder:validation:items:MaxLength=64
+	// +kubebuilder:validation:MaxItems=64
+	// +kubebuilder:validation:items:MaxLength=48
 	// +kubebuilder:validation:items:XValidation:rule="isIP(self) || isCIDR(self)",message="must be an IP address or a CIDR"
 	IPBlocks []string `json:"ipBlocks,omitempty"`
 	// +optional
 	// +listType=atomic
-	// +kubebuilder:validation:MaxItems=256
-	// +kubebuilder:validation:items:MaxLength=64
+	// +kubebuilder:validation:MaxItems=64
+	// +kubebuilder:validation:items:MaxLength=48
 	// +kubebuilder:validation:items:XValidation:rule="isIP(self) || isCIDR(self)",message="must be an IP address or a CIDR"
 	NotIPBlocks []string `json:"notIpBlocks,omitempty"`
 }
@@ -213,8 +213,8 @@ type Operation struct {
 // request.auth.claims[<claim>], destination.ip, remote.ip.
 //
 // +kubebuilder:validation:XValidation:rule="has(self.values) || has(self.notValues)",message="a condition needs values or notValues"
-// +kubebuilder:validation:XValidation:rule="self.key != 'destination.port' || ((has(self.values) ? self.values : []) + (has(self.notValues) ? self.notValues : [])).all(v, v.matches('^[0-9]{1,5}$') && int(v) >= 1 && int(v) <= 65535)",message="destination.port values must be port numbers"
-// +kubebuilder:validation:XValidation:rule="!(self.key in ['source.ip', 'destination.ip', 'remote.ip']) || ((has(self.values) ? self.values : []) + (has(self.notValues) ? self.notValues : [])).all(v, isIP(v) || isCIDR(v))",message="IP conditions need IP addresses or CIDRs"
+// +kubebuilder:validation:XValidation:rule="self.key != 'destination.port' || ((!has(self.values) || self.values.all(v, v.matches('^[0-9]{1,5}$') && int(v) >= 1 && int(v) <= 65535)) && (!has(self.notValues) || self.notValues.all(v, v.matches('^[0-9]{1,5}$') && int(v) >= 1 && int(v) <= 65535)))",message="destination.port values must be port numbers"
+// +kubebuilder:validation:XValidation:rule="!(self.key in ['source.ip', 'destination.ip', 'remote.ip']) || ((!has(self.values) || self.values.all(v, isIP(v) || isCIDR(v))) && (!has(self.notValues) || self.notValues.all(v, isIP(v) || isCIDR(v))))",message="IP conditions need IP addresses or CIDRs"
 type Condition struct {
 	// Key names the attribute.
 	// +kubebuilder:validation:MaxLength=256
@@ -224,14 +224,14 @@ type Condition struct {
 	// Values; the condition matches when any matches.
 	// +optional
 	// +listType=atomic
-	// +kubebuilder:validation:MaxItems=256
-	// +kubebuilder:validation:items:MaxLength=1024
+	// +kubebuilder:validation:MaxItems=32
+	// +kubebuilder:validation:items:MaxLength=192
 	Values []string `json:"values,omitempty"`
 	// NotValues; the condition matches when none matches.
 	// +optional
 	// +listType=atomic
-	// +kubebuilder:validation:MaxItems=256
-	// +kubebuilder:validation:items:MaxLength=1024
+	// +kubebuilder:validation:MaxItems=32
+	// +kubebuilder:validation:items:MaxLength=192
 	NotValues []string `json:"notValues,omitempty"`
 }
 

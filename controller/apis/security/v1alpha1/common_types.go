@@ -19,7 +19,7 @@ type WorkloadSelector struct {
 // Gateway API policy-attachment style: a waypoint Gateway or a Service in the
 // policy's namespace.
 //
-// +kubebuilder:validation:XValidation:rule="(self.group == 'gateway.networking.k8s.io' && self.kind == 'Gateway') || (self.group == ” && self.kind == 'Service')",message="targetRefs may name a Gateway (group gateway.networking.k8s.io) or a Service (core group)"
+// +kubebuilder:validation:XValidation:rule="(self.group == 'gateway.networking.k8s.io' && self.kind == 'Gateway') || (size(self.group) == 0 && self.kind == 'Service')",message="targetRefs may name a Gateway (group gateway.networking.k8s.io) or a Service (core group)"
 type PolicyTargetReference struct {
 	// Group of the target: "gateway.networking.k8s.io" or "" (core).
 	// +kubebuilder:validation:MaxLength=253

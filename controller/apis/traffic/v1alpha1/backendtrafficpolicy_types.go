@@ -13,7 +13,7 @@ type Duration string
 // (traffic to it, at the waypoint it is bound to) or a waypoint Gateway
 // (every service it serves), in the policy's namespace.
 //
-// +kubebuilder:validation:XValidation:rule="(self.group == 'gateway.networking.k8s.io' && self.kind == 'Gateway') || (self.group == ” && self.kind == 'Service')",message="targetRefs may name a Gateway (group gateway.networking.k8s.io) or a Service (core group)"
+// +kubebuilder:validation:XValidation:rule="(self.group == 'gateway.networking.k8s.io' && self.kind == 'Gateway') || (size(self.group) == 0 && self.kind == 'Service')",message="targetRefs may name a Gateway (group gateway.networking.k8s.io) or a Service (core group)"
 type PolicyTargetReference struct {
 	// Group of the target: "gateway.networking.k8s.io" or "" (core).
 	// +kubebuilder:validation:MaxLength=253
