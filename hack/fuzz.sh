@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 t=${1:-10s}
-for m in api ztunnel waypoint controller cni-plugin; do
+for m in api ztunnel waypoint controller cni-plugin e2e; do
   [ -d "$m" ] || continue
   while IFS= read -r f; do
     dir=$(dirname "$f")

@@ -32,9 +32,9 @@ for m in "${modules[@]}"; do (cd "$m" && go build ./...) || fail=1; done
 
 echo "== generated code is current"
 hack/generate.sh
-if [ -n "$(git status --porcelain -- api controller manifests)" ]; then
+if [ -n "$(git status --porcelain -- api controller manifests e2e)" ]; then
   echo "generated code is stale; run 'make generate' and commit:"
-  git status --porcelain -- api controller manifests
+  git status --porcelain -- api controller manifests e2e
   fail=1
 fi
 
