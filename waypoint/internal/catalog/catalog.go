@@ -5,6 +5,7 @@
 package catalog
 
 import (
+	"errors"
 	"fmt"
 	"maps"
 	"net/netip"
@@ -108,9 +109,20 @@ func New(opts Options) *Catalog {
 	return c
 }
 
-// Update applies upserts and removals (by resource name) of one discovery
-// type and rebuilds the snapshot. Unknown message types are an error.
-func (c *Catalog) Update(upserts []proto.Message, removes []string) error {
+// Apply applies one discovery delta of typeURL: upserts and removals by
+// resource name. It validates everything first: on error nothing changes
+// (the xDS client NACKs).
+func (c *Catalog) Apply(typeURL string, upserts []proto.Message, removes []string) error {
+	for _, m := range upserts {
+		if ok := typeOf(m) == typeURL; !ok {
+			return fmt.Errorf("catalog: %T published under %s", m, typeURL)
+		}
+	}
+	switch typeURL {
+	case discoveryv1.WorkloadType, discoveryv1.ServiceType, discoveryv1.WaypointServiceType:
+	default:
+		return fmt.Errorf("catalog: unexpected type %s", typeURL)
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for _, m := range upserts {
@@ -121,27 +133,9 @@ func (c *Catalog) Update(upserts []proto.Message, removes []string) error {
 			c.services[r.GetNamespace()+"/"+r.GetHostname()] = r
 		case *discoveryv1.WaypointService:
 			c.waypoints[r.GetService()] = r
-		case *discoveryv1.Authorization, *discoveryv1.TrustBundle:
-			// Waypoints get their policies inside WaypointService; trust
-			// bundles are handled by the identity layer.
-		default:
-			return fmt.Errorf("catalog: unexpected resource %T", m)
 		}
 	}
-	for _, name := range removes {
-		delete(c.workloads, name)
-		delete(c.services, name)
-		delete(c.waypoints, name)
-	}
-	c.rebuild()
-	return nil
-}
-
-// Remove deletes resources of one kind by name; kind is the type URL.
-func (c *Catalog) Remove(typeURL string, names []string) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	for _, n := range names {
+	for _, n := range removes {
 		switch typeURL {
 		case discoveryv1.WorkloadType:
 			delete(c.workloads, n)
@@ -152,6 +146,42 @@ func (c *Catalog) Remove(typeURL string, names []string) {
 		}
 	}
 	c.rebuild()
+	return nil
+}
+
+func typeOf(m proto.Message) string {
+	switch m.(type) {
+	case *discoveryv1.Workload:
+		return discoveryv1.WorkloadType
+	case *discoveryv1.Service:
+		return discoveryv1.ServiceType
+	case *discoveryv1.WaypointService:
+		return discoveryv1.WaypointServiceType
+	}
+	return "type.googleapis.com/" + string(m.ProtoReflect().Descriptor().FullName())
+}
+
+// Update upserts resources of any of the catalog's types (tests and static
+// configuration).
+func (c *Catalog) Update(upserts []proto.Message, removes []string) error {
+	byType := map[string][]proto.Message{}
+	var order []string
+	for _, m := range upserts {
+		t := typeOf(m)
+		if _, ok := byType[t]; !ok {
+			order = append(order, t)
+		}
+		byType[t] = append(byType[t], m)
+	}
+	for _, t := range order {
+		if err := c.Apply(t, byType[t], nil); err != nil {
+			return err
+		}
+	}
+	if len(removes) > 0 {
+		return errors.New("catalog: Update cannot remove; use Apply with a type")
+	}
+	return nil
 }
 
 // MarkReady records that the initial state has arrived.

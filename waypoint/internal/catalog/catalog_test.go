@@ -1,0 +1,117 @@
+package catalog
+
+import (
+	"net/netip"
+	"testing"
+	"time"
+
+	discoveryv1 "github.com/amesh-dev/amesh/api/discovery/v1"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/durationpb"
+)
+
+const key = "shop/cart.shop.svc.cluster.local"
+
+func fixture(t *testing.T) *Catalog {
+	t.Helper()
+	c := New(Options{})
+	svc := &discoveryv1.Service{Name: "cart", Namespace: "shop", Hostname: "cart.shop.svc.cluster.local",
+		Addresses: [][]byte{{10, 96, 0, 10}},
+		Ports: []*discoveryv1.ServicePort{
+			{Name: "http", ServicePort: 80, TargetPort: 8080, AppProtocol: "http"},
+			{Name: "grpc-api", ServicePort: 9090, AppProtocol: "grpc"}, // named target port
+			{Name: "db", ServicePort: 5432, TargetPort: 5432},
+		}}
+	w := func(uid string, ip byte, status discoveryv1.WorkloadStatus, ports ...*discoveryv1.Port) *discoveryv1.Workload {
+		return &discoveryv1.Workload{Uid: uid, Name: uid, Namespace: "shop", Addresses: [][]byte{{10, 1, 0, ip}},
+			ServiceAccount: "cart", TrustDomain: "example.org", Status: status,
+			TunnelProtocol: discoveryv1.TunnelProtocol_TUNNEL_PROTOCOL_HBONE,
+			Services:       map[string]*discoveryv1.PortList{key: {Ports: ports}}}
+	}
+	if err := c.Update([]proto.Message{svc,
+		w("a", 1, discoveryv1.WorkloadStatus_WORKLOAD_STATUS_HEALTHY, &discoveryv1.Port{ServicePort: 9090, TargetPort: 9999}),
+		w("b", 2, discoveryv1.WorkloadStatus_WORKLOAD_STATUS_UNHEALTHY),
+		&discoveryv1.WaypointService{Service: key, TrafficPolicy: &discoveryv1.TrafficPolicy{
+			LocalRateLimit: &discoveryv1.LocalRateLimit{MaxTokens: 1, FillInterval: durationpb.New(time.Hour)}}},
+	}, nil); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func TestTargetsAndEndpoints(t *testing.T) {
+	c := fixture(t)
+	tg := c.Target(netip.MustParseAddrPort("10.96.0.10:80"))
+	if tg == nil || !tg.HTTP() || tg.Key != key {
+		t.Fatalf("target %+v", tg)
+	}
+	if db := c.Target(netip.MustParseAddrPort("10.96.0.10:5432")); db == nil || db.HTTP() || db.Protocol != "tcp" {
+		t.Fatalf("db target %+v", db)
+	}
+	if c.Target(netip.MustParseAddrPort("10.96.0.10:81")) != nil {
+		t.Fatal("unknown port resolved")
+	}
+	cl, err := c.Cluster(key, 80)
+	if err != nil {
+		t.Fatal(err)
+	}
+	eps := cl.Endpoints()
+	if len(eps) != 1 || eps[0].Addr != netip.MustParseAddrPort("10.1.0.1:8080") || !eps[0].HBONE ||
+		eps[0].Identity != "spiffe://example.org/ns/shop/sa/cart" {
+		t.Fatalf("endpoints %+v (unhealthy must be skipped)", eps)
+	}
+	cl9090, err := c.Cluster(key, 9090)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if eps := cl9090.Endpoints(); len(eps) != 1 || eps[0].Addr.Port() != 9999 {
+		t.Fatalf("named target port not resolved per workload: %+v", eps)
+	}
+	if _, err := c.Cluster(key, 1234); err == nil {
+		t.Fatal("cluster for a missing port")
+	}
+}
+
+func TestApplyValidatesAndRemovesByType(t *testing.T) {
+	c := fixture(t)
+	before := c.Target(netip.MustParseAddrPort("10.96.0.10:80"))
+	// A wrong type under a type URL is NACKed and changes nothing.
+	err := c.Apply(discoveryv1.ServiceType, []proto.Message{&discoveryv1.Service{Name: "x", Namespace: "y", Hostname: "x.y"},
+		&discoveryv1.Workload{Uid: "zzz"}}, nil)
+	if err == nil {
+		t.Fatal("mixed types accepted")
+	}
+	if c.Service("y/x.y") != nil {
+		t.Fatal("NACKed update partially applied")
+	}
+	// The rate limiter survives unrelated updates (tokens are not refilled).
+	if !before.Limiter.Allow() {
+		t.Fatal("first token")
+	}
+	if err := c.Apply(discoveryv1.WorkloadType, []proto.Message{&discoveryv1.Workload{Uid: "c", Addresses: [][]byte{{10, 1, 0, 3}}}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	after := c.Target(netip.MustParseAddrPort("10.96.0.10:80"))
+	if after.Limiter != before.Limiter || after.Limiter.Allow() {
+		t.Fatal("rate limiter reset by an unrelated update")
+	}
+	if c.WorkloadByIP(netip.MustParseAddr("10.1.0.3")) == nil {
+		t.Fatal("workload by IP")
+	}
+	// Removing the WaypointService (same name as the Service) keeps the Service.
+	if err := c.Apply(discoveryv1.WaypointServiceType, nil, []string{key}); err != nil {
+		t.Fatal(err)
+	}
+	if c.Service(key) == nil {
+		t.Fatal("removing the WaypointService removed the Service")
+	}
+	if c.Target(netip.MustParseAddrPort("10.96.0.10:80")) != nil {
+		t.Fatal("target still served without its WaypointService")
+	}
+	if err := c.Apply(discoveryv1.ServiceType, nil, []string{key}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Cluster(key, 80); err == nil {
+		t.Fatal("cluster of a removed service")
+	}
+}
