@@ -1,0 +1,415 @@
+package bench
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	discoveryv1 "github.com/amesh-dev/amesh/api/discovery/v1"
+	"github.com/amesh-dev/amesh/waypoint/internal/catalog"
+	"github.com/amesh-dev/amesh/waypoint/internal/proxy"
+	"github.com/amesh-dev/amesh/waypoint/internal/telemetry"
+	"github.com/amesh-dev/amesh/waypoint/internal/tunnel"
+	"github.com/amesh-dev/amesh/waypoint/internal/upstream"
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"google.golang.org/protobuf/proto"
+)
+
+const childEnv = "WAYPOINT_BENCH_CHILD"
+
+func TestMain(m *testing.M) {
+	if backend := os.Getenv(childEnv); backend != "" {
+		if err := child(backend); err != nil {
+			fmt.Fprintln(os.Stderr, "bench child:", err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+// child runs the waypoint's L7 path (tunnel server, proxy with metrics,
+// JSON access log and trace propagation) in its own process, in front of
+// backend, with each accepted TCP connection standing for one tunnel. It
+// prints its address and serves until stdin closes.
+func child(backend string) error {
+	bap, err := netip.ParseAddrPort(backend)
+	if err != nil {
+		return err
+	}
+	var d net.Dialer
+	dial := func(ctx context.Context, ep *upstream.Endpoint) (net.Conn, error) {
+		return d.DialContext(ctx, "tcp", ep.Addr.String())
+	}
+	log := zap.NewNop()
+	cat := catalog.New(catalog.Options{Dial: dial, Logger: log})
+	vip := netip.MustParseAddrPort("10.96.0.1:80")
+	v4, b4 := vip.Addr().As4(), bap.Addr().As4()
+	key := "default/bench.default.svc.cluster.local"
+	if err := cat.Update([]proto.Message{
+		&discoveryv1.Service{Name: "bench", Namespace: "default", Hostname: "bench.default.svc.cluster.local", Addresses: [][]byte{v4[:]},
+			Ports: []*discoveryv1.ServicePort{{ServicePort: 80, TargetPort: uint32(bap.Port()), AppProtocol: "http"}}},
+		&discoveryv1.Workload{Uid: "b", Name: "bench", Namespace: "default", Addresses: [][]byte{b4[:]}, ServiceAccount: "bench",
+			Services: map[string]*discoveryv1.PortList{key: {}}},
+		&discoveryv1.WaypointService{Service: key, HttpRoutes: []*discoveryv1.HTTPRoute{{Namespace: "default", Name: "r",
+			Rules: []*discoveryv1.HTTPRouteRule{
+				{Matches: []*discoveryv1.HTTPRouteMatch{{Path: &discoveryv1.PathMatch{Value: "/api"}}}, Backends: []*discoveryv1.BackendRef{{Service: key, Port: 80, Weight: 1}}},
+				{Backends: []*discoveryv1.BackendRef{{Service: key, Port: 80, Weight: 1}},
+					Filters: []*discoveryv1.HTTPFilter{{Kind: &discoveryv1.HTTPFilter_RequestHeaderModifier{RequestHeaderModifier: &discoveryv1.HeaderModifier{
+						Set: []*discoveryv1.Header{{Name: "x-via", Value: "waypoint"}}}}}}},
+			}}},
+			Authorizations: []*discoveryv1.Authorization{{Namespace: "default", Name: "allow", Rules: []*discoveryv1.Rule{{
+				To: []*discoveryv1.Operation{{Methods: []string{"GET", "POST"}}}}}}}},
+	}, nil); err != nil {
+		return err
+	}
+	reg := prometheus.NewRegistry()
+	m := telemetry.NewMetrics(reg)
+	tr, err := telemetry.NewTracer(context.Background(), telemetry.TracingConfig{SampleRatio: 0.01, ServiceName: "bench"})
+	if err != nil {
+		return err
+	}
+	access := zap.New(zapcore.NewCore(zapcore.NewJSONEncoder(zap.NewProductionEncoderConfig()), zapcore.AddSync(io.Discard), zap.InfoLevel))
+	p := proxy.New(proxy.Options{Catalog: cat, Metrics: m, Tracer: tr, AccessLog: access, Logger: log})
+	srv := tunnel.New(tunnel.Options{Catalog: cat, Proxy: p, Metrics: m, Logger: log})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	ctx, cancel := signal.NotifyContext(context.Background(), syscall.SIGTERM)
+	defer cancel()
+	go func() { _, _ = io.Copy(io.Discard, os.Stdin); cancel() }()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				src := netip.MustParseAddrPort(c.RemoteAddr().String()).Addr()
+				fn, err := srv.Accept(ctx, "spiffe://cluster.local/ns/load/sa/wrk", src, vip)
+				if err != nil {
+					c.Close()
+					return
+				}
+				fn(c)
+			}()
+		}
+	}()
+	fmt.Println(ln.Addr().String())
+	err = srv.Run(ctx)
+	ln.Close()
+	return err
+}
+
+func freePort(b *testing.B) int {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// startNginx runs nginx with a backend server (a fixed 200) and a reverse
+// proxy to it with upstream keep-alive. It returns both addresses and the
+// PIDs of the proxy's processes (master and workers).
+func startNginx(b *testing.B) (backend, proxyAddr string, pids func() []int) {
+	nginx, err := exec.LookPath("nginx")
+	if err != nil {
+		if _, err2 := os.Stat("/usr/sbin/nginx"); err2 != nil {
+			b.Skip("nginx not installed (hack/deps.sh installs nginx-light)")
+		}
+		nginx = "/usr/sbin/nginx"
+	}
+	dir := b.TempDir()
+	for _, d := range []string{"logs", "tmp"} {
+		_ = os.MkdirAll(filepath.Join(dir, d), 0o755)
+	}
+	bp, pp := freePort(b), freePort(b)
+	// Two instances so the proxy's CPU and RSS are measured apart from the
+	// backend's.
+	backendConf := fmt.Sprintf(`worker_processes 1; pid %[1]s/backend.pid; error_log %[1]s/logs/b.log warn; daemon off;
+events { worker_connections 4096; }
+http { access_log off; client_body_temp_path %[1]s/tmp; proxy_temp_path %[1]s/tmp; fastcgi_temp_path %[1]s/tmp; uwsgi_temp_path %[1]s/tmp; scgi_temp_path %[1]s/tmp;
+  keepalive_requests 1000000;
+  server { listen 127.0.0.1:%[2]d; location / { return 200 "hello from the backend\n"; } } }`, dir, bp)
+	proxyConf := fmt.Sprintf(`worker_processes auto; pid %[1]s/proxy.pid; error_log %[1]s/logs/p.log warn; daemon off;
+events { worker_connections 4096; }
+http { access_log off; client_body_temp_path %[1]s/tmp; proxy_temp_path %[1]s/tmp; fastcgi_temp_path %[1]s/tmp; uwsgi_temp_path %[1]s/tmp; scgi_temp_path %[1]s/tmp;
+  keepalive_requests 1000000;
+  upstream be { server 127.0.0.1:%[2]d; keepalive 128; }
+  server { listen 127.0.0.1:%[3]d; location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_set_header X-Via nginx; } } }`, dir, bp, pp)
+	var procs []*exec.Cmd
+	for _, c := range []struct{ name, conf string }{{"backend", backendConf}, {"proxy", proxyConf}} {
+		path := filepath.Join(dir, c.name+".conf")
+		if err := os.WriteFile(path, []byte(c.conf), 0o644); err != nil {
+			b.Fatal(err)
+		}
+		cmd := exec.Command(nginx, "-p", dir, "-c", path, "-e", filepath.Join(dir, "logs", c.name+".err"))
+		cmd.Stderr = os.Stderr
+		if err := cmd.Start(); err != nil {
+			b.Fatal(err)
+		}
+		procs = append(procs, cmd)
+	}
+	b.Cleanup(func() {
+		for _, c := range procs {
+			_ = c.Process.Signal(syscall.SIGQUIT)
+			done := make(chan struct{})
+			go func() { _ = c.Wait(); close(done) }()
+			select {
+			case <-done:
+			case <-time.After(5 * time.Second):
+				_ = c.Process.Kill()
+				<-done
+			}
+		}
+	})
+	backend = fmt.Sprintf("127.0.0.1:%d", bp)
+	proxyAddr = fmt.Sprintf("127.0.0.1:%d", pp)
+	waitListening(b, backend)
+	waitListening(b, proxyAddr)
+	master := procs[1].Process.Pid
+	return backend, proxyAddr, func() []int { return append([]int{master}, childrenOf(master)...) }
+}
+
+func childrenOf(pid int) []int {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, pid))
+	if err != nil {
+		return nil
+	}
+	var out []int
+	for _, f := range strings.Fields(string(b)) {
+		if n, err := strconv.Atoi(f); err == nil {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+func waitListening(b *testing.B, addr string) {
+	for range 100 {
+		if c, err := net.Dial("tcp", addr); err == nil {
+			c.Close()
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	b.Fatalf("%s never listened", addr)
+}
+
+// startWaypoint re-executes the test binary as the waypoint child.
+func startWaypoint(b *testing.B, backend string) (string, int) {
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), childEnv+"="+backend)
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		b.Fatal(err)
+	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		b.Fatal(err)
+	}
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() {
+		stdin.Close()
+		done := make(chan struct{})
+		go func() { _ = cmd.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(30 * time.Second):
+			_ = cmd.Process.Kill()
+			<-done
+		}
+	})
+	line, err := bufio.NewReader(out).ReadString('\n')
+	if err != nil {
+		b.Fatalf("waypoint child: %v", err)
+	}
+	addr := strings.TrimSpace(line)
+	waitListening(b, addr)
+	return addr, cmd.Process.Pid
+}
+
+// cpuSeconds is utime+stime of the processes.
+func cpuSeconds(pids []int) float64 {
+	var total float64
+	for _, pid := range pids {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			continue
+		}
+		s := string(b)
+		f := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
+		ut, _ := strconv.ParseFloat(f[11], 64)
+		st, _ := strconv.ParseFloat(f[12], 64)
+		total += (ut + st) / 100 // USER_HZ
+	}
+	return total
+}
+
+// rssMB is the summed resident set of the processes.
+func rssMB(pids []int, field string) float64 {
+	var kb float64
+	for _, pid := range pids {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+		if err != nil {
+			continue
+		}
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.HasPrefix(l, field+":") {
+				v, _ := strconv.ParseFloat(strings.Fields(l)[1], 64)
+				kb += v
+			}
+		}
+	}
+	return kb / 1024
+}
+
+var wrkRPS = regexp.MustCompile(`Requests/sec:\s+([0-9.]+)`)
+
+func wrk(b *testing.B, addr string, conns int, d time.Duration) float64 {
+	out, err := exec.Command("wrk", "-t2", fmt.Sprintf("-c%d", conns), fmt.Sprintf("-d%ds", int(d.Seconds())), "http://"+addr+"/").CombinedOutput()
+	if err != nil {
+		b.Fatalf("wrk: %v\n%s", err, out)
+	}
+	m := wrkRPS.FindSubmatch(out)
+	if m == nil {
+		b.Fatalf("wrk output without Requests/sec:\n%s", out)
+	}
+	v, _ := strconv.ParseFloat(string(m[1]), 64)
+	if strings.Contains(string(out), "Non-2xx") || strings.Contains(string(out), "Socket errors") {
+		b.Fatalf("wrk saw errors:\n%s", out)
+	}
+	return v
+}
+
+func fortioPath(b *testing.B) string {
+	if p, err := exec.LookPath("fortio"); err == nil {
+		return p
+	}
+	p, _ := filepath.Abs("../../../bin/tools/fortio")
+	if _, err := os.Stat(p); err != nil {
+		b.Skip("fortio not built (make tools)")
+	}
+	return p
+}
+
+type fortioResult struct {
+	ActualQPS         float64
+	DurationHistogram struct {
+		Percentiles []struct{ Percentile, Value float64 }
+	}
+	RetCodes           map[string]int
+	ErrorsDurationHist struct{ Count int }
+}
+
+// fixedRate runs fortio at qps for d and returns p50 and p99 in ms.
+func fixedRate(b *testing.B, addr string, qps int, d time.Duration) (p50, p99, actual float64) {
+	out := filepath.Join(b.TempDir(), "fortio.json")
+	cmd := exec.Command(fortioPath(b), "load", "-quiet", "-qps", strconv.Itoa(qps), "-c", "16", "-t", d.String(), "-json", out, "http://"+addr+"/")
+	if o, err := cmd.CombinedOutput(); err != nil {
+		b.Fatalf("fortio: %v\n%s", err, o)
+	}
+	raw, err := os.ReadFile(out)
+	if err != nil {
+		b.Fatal(err)
+	}
+	var r fortioResult
+	if err := json.Unmarshal(raw, &r); err != nil {
+		b.Fatal(err)
+	}
+	for code, n := range r.RetCodes {
+		if code != "200" && n > 0 {
+			b.Fatalf("fortio saw %d × %s", n, code)
+		}
+	}
+	for _, p := range r.DurationHistogram.Percentiles {
+		switch p.Percentile {
+		case 50:
+			p50 = p.Value * 1000
+		case 99:
+			p99 = p.Value * 1000
+		}
+	}
+	return p50, p99, r.ActualQPS
+}
+
+// BenchmarkProxies compares, in one run: the backend directly, nginx as a
+// reverse proxy, and the waypoint's L7 path. Metrics per target:
+// req/s at 64 connections; p50/p99 at 1,000 req/s and the p50/p99 added over
+// direct; CPU cores the proxy used per 1,000 req/s; proxy RSS (peak).
+func BenchmarkProxies(b *testing.B) {
+	for _, tool := range []string{"wrk"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			b.Skipf("%s not installed", tool)
+		}
+	}
+	backend, nginxAddr, nginxPIDs := startNginx(b)
+	wpAddr, wpPID := startWaypoint(b, backend)
+	dur := 5 * time.Second
+	if s := os.Getenv("BENCH_SECONDS"); s != "" {
+		if n, err := strconv.Atoi(s); err == nil {
+			dur = time.Duration(n) * time.Second
+		}
+	}
+	targets := []struct {
+		name string
+		addr string
+		pids func() []int
+	}{
+		{"direct", backend, nil},
+		{"nginx", nginxAddr, nginxPIDs},
+		{"waypoint", wpAddr, func() []int { return []int{wpPID} }},
+	}
+	var directP50, directP99 float64
+	for _, t := range targets {
+		b.Run(t.name, func(b *testing.B) {
+			// Warm up pools and caches.
+			wrk(b, t.addr, 64, time.Second)
+			rps := wrk(b, t.addr, 64, dur)
+			var cpu0 float64
+			if t.pids != nil {
+				cpu0 = cpuSeconds(t.pids())
+			}
+			start := time.Now()
+			p50, p99, actual := fixedRate(b, t.addr, 1000, dur)
+			elapsed := time.Since(start).Seconds()
+			b.ReportMetric(rps, "req/s@64c")
+			b.ReportMetric(p50, "p50-ms@1krps")
+			b.ReportMetric(p99, "p99-ms@1krps")
+			if t.name == "direct" {
+				directP50, directP99 = p50, p99
+			} else {
+				b.ReportMetric(p50-directP50, "added-p50-ms")
+				b.ReportMetric(p99-directP99, "added-p99-ms")
+			}
+			if t.pids != nil {
+				cores := (cpuSeconds(t.pids()) - cpu0) / elapsed
+				b.ReportMetric(cores/(actual/1000), "cores/1krps")
+				b.ReportMetric(rssMB(t.pids(), "VmHWM"), "peak-RSS-MB")
+				b.ReportMetric(rssMB(t.pids(), "VmRSS"), "RSS-MB")
+			}
+		})
+	}
+}
