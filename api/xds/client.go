@@ -1,0 +1,259 @@
+package xds
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"math/rand/v2"
+	"sync"
+	"time"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"go.uber.org/zap"
+	rpcstatus "google.golang.org/genproto/googleapis/rpc/status"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+)
+
+// Handler applies the responses a Client receives.
+type Handler interface {
+	// Apply applies one delta response of typeURL: upserts (new or changed
+	// resources, Body decoded; Scope empty) and removes (names the client
+	// held). It is called from Client.Run's goroutine, one response at a
+	// time. An error NACKs the response; the client's state (and, the
+	// handler must ensure, its own) stays as before.
+	Apply(typeURL string, upserts []*Resource, removes []string) error
+}
+
+// HandlerFunc adapts a function to Handler.
+type HandlerFunc func(typeURL string, upserts []*Resource, removes []string) error
+
+// Apply calls f.
+func (f HandlerFunc) Apply(typeURL string, upserts []*Resource, removes []string) error {
+	return f(typeURL, upserts, removes)
+}
+
+// ClientOptions configures a Client.
+type ClientOptions struct {
+	// Conn is the connection to the controller (TLS; bearer credentials
+	// via grpc.WithPerRPCCredentials(bearer.PerRPC(...))).
+	Conn grpc.ClientConnInterface
+	// Node identifies the client: Id = pod name; Metadata "kind"
+	// (ztunnel|waypoint), "node", "namespace", "pod", "gateway".
+	Node *corev3.Node
+	// TypeURLs are subscribed to (wildcard), in this order.
+	TypeURLs []string
+	Handler  Handler
+	// Logger: default zap.NewNop().
+	Logger *zap.Logger
+	// InitialBackoff and MaxBackoff bound the reconnection delay, which
+	// doubles after each failed attempt, with jitter, and resets once a
+	// stream delivered a response. Defaults 100 ms and 15 s.
+	InitialBackoff, MaxBackoff time.Duration
+	// MaxMessageSize bounds one response (default 256 MiB): a full push
+	// of a large mesh arrives as one message per type.
+	MaxMessageSize int
+}
+
+// Client is a delta-ADS client.
+type Client struct {
+	opts ClientOptions
+	log  *zap.Logger
+
+	synced     chan struct{}
+	syncedOnce sync.Once
+
+	mu      sync.Mutex
+	state   map[string]map[string]string // type URL → name → version held
+	acked   map[string]bool              // types that had a response applied
+	connect int                          // streams opened (for tests and logs)
+}
+
+// NewClient returns a client; Run starts it.
+func NewClient(opts ClientOptions) *Client {
+	if opts.Logger == nil {
+		opts.Logger = zap.NewNop()
+	}
+	if opts.InitialBackoff <= 0 {
+		opts.InitialBackoff = 100 * time.Millisecond
+	}
+	if opts.MaxBackoff <= 0 {
+		opts.MaxBackoff = 15 * time.Second
+	}
+	if opts.MaxMessageSize <= 0 {
+		opts.MaxMessageSize = 256 << 20
+	}
+	c := &Client{
+		opts:   opts,
+		log:    opts.Logger,
+		synced: make(chan struct{}),
+		state:  map[string]map[string]string{},
+		acked:  map[string]bool{},
+	}
+	for _, t := range opts.TypeURLs {
+		c.state[t] = map[string]string{}
+	}
+	if len(opts.TypeURLs) == 0 {
+		close(c.synced)
+	}
+	return c
+}
+
+// Synced is closed once every type URL had its first response applied.
+func (c *Client) Synced() <-chan struct{} { return c.synced }
+
+// Versions returns the resources of typeURL the client holds (name →
+// version).
+func (c *Client) Versions(typeURL string) map[string]string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return maps.Clone(c.state[typeURL])
+}
+
+// Connects returns how many streams the client has opened.
+func (c *Client) Connects() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.connect
+}
+
+var errNoTypes = errors.New("xds: no type URLs to subscribe to")
+
+// Run keeps a stream open until ctx ends, reconnecting with jittered
+// exponential backoff. It returns nil when ctx is done. Call it once.
+func (c *Client) Run(ctx context.Context) error {
+	if len(c.opts.TypeURLs) == 0 {
+		return errNoTypes
+	}
+	if c.opts.Conn == nil || c.opts.Handler == nil {
+		return errors.New("xds: client needs a Conn and a Handler")
+	}
+	backoff := c.opts.InitialBackoff
+	for {
+		progressed, err := c.session(ctx)
+		if ctx.Err() != nil {
+			return nil
+		}
+		if progressed {
+			backoff = c.opts.InitialBackoff
+		}
+		// Full jitter in [backoff/2, backoff).
+		d := backoff/2 + rand.N(backoff/2+1)
+		c.log.Warn("xds stream ended; reconnecting", zap.Error(err), zap.Duration("after", d))
+		t := time.NewTimer(d)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil
+		case <-t.C:
+		}
+		backoff = min(backoff*2, c.opts.MaxBackoff)
+	}
+}
+
+// session runs one stream. progressed reports whether it applied (or
+// NACKed) at least one response.
+func (c *Client) session(ctx context.Context) (progressed bool, err error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	ads := discoveryv3.NewAggregatedDiscoveryServiceClient(c.opts.Conn)
+	s, err := ads.DeltaAggregatedResources(ctx, grpc.MaxCallRecvMsgSize(c.opts.MaxMessageSize))
+	if err != nil {
+		return false, fmt.Errorf("xds: open stream: %w", err)
+	}
+	c.mu.Lock()
+	c.connect++
+	initial := make(map[string]map[string]string, len(c.state))
+	for t, v := range c.state {
+		initial[t] = maps.Clone(v)
+	}
+	c.mu.Unlock()
+	for i, t := range c.opts.TypeURLs {
+		req := &discoveryv3.DeltaDiscoveryRequest{TypeUrl: t, InitialResourceVersions: initial[t]}
+		if i == 0 {
+			req.Node = c.opts.Node
+		}
+		if err := s.Send(req); err != nil {
+			return false, fmt.Errorf("xds: subscribe %s: %w", t, err)
+		}
+	}
+	for {
+		resp, err := s.Recv()
+		if err != nil {
+			return progressed, fmt.Errorf("xds: receive: %w", err)
+		}
+		progressed = true
+		ack := &discoveryv3.DeltaDiscoveryRequest{TypeUrl: resp.GetTypeUrl(), ResponseNonce: resp.GetNonce()}
+		if aerr := c.apply(resp); aerr != nil {
+			c.log.Warn("xds NACK", zap.String("type", resp.GetTypeUrl()), zap.String("nonce", resp.GetNonce()), zap.Error(aerr))
+			ack.ErrorDetail = &rpcstatus.Status{Code: int32(codes.InvalidArgument), Message: aerr.Error()}
+		}
+		if err := s.Send(ack); err != nil {
+			return progressed, fmt.Errorf("xds: acknowledge: %w", err)
+		}
+	}
+}
+
+// apply decodes and applies one response; on error nothing changes.
+func (c *Client) apply(resp *discoveryv3.DeltaDiscoveryResponse) error {
+	typeURL := resp.GetTypeUrl()
+	c.mu.Lock()
+	held, ok := c.state[typeURL]
+	c.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("unsubscribed type %s", typeURL)
+	}
+	upserts := make([]*Resource, 0, len(resp.GetResources()))
+	seen := make(map[string]bool, len(resp.GetResources()))
+	for _, r := range resp.GetResources() {
+		if r.GetName() == "" {
+			return errors.New("resource without name")
+		}
+		if seen[r.GetName()] {
+			return fmt.Errorf("resource %s sent twice", r.GetName())
+		}
+		seen[r.GetName()] = true
+		a := r.GetResource()
+		if a == nil {
+			return fmt.Errorf("resource %s without body", r.GetName())
+		}
+		if a.GetTypeUrl() != typeURL {
+			return fmt.Errorf("resource %s of type %s in a %s response", r.GetName(), a.GetTypeUrl(), typeURL)
+		}
+		body, err := a.UnmarshalNew()
+		if err != nil {
+			return fmt.Errorf("resource %s: %w", r.GetName(), err)
+		}
+		upserts = append(upserts, &Resource{Name: r.GetName(), Version: r.GetVersion(), Body: body})
+	}
+	var removes []string
+	for _, n := range resp.GetRemovedResources() {
+		if seen[n] {
+			return fmt.Errorf("resource %s both updated and removed", n)
+		}
+		if _, ok := held[n]; ok {
+			removes = append(removes, n)
+		}
+	}
+	if err := c.opts.Handler.Apply(typeURL, upserts, removes); err != nil {
+		return err
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	m := c.state[typeURL]
+	for _, r := range upserts {
+		m[r.Name] = r.Version
+	}
+	for _, n := range removes {
+		delete(m, n)
+	}
+	if !c.acked[typeURL] {
+		c.acked[typeURL] = true
+		if len(c.acked) == len(c.opts.TypeURLs) {
+			c.syncedOnce.Do(func() { close(c.synced) })
+		}
+	}
+	return nil
+}
