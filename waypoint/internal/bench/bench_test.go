@@ -13,6 +13,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"regexp"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"syscall"
@@ -112,6 +113,16 @@ func child(backend string) error {
 			}()
 		}
 	}()
+	if path := os.Getenv("WAYPOINT_BENCH_CPUPROFILE"); path != "" {
+		f, err := os.Create(path)
+		if err != nil {
+			return err
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+		defer func() { pprof.StopCPUProfile(); f.Close() }()
+	}
 	fmt.Println(ln.Addr().String())
 	err = srv.Run(ctx)
 	ln.Close()

@@ -1,0 +1,77 @@
+package telemetry
+
+import (
+	"context"
+	"net/http"
+	"strings"
+	"testing"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+)
+
+func TestRequestMetrics(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	m := NewMetrics(reg)
+	ok := &Labels{SourceWorkload: "web", DestinationService: "reviews.default.svc.cluster.local", ResponseCode: "200", ResponseFlags: "-", RequestProtocol: "http"}
+	bad := *ok
+	bad.ResponseCode, bad.ResponseFlags = "503", "UO"
+	m.Request(ok, 3, 100, 200)
+	m.Request(ok, 5, 100, 200)
+	m.Request(&bad, 1, 10, 20)
+	if n := testutil.ToFloat64(m.requests.WithLabelValues(ok.values()...)); n != 2 {
+		t.Fatalf("200 series = %v", n)
+	}
+	if n := testutil.ToFloat64(m.requests.WithLabelValues(bad.values()...)); n != 1 {
+		t.Fatalf("503 series = %v", n)
+	}
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	names := map[string]bool{}
+	for _, mf := range mfs {
+		names[mf.GetName()] = true
+		if mf.GetName() != "istio_requests_total" {
+			continue
+		}
+		for _, mm := range mf.GetMetric() {
+			got := map[string]string{}
+			for _, l := range mm.GetLabel() {
+				got[l.GetName()] = l.GetValue()
+			}
+			if got["reporter"] != "waypoint" || got["source_workload"] != "web" || got["destination_workload"] != "unknown" {
+				t.Errorf("labels %v", got)
+			}
+		}
+	}
+	for _, n := range []string{"istio_requests_total", "istio_request_duration_milliseconds", "istio_request_bytes", "istio_response_bytes"} {
+		if !names[n] {
+			t.Errorf("%s not exported", n)
+		}
+	}
+}
+
+func TestTracerPropagation(t *testing.T) {
+	tr, err := NewTracer(context.Background(), TracingConfig{SampleRatio: 0, ServiceName: "t"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	in := http.Header{}
+	in.Set("Traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+	in.Set("Tracestate", "congo=t61rcWkgMzE")
+	ctx, span := tr.Start(context.Background(), "x", in)
+	out := http.Header{"Traceparent": {"stale"}, "X-B3-Spanid": {"stale"}}
+	tr.Inject(ctx, out)
+	span.End()
+	tp := out.Get("Traceparent")
+	if !strings.HasPrefix(tp, "00-0af7651916cd43dd8448eb211c80319c-") || strings.Contains(tp, "b7ad6b7169203331") || !strings.HasSuffix(tp, "-01") {
+		t.Fatalf("traceparent %q: want same trace, new parent, sampled kept", tp)
+	}
+	if out.Get("Tracestate") != "congo=t61rcWkgMzE" || out.Get("X-B3-Traceid") != "0af7651916cd43dd8448eb211c80319c" || out.Get("X-B3-Spanid") == "stale" {
+		t.Fatalf("headers %v", out)
+	}
+	if err := tr.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+}
