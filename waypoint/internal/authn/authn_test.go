@@ -172,3 +172,25 @@ func TestFetchedJWKSCachedAndRotated(t *testing.T) {
 		t.Fatalf("unreachable JWKS: %v", err)
 	}
 }
+
+// FuzzAuthenticate: arbitrary Authorization headers never panic and never
+// authenticate (no key can sign them).
+func FuzzAuthenticate(f *testing.F) {
+	f.Add("Bearer eyJhbGciOiJub25lIn0.eyJpc3MiOiJodHRwczovL2lzc3Vlci5leGFtcGxlIn0.")
+	f.Add("Bearer a.b.c")
+	f.Add("bearer ....")
+	s, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		f.Fatal(err)
+	}
+	set, _ := json.Marshal(jose.JSONWebKeySet{Keys: []jose.JSONWebKey{{Key: &s.PublicKey, KeyID: "k", Algorithm: "ES256"}}})
+	a := New([]*discoveryv1.RequestAuthentication{{JwtRules: []*discoveryv1.JWTRule{{Issuer: issuer, Jwks: string(set)}}}},
+		NewKeyCache(Options{}), Options{})
+	f.Fuzz(func(t *testing.T, h string) {
+		r := httptest.NewRequest("GET", "http://svc/", nil)
+		r.Header["Authorization"] = []string{h}
+		if id, err := a.Authenticate(context.Background(), r); id != nil || (err == nil && strings.HasPrefix(strings.ToLower(h), "bearer ") && strings.TrimSpace(h[7:]) != "") {
+			t.Fatalf("header %q: identity %v err %v", h, id, err)
+		}
+	})
+}

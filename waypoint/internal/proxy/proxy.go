@@ -489,9 +489,13 @@ func (rt roundTripper) RoundTrip(out *http.Request) (*http.Response, error) {
 			}
 			ex.endpoint = ep
 			ex.resp = resp
-			if resp.StatusCode != http.StatusSwitchingProtocols {
-				resp.Body = &doneBody{ReadCloser: resp.Body, done: func() { cancel(); releaseAll() }}
+			if resp.StatusCode == http.StatusSwitchingProtocols {
+				// Upgraded (WebSocket): the request is over for the
+				// circuit breaker; the connection lives on its own.
+				releaseAll()
+				return resp, nil
 			}
+			resp.Body = &doneBody{ReadCloser: resp.Body, done: func() { cancel(); releaseAll() }}
 			return resp, nil
 		}
 		if resp != nil {

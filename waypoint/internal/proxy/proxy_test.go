@@ -453,3 +453,48 @@ func TestOutlierEjectsFailingEndpoint(t *testing.T) {
 		t.Fatal("no successful requests recorded")
 	}
 }
+
+func TestWebSocketUpgrade(t *testing.T) {
+	e := newEnv(t)
+	e.service("ws", 80, "http", backend(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Upgrade") != "websocket" {
+			http.Error(w, "want upgrade", 400)
+			return
+		}
+		rc := http.NewResponseController(w)
+		w.Header().Set("Upgrade", "websocket")
+		w.Header().Set("Connection", "Upgrade")
+		w.WriteHeader(http.StatusSwitchingProtocols)
+		conn, brw, err := rc.Hijack()
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		line, _ := brw.ReadString('\n')
+		_, _ = brw.WriteString("echo:" + line)
+		_ = brw.Flush()
+	})))
+	e.waypoint(&discoveryv1.WaypointService{Service: key("ws")})
+	url := e.front("ws", 80, false)
+	req, _ := http.NewRequest("GET", url+"/chat", nil)
+	req.Header.Set("Connection", "Upgrade")
+	req.Header.Set("Upgrade", "websocket")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("status %d", resp.StatusCode)
+	}
+	rw, ok := resp.Body.(io.ReadWriteCloser)
+	if !ok {
+		t.Fatalf("body %T is not a connection", resp.Body)
+	}
+	defer rw.Close()
+	_, _ = io.WriteString(rw, "hi\n")
+	b := make([]byte, 8)
+	n, _ := io.ReadFull(rw, b)
+	if string(b[:n]) != "echo:hi\n" {
+		t.Fatalf("got %q", b[:n])
+	}
+}

@@ -31,12 +31,12 @@ func Normalize(rawPath string) (string, error) {
 	out := make([]string, 0, len(segs))
 	for i, s := range segs {
 		last := i == len(segs)-1
-		switch s {
-		case ".", "%2e", "%2E":
+		switch strings.ReplaceAll(strings.ToLower(s), "%2e", ".") {
+		case ".":
 			if last {
 				out = append(out, "")
 			}
-		case "..", "%2e%2e", "%2E%2E", ".%2e", ".%2E", "%2e.", "%2E.":
+		case "..":
 			if len(out) > 0 {
 				out = out[:len(out)-1]
 			}

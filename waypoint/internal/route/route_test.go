@@ -358,3 +358,28 @@ func FuzzLookup(f *testing.F) {
 		}
 	})
 }
+
+// FuzzNormalize: the result is absolute, free of dot segments and encoded
+// separators, and normalising it again changes nothing.
+func FuzzNormalize(f *testing.F) {
+	for _, s := range []string{"/a/../b", "/%2e%2e/x", "/a/./b/", "//x//..", "/a%2Fb", "/.%2E/"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, p string) {
+		n, err := Normalize(p)
+		if err != nil {
+			return
+		}
+		if !strings.HasPrefix(n, "/") {
+			t.Fatalf("%q → %q not absolute", p, n)
+		}
+		for _, seg := range strings.Split(n, "/") {
+			if l := strings.ToLower(seg); l == ".." || l == "." || l == "%2e%2e" || l == "%2e" || l == ".%2e" || l == "%2e." {
+				t.Fatalf("%q → %q keeps dot segment", p, n)
+			}
+		}
+		if again, err := Normalize(n); err != nil || again != n {
+			t.Fatalf("not idempotent: %q → %q → %q (%v)", p, n, again, err)
+		}
+	})
+}

@@ -265,6 +265,12 @@ func (c *Cluster) RoundTrip(req *http.Request, ep *Endpoint) (*http.Response, er
 		ep.state.outstanding.Add(-1)
 		return nil, err
 	}
+	if resp.StatusCode == http.StatusSwitchingProtocols {
+		// An upgraded connection (WebSocket): the body is the raw
+		// connection and must stay an io.ReadWriteCloser.
+		ep.state.outstanding.Add(-1)
+		return resp, nil
+	}
 	resp.Body = &countedBody{ReadCloser: resp.Body, ep: ep}
 	return resp, nil
 }
