@@ -571,8 +571,11 @@ func (st *stream) build(typeURL string, p *pendingSet) (outgoing, bool) {
 	consider := func(name string, e *entry, at time.Time) {
 		visible := false
 		if e != nil {
-			_, named := ss.names[name]
-			visible = (ss.wildcard || named) && st.sub.Visible(typeURL, e.res)
+			visible = ss.wildcard
+			if !visible {
+				_, visible = ss.names[name]
+			}
+			visible = visible && st.sub.Visible(typeURL, e.res)
 		}
 		if visible {
 			if v, ok := ss.known[name]; ok && v == e.res.Version {
@@ -592,12 +595,21 @@ func (st *stream) build(typeURL string, p *pendingSet) (outgoing, bool) {
 		}
 	}
 	if p.all {
+		upserts = make([]*discoveryv3.Resource, 0, len(current))
+		// Names the client holds that the server no longer has: count
+		// them on the way so that the second pass runs only when needed.
+		stale := len(ss.known)
 		for name, e := range current {
+			if _, ok := ss.known[name]; ok {
+				stale--
+			}
 			consider(name, e, p.allSince)
 		}
-		for name := range ss.known {
-			if current[name] == nil {
-				consider(name, nil, p.allSince)
+		if stale > 0 {
+			for name := range ss.known {
+				if current[name] == nil {
+					consider(name, nil, p.allSince)
+				}
 			}
 		}
 	} else {
