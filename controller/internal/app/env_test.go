@@ -1,0 +1,352 @@
+package app_test
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/structpb"
+	authnv1 "k8s.io/api/authentication/v1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/envtest"
+
+	"github.com/amesh-dev/amesh/api/bearer"
+	"github.com/amesh-dev/amesh/api/ca"
+	pb "github.com/amesh-dev/amesh/api/discovery/v1"
+	"github.com/amesh-dev/amesh/api/xds"
+	"github.com/amesh-dev/amesh/controller/internal/app"
+)
+
+// env is a real kube-apiserver + etcd (envtest) with the amesh and
+// Gateway API CRDs, and a running controller.
+type env struct {
+	t    *testing.T
+	rest *rest.Config
+	c    client.Client
+	kc   *kubernetes.Clientset
+	app  *app.App
+	// roots verify the controller's serving certificate.
+	roots *x509.CertPool
+}
+
+// startEnv starts the apiserver, installs the CRDs and the namespace of the
+// controller, and runs the controller with cfg (addresses on loopback,
+// ephemeral ports).
+func startEnv(t *testing.T, mutate func(*app.Config)) *env {
+	t.Helper()
+	if os.Getenv("KUBEBUILDER_ASSETS") == "" {
+		t.Skip("KUBEBUILDER_ASSETS is unset: needs the kube-apiserver and etcd binaries (make kube-bins; make unit sets it)")
+	}
+	gw := gatewayCRDs(t)
+	te := &envtest.Environment{
+		CRDDirectoryPaths: []string{
+			filepath.Join("..", "..", "..", "manifests", "base", "crds"),
+			filepath.Join(gw, "gateway.networking.k8s.io_gatewayclasses.yaml"),
+			filepath.Join(gw, "gateway.networking.k8s.io_gateways.yaml"),
+			filepath.Join(gw, "gateway.networking.k8s.io_httproutes.yaml"),
+			filepath.Join(gw, "gateway.networking.k8s.io_grpcroutes.yaml"),
+			filepath.Join(gw, "gateway.networking.k8s.io_referencegrants.yaml"),
+		},
+		ErrorIfCRDPathMissing: true,
+	}
+	cfg, err := te.Start()
+	if err != nil {
+		t.Fatalf("start envtest: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := te.Stop(); err != nil {
+			t.Errorf("stop envtest: %v", err)
+		}
+	})
+	scheme, err := app.Scheme()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := client.New(cfg, client.Options{Scheme: scheme})
+	if err != nil {
+		t.Fatal(err)
+	}
+	kc, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := &env{t: t, rest: cfg, c: c, kc: kc}
+	e.create(&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "amesh-system"}})
+
+	acfg := app.Default()
+	acfg.GRPCAddr = "127.0.0.1:0"
+	acfg.MetricsAddr = "127.0.0.1:0"
+	acfg.Debounce = 5 * time.Millisecond
+	acfg.MaxDebounce = 50 * time.Millisecond
+	acfg.ShutdownTimeout = 2 * time.Second
+	if mutate != nil {
+		mutate(&acfg)
+	}
+	log := zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel))
+	a, err := app.New(acfg, cfg, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.app = a
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- a.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("controller: %v", err)
+			}
+		case <-time.After(20 * time.Second):
+			t.Error("controller did not stop within 20s")
+		}
+	})
+	select {
+	case <-a.Ready():
+	case err := <-done:
+		t.Fatalf("controller exited: %v", err)
+	case <-time.After(30 * time.Second):
+		t.Fatal("controller not ready within 30s")
+	}
+	var sec corev1.Secret
+	e.get("amesh-system", "amesh-ca", &sec)
+	e.roots = x509.NewCertPool()
+	if !e.roots.AppendCertsFromPEM(sec.Data["ca.crt"]) {
+		t.Fatal("CA secret has no ca.crt")
+	}
+	return e
+}
+
+// gatewayCRDs is the directory of the pinned Gateway API's standard CRDs
+// (from the module cache).
+func gatewayCRDs(t *testing.T) string {
+	t.Helper()
+	out, err := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", "sigs.k8s.io/gateway-api").Output()
+	if err != nil {
+		t.Fatalf("locate sigs.k8s.io/gateway-api: %v", err)
+	}
+	return filepath.Join(strings.TrimSpace(string(out)), "config", "crd", "standard")
+}
+
+func (e *env) create(o client.Object) {
+	e.t.Helper()
+	if err := e.c.Create(context.Background(), o); err != nil {
+		e.t.Fatalf("create %T %s: %v", o, o.GetName(), err)
+	}
+}
+
+func (e *env) get(ns, name string, o client.Object) {
+	e.t.Helper()
+	if err := e.c.Get(context.Background(), types.NamespacedName{Namespace: ns, Name: name}, o); err != nil {
+		e.t.Fatalf("get %T %s/%s: %v", o, ns, name, err)
+	}
+}
+
+// pod creates a running, ready pod with an IP on node, as the kubelet
+// would report it.
+func (e *env) pod(ns, name, sa, node, ip string, labels, annotations map[string]string) *corev1.Pod {
+	e.t.Helper()
+	p := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name, Labels: labels, Annotations: annotations},
+		Spec: corev1.PodSpec{
+			NodeName:           node,
+			ServiceAccountName: sa,
+			Containers: []corev1.Container{{Name: "app", Image: "app", Ports: []corev1.ContainerPort{
+				{Name: "http", ContainerPort: 8080},
+			}}},
+		},
+	}
+	e.create(p)
+	p.Status = corev1.PodStatus{
+		Phase:      corev1.PodRunning,
+		PodIP:      ip,
+		PodIPs:     []corev1.PodIP{{IP: ip}},
+		Conditions: []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionTrue}},
+	}
+	if err := e.c.Status().Update(context.Background(), p); err != nil {
+		e.t.Fatalf("pod status %s/%s: %v", ns, name, err)
+	}
+	return p
+}
+
+func (e *env) serviceAccount(ns, name string) {
+	e.t.Helper()
+	e.create(&corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name}})
+}
+
+func (e *env) node(name string) {
+	e.t.Helper()
+	e.create(&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name}})
+}
+
+// token issues a projected token for a service account, bound to a pod
+// when pod is set.
+func (e *env) token(ns, sa string, pod *corev1.Pod, audiences ...string) string {
+	e.t.Helper()
+	tr := &authnv1.TokenRequest{Spec: authnv1.TokenRequestSpec{Audiences: audiences}}
+	if pod != nil {
+		tr.Spec.BoundObjectRef = &authnv1.BoundObjectReference{Kind: "Pod", APIVersion: "v1", Name: pod.Name, UID: pod.UID}
+	}
+	res, err := e.kc.CoreV1().ServiceAccounts(ns).CreateToken(context.Background(), sa, tr, metav1.CreateOptions{})
+	if err != nil {
+		e.t.Fatalf("token for %s/%s: %v", ns, sa, err)
+	}
+	return res.Status.Token
+}
+
+// dial opens a TLS connection to the controller's gRPC port that verifies
+// the serving certificate and sends token (if any) with every call.
+func (e *env) dial(token string) *grpc.ClientConn {
+	e.t.Helper()
+	opts := []grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{
+		RootCAs:    e.roots,
+		ServerName: "amesh-controller.amesh-system.svc",
+		MinVersion: tls.VersionTLS13,
+	}))}
+	if token != "" {
+		opts = append(opts, grpc.WithPerRPCCredentials(bearer.PerRPC(func(context.Context) (string, error) { return token, nil })))
+	}
+	conn, err := grpc.NewClient(e.app.GRPCAddr(), opts...)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(func() { _ = conn.Close() })
+	return conn
+}
+
+// caClient is a certificate client with token.
+func (e *env) caClient(token string) *ca.Client {
+	return ca.NewClient(e.dial(token), nil)
+}
+
+// mirror is an xDS client's view: every resource it holds, by type and
+// name, and every change, for waiting.
+type mirror struct {
+	mu      sync.Mutex
+	state   map[string]map[string]proto.Message
+	changed chan struct{}
+	client  *xds.Client
+	errc    chan error
+}
+
+func (m *mirror) Apply(typeURL string, upserts []*xds.Resource, removes []string) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	s := m.state[typeURL]
+	if s == nil {
+		s = map[string]proto.Message{}
+		m.state[typeURL] = s
+	}
+	for _, r := range upserts {
+		s[r.Name] = r.Body
+	}
+	for _, n := range removes {
+		delete(s, n)
+	}
+	select {
+	case m.changed <- struct{}{}:
+	default:
+	}
+	return nil
+}
+
+func (m *mirror) get(typeURL, name string) proto.Message {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.state[typeURL][name]
+}
+
+func (m *mirror) names(typeURL string) []string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var out []string
+	for n := range m.state[typeURL] {
+		out = append(out, n)
+	}
+	return out
+}
+
+var allTypes = []string{pb.WorkloadType, pb.ServiceType, pb.AuthorizationType, pb.TrustBundleType, pb.WaypointServiceType}
+
+// subscribe runs a real xDS client (api/xds) with token and the node
+// metadata a data-plane component sends.
+func (e *env) subscribe(token string, meta map[string]string) *mirror {
+	e.t.Helper()
+	md := map[string]any{}
+	for k, v := range meta {
+		md[k] = v
+	}
+	st, err := structpb.NewStruct(md)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	m := &mirror{state: map[string]map[string]proto.Message{}, changed: make(chan struct{}, 1), errc: make(chan error, 1)}
+	m.client = xds.NewClient(xds.ClientOptions{
+		Conn:           e.dial(token),
+		Node:           &corev3.Node{Id: meta["pod"], Metadata: st},
+		TypeURLs:       allTypes,
+		Handler:        m,
+		InitialBackoff: 50 * time.Millisecond,
+		MaxBackoff:     200 * time.Millisecond,
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	go func() { m.errc <- m.client.Run(ctx) }()
+	e.t.Cleanup(func() {
+		cancel()
+		if err := <-m.errc; err != nil {
+			e.t.Errorf("xds client: %v", err)
+		}
+	})
+	return m
+}
+
+// within waits up to d for cond, re-checking at every change the mirror
+// sees (and every 10ms); it fails the test with what() otherwise.
+func within(t *testing.T, d time.Duration, m *mirror, cond func() bool, what func() string) time.Duration {
+	t.Helper()
+	start := time.Now()
+	deadline := time.NewTimer(d)
+	defer deadline.Stop()
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	var changed chan struct{}
+	if m != nil {
+		changed = m.changed
+	}
+	for !cond() {
+		select {
+		case <-changed:
+		case <-tick.C:
+		case <-deadline.C:
+			t.Fatalf("not within %v: %s", d, what())
+		}
+	}
+	return time.Since(start)
+}
+
+func describe(m proto.Message) string {
+	if m == nil {
+		return "<absent>"
+	}
+	return fmt.Sprintf("%v", m)
+}

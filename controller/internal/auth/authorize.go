@@ -1,0 +1,277 @@
+package auth
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/grpc/codes"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/types"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+
+	"github.com/amesh-dev/amesh/api/bearer"
+	"github.com/amesh-dev/amesh/api/identity"
+	"github.com/amesh-dev/amesh/controller/internal/label"
+)
+
+// Kind is what a data-plane caller is.
+type Kind int
+
+// Caller kinds.
+const (
+	Ztunnel Kind = iota + 1
+	Waypoint
+)
+
+func (k Kind) String() string {
+	switch k {
+	case Ztunnel:
+		return "ztunnel"
+	case Waypoint:
+		return "waypoint"
+	}
+	return "unknown"
+}
+
+// Role is an identified data-plane caller.
+type Role struct {
+	Kind   Kind
+	Caller *Caller
+	// Node the ztunnel runs on.
+	Node string
+	// Gateway "<namespace>/<name>" the waypoint implements.
+	Gateway string
+}
+
+// ID names the role for logs and the xDS server: "ztunnel/<node>/<pod>" or
+// "waypoint/<ns>/<gateway>/<pod>".
+func (r *Role) ID() string {
+	if r.Kind == Ztunnel {
+		return "ztunnel/" + r.Node + "/" + r.Caller.PodName
+	}
+	return "waypoint/" + r.Gateway + "/" + r.Caller.PodName
+}
+
+// NodeNameIndex is the pod field index the Authorizer lists by.
+const NodeNameIndex = "spec.nodeName"
+
+// IndexPods registers NodeNameIndex with a cache's field indexer; call it
+// before the cache starts.
+func IndexPods(ctx context.Context, fi client.FieldIndexer) error {
+	return fi.IndexField(ctx, &corev1.Pod{}, NodeNameIndex, func(o client.Object) []string {
+		if n := o.(*corev1.Pod).Spec.NodeName; n != "" {
+			return []string{n}
+		}
+		return nil
+	})
+}
+
+// Authorizer identifies data-plane callers and decides which identities
+// they may obtain certificates for. It implements ca.Authorizer.
+type Authorizer struct {
+	reviewer *Reviewer
+	// cache is the informer cache (with NodeNameIndex on pods); api reads
+	// the apiserver directly when the cache has not seen an object yet.
+	cache, api client.Reader
+	opts       AuthorizerOptions
+}
+
+// AuthorizerOptions configures an Authorizer.
+type AuthorizerOptions struct {
+	TrustDomain spiffeid.TrustDomain
+	// ZtunnelNamespace and ZtunnelServiceAccount name the ztunnel's
+	// service account; default amesh-system/ztunnel.
+	ZtunnelNamespace      string
+	ZtunnelServiceAccount string
+	// WaypointClass is the GatewayClass of waypoints; default
+	// amesh-waypoint.
+	WaypointClass string
+}
+
+// NewAuthorizer returns an Authorizer. api may be nil (no fallback).
+func NewAuthorizer(r *Reviewer, cache, api client.Reader, opts AuthorizerOptions) *Authorizer {
+	if opts.ZtunnelNamespace == "" {
+		opts.ZtunnelNamespace = label.SystemNamespace
+	}
+	if opts.ZtunnelServiceAccount == "" {
+		opts.ZtunnelServiceAccount = "ztunnel"
+	}
+	if opts.WaypointClass == "" {
+		opts.WaypointClass = label.WaypointClass
+	}
+	return &Authorizer{reviewer: r, cache: cache, api: api, opts: opts}
+}
+
+// Identify authenticates the bearer token of an incoming gRPC call and
+// returns the caller's role. Callers that are neither the ztunnel service
+// account (with a pod-bound token) nor a waypoint pod are refused with
+// PermissionDenied.
+func (a *Authorizer) Identify(ctx context.Context) (*Role, error) {
+	tok, err := bearer.FromIncoming(ctx)
+	if err != nil {
+		return nil, err
+	}
+	c, err := a.reviewer.Review(ctx, tok)
+	if err != nil {
+		return nil, err
+	}
+	if c.Namespace == a.opts.ZtunnelNamespace && c.ServiceAccount == a.opts.ZtunnelServiceAccount {
+		node := c.NodeName
+		if node == "" {
+			pod, err := a.callerPod(ctx, c)
+			if err != nil {
+				return nil, err
+			}
+			node = pod.Spec.NodeName
+		}
+		if node == "" {
+			return nil, errorf(codes.PermissionDenied, "ztunnel %s: the pod is not scheduled on a node", c)
+		}
+		return &Role{Kind: Ztunnel, Caller: c, Node: node}, nil
+	}
+	pod, err := a.callerPod(ctx, c)
+	if err != nil {
+		return nil, err
+	}
+	gw := pod.Labels[label.GatewayName]
+	if gw == "" {
+		return nil, errorf(codes.PermissionDenied, "%s is neither ztunnel nor a waypoint", c)
+	}
+	g, err := getGateway(ctx, a.cache, a.api, c.Namespace, gw)
+	if err != nil {
+		return nil, err
+	}
+	if g == nil || string(g.Spec.GatewayClassName) != a.opts.WaypointClass {
+		return nil, errorf(codes.PermissionDenied, "%s: Gateway %s/%s is not a waypoint (class %s)", c, c.Namespace, gw, a.opts.WaypointClass)
+	}
+	return &Role{Kind: Waypoint, Caller: c, Gateway: c.Namespace + "/" + gw}, nil
+}
+
+// callerPod returns the pod a token is bound to, checking its UID.
+func (a *Authorizer) callerPod(ctx context.Context, c *Caller) (*corev1.Pod, error) {
+	if c.PodName == "" {
+		return nil, errorf(codes.PermissionDenied, "%s: the token is not bound to a pod", c)
+	}
+	pod, err := getPod(ctx, a.cache, a.api, c.Namespace, c.PodName, c.PodUID)
+	if err != nil {
+		return nil, err
+	}
+	if pod == nil {
+		return nil, errorf(codes.PermissionDenied, "%s: pod not found", c)
+	}
+	if pod.Spec.ServiceAccountName != c.ServiceAccount {
+		return nil, errorf(codes.PermissionDenied, "%s: the pod runs as %s", c, pod.Spec.ServiceAccountName)
+	}
+	return pod, nil
+}
+
+// Authorize lets a ztunnel obtain identities of pods running on its node,
+// and a waypoint its own identity; it refuses everything else with a gRPC
+// status error (DESIGN.md §4).
+func (a *Authorizer) Authorize(ctx context.Context, id spiffeid.ID) error {
+	if id.TrustDomain() != a.opts.TrustDomain {
+		return errorf(codes.PermissionDenied, "%s is not of trust domain %s", id, a.opts.TrustDomain)
+	}
+	w, err := identity.FromID(id)
+	if err != nil {
+		return errorf(codes.InvalidArgument, "%s: %v", id, err)
+	}
+	role, err := a.Identify(ctx)
+	if err != nil {
+		return err
+	}
+	switch role.Kind {
+	case Ztunnel:
+		ok, err := a.runsOn(ctx, w.Namespace, w.ServiceAccount, role.Node)
+		if err != nil {
+			return err
+		}
+		if !ok {
+			return errorf(codes.PermissionDenied, "ztunnel on node %s: no pod runs as %s/%s on that node",
+				role.Node, w.Namespace, w.ServiceAccount)
+		}
+		return nil
+	case Waypoint:
+		if w.Namespace != role.Caller.Namespace || w.ServiceAccount != role.Caller.ServiceAccount {
+			return errorf(codes.PermissionDenied, "waypoint %s may obtain only its own identity, not %s/%s",
+				role.Caller, w.Namespace, w.ServiceAccount)
+		}
+		return nil
+	}
+	return errorf(codes.PermissionDenied, "unknown caller")
+}
+
+// runsOn reports whether a pod of namespace ns running as sa is scheduled
+// on node (and not finished). The cache is asked first, then the apiserver.
+func (a *Authorizer) runsOn(ctx context.Context, ns, sa, node string) (bool, error) {
+	for _, r := range []client.Reader{a.cache, a.api} {
+		if r == nil {
+			continue
+		}
+		var pods corev1.PodList
+		if err := r.List(ctx, &pods, client.InNamespace(ns), client.MatchingFields{NodeNameIndex: node}); err != nil {
+			return false, errorf(codes.Unavailable, "list pods on node %s: %v", node, err)
+		}
+		for i := range pods.Items {
+			p := &pods.Items[i]
+			if p.Spec.NodeName == node && serviceAccountOf(p) == sa &&
+				p.Status.Phase != corev1.PodSucceeded && p.Status.Phase != corev1.PodFailed {
+				return true, nil
+			}
+		}
+	}
+	return false, nil
+}
+
+func serviceAccountOf(p *corev1.Pod) string {
+	if p.Spec.ServiceAccountName == "" {
+		return "default"
+	}
+	return p.Spec.ServiceAccountName
+}
+
+// getPod reads a pod from the cache, else from the apiserver; nil if it
+// does not exist (or exists with another UID than uid, when uid is set).
+func getPod(ctx context.Context, cache, api client.Reader, ns, name, uid string) (*corev1.Pod, error) {
+	for _, r := range []client.Reader{cache, api} {
+		if r == nil {
+			continue
+		}
+		var p corev1.Pod
+		err := r.Get(ctx, types.NamespacedName{Namespace: ns, Name: name}, &p)
+		switch {
+		case apierrors.IsNotFound(err):
+			continue
+		case err != nil:
+			return nil, errorf(codes.Unavailable, "get pod %s/%s: %v", ns, name, err)
+		case uid != "" && string(p.UID) != uid:
+			continue // a newer pod of the same name: ask the apiserver
+		}
+		return &p, nil
+	}
+	return nil, nil
+}
+
+func getGateway(ctx context.Context, cache, api client.Reader, ns, name string) (*gwv1.Gateway, error) {
+	for _, r := range []client.Reader{cache, api} {
+		if r == nil {
+			continue
+		}
+		var g gwv1.Gateway
+		err := r.Get(ctx, types.NamespacedName{Namespace: ns, Name: name}, &g)
+		switch {
+		case apierrors.IsNotFound(err):
+			continue
+		case err != nil:
+			return nil, errorf(codes.Unavailable, "get gateway %s/%s: %v", ns, name, err)
+		}
+		return &g, nil
+	}
+	return nil, nil
+}
+
+// String describes a role.
+func (r *Role) String() string { return fmt.Sprintf("%s %s", r.Kind, r.Caller) }

@@ -1,0 +1,172 @@
+package push
+
+import (
+	"sync"
+
+	corev1 "k8s.io/api/core/v1"
+	k8sdisc "k8s.io/api/discovery/v1"
+	toolscache "k8s.io/client-go/tools/cache"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+
+	securityv1alpha1 "github.com/amesh-dev/amesh/controller/apis/security/v1alpha1"
+	trafficv1alpha1 "github.com/amesh-dev/amesh/controller/apis/traffic/v1alpha1"
+	"github.com/amesh-dev/amesh/controller/internal/translate"
+)
+
+// store mirrors the informer caches as maps of the cached objects (shared
+// with the informers, never modified), so that a snapshot costs no copy.
+type store struct {
+	mu   sync.Mutex
+	objs map[string]map[string]client.Object // kind → "<ns>/<name>" → object
+}
+
+func newStore() *store { return &store{objs: map[string]map[string]client.Object{}} }
+
+// kinds lists what is watched: a prototype object per kind, and whether an
+// update matters only when metadata.generation changes (spec-only objects
+// whose status the controller writes itself).
+func kinds() []struct {
+	obj          client.Object
+	generational bool
+} {
+	return []struct {
+		obj          client.Object
+		generational bool
+	}{
+		{&corev1.Namespace{}, false},
+		{&corev1.Pod{}, false},
+		{&corev1.Service{}, false},
+		{&k8sdisc.EndpointSlice{}, false},
+		{&gwv1.Gateway{}, false},
+		{&gwv1.HTTPRoute{}, true},
+		{&gwv1.GRPCRoute{}, true},
+		{&securityv1alpha1.AuthorizationPolicy{}, true},
+		{&securityv1alpha1.PeerAuthentication{}, true},
+		{&securityv1alpha1.RequestAuthentication{}, true},
+		{&trafficv1alpha1.BackendTrafficPolicy{}, true},
+	}
+}
+
+func kindOf(o client.Object) string {
+	switch o.(type) {
+	case *corev1.Namespace:
+		return "Namespace"
+	case *corev1.Pod:
+		return "Pod"
+	case *corev1.Service:
+		return "Service"
+	case *k8sdisc.EndpointSlice:
+		return "EndpointSlice"
+	case *gwv1.Gateway:
+		return "Gateway"
+	case *gwv1.HTTPRoute:
+		return "HTTPRoute"
+	case *gwv1.GRPCRoute:
+		return "GRPCRoute"
+	case *securityv1alpha1.AuthorizationPolicy:
+		return "AuthorizationPolicy"
+	case *securityv1alpha1.PeerAuthentication:
+		return "PeerAuthentication"
+	case *securityv1alpha1.RequestAuthentication:
+		return "RequestAuthentication"
+	case *trafficv1alpha1.BackendTrafficPolicy:
+		return "BackendTrafficPolicy"
+	}
+	return ""
+}
+
+func (s *store) put(o client.Object) {
+	k := kindOf(o)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	m := s.objs[k]
+	if m == nil {
+		m = map[string]client.Object{}
+		s.objs[k] = m
+	}
+	m[o.GetNamespace()+"/"+o.GetName()] = o
+}
+
+func (s *store) del(o client.Object) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.objs[kindOf(o)], o.GetNamespace()+"/"+o.GetName())
+}
+
+// handler keeps the store in step with one informer and calls changed
+// after every change that matters.
+func (s *store) handler(generational bool, changed func()) toolscache.ResourceEventHandler {
+	return toolscache.ResourceEventHandlerFuncs{
+		AddFunc: func(obj any) {
+			if o, ok := obj.(client.Object); ok {
+				s.put(o)
+				changed()
+			}
+		},
+		UpdateFunc: func(oldObj, newObj any) {
+			o, ok := newObj.(client.Object)
+			if !ok {
+				return
+			}
+			s.put(o)
+			if old, ok := oldObj.(client.Object); ok && generational &&
+				old.GetGeneration() == o.GetGeneration() &&
+				old.GetDeletionTimestamp().Equal(o.GetDeletionTimestamp()) {
+				return // a status or metadata-only change
+			}
+			changed()
+		},
+		DeleteFunc: func(obj any) {
+			if t, ok := obj.(toolscache.DeletedFinalStateUnknown); ok {
+				obj = t.Obj
+			}
+			if o, ok := obj.(client.Object); ok {
+				s.del(o)
+				changed()
+			}
+		},
+	}
+}
+
+// snapshot returns the current objects as a translator input.
+func (s *store) snapshot(roots []string) *translate.Input {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	in := &translate.Input{RootCertificates: roots}
+	for _, o := range s.objs["Namespace"] {
+		in.Namespaces = append(in.Namespaces, o.(*corev1.Namespace))
+	}
+	in.Pods = make([]*corev1.Pod, 0, len(s.objs["Pod"]))
+	for _, o := range s.objs["Pod"] {
+		in.Pods = append(in.Pods, o.(*corev1.Pod))
+	}
+	for _, o := range s.objs["Service"] {
+		in.Services = append(in.Services, o.(*corev1.Service))
+	}
+	for _, o := range s.objs["EndpointSlice"] {
+		in.EndpointSlices = append(in.EndpointSlices, o.(*k8sdisc.EndpointSlice))
+	}
+	for _, o := range s.objs["Gateway"] {
+		in.Gateways = append(in.Gateways, o.(*gwv1.Gateway))
+	}
+	for _, o := range s.objs["HTTPRoute"] {
+		in.HTTPRoutes = append(in.HTTPRoutes, o.(*gwv1.HTTPRoute))
+	}
+	for _, o := range s.objs["GRPCRoute"] {
+		in.GRPCRoutes = append(in.GRPCRoutes, o.(*gwv1.GRPCRoute))
+	}
+	for _, o := range s.objs["AuthorizationPolicy"] {
+		in.AuthorizationPolicies = append(in.AuthorizationPolicies, o.(*securityv1alpha1.AuthorizationPolicy))
+	}
+	for _, o := range s.objs["PeerAuthentication"] {
+		in.PeerAuthentications = append(in.PeerAuthentications, o.(*securityv1alpha1.PeerAuthentication))
+	}
+	for _, o := range s.objs["RequestAuthentication"] {
+		in.RequestAuthentications = append(in.RequestAuthentications, o.(*securityv1alpha1.RequestAuthentication))
+	}
+	for _, o := range s.objs["BackendTrafficPolicy"] {
+		in.BackendTrafficPolicies = append(in.BackendTrafficPolicies, o.(*trafficv1alpha1.BackendTrafficPolicy))
+	}
+	return in
+}

@@ -1,0 +1,114 @@
+// Package status writes the translator's policy statuses (conditions and
+// observedGeneration) to the amesh policy objects, touching only those whose
+// status differs.
+package status
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	securityv1alpha1 "github.com/amesh-dev/amesh/controller/apis/security/v1alpha1"
+	trafficv1alpha1 "github.com/amesh-dev/amesh/controller/apis/traffic/v1alpha1"
+	"github.com/amesh-dev/amesh/controller/internal/translate"
+)
+
+// Writer patches policy statuses through a client whose reads may come
+// from a cache.
+type Writer struct {
+	c client.Client
+}
+
+// NewWriter returns a Writer using c.
+func NewWriter(c client.Client) *Writer { return &Writer{c: c} }
+
+// Write brings every listed policy's status to the desired one. Objects
+// that are gone, or whose generation moved on since the translation, are
+// skipped (the next translation covers them). It returns the number of
+// objects patched and the errors met.
+func (w *Writer) Write(ctx context.Context, desired []translate.Status) (patched int, err error) {
+	var errs []error
+	for _, d := range desired {
+		obj, st, ok := newObject(d.Kind)
+		if !ok {
+			errs = append(errs, fmt.Errorf("status: unknown kind %q", d.Kind))
+			continue
+		}
+		key := types.NamespacedName{Namespace: d.Namespace, Name: d.Name}
+		if err := w.c.Get(ctx, key, obj); err != nil {
+			if !apierrors.IsNotFound(err) {
+				errs = append(errs, fmt.Errorf("status: get %s %s: %w", d.Kind, key, err))
+			}
+			continue
+		}
+		if obj.GetGeneration() != d.Generation {
+			continue
+		}
+		base := obj.DeepCopyObject().(client.Object)
+		if !apply(st, d) {
+			continue
+		}
+		if err := w.c.Status().Patch(ctx, obj, client.MergeFrom(base)); err != nil {
+			if !apierrors.IsNotFound(err) {
+				errs = append(errs, fmt.Errorf("status: patch %s %s: %w", d.Kind, key, err))
+			}
+			continue
+		}
+		patched++
+	}
+	return patched, errors.Join(errs...)
+}
+
+// policyStatus is the status shape shared by every amesh policy.
+type policyStatus struct {
+	observedGeneration *int64
+	conditions         *[]metav1.Condition
+}
+
+func newObject(kind string) (client.Object, policyStatus, bool) {
+	switch kind {
+	case translate.KindAuthorizationPolicy:
+		o := &securityv1alpha1.AuthorizationPolicy{}
+		return o, policyStatus{&o.Status.ObservedGeneration, &o.Status.Conditions}, true
+	case translate.KindPeerAuthentication:
+		o := &securityv1alpha1.PeerAuthentication{}
+		return o, policyStatus{&o.Status.ObservedGeneration, &o.Status.Conditions}, true
+	case translate.KindRequestAuthentication:
+		o := &securityv1alpha1.RequestAuthentication{}
+		return o, policyStatus{&o.Status.ObservedGeneration, &o.Status.Conditions}, true
+	case translate.KindBackendTrafficPolicy:
+		o := &trafficv1alpha1.BackendTrafficPolicy{}
+		return o, policyStatus{&o.Status.ObservedGeneration, &o.Status.Conditions}, true
+	}
+	return nil, policyStatus{}, false
+}
+
+// apply sets the desired conditions (keeping the transition time of those
+// whose status did not change, dropping those no longer reported) and
+// reports whether anything changed.
+func apply(st policyStatus, d translate.Status) bool {
+	before := slices.Clone(*st.conditions)
+	changed := *st.observedGeneration != d.Generation
+	*st.observedGeneration = d.Generation
+	want := map[string]bool{}
+	for _, c := range d.Conditions {
+		want[c.Type] = true
+		if meta.SetStatusCondition(st.conditions, c) {
+			changed = true
+		}
+	}
+	for _, c := range before {
+		if !want[c.Type] {
+			meta.RemoveStatusCondition(st.conditions, c.Type)
+			changed = true
+		}
+	}
+	return changed
+}
