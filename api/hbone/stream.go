@@ -1,0 +1,457 @@
+package hbone
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"golang.org/x/net/http2"
+)
+
+// Stream is one HBONE tunnel: a CONNECT stream used as a net.Conn. Read and
+// Write move the tunnelled bytes; CloseWrite half-closes (END_STREAM); Close
+// ends the stream (see the package doc); Reset aborts it. Deadlines behave as
+// on a TCP socket. Safe for concurrent use.
+type Stream struct {
+	c  *conn
+	id uint32
+
+	// All fields below are guarded by c.mu.
+	rcond, wcond sync.Cond
+
+	rbuf        recvBuf
+	recvWindow  int64
+	recvUnacked int64
+	recvEnd     bool // peer sent END_STREAM
+
+	pending     []byte // the blocked Write's data not yet framed
+	written     int    // bytes of the current Write framed so far
+	wbusy       bool   // a Write is in progress
+	sendWindow  int64
+	endQueued   bool // END_STREAM requested
+	endSent     bool
+	rstAfterEnd bool // Close: RST_STREAM(NO_ERROR) right after END_STREAM
+	inWQ        bool
+
+	err          error // terminal I/O error (reset, connection gone)
+	closed       bool  // Close or Reset called
+	removed      bool  // no longer routed by the connection
+	status       int   // client: response status
+	dialCanceled bool
+
+	rdl, wdl deadline
+
+	cancel context.CancelFunc // server: ends the handler's context
+}
+
+type deadline struct {
+	t       time.Time
+	timer   *time.Timer
+	expired bool
+	gen     uint64
+}
+
+var _ net.Conn = (*Stream)(nil)
+
+// sendableLocked reports whether the writer has something it can send for s
+// now (flow control permitting for data).
+func (s *Stream) sendableLocked() bool {
+	if s.removed {
+		return false
+	}
+	if len(s.pending) > 0 {
+		return s.sendWindow > 0
+	}
+	return s.endQueued && !s.endSent
+}
+
+// failLocked ends s with err: blocked and future I/O fail, it stops being
+// routed.
+func (s *Stream) failLocked(err error) {
+	if s.err == nil {
+		s.err = err
+	}
+	s.pending = nil
+	s.c.removeStreamLocked(s)
+	s.rcond.Broadcast()
+	s.wcond.Broadcast()
+}
+
+func (s *Stream) maybeFinishLocked() {
+	if s.endSent && s.recvEnd {
+		s.c.removeStreamLocked(s)
+	}
+}
+
+// Read reads tunnelled bytes; io.EOF after the peer's END_STREAM.
+func (s *Stream) Read(p []byte) (int, error) {
+	c := s.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for {
+		if s.rbuf.n > 0 {
+			if len(p) == 0 {
+				return 0, nil
+			}
+			n := s.rbuf.read(p)
+			c.consumedLocked(s, n)
+			return n, nil
+		}
+		if err := s.readyLocked(); err != nil {
+			return 0, err
+		}
+		if len(p) == 0 {
+			return 0, nil
+		}
+		s.rcond.Wait()
+	}
+}
+
+// readyLocked returns the error a Read would see with an empty buffer, or
+// nil if it would block.
+func (s *Stream) readyLocked() error {
+	switch {
+	case s.closed:
+		return net.ErrClosed
+	case s.recvEnd:
+		return io.EOF
+	case s.err != nil:
+		return s.err
+	case s.rdl.expired:
+		return os.ErrDeadlineExceeded
+	}
+	return nil
+}
+
+func (s *Stream) writeErrLocked() error {
+	switch {
+	case s.closed:
+		return net.ErrClosed
+	case s.err != nil:
+		return s.err
+	case s.wdl.expired:
+		return os.ErrDeadlineExceeded
+	}
+	return nil
+}
+
+var errWriteAfterCloseWrite = errors.New("hbone: write after CloseWrite")
+
+// Write sends p; it returns once p has been framed into the connection's
+// write batch, blocking while flow control does not allow sending.
+func (s *Stream) Write(p []byte) (int, error) {
+	c := s.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for s.wbusy {
+		if err := s.writeErrLocked(); err != nil {
+			return 0, err
+		}
+		s.wcond.Wait()
+	}
+	if err := s.writeErrLocked(); err != nil {
+		return 0, err
+	}
+	if s.endQueued {
+		return 0, errWriteAfterCloseWrite
+	}
+	if len(p) == 0 {
+		return 0, nil
+	}
+	s.wbusy = true
+	s.pending, s.written = p, 0
+	c.enqueueLocked(s)
+	for s.written < len(p) {
+		if err := s.writeErrLocked(); err != nil {
+			n := s.written
+			s.pending = nil
+			s.wbusy = false
+			s.wcond.Broadcast()
+			return n, err
+		}
+		s.wcond.Wait()
+	}
+	s.pending = nil
+	s.wbusy = false
+	s.wcond.Broadcast()
+	if s.endQueued {
+		c.enqueueLocked(s) // a CloseWrite waited for this Write
+	}
+	return len(p), nil
+}
+
+// CloseWrite sends END_STREAM after the data already written: the peer reads
+// EOF, and this side can keep reading.
+func (s *Stream) CloseWrite() error {
+	c := s.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if s.closed {
+		return net.ErrClosed
+	}
+	if s.endQueued {
+		return nil
+	}
+	if s.err != nil {
+		return s.err
+	}
+	s.endQueued = true
+	c.enqueueLocked(s)
+	return nil
+}
+
+// Close ends the stream: END_STREAM follows the data already written (if not
+// sent yet) and, if the peer has not finished sending, RST_STREAM(NO_ERROR)
+// tells it to stop. Unread data is dropped; blocked Read and Write return.
+func (s *Stream) Close() error {
+	c := s.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if s.closed {
+		return nil
+	}
+	s.closeLocked()
+	return nil
+}
+
+func (s *Stream) closeLocked() {
+	c := s.c
+	s.closed = true
+	s.stopDeadlinesLocked()
+	c.consumedLocked(s, s.rbuf.n)
+	s.rbuf.reset()
+	s.pending = nil
+	s.rcond.Broadcast()
+	s.wcond.Broadcast()
+	if s.removed || c.closing {
+		return
+	}
+	switch {
+	case !s.endSent:
+		s.endQueued = true
+		s.rstAfterEnd = true
+		s.wbusy = false
+		c.enqueueLocked(s)
+	case !s.recvEnd:
+		c.resetLocked(s, http2.ErrCodeNo, net.ErrClosed)
+	}
+}
+
+// Reset aborts the stream with RST_STREAM(CONNECT_ERROR), the HTTP/2 form of
+// a TCP reset (RFC 9113 §8.5).
+func (s *Stream) Reset() error {
+	c := s.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !s.closed {
+		s.closed = true
+		s.stopDeadlinesLocked()
+		c.consumedLocked(s, s.rbuf.n)
+		s.rbuf.reset()
+	}
+	if !s.removed && !c.closing {
+		c.resetLocked(s, http2.ErrCodeConnect, net.ErrClosed)
+	}
+	s.rcond.Broadcast()
+	s.wcond.Broadcast()
+	return nil
+}
+
+// Peer returns the verified SPIFFE ID of the other end of the tunnel.
+func (s *Stream) Peer() spiffeid.ID { return s.c.peer }
+
+// LocalAddr returns the local address of the underlying TCP connection.
+func (s *Stream) LocalAddr() net.Addr { return s.c.nc.LocalAddr() }
+
+// RemoteAddr returns the remote address of the underlying TCP connection.
+func (s *Stream) RemoteAddr() net.Addr { return s.c.nc.RemoteAddr() }
+
+// SetDeadline sets the read and write deadlines.
+func (s *Stream) SetDeadline(t time.Time) error {
+	s.SetReadDeadline(t)
+	s.SetWriteDeadline(t)
+	return nil
+}
+
+// SetReadDeadline sets the read deadline (zero: none).
+func (s *Stream) SetReadDeadline(t time.Time) error {
+	s.setDeadline(&s.rdl, &s.rcond, t)
+	return nil
+}
+
+// SetWriteDeadline sets the write deadline (zero: none).
+func (s *Stream) SetWriteDeadline(t time.Time) error {
+	s.setDeadline(&s.wdl, &s.wcond, t)
+	return nil
+}
+
+func (s *Stream) setDeadline(d *deadline, cond *sync.Cond, t time.Time) {
+	c := s.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if d.timer != nil {
+		d.timer.Stop()
+		d.timer = nil
+	}
+	d.gen++
+	d.t, d.expired = t, false
+	if t.IsZero() || s.closed {
+		return
+	}
+	wait := time.Until(t)
+	if wait <= 0 {
+		d.expired = true
+		cond.Broadcast()
+		return
+	}
+	gen := d.gen
+	d.timer = time.AfterFunc(wait, func() {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		if d.gen == gen {
+			d.expired = true
+			cond.Broadcast()
+		}
+	})
+}
+
+func (s *Stream) stopDeadlinesLocked() {
+	for _, d := range []*deadline{&s.rdl, &s.wdl} {
+		if d.timer != nil {
+			d.timer.Stop()
+			d.timer = nil
+		}
+		d.gen++
+	}
+}
+
+// WriteTo writes the stream's data to w until EOF without an intermediate
+// buffer: received chunks are handed to w directly.
+func (s *Stream) WriteTo(w io.Writer) (int64, error) {
+	c := s.c
+	var total int64
+	for {
+		c.mu.Lock()
+		for s.rbuf.n == 0 && s.readyLocked() == nil {
+			s.rcond.Wait()
+		}
+		if s.rbuf.n == 0 {
+			err := s.readyLocked()
+			c.mu.Unlock()
+			if err == io.EOF {
+				err = nil
+			}
+			return total, err
+		}
+		chunk, data := s.rbuf.pop()
+		c.consumedLocked(s, len(data))
+		c.mu.Unlock()
+		n, err := w.Write(data)
+		putChunk(chunk)
+		total += int64(n)
+		if err != nil {
+			return total, err
+		}
+	}
+}
+
+// ReadFrom sends r's data on the stream until r's EOF. For a *net.TCPConn
+// source it waits for readability before taking a buffer, so an idle tunnel
+// holds none.
+func (s *Stream) ReadFrom(r io.Reader) (int64, error) {
+	return copyFrom(s, r)
+}
+
+// ---- receive buffer ----
+
+const chunkSize = 16 << 10
+
+var chunkPool = sync.Pool{New: func() any { return new([chunkSize]byte) }}
+
+func putChunk(b *[chunkSize]byte) {
+	if b != nil {
+		chunkPool.Put(b)
+	}
+}
+
+// recvBuf queues received bytes in pooled 16 KiB chunks that are released as
+// soon as they are read, so an idle stream holds no buffer.
+type recvBuf struct {
+	chunks []*[chunkSize]byte
+	head   int // read offset in chunks[0]
+	tail   int // write offset in the last chunk
+	n      int
+}
+
+func (b *recvBuf) write(p []byte) {
+	for len(p) > 0 {
+		if len(b.chunks) == 0 || b.tail == chunkSize {
+			b.chunks = append(b.chunks, chunkPool.Get().(*[chunkSize]byte))
+			b.tail = 0
+		}
+		k := copy(b.chunks[len(b.chunks)-1][b.tail:], p)
+		b.tail += k
+		b.n += k
+		p = p[k:]
+	}
+}
+
+func (b *recvBuf) read(p []byte) int {
+	n := 0
+	for len(p) > 0 && b.n > 0 {
+		end := chunkSize
+		if len(b.chunks) == 1 {
+			end = b.tail
+		}
+		k := copy(p, b.chunks[0][b.head:end])
+		b.head += k
+		b.n -= k
+		n += k
+		p = p[k:]
+		if b.head == end {
+			b.dropHead()
+		}
+	}
+	return n
+}
+
+// pop removes the first chunk and returns it with its unread bytes; the
+// caller returns it with putChunk.
+func (b *recvBuf) pop() (*[chunkSize]byte, []byte) {
+	end := chunkSize
+	if len(b.chunks) == 1 {
+		end = b.tail
+	}
+	chunk := b.chunks[0]
+	data := chunk[b.head:end]
+	b.n -= len(data)
+	b.chunks[0] = nil
+	b.chunks = b.chunks[1:]
+	b.head = 0
+	if len(b.chunks) == 0 {
+		b.chunks, b.tail = nil, 0
+	}
+	return chunk, data
+}
+
+func (b *recvBuf) dropHead() {
+	putChunk(b.chunks[0])
+	b.chunks[0] = nil
+	b.chunks = b.chunks[1:]
+	b.head = 0
+	if len(b.chunks) == 0 {
+		b.chunks, b.tail = nil, 0
+	}
+}
+
+func (b *recvBuf) reset() {
+	for _, c := range b.chunks {
+		putChunk(c)
+	}
+	*b = recvBuf{}
+}
