@@ -3,7 +3,10 @@ package bench
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
+	"encoding/pem"
 	"fmt"
 	"io"
 	"net"
@@ -20,19 +23,26 @@ import (
 	"testing"
 	"time"
 
+	"github.com/amesh-dev/amesh/api/ca"
 	discoveryv1 "github.com/amesh-dev/amesh/api/discovery/v1"
+	"github.com/amesh-dev/amesh/api/hbone"
+	"github.com/amesh-dev/amesh/api/identity"
 	"github.com/amesh-dev/amesh/waypoint/internal/catalog"
 	"github.com/amesh-dev/amesh/waypoint/internal/proxy"
 	"github.com/amesh-dev/amesh/waypoint/internal/telemetry"
 	"github.com/amesh-dev/amesh/waypoint/internal/tunnel"
 	"github.com/amesh-dev/amesh/waypoint/internal/upstream"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"google.golang.org/protobuf/proto"
 )
 
-const childEnv = "WAYPOINT_BENCH_CHILD"
+const (
+	childEnv      = "WAYPOINT_BENCH_CHILD"
+	childHBONEEnv = "WAYPOINT_BENCH_HBONE_DIR"
+)
 
 func TestMain(m *testing.M) {
 	if backend := os.Getenv(childEnv); backend != "" {
@@ -96,6 +106,32 @@ func child(backend string) error {
 	ctx, cancel := signal.NotifyContext(context.Background(), syscall.SIGTERM)
 	defer cancel()
 	go func() { _, _ = io.Copy(io.Discard, os.Stdin); cancel() }()
+	if dir := os.Getenv(childHBONEEnv); dir != "" {
+		// HBONE mode: terminate mTLS + HTTP/2 CONNECT like the real waypoint.
+		cert, err := tls.LoadX509KeyPair(filepath.Join(dir, "waypoint.pem"), filepath.Join(dir, "waypoint-key.pem"))
+		if err != nil {
+			return err
+		}
+		roots, err := os.ReadFile(filepath.Join(dir, "roots.pem"))
+		if err != nil {
+			return err
+		}
+		bundle := identity.NewBundle()
+		tdID := spiffeid.RequireTrustDomainFromString("cluster.local")
+		if err := bundle.SetPEM(tdID, roots); err != nil {
+			return err
+		}
+		hs := hbone.NewServer(hbone.ServerConfig{
+			Certificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return &cert, nil },
+			Bundle:      bundle, TrustDomain: tdID,
+			Handler: func(ctx context.Context, r *hbone.Request) (func(net.Conn), error) {
+				return srv.Accept(ctx, r.Peer.String(), r.RemoteAddr.Addr(), r.Authority)
+			},
+		})
+		go func() { _ = hs.Serve(ctx, ln) }()
+		fmt.Println(ln.Addr().String())
+		return srv.Run(ctx)
+	}
 	go func() {
 		for {
 			c, err := ln.Accept()
@@ -226,10 +262,11 @@ func waitListening(b *testing.B, addr string) {
 	b.Fatalf("%s never listened", addr)
 }
 
-// startWaypoint re-executes the test binary as the waypoint child.
-func startWaypoint(b *testing.B, backend string) (string, int) {
+// startWaypoint re-executes the test binary as the waypoint child; with
+// hboneDir set the child terminates HBONE with the credentials there.
+func startWaypoint(b *testing.B, backend, hboneDir string) (string, int) {
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), childEnv+"="+backend)
+	cmd.Env = append(os.Environ(), childEnv+"="+backend, childHBONEEnv+"="+hboneDir)
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
 		b.Fatal(err)
@@ -366,6 +403,82 @@ func fixedRate(b *testing.B, addr string, qps int, d time.Duration) (p50, p99, a
 	return p50, p99, r.ActualQPS
 }
 
+// hboneCredentials issues the waypoint's and a client's certificates from a
+// fresh CA and writes the waypoint's to a directory for the child.
+func hboneCredentials(b *testing.B) (string, *tls.Certificate, *identity.Bundle) {
+	tdID := spiffeid.RequireTrustDomainFromString("cluster.local")
+	auth, err := ca.NewRoot(tdID, time.Hour)
+	if err != nil {
+		b.Fatal(err)
+	}
+	issue := func(ns, sa string) (*tls.Certificate, []byte, []byte) {
+		id, _ := identity.ID("cluster.local", ns, sa)
+		key, err := identity.NewKey()
+		if err != nil {
+			b.Fatal(err)
+		}
+		csr, _ := identity.NewCSR(key, id)
+		chain, err := auth.Sign(csr, id, time.Hour)
+		if err != nil {
+			b.Fatal(err)
+		}
+		der, _ := x509.MarshalECPrivateKey(key)
+		keyPEM := pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: der})
+		certPEM := ca.EncodeCertsPEM(chain)
+		c, err := tls.X509KeyPair(certPEM, keyPEM)
+		if err != nil {
+			b.Fatal(err)
+		}
+		return &c, certPEM, keyPEM
+	}
+	dir := b.TempDir()
+	_, wc, wk := issue("default", "waypoint")
+	for name, data := range map[string][]byte{"waypoint.pem": wc, "waypoint-key.pem": wk, "roots.pem": auth.RootsPEM()} {
+		if err := os.WriteFile(filepath.Join(dir, name), data, 0o600); err != nil {
+			b.Fatal(err)
+		}
+	}
+	client, _, _ := issue("load", "wrk")
+	bundle := identity.NewBundle()
+	bundle.Set(tdID, auth.Roots())
+	return dir, client, bundle
+}
+
+// hboneShim plays the client's ztunnel: it accepts plain TCP from the load
+// generator and tunnels each connection over HBONE to the waypoint.
+func hboneShim(b *testing.B, waypoint string, cert *tls.Certificate, bundle *identity.Bundle) string {
+	wpID, _ := identity.ID("cluster.local", "default", "waypoint")
+	src, _ := identity.ID("cluster.local", "load", "wrk")
+	hc := hbone.NewClient(hbone.ClientConfig{
+		Certificates: func(context.Context, spiffeid.ID) (*tls.Certificate, error) { return cert, nil },
+		Bundle:       bundle,
+	})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { ln.Close(); hc.Close() })
+	proxyAddr := netip.MustParseAddrPort(waypoint)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				up, err := hc.Dial(context.Background(), hbone.DialRequest{Source: src, Expected: []spiffeid.ID{wpID},
+					Proxy: proxyAddr, Target: netip.MustParseAddrPort("10.96.0.1:80")})
+				if err != nil {
+					c.Close()
+					return
+				}
+				_, _, _ = hbone.Splice(c, up)
+			}()
+		}
+	}()
+	return ln.Addr().String()
+}
+
 // BenchmarkProxies compares, in one run: the backend directly, nginx as a
 // reverse proxy, and the waypoint's L7 path. Metrics per target:
 // req/s at 64 connections; p50/p99 at 1,000 req/s and the p50/p99 added over
@@ -377,7 +490,10 @@ func BenchmarkProxies(b *testing.B) {
 		}
 	}
 	backend, nginxAddr, nginxPIDs := startNginx(b)
-	wpAddr, wpPID := startWaypoint(b, backend)
+	wpAddr, wpPID := startWaypoint(b, backend, "")
+	dir, clientCert, bundle := hboneCredentials(b)
+	wpHBONE, wpHBONEPID := startWaypoint(b, backend, dir)
+	shim := hboneShim(b, wpHBONE, clientCert, bundle)
 	dur := 5 * time.Second
 	if s := os.Getenv("BENCH_SECONDS"); s != "" {
 		if n, err := strconv.Atoi(s); err == nil {
@@ -392,6 +508,7 @@ func BenchmarkProxies(b *testing.B) {
 		{"direct", backend, nil},
 		{"nginx", nginxAddr, nginxPIDs},
 		{"waypoint", wpAddr, func() []int { return []int{wpPID} }},
+		{"waypoint-hbone", shim, func() []int { return []int{wpHBONEPID} }},
 	}
 	var directP50, directP99 float64
 	for _, t := range targets {
