@@ -2,12 +2,16 @@ package telemetry
 
 import (
 	"context"
+	"net"
 	"net/http"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	coltracepb "go.opentelemetry.io/proto/otlp/collector/trace/v1"
+	"google.golang.org/grpc"
 )
 
 func TestRequestMetrics(t *testing.T) {
@@ -73,5 +77,57 @@ func TestTracerPropagation(t *testing.T) {
 	}
 	if err := tr.Shutdown(context.Background()); err != nil {
 		t.Fatal(err)
+	}
+}
+
+type collector struct {
+	coltracepb.UnimplementedTraceServiceServer
+	got chan *coltracepb.ExportTraceServiceRequest
+}
+
+func (c *collector) Export(_ context.Context, r *coltracepb.ExportTraceServiceRequest) (*coltracepb.ExportTraceServiceResponse, error) {
+	c.got <- r
+	return &coltracepb.ExportTraceServiceResponse{}, nil
+}
+
+// TestOTLPExport sends spans to a real OTLP/gRPC collector endpoint.
+func TestOTLPExport(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := grpc.NewServer()
+	col := &collector{got: make(chan *coltracepb.ExportTraceServiceRequest, 10)}
+	coltracepb.RegisterTraceServiceServer(g, col)
+	go func() { _ = g.Serve(ln) }()
+	defer g.Stop()
+	tr, err := NewTracer(context.Background(), TracingConfig{OTLPEndpoint: ln.Addr().String(), Insecure: true, SampleRatio: 1, ServiceName: "waypoint.default"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, span := tr.Start(context.Background(), "waypoint GET", http.Header{})
+	End(span, 200, "-", time.Now())
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := tr.Shutdown(ctx); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case r := <-col.got:
+		rs := r.GetResourceSpans()
+		if len(rs) != 1 || len(rs[0].GetScopeSpans()) != 1 || rs[0].GetScopeSpans()[0].GetSpans()[0].GetName() != "waypoint GET" {
+			t.Fatalf("exported %v", r)
+		}
+		found := false
+		for _, a := range rs[0].GetResource().GetAttributes() {
+			if a.GetKey() == "service.name" && a.GetValue().GetStringValue() == "waypoint.default" {
+				found = true
+			}
+		}
+		if !found {
+			t.Fatalf("service.name missing: %v", rs[0].GetResource())
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no span exported")
 	}
 }
