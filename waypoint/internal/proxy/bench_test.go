@@ -12,8 +12,7 @@ import (
 // BenchmarkServeHTTP measures the handler's own cost per request (routing,
 // policy, telemetry, pooled upstream round trip to a loopback backend).
 func BenchmarkServeHTTP(b *testing.B) {
-	t := &testing.T{}
-	e := newEnv(t)
+	e := newEnv(b)
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { _, _ = w.Write([]byte("ok")) }))
 	defer srv.Close()
 	e.service("bench", 80, "http", srv)

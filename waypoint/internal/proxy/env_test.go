@@ -25,7 +25,7 @@ import (
 // an HTTP/1.1 + h2c server that stamps each connection with the tunnel
 // information a real HBONE tunnel would carry.
 type env struct {
-	t       *testing.T
+	t       testing.TB
 	cat     *catalog.Catalog
 	proxy   *Proxy
 	reg     *prometheus.Registry
@@ -34,7 +34,7 @@ type env struct {
 	uid     atomic.Uint32
 }
 
-func newEnv(t *testing.T) *env {
+func newEnv(t testing.TB) *env {
 	t.Helper()
 	var d net.Dialer
 	dial := func(ctx context.Context, ep *upstream.Endpoint) (net.Conn, error) {
@@ -120,7 +120,7 @@ var loopbackN atomic.Uint32
 
 // backend starts an HTTP/1.1+h2c server on a fresh loopback address
 // (127.0.1.x) so each backend is a distinct endpoint.
-func backend(t *testing.T, h http.Handler) *httptest.Server {
+func backend(t testing.TB, h http.Handler) *httptest.Server {
 	t.Helper()
 	n := loopbackN.Add(1)
 	ln, err := net.Listen("tcp", fmt.Sprintf("127.0.%d.%d:0", 1+n/250, 1+n%250))
@@ -140,7 +140,7 @@ func backend(t *testing.T, h http.Handler) *httptest.Server {
 }
 
 // named returns a backend answering with its name.
-func named(t *testing.T, name string) *httptest.Server {
+func named(t testing.TB, name string) *httptest.Server {
 	return backend(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("X-Backend", name)
 		_, _ = w.Write([]byte(name))
