@@ -498,3 +498,38 @@ func TestWebSocketUpgrade(t *testing.T) {
 		t.Fatalf("got %q", b[:n])
 	}
 }
+
+func TestConsistentHashCookieSticks(t *testing.T) {
+	e := newEnv(t)
+	e.service("sticky", 80, "http", named(t, "s1"), named(t, "s2"), named(t, "s3"))
+	e.waypoint(&discoveryv1.WaypointService{Service: key("sticky"), TrafficPolicy: &discoveryv1.TrafficPolicy{
+		LoadBalancer: &discoveryv1.LoadBalancer{Type: discoveryv1.LoadBalancer_TYPE_CONSISTENT_HASH,
+			HashCookie: &discoveryv1.HashCookie{Name: "session", Ttl: durationpb.New(time.Hour)}}}})
+	url := e.front("sticky", 80, false)
+	seen := map[string]bool{}
+	for range 12 {
+		resp, first := get(t, http.DefaultClient, url+"/")
+		var cookie *http.Cookie
+		for _, c := range resp.Cookies() {
+			if c.Name == "session" {
+				cookie = c
+			}
+		}
+		if cookie == nil || cookie.MaxAge != 3600 {
+			t.Fatalf("no session cookie set: %v", resp.Header)
+		}
+		seen[first] = true
+		for range 5 {
+			resp, body := get(t, http.DefaultClient, url+"/", "Cookie", "session="+cookie.Value)
+			if body != first {
+				t.Fatalf("cookie %s went to %q then %q", cookie.Value, first, body)
+			}
+			if len(resp.Cookies()) != 0 {
+				t.Fatal("cookie set again though the request carried it")
+			}
+		}
+	}
+	if len(seen) < 2 {
+		t.Fatalf("12 new sessions all landed on %v", seen)
+	}
+}
