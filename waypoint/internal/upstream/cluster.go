@@ -80,6 +80,9 @@ type snapshot struct {
 	limits  limits
 	od      *discoveryv1.OutlierDetection
 	connect time.Duration
+	// maxPerConn bounds requests per upstream HTTP/1.1 connection (0: no
+	// bound).
+	maxPerConn int64
 }
 
 type limits struct {
@@ -136,7 +139,8 @@ func (c *Cluster) Update(eps []Endpoint, tp *discoveryv1.TrafficPolicy) {
 	defer c.mu.Unlock()
 	s := &snapshot{byAddr: make(map[string]*Endpoint, len(eps)), lb: newBalancer(tp.GetLoadBalancer()),
 		hashCk: tp.GetLoadBalancer().GetHashCookie(), limits: limitsOf(tp.GetCircuitBreaker()),
-		od: tp.GetOutlierDetection(), connect: tp.GetConnectionPool().GetConnectTimeout().AsDuration()}
+		od: tp.GetOutlierDetection(), connect: tp.GetConnectionPool().GetConnectTimeout().AsDuration(),
+		maxPerConn: int64(tp.GetConnectionPool().GetMaxRequestsPerConnection())}
 	if s.connect <= 0 {
 		s.connect = 10 * time.Second
 	}
@@ -243,17 +247,29 @@ func (c *Cluster) AdmitRetry() (release func(), ok bool) {
 }
 
 // RoundTrip sends req to ep over the pooled connections. req.URL is
-// rewritten to address the endpoint. The endpoint's outstanding count stays
+// rewritten to address the endpoint (and req.Header may gain "Connection:
+// close" when the connection reaches max_requests_per_connection). The endpoint's outstanding count stays
 // raised until the response body is closed.
 func (c *Cluster) RoundTrip(req *http.Request, ep *Endpoint) (*http.Response, error) {
 	req.URL.Scheme = "http"
 	req.URL.Host = ep.Addr.String()
+	if req.Header == nil {
+		req.Header = http.Header{}
+	}
 	ep.state.outstanding.Add(1)
 	var gotConn atomic.Bool
 	c.pending.Add(1)
-	trace := &httptrace.ClientTrace{GotConn: func(httptrace.GotConnInfo) {
+	maxPerConn := c.cur.Load().maxPerConn
+	trace := &httptrace.ClientTrace{GotConn: func(info httptrace.GotConnInfo) {
 		if gotConn.CompareAndSwap(false, true) {
 			c.pending.Add(-1)
+		}
+		// GotConn runs on the RoundTrip goroutine before the request is
+		// written, so asking for "Connection: close" here is in time (the
+		// transport may have copied req, but the header map is shared).
+		if tc, ok := info.Conn.(*trackedConn); ok && maxPerConn > 0 && !c.http2 && tc.requests.Add(1) >= maxPerConn {
+			req.Close = true
+			req.Header.Set("Connection", "close")
 		}
 	}}
 	req = req.WithContext(httptrace.WithClientTrace(req.Context(), trace))
@@ -340,8 +356,9 @@ func (c *Cluster) Conns() int64 {
 
 type trackedConn struct {
 	net.Conn
-	c    *Cluster
-	once sync.Once
+	c        *Cluster
+	once     sync.Once
+	requests atomic.Int64
 }
 
 func (t *trackedConn) Close() error {

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -279,5 +280,41 @@ func TestConnectErrorIsTyped(t *testing.T) {
 	var ce *ConnectError
 	if !errors.As(err, &ce) {
 		t.Fatalf("error %T %v is not a ConnectError", err, err)
+	}
+}
+
+func TestMaxRequestsPerConnection(t *testing.T) {
+	var mu sync.Mutex
+	perConn := map[string]int{}
+	ep := backend(t, func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.Copy(io.Discard, r.Body)
+		mu.Lock()
+		perConn[r.RemoteAddr]++
+		mu.Unlock()
+	})
+	c := New(Options{Name: "x", Dial: tcpDial})
+	c.Update([]Endpoint{ep}, &discoveryv1.TrafficPolicy{ConnectionPool: &discoveryv1.ConnectionPool{MaxRequestsPerConnection: 3}})
+	defer c.Close()
+	for i := range 12 {
+		e, _ := c.Pick(&HashInput{}, nil)
+		method, body := "GET", io.Reader(nil)
+		if i%2 == 1 {
+			method, body = "POST", strings.NewReader("payload")
+		}
+		req, _ := http.NewRequest(method, "http://svc/", body)
+		resp, err := c.RoundTrip(req, e)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+	}
+	if len(perConn) != 4 {
+		t.Fatalf("12 sequential requests used %d connections, want 4 (3 each): %v", len(perConn), perConn)
+	}
+	for a, n := range perConn {
+		if n > 3 {
+			t.Fatalf("connection %s carried %d requests", a, n)
+		}
 	}
 }
