@@ -41,13 +41,17 @@ func newEnv(t testing.TB) *env {
 		return d.DialContext(ctx, "tcp", ep.Addr.String())
 	}
 	e := &env{t: t, vip: map[string]netip.AddrPort{}, reg: prometheus.NewRegistry()}
-	e.cat = catalog.New(catalog.Options{Dial: dial, Logger: zaptest.NewLogger(t)})
+	log := zap.NewNop()
+	if _, fuzz := t.(*testing.F); !fuzz { // a fuzz target may not log through F
+		log = zaptest.NewLogger(t)
+	}
+	e.cat = catalog.New(catalog.Options{Dial: dial, Logger: log})
 	tr, err := telemetry.NewTracer(context.Background(), telemetry.TracingConfig{SampleRatio: 1, ServiceName: "waypoint-test"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	e.proxy = New(Options{Catalog: e.cat, Metrics: telemetry.NewMetrics(e.reg), Tracer: tr,
-		AccessLog: zap.NewNop(), Logger: zaptest.NewLogger(t)})
+		AccessLog: zap.NewNop(), Logger: log})
 	return e
 }
 
