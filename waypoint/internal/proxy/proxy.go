@@ -452,7 +452,9 @@ func (rt roundTripper) RoundTrip(out *http.Request) (*http.Response, error) {
 		}
 		tried = append(tried, ep)
 		actx, cancel := attemptContext(ctx, rule.BackendTimeout)
-		req := out.Clone(actx)
+		// out is already the reverse proxy's private copy; attempts run one
+		// after another, so a shallow copy per attempt is enough.
+		req := out.WithContext(actx)
 		if ex.body != nil {
 			req.Body = ex.body.view()
 			req.GetBody = nil
