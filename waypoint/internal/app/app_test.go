@@ -687,3 +687,64 @@ func TestPoliciesAndResilienceThroughHBONE(t *testing.T) {
 		}
 	})
 }
+
+// TestDrainThroughHBONE: stopping the waypoint lets an in-flight request
+// finish, while readiness fails at once.
+func TestDrainThroughHBONE(t *testing.T) {
+	c := newController(t)
+	hbonePort := freePortOn(t, netip.MustParseAddr("127.0.0.1"))
+	wpID, _ := identity.ID(td, "default", "waypoint")
+	entered := make(chan struct{}, 1)
+	slow := startPod(t, c, hbonePort, wpID, key("slow"), 80, "slow", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		entered <- struct{}{}
+		time.Sleep(time.Second)
+		fmt.Fprint(w, "finished")
+	}), nil)
+	vip := netip.MustParseAddr("10.96.2.1")
+	c.set(discoveryv1.ServiceType, service("slow", vip, 80, "http"))
+	c.set(discoveryv1.WorkloadType, slow.workload)
+	c.set(discoveryv1.WaypointServiceType, &discoveryv1.WaypointService{Service: key("slow"), Gateway: "default/waypoint"})
+	wp := startWaypoint(t, c, hbonePort)
+	cl := newClient(t, c, wp)
+	type result struct {
+		code int
+		body string
+		err  error
+	}
+	rc := make(chan result, 1)
+	go func() {
+		resp, err := cl.http1(netip.AddrPortFrom(vip, 80)).Get("http://slow/")
+		if err != nil {
+			rc <- result{err: err}
+			return
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		rc <- result{code: resp.StatusCode, body: string(b)}
+	}()
+	<-entered
+	stopped := make(chan error, 1)
+	go func() { stopped <- wp.stop() }()
+	deadline := time.Now().Add(500 * time.Millisecond)
+	unready := false
+	for !unready && time.Now().Before(deadline) {
+		resp, err := http.Get("http://" + wp.ready + "/healthz/ready")
+		if err != nil {
+			unready = true
+			break
+		}
+		unready = resp.StatusCode == 503
+		resp.Body.Close()
+		time.Sleep(20 * time.Millisecond)
+	}
+	if !unready {
+		t.Error("still ready while draining")
+	}
+	r := <-rc
+	if r.err != nil || r.code != 200 || r.body != "finished" {
+		t.Fatalf("in-flight request during drain: %+v", r)
+	}
+	if err := <-stopped; err != nil {
+		t.Fatal(err)
+	}
+}
