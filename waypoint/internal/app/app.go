@@ -134,7 +134,7 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (*App, error) {
 	if err != nil {
 		return nil, err
 	}
-	a.cat = catalog.New(catalog.Options{Dial: a.dialEndpoint, Keys: authn.NewKeyCache(authn.Options{}), Logger: log.Named("catalog")})
+	a.cat = catalog.New(catalog.Options{Dial: a.dialEndpoint, Keys: authn.NewKeyCache(authn.Options{}), Logger: log.Named("catalog"), Gateway: cfg.Gateway})
 	var access *zap.Logger
 	if cfg.AccessLog {
 		access = accessLogger()

@@ -414,6 +414,8 @@ func TestEndToEndThroughHBONE(t *testing.T) {
 	healthpb.RegisterHealthServer(gs, hsrv)
 	rpod := startPod(t, c, hbonePort, wpID, key("ratings"), 9090, "ratings", nil, gs)
 	db := startPod(t, c, hbonePort, wpID, key("db"), 5432, "db", echo("db"), nil) // spoken to as raw TCP
+	// v1 is also bound to the waypoint for traffic addressed to its own IP.
+	v1.workload.Waypoint = &discoveryv1.GatewayAddress{Gateway: "default/waypoint", HbonePort: 15008}
 
 	reviewsVIP := netip.MustParseAddr("10.96.0.10")
 	c.set(discoveryv1.ServiceType,
@@ -511,6 +513,30 @@ func TestEndToEndThroughHBONE(t *testing.T) {
 		b, _ := io.ReadAll(conn)
 		if !bytes.Contains(b, []byte("db HTTP/1.0 /raw")) {
 			t.Fatalf("passthrough got %q", b)
+		}
+	})
+	t.Run("workload addressed directly", func(t *testing.T) {
+		resp, err := cl.http1(netip.AddrPortFrom(v1.ip, v1.appPort)).Get("http://pod/direct")
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 || !strings.HasPrefix(string(b), "v1 HTTP/1.1 /direct") {
+			t.Fatalf("%d %q", resp.StatusCode, b)
+		}
+		// The reviews service's DENY policy applies to its workloads too.
+		resp, err = cl.http1(netip.AddrPortFrom(v1.ip, v1.appPort)).Get("http://pod/admin")
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 403 {
+			t.Fatalf("admin on the pod: %d", resp.StatusCode)
+		}
+		// v2 is not bound to this waypoint.
+		if _, err := cl.dial(netip.AddrPortFrom(v2.ip, v2.appPort))(context.Background(), "", ""); !errors.Is(err, hbone.ErrBadTarget) {
+			t.Fatalf("unbound workload: %v", err)
 		}
 	})
 	t.Run("unknown target is refused with 400", func(t *testing.T) {

@@ -40,6 +40,9 @@ type Target struct {
 	Limiter *ratelimit.Bucket
 	Fault   *discoveryv1.FaultInjection
 	Policy  *discoveryv1.TrafficPolicy
+	// Workload is set for traffic addressed to a workload's own IP (its
+	// Key is "workload:<uid>"); Service is then a stand-in for labels.
+	Workload *discoveryv1.Workload
 }
 
 // HTTP reports whether the target is served at L7.
@@ -56,13 +59,17 @@ type Options struct {
 	Dial   upstream.Dialer
 	Keys   *authn.KeyCache
 	Logger *zap.Logger
+	// Gateway is this waypoint's Gateway "<namespace>/<name>"; workloads
+	// bound to it (Workload.waypoint) are served when addressed directly.
+	Gateway string
 }
 
 // Catalog holds the discovery state. Safe for concurrent use.
 type Catalog struct {
-	dial upstream.Dialer
-	keys *authn.KeyCache
-	log  *zap.Logger
+	dial    upstream.Dialer
+	keys    *authn.KeyCache
+	log     *zap.Logger
+	gateway string
 
 	mu        sync.Mutex
 	workloads map[string]*discoveryv1.Workload
@@ -70,6 +77,8 @@ type Catalog struct {
 	waypoints map[string]*discoveryv1.WaypointService
 	limiters  map[string]*limiterEntry
 	clusters  map[clusterKey]*upstream.Cluster
+	// wlProto is the protocol of each workload-addressed port.
+	wlProto map[clusterKey]string
 
 	snap atomic.Pointer[snapshot]
 }
@@ -95,7 +104,7 @@ type snapshot struct {
 
 // New returns an empty catalog.
 func New(opts Options) *Catalog {
-	c := &Catalog{dial: opts.Dial, keys: opts.Keys, log: opts.Logger,
+	c := &Catalog{dial: opts.Dial, keys: opts.Keys, log: opts.Logger, gateway: opts.Gateway, wlProto: map[clusterKey]string{},
 		workloads: map[string]*discoveryv1.Workload{}, services: map[string]*discoveryv1.Service{},
 		waypoints: map[string]*discoveryv1.WaypointService{}, limiters: map[string]*limiterEntry{},
 		clusters: map[clusterKey]*upstream.Cluster{}}
@@ -242,14 +251,128 @@ func (c *Catalog) rebuild() {
 			delete(c.limiters, k)
 		}
 	}
+	c.workloadTargets(s)
 	c.snap.Store(s)
 	for k, cl := range c.clusters {
+		if uid, ok := strings.CutPrefix(k.service, workloadPrefix); ok {
+			if _, live := c.wlProto[k]; !live {
+				cl.Close()
+				delete(c.clusters, k)
+				continue
+			}
+			cl.Update(c.workloadEndpoint(uid, k.port), nil)
+			continue
+		}
 		if _, ok := c.services[k.service]; !ok {
 			cl.Close()
 			delete(c.clusters, k)
 			continue
 		}
 		cl.Update(c.endpoints(k.service, k.port), c.policyFor(k.service))
+	}
+}
+
+// workloadPrefix marks the pseudo-service of a workload addressed directly.
+const workloadPrefix = "workload:"
+
+// workloadTargets adds targets for workloads bound to this waypoint and
+// addressed by their own IP. Their policies are those of the waypoint's
+// services the workload belongs to (DENY of any applies; so does ALLOW);
+// a workload that belongs to none of them is not served (fail closed: the
+// waypoint would not know the policies that apply).
+func (c *Catalog) workloadTargets(s *snapshot) {
+	clear(c.wlProto)
+	if c.gateway == "" {
+		return
+	}
+	for uid, w := range c.workloads {
+		if w.GetWaypoint().GetGateway() != c.gateway || len(w.GetAddresses()) == 0 {
+			continue
+		}
+		var authzs []*discoveryv1.Authorization
+		var ras []*discoveryv1.RequestAuthentication
+		seenA, seenR := map[string]bool{}, map[string]bool{}
+		ports := map[uint32]string{} // target port → protocol
+		keys := make([]string, 0, len(w.GetServices()))
+		for k := range w.GetServices() {
+			keys = append(keys, k)
+		}
+		sort.Strings(keys)
+		for _, svcKey := range keys {
+			ws, svc := c.waypoints[svcKey], c.services[svcKey]
+			if ws == nil || svc == nil {
+				continue
+			}
+			for _, a := range ws.GetAuthorizations() {
+				if n := a.GetNamespace() + "/" + a.GetName(); !seenA[n] {
+					seenA[n] = true
+					authzs = append(authzs, a)
+				}
+			}
+			for _, r := range ws.GetRequestAuthentications() {
+				if n := r.GetNamespace() + "/" + r.GetName(); !seenR[n] {
+					seenR[n] = true
+					ras = append(ras, r)
+				}
+			}
+			for _, sp := range svc.GetPorts() {
+				tp := sp.GetTargetPort()
+				for _, p := range w.GetServices()[svcKey].GetPorts() {
+					if p.GetServicePort() == sp.GetServicePort() && p.GetTargetPort() != 0 {
+						tp = p.GetTargetPort()
+					}
+				}
+				if tp != 0 && ports[tp] == "" {
+					ports[tp] = protocol(sp)
+				}
+			}
+		}
+		if len(ports) == 0 {
+			continue
+		}
+		key := workloadPrefix + uid
+		pseudo := &discoveryv1.Service{Name: w.GetWorkloadName(), Namespace: w.GetNamespace()}
+		az := authz.Compile(authzs)
+		an := authn.New(ras, c.keys, authn.Options{})
+		for tp, proto := range ports {
+			c.wlProto[clusterKey{key, tp}] = proto
+			t := &Target{Key: key, Service: pseudo, Port: tp, Protocol: proto, Workload: w,
+				Routes: route.Compile(key, tp, nil, nil), Authz: az, Authn: an}
+			for _, a := range w.GetAddresses() {
+				if ip, ok := addrOf(a); ok {
+					if _, taken := s.byAddr[netip.AddrPortFrom(ip, uint16(tp))]; !taken {
+						s.byAddr[netip.AddrPortFrom(ip, uint16(tp))] = t
+					}
+				}
+			}
+		}
+	}
+}
+
+// workloadEndpoint is the single endpoint of a directly addressed workload.
+func (c *Catalog) workloadEndpoint(uid string, port uint32) []upstream.Endpoint {
+	w := c.workloads[uid]
+	if w == nil || len(w.GetAddresses()) == 0 || w.GetStatus() != discoveryv1.WorkloadStatus_WORKLOAD_STATUS_HEALTHY {
+		return nil
+	}
+	ip, ok := addrOf(w.GetAddresses()[0])
+	if !ok {
+		return nil
+	}
+	return []upstream.Endpoint{endpointOf(w, netip.AddrPortFrom(ip, uint16(port)))}
+}
+
+func endpointOf(w *discoveryv1.Workload, addr netip.AddrPort) upstream.Endpoint {
+	td := w.GetTrustDomain()
+	if td == "" {
+		td = "cluster.local"
+	}
+	return upstream.Endpoint{
+		Addr:     addr,
+		HBONE:    w.GetTunnelProtocol() == discoveryv1.TunnelProtocol_TUNNEL_PROTOCOL_HBONE,
+		Identity: "spiffe://" + td + "/ns/" + w.GetNamespace() + "/sa/" + w.GetServiceAccount(),
+		Workload: w.GetWorkloadName(), Namespace: w.GetNamespace(),
+		CanonicalName: w.GetCanonicalName(), CanonicalRevision: w.GetCanonicalRevision(),
 	}
 }
 
@@ -329,17 +452,7 @@ func (c *Catalog) endpoints(key string, port uint32) []upstream.Endpoint {
 		if !ok {
 			continue
 		}
-		td := w.GetTrustDomain()
-		if td == "" {
-			td = "cluster.local"
-		}
-		out = append(out, upstream.Endpoint{
-			Addr:     netip.AddrPortFrom(ip, uint16(tp)),
-			HBONE:    w.GetTunnelProtocol() == discoveryv1.TunnelProtocol_TUNNEL_PROTOCOL_HBONE,
-			Identity: "spiffe://" + td + "/ns/" + w.GetNamespace() + "/sa/" + w.GetServiceAccount(),
-			Workload: w.GetWorkloadName(), Namespace: w.GetNamespace(),
-			CanonicalName: w.GetCanonicalName(), CanonicalRevision: w.GetCanonicalRevision(),
-		})
+		out = append(out, endpointOf(w, netip.AddrPortFrom(ip, uint16(tp))))
 	}
 	slices.SortFunc(out, func(a, b upstream.Endpoint) int { return a.Addr.Compare(b.Addr) })
 	return out
@@ -367,6 +480,16 @@ func (c *Catalog) Cluster(key string, port uint32) (*upstream.Cluster, error) {
 	defer c.mu.Unlock()
 	k := clusterKey{key, port}
 	if cl := c.clusters[k]; cl != nil {
+		return cl, nil
+	}
+	if uid, ok := strings.CutPrefix(key, workloadPrefix); ok {
+		proto, live := c.wlProto[k]
+		if !live {
+			return nil, fmt.Errorf("workload %q is not served on port %d", uid, port)
+		}
+		cl := upstream.New(upstream.Options{Name: fmt.Sprintf("%s:%d", key, port), HTTP2: proto == "http2" || proto == "grpc", Dial: c.dial})
+		cl.Update(c.workloadEndpoint(uid, port), nil)
+		c.clusters[k] = cl
 		return cl, nil
 	}
 	svc := c.services[key]

@@ -1,11 +1,13 @@
 package catalog
 
 import (
+	"net/http"
 	"net/netip"
 	"testing"
 	"time"
 
 	discoveryv1 "github.com/amesh-dev/amesh/api/discovery/v1"
+	"github.com/amesh-dev/amesh/waypoint/internal/authz"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 )
@@ -114,4 +116,52 @@ func TestApplyValidatesAndRemovesByType(t *testing.T) {
 	if _, err := c.Cluster(key, 80); err == nil {
 		t.Fatal("cluster of a removed service")
 	}
+}
+
+func TestWorkloadAddressedTargets(t *testing.T) {
+	c := New(Options{Gateway: "shop/waypoint"})
+	bound := &discoveryv1.GatewayAddress{Gateway: "shop/waypoint"}
+	w := func(uid string, ip byte, wp *discoveryv1.GatewayAddress, svc string) *discoveryv1.Workload {
+		return &discoveryv1.Workload{Uid: uid, Namespace: "shop", Addresses: [][]byte{{10, 1, 0, ip}}, ServiceAccount: uid,
+			Waypoint: wp, TunnelProtocol: discoveryv1.TunnelProtocol_TUNNEL_PROTOCOL_HBONE,
+			Services: map[string]*discoveryv1.PortList{svc: {}}}
+	}
+	deny := &discoveryv1.Authorization{Namespace: "shop", Name: "deny-all", Action: discoveryv1.Authorization_ACTION_DENY, Rules: []*discoveryv1.Rule{{}}}
+	if err := c.Update([]proto.Message{
+		&discoveryv1.Service{Name: "cart", Namespace: "shop", Hostname: "cart.shop.svc.cluster.local", Addresses: [][]byte{{10, 96, 0, 10}},
+			Ports: []*discoveryv1.ServicePort{{ServicePort: 80, TargetPort: 8080, AppProtocol: "http"}}},
+		w("bound", 1, bound, key), w("other-waypoint", 2, &discoveryv1.GatewayAddress{Gateway: "shop/else"}, key),
+		w("unbound", 3, nil, key), w("no-waypoint-service", 4, bound, "shop/nope.shop.svc.cluster.local"),
+		&discoveryv1.WaypointService{Service: key, Authorizations: []*discoveryv1.Authorization{deny}},
+	}, nil); err != nil {
+		t.Fatal(err)
+	}
+	tg := c.Target(netip.MustParseAddrPort("10.1.0.1:8080"))
+	if tg == nil || tg.Workload.GetUid() != "bound" || tg.Protocol != "http" || tg.Authz.Evaluate(&authz.Attributes{}).Allow {
+		t.Fatalf("bound workload target %+v (must carry the service's policies)", tg)
+	}
+	m, ok := tg.Routes.Lookup(mustReq(t))
+	if !ok || !m.Rule.Default {
+		t.Fatal("no default route")
+	}
+	cl, err := c.Cluster(m.Rule.Backends[0].GetService(), m.Rule.Backends[0].GetPort())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if eps := cl.Endpoints(); len(eps) != 1 || eps[0].Addr != netip.MustParseAddrPort("10.1.0.1:8080") {
+		t.Fatalf("workload cluster %+v", eps)
+	}
+	for _, a := range []string{"10.1.0.2:8080", "10.1.0.3:8080", "10.1.0.4:8080", "10.1.0.1:9999"} {
+		if c.Target(netip.MustParseAddrPort(a)) != nil {
+			t.Errorf("%s served", a)
+		}
+	}
+}
+
+func mustReq(t *testing.T) *http.Request {
+	r, err := http.NewRequest("GET", "http://x/", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
 }
