@@ -98,8 +98,8 @@ func TestOriginalDst(t *testing.T) {
 	}
 	ns := testnet.NewNS(t, "ztn-od")
 	h := ns.Open(t)
-	ns.Addr(t, "lo", "10.55.0.1/24")
-	ns.IP(t, "-6", "addr", "add", "fd55::1/64", "dev", "lo", "nodad")
+	ns.AddAddr(t, "lo", "10.55.0.1/24")
+	ns.Iproute(t, "-6", "addr", "add", "fd55::1/64", "dev", "lo", "nodad")
 	ns.Run(t, "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", "10.55.0.9", "--dport", "80", "-j", "REDIRECT", "--to-ports", "15001")
 	ns.Run(t, "ip6tables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", "fd55::9", "--dport", "80", "-j", "REDIRECT", "--to-ports", "15001")
 	ctx := context.Background()
@@ -149,13 +149,13 @@ func TestTransparentDial(t *testing.T) {
 	p := testnet.NewNS(t, "ztn-tp")
 	q := testnet.NewNS(t, "ztn-tq")
 	testnet.Veth(t, p, "vp", q, "vq")
-	p.Addr(t, "vp", "10.66.0.1/24")
-	q.Addr(t, "vq", "10.66.0.2/24")
+	p.AddAddr(t, "vp", "10.66.0.1/24")
+	q.AddAddr(t, "vq", "10.66.0.2/24")
 	// q routes the spoofed range back to p; p delivers it locally (what the
 	// capture rules do for marked connections in a pod).
-	q.IP(t, "route", "add", "10.77.0.0/24", "via", "10.66.0.1")
-	p.IP(t, "rule", "add", "to", "10.77.0.0/24", "lookup", "177", "pref", "100")
-	p.IP(t, "route", "add", "local", "10.77.0.0/24", "dev", "lo", "table", "177")
+	q.Iproute(t, "route", "add", "10.77.0.0/24", "via", "10.66.0.1")
+	p.Iproute(t, "rule", "add", "to", "10.77.0.0/24", "lookup", "177", "pref", "100")
+	p.Iproute(t, "route", "add", "local", "10.77.0.0/24", "dev", "lo", "table", "177")
 
 	ctx := context.Background()
 	ln, err := q.Open(t).Listen(ctx, "tcp", "10.66.0.2:0", netns.SockOpts{})

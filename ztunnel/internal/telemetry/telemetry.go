@@ -187,13 +187,19 @@ func (a *Access) Log(l *zap.Logger) {
 		zap.String("direction", a.Direction),
 		zap.String("listener", a.Listener),
 		zap.String("src.addr", a.Source.String()),
-		zap.String("dst.addr", a.Destination.String()),
-		zap.String("protocol", a.Protocol),
+	}
+	if a.Destination.IsValid() {
+		fields = append(fields, zap.String("dst.addr", a.Destination.String()))
+	}
+	if a.Protocol != "" {
+		fields = append(fields, zap.String("protocol", a.Protocol))
+	}
+	fields = append(fields,
 		zap.Int64("bytes_received", a.Received),
 		zap.Int64("bytes_sent", a.Sent),
 		zap.Duration("duration", time.Since(a.Start)),
 		zap.String("flags", orNone(a.Flags)),
-	}
+	)
 	if a.SourceID != "" {
 		fields = append(fields, zap.String("src.identity", a.SourceID))
 	}

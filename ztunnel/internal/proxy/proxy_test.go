@@ -1,0 +1,232 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/amesh-dev/amesh/api/capture"
+	discoveryv1 "github.com/amesh-dev/amesh/api/discovery/v1"
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap/zaptest"
+
+	"github.com/amesh-dev/amesh/ztunnel/internal/agent"
+	"github.com/amesh-dev/amesh/ztunnel/internal/netns"
+	"github.com/amesh-dev/amesh/ztunnel/internal/route"
+	"github.com/amesh-dev/amesh/ztunnel/internal/store"
+	"github.com/amesh-dev/amesh/ztunnel/internal/telemetry"
+	"github.com/amesh-dev/amesh/ztunnel/internal/testnet"
+)
+
+// env is one node with a proxy serving in-process.
+type env struct {
+	t     *testing.T
+	node  *testnet.Node
+	store *store.Store
+	proxy *Proxy
+	pods  map[string]*testnet.Pod
+}
+
+func enroll(t *testing.T, p *testnet.Pod) {
+	t.Helper()
+	h := p.Open(t)
+	if err := h.Do(func() error { return capture.Install(capture.Config{}) }); err != nil {
+		t.Fatalf("capture rules in %s: %v", p.Name, err)
+	}
+}
+
+func workloadOf(p *testnet.Pod, captured bool) store.Resource {
+	w := &discoveryv1.Workload{
+		Uid: p.Name, Name: p.Name, Namespace: "default", ServiceAccount: p.Name,
+		Addresses: [][]byte{p.IP.AsSlice()}, Node: fmt.Sprintf("node%d", p.Node.Index),
+	}
+	if captured {
+		w.TunnelProtocol = discoveryv1.TunnelProtocol_TUNNEL_PROTOCOL_HBONE
+	}
+	return store.Resource{Name: p.Name, Body: w}
+}
+
+func newEnv(t *testing.T) *env {
+	testnet.RequireRoot(t)
+	e := &env{t: t, node: testnet.NewNode(t, 1), store: store.New("cluster.local"), pods: map[string]*testnet.Pod{}}
+	e.proxy = New(Config{
+		Store: e.store, Router: route.New(e.store), Metrics: telemetry.NewMetrics(prometheus.NewRegistry()),
+		Logger: zaptest.NewLogger(t), AccessLog: zaptest.NewLogger(t).Named("access"),
+		TrustDomain: "cluster.local", Mark: capture.Mark, DrainTimeout: 2 * time.Second,
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- e.proxy.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("proxy Run: %v", err)
+		}
+	})
+	return e
+}
+
+// pod adds a pod running the echo app on 8080; enrolled pods get capture
+// rules and are handed to the proxy.
+func (e *env) pod(name string, enrolled bool) *testnet.Pod {
+	p := e.node.AddPod(e.t, name)
+	p.Echo(e.t, 8080)
+	e.pods[name] = p
+	if enrolled {
+		enroll(e.t, p)
+		h, err := netns.Open(p.Path) // owned by the proxy
+		if err != nil {
+			e.t.Fatal(err)
+		}
+		if err := e.proxy.AddPod(name, agent.PodInfo{
+			Name: name, Namespace: "default", ServiceAccount: name, IPs: []netip.Addr{p.IP}, Node: "node1",
+		}, h); err != nil {
+			e.t.Fatal(err)
+		}
+	}
+	return p
+}
+
+func (e *env) apply(typeURL string, rs ...store.Resource) {
+	e.t.Helper()
+	if err := e.store.Apply(typeURL, rs, nil); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+// TestPassthroughAndPlaintext covers the paths that need no HBONE:
+// outbound passthrough to workloads outside the mesh and to unknown
+// addresses, and plaintext inbound under PERMISSIVE and STRICT.
+func TestPassthroughAndPlaintext(t *testing.T) {
+	e := newEnv(t)
+	a := e.pod("a", true)
+	b := e.pod("b", true)
+	u := e.pod("u", false) // not enrolled
+	e.node.Echo(t, 9090)   // a server outside the mesh, on the node
+	e.apply(discoveryv1.WorkloadType, workloadOf(a, true), workloadOf(b, true), workloadOf(u, false))
+	payload := bytes.Repeat([]byte("0123456789abcdef"), 64<<10) // 1 MiB
+
+	t.Run("to an un-enrolled pod passes through", func(t *testing.T) {
+		seen, echoed, err := a.Converse(u.IP.String()+":8080", payload)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if seen != a.IP.String() || !bytes.Equal(echoed, payload) {
+			t.Fatalf("server saw %s (want %s), echoed %d bytes (want %d)", seen, a.IP, len(echoed), len(payload))
+		}
+	})
+	t.Run("to an unknown address passes through", func(t *testing.T) {
+		seen, echoed, err := a.Converse(e.node.Gateway().String()+":9090", []byte("x"))
+		if err != nil || seen != a.IP.String() || string(echoed) != "x" {
+			t.Fatalf("seen %s echoed %q err %v", seen, echoed, err)
+		}
+	})
+	t.Run("plaintext into an enrolled pod under PERMISSIVE keeps the client address", func(t *testing.T) {
+		seen, echoed, err := u.Converse(b.IP.String()+":8080", payload)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if seen != u.IP.String() || !bytes.Equal(echoed, payload) {
+			t.Fatalf("app saw %s (want %s), echoed %d bytes", seen, u.IP, len(echoed))
+		}
+	})
+	t.Run("plaintext under STRICT is refused", func(t *testing.T) {
+		strict := workloadOf(b, true)
+		strict.Body.(*discoveryv1.Workload).MtlsMode = discoveryv1.MtlsMode_MTLS_MODE_STRICT
+		e.apply(discoveryv1.WorkloadType, strict)
+		defer e.apply(discoveryv1.WorkloadType, workloadOf(b, true))
+		if seen, _, err := u.Converse(b.IP.String()+":8080", []byte("x")); err == nil {
+			t.Fatalf("plaintext got through under STRICT (app saw %s)", seen)
+		}
+	})
+	t.Run("DENY policy refuses and closes live connections", func(t *testing.T) {
+		// A live connection first.
+		h := u.Open(t)
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		c, err := h.Dial(ctx, "tcp", b.IP.String()+":8080", netip.Addr{}, netnsOpts())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		buf := make([]byte, 64)
+		_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+		if n, err := c.Read(buf); err != nil || !strings.HasPrefix(string(buf[:n]), "hello") {
+			t.Fatalf("greeting %q, %v", buf[:n], err)
+		}
+		e.apply(discoveryv1.AuthorizationType, store.Resource{Name: "default/deny-u", Body: &discoveryv1.Authorization{
+			Name: "deny-u", Namespace: "default", Scope: discoveryv1.Authorization_SCOPE_NAMESPACE,
+			Action: discoveryv1.Authorization_ACTION_DENY,
+			Rules:  []*discoveryv1.Rule{{From: []*discoveryv1.Source{{IpBlocks: []string{u.IP.String()}}}}},
+		}})
+		defer func() {
+			if err := e.store.Apply(discoveryv1.AuthorizationType, nil, []string{"default/deny-u"}); err != nil {
+				t.Error(err)
+			}
+		}()
+		// The live connection is closed by the re-check.
+		if n, err := c.Read(buf); err == nil {
+			t.Fatalf("live connection still open after DENY (read %q)", buf[:n])
+		}
+		if _, _, err := u.Converse(b.IP.String()+":8080", []byte("x")); err == nil {
+			t.Fatal("new connection allowed despite DENY")
+		}
+		// Other clients are unaffected.
+		if _, _, err := e.node.NS.Converse(b.IP.String()+":8080", []byte("x")); err != nil {
+			t.Fatalf("node client refused: %v", err)
+		}
+	})
+	t.Run("outbound to the pod's own outbound port is refused", func(t *testing.T) {
+		if _, _, err := a.Converse("127.0.0.1:15001", []byte("x")); err == nil {
+			t.Fatal("direct connection to 15001 was forwarded")
+		}
+	})
+}
+
+// TestRemovePodDrains checks that a removed pod stops accepting at once
+// while its live connection completes.
+func TestRemovePodDrains(t *testing.T) {
+	e := newEnv(t)
+	a := e.pod("a", true)
+	u := e.pod("u", false)
+	e.apply(discoveryv1.WorkloadType, workloadOf(a, true), workloadOf(u, false))
+	h := a.Open(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := h.Dial(ctx, "tcp", u.IP.String()+":8080", netip.Addr{}, netnsOpts())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	buf := make([]byte, 64)
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.Read(buf); err != nil {
+		t.Fatal(err)
+	}
+	e.proxy.RemovePod("a")
+	if e.proxy.HasPod("a") {
+		t.Fatal("pod still held")
+	}
+	// New connections are refused (nothing listens on 15001 any more).
+	if _, _, err := a.Converse(u.IP.String()+":8080", []byte("x")); err == nil {
+		t.Fatal("new connection accepted after removal")
+	}
+	// The live one still works.
+	if _, err := c.Write([]byte("ping")); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := c.Read(buf); err != nil || string(buf[:n]) != "ping" {
+		t.Fatalf("live connection: %q %v", buf[:n], err)
+	}
+	// After the drain deadline it is closed.
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.Read(buf); err == nil {
+		t.Fatal("connection survived the drain deadline")
+	}
+}
+
+func netnsOpts() netns.SockOpts { return netns.SockOpts{} }
