@@ -11,6 +11,7 @@ import (
 
 	"github.com/amesh-dev/amesh/api/capture"
 	discoveryv1 "github.com/amesh-dev/amesh/api/discovery/v1"
+	"github.com/amesh-dev/amesh/api/hbone"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/amesh-dev/amesh/ztunnel/internal/authz"
@@ -71,6 +72,83 @@ func (p *Proxy) authorize(pd *pod, a *authz.Conn, peer spiffeid.ID, plaintext bo
 	return authz.Evaluate(p.cfg.Store.Policies(pd.info.Namespace, names), a)
 }
 
+// appTarget reports whether dst is an application address of the pod:
+// one of its IPs, and not one of ztunnel's own ports (no loops).
+func (p *Proxy) appTarget(pd *pod, dst netip.AddrPort) bool {
+	switch dst.Port() {
+	case p.cfg.OutboundPort, p.cfg.PlaintextPort, p.cfg.HBONEPort:
+		return false
+	}
+	return hasIP(pd.info.IPs, dst.Addr())
+}
+
+// hboneHandler decides the CONNECT requests arriving on the pod's 15008:
+// the authority must be the pod itself (400), the peer must be authorized
+// (401), and the application must accept the connection, made with the
+// peer's address, before the 200 (503).
+func (p *Proxy) hboneHandler(pd *pod) hbone.Handler {
+	return func(ctx context.Context, r *hbone.Request) (func(net.Conn), error) {
+		acc := &telemetry.Access{
+			Direction: "inbound", Listener: "15008", Start: time.Now(), Protocol: "hbone",
+			Source: r.RemoteAddr, SourceID: r.Peer.String(), Destination: r.Authority, Upstream: r.Authority,
+			Workload: pd.name(), DestinationID: pd.id.String(),
+		}
+		if !p.appTarget(pd, r.Authority) {
+			acc.Err, acc.Flags = fmt.Errorf("%w: %s", errBadTarget, r.Authority), telemetry.FlagBadRequest
+			p.accessLog(acc)
+			return nil, fmt.Errorf("%w: %w", hbone.ErrBadTarget, acc.Err)
+		}
+		ns, _ := namespaceOf(r.Peer)
+		attrs := authz.Conn{
+			SourceIP: r.RemoteAddr.Addr().Unmap(), Principal: store.Principal(r.Peer), Namespace: ns,
+			DestinationIP: r.Authority.Addr(), DestinationPort: r.Authority.Port(),
+		}
+		labels := p.inboundLabels(pd, p.workload(pd), p.cfg.Store.WorkloadByIP(attrs.SourceIP), r.Peer, r.Authority.Port())
+		d := p.authorize(pd, &attrs, r.Peer, false)
+		acc.Policy = d.Policy
+		if !d.Allowed {
+			acc.Err, acc.Flags = fmt.Errorf("%w: %s", errDenied, d.Reason), telemetry.FlagDenied
+			labels.Flags = telemetry.FlagDenied
+			p.openClosed(labels)
+			p.accessLog(acc)
+			return nil, fmt.Errorf("%w: %w", hbone.ErrDenied, acc.Err)
+		}
+		tr := &tracked{inbound: true, attrs: attrs, peer: r.Peer}
+		if !pd.track(tr) {
+			acc.Err = errors.New("pod is shutting down")
+			p.accessLog(acc)
+			return nil, fmt.Errorf("%w: %w", hbone.ErrUnreachable, acc.Err)
+		}
+		app, err := p.connectApp(ctx, pd, attrs.SourceIP, r.Authority)
+		if err != nil {
+			pd.untrack(tr)
+			acc.Err, acc.Flags = err, telemetry.FlagConnectFailed
+			labels.Flags = telemetry.FlagConnectFailed
+			p.openClosed(labels)
+			p.accessLog(acc)
+			return nil, fmt.Errorf("%w: %w", hbone.ErrUnreachable, err)
+		}
+		tr.add(app)
+		return func(stream net.Conn) {
+			defer pd.untrack(tr)
+			tr.add(stream)
+			m := p.cfg.Metrics.Open(labels)
+			var err error
+			acc.Received, acc.Sent, err = hbone.Splice(stream, app)
+			stream.Close()
+			app.Close()
+			m.Bytes(acc.Received, acc.Sent)
+			m.Close()
+			if tr.revoked() {
+				acc.Flags = telemetry.FlagDenied
+			} else if err != nil {
+				acc.Err = err
+			}
+			p.accessLog(acc)
+		}, nil
+	}
+}
+
 // connectApp connects to the application inside the pod with the
 // client's source address.
 func (p *Proxy) connectApp(ctx context.Context, pd *pod, src netip.Addr, dst netip.AddrPort) (net.Conn, error) {
@@ -91,7 +169,7 @@ func (p *Proxy) plaintext(pd *pod, c *net.TCPConn) {
 	}
 	defer p.accessLog(acc)
 	dst, err := capture.OriginalDestination(c)
-	if err == nil && (!hasIP(pd.info.IPs, dst.Addr()) || dst.Port() == p.cfg.PlaintextPort) {
+	if err == nil && !p.appTarget(pd, dst) {
 		err = fmt.Errorf("%w: %s", errBadTarget, dst)
 	}
 	if err != nil {
@@ -131,9 +209,9 @@ func (p *Proxy) plaintext(pd *pod, c *net.TCPConn) {
 	}
 	tr.add(app)
 	m := p.cfg.Metrics.Open(labels)
-	var recv, sent counter
-	err = splice(c, app, &recv, &sent)
-	acc.Received, acc.Sent = recv.n.Load(), sent.n.Load()
+	acc.Received, acc.Sent, err = hbone.Splice(c, app)
+	c.Close()
+	app.Close()
 	m.Bytes(acc.Received, acc.Sent)
 	m.Close()
 	if tr.revoked() {

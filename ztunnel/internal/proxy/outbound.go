@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/amesh-dev/amesh/api/capture"
+	"github.com/amesh-dev/amesh/api/hbone"
 	"go.uber.org/zap"
 
 	"github.com/amesh-dev/amesh/ztunnel/internal/netns"
@@ -74,7 +75,7 @@ func (p *Proxy) outbound(pd *pod, c *net.TCPConn) {
 	var target route.Target
 	for i, t := range plan.Targets {
 		target = t
-		up, err = p.dialTarget(pd, t)
+		up, err = p.dialTarget(pd, t, acc.Source.Addr())
 		if err == nil || errors.Is(err, errDenied) || pd.ctx.Err() != nil {
 			break
 		}
@@ -103,9 +104,9 @@ func (p *Proxy) outbound(pd *pod, c *net.TCPConn) {
 	}
 	tr.add(up)
 	m := p.cfg.Metrics.Open(p.outboundLabels(pd, src, plan, target, ""))
-	var recv, sent counter
-	err = splice(c, up, &recv, &sent)
-	acc.Received, acc.Sent = recv.n.Load(), sent.n.Load()
+	acc.Received, acc.Sent, err = hbone.Splice(c, up)
+	c.Close()
+	up.Close()
 	m.Bytes(acc.Received, acc.Sent)
 	m.Close()
 	if err != nil && !tr.revoked() {
@@ -115,11 +116,11 @@ func (p *Proxy) outbound(pd *pod, c *net.TCPConn) {
 
 // dialTarget opens the upstream connection of one target from inside the
 // pod's namespace.
-func (p *Proxy) dialTarget(pd *pod, t route.Target) (net.Conn, error) {
+func (p *Proxy) dialTarget(pd *pod, t route.Target, src netip.Addr) (net.Conn, error) {
 	ctx, cancel := context.WithTimeout(pd.ctx, p.cfg.ConnectTimeout)
 	defer cancel()
 	if t.Kind == route.HBONE {
-		return pd.tunnel.dial(ctx, t)
+		return pd.tunnel.dial(ctx, t, src)
 	}
 	c, err := pd.ns.Dial(ctx, "tcp", t.Authority.String(), netip.Addr{}, netns.SockOpts{Mark: p.cfg.Mark})
 	if err != nil {

@@ -215,6 +215,7 @@ func (pd *pod) inboundConns() []*tracked {
 
 // stopAccepting closes the listeners; live connections go on.
 func (pd *pod) stopAccepting() {
+	pd.tunnel.stopAccepting()
 	pd.mu.Lock()
 	lns := pd.lns
 	pd.lns = nil
@@ -222,7 +223,6 @@ func (pd *pod) stopAccepting() {
 	for _, l := range lns {
 		l.ln.Close()
 	}
-	pd.tunnel.stopAccepting()
 }
 
 // drain waits up to timeout for live connections to end, then closes

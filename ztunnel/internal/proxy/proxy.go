@@ -20,6 +20,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/amesh-dev/amesh/api/identity"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"go.uber.org/zap"
 
@@ -48,6 +49,7 @@ type Config struct {
 	Store     *store.Store
 	Router    *route.Router
 	Certs     Certs
+	Bundle    *identity.Bundle
 	Metrics   *telemetry.Metrics
 	Logger    *zap.Logger
 	AccessLog *zap.Logger // nil: no access log

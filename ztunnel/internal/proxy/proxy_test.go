@@ -3,15 +3,19 @@ package proxy
 import (
 	"bytes"
 	"context"
+	"crypto/x509"
 	"fmt"
 	"net/netip"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/amesh-dev/amesh/api/ca"
 	"github.com/amesh-dev/amesh/api/capture"
 	discoveryv1 "github.com/amesh-dev/amesh/api/discovery/v1"
+	"github.com/amesh-dev/amesh/api/identity"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"go.uber.org/zap/zaptest"
 
 	"github.com/amesh-dev/amesh/ztunnel/internal/agent"
@@ -53,21 +57,40 @@ func workloadOf(p *testnet.Pod, captured bool) store.Resource {
 func newEnv(t *testing.T) *env {
 	testnet.RequireRoot(t)
 	e := &env{t: t, node: testnet.NewNode(t, 1), store: store.New("cluster.local"), pods: map[string]*testnet.Pod{}}
+	td := spiffeid.RequireTrustDomainFromString("cluster.local")
+	root, err := ca.NewRoot(td, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bundle := identity.NewBundle()
+	bundle.Set(td, root.Roots())
+	certs := identity.NewStore(issuer{root}, identity.StoreOptions{TTL: time.Hour})
 	e.proxy = New(Config{
 		Store: e.store, Router: route.New(e.store), Metrics: telemetry.NewMetrics(prometheus.NewRegistry()),
+		Certs: certs, Bundle: bundle,
 		Logger: zaptest.NewLogger(t), AccessLog: zaptest.NewLogger(t).Named("access"),
 		TrustDomain: "cluster.local", Mark: capture.Mark, DrainTimeout: 2 * time.Second,
 	})
 	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
+	done := make(chan error, 2)
 	go func() { done <- e.proxy.Run(ctx) }()
+	go func() { done <- certs.Run(ctx) }()
 	t.Cleanup(func() {
 		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("proxy Run: %v", err)
+		for range 2 {
+			if err := <-done; err != nil {
+				t.Errorf("Run: %v", err)
+			}
 		}
 	})
 	return e
+}
+
+// issuer signs workload certificates with an in-process CA.
+type issuer struct{ a *ca.Authority }
+
+func (i issuer) Issue(_ context.Context, id spiffeid.ID, csr []byte, ttl time.Duration) ([]*x509.Certificate, error) {
+	return i.a.Sign(csr, id, ttl)
 }
 
 // pod adds a pod running the echo app on 8080; enrolled pods get capture
@@ -230,3 +253,106 @@ func TestRemovePodDrains(t *testing.T) {
 }
 
 func netnsOpts() netns.SockOpts { return netns.SockOpts{} }
+
+// TestHBONE runs mTLS tunnels between two pods of one node in-process (so
+// the race detector sees the whole data path).
+func TestHBONE(t *testing.T) {
+	e := newEnv(t)
+	a := e.pod("a", true)
+	b := e.pod("b", true)
+	const svc = "default/svc-b.default.svc.cluster.local"
+	vip := netip.MustParseAddr("10.96.0.10")
+	wb := workloadOf(b, true)
+	wb.Body.(*discoveryv1.Workload).Services = map[string]*discoveryv1.PortList{svc: {Ports: []*discoveryv1.Port{{ServicePort: 80, TargetPort: 8080}}}}
+	e.apply(discoveryv1.WorkloadType, workloadOf(a, true), wb)
+	e.apply(discoveryv1.ServiceType, store.Resource{Name: svc, Body: &discoveryv1.Service{
+		Name: "svc-b", Namespace: "default", Hostname: "svc-b.default.svc.cluster.local",
+		Addresses: [][]byte{vip.AsSlice()}, Ports: []*discoveryv1.ServicePort{{ServicePort: 80, TargetPort: 8080}},
+	}})
+	payload := bytes.Repeat([]byte("hbone-payload-"), 50000)
+
+	t.Run("service VIP through HBONE keeps the client address", func(t *testing.T) {
+		seen, echoed, err := a.Converse(vip.String()+":80", payload)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if seen != a.IP.String() || !bytes.Equal(echoed, payload) {
+			t.Fatalf("app saw %s, echoed %d of %d bytes", seen, len(echoed), len(payload))
+		}
+	})
+	t.Run("many concurrent connections share the pool", func(t *testing.T) {
+		errs := make(chan error, 32)
+		for range 32 {
+			go func() {
+				_, echoed, err := a.Converse(vip.String()+":80", payload[:4096])
+				if err == nil && !bytes.Equal(echoed, payload[:4096]) {
+					err = fmt.Errorf("echo mismatch")
+				}
+				errs <- err
+			}()
+		}
+		for range 32 {
+			if err := <-errs; err != nil {
+				t.Fatal(err)
+			}
+		}
+	})
+	t.Run("ALLOW-nothing refuses; the bound waypoint's identity is admitted", func(t *testing.T) {
+		e.apply(discoveryv1.AuthorizationType, store.Resource{Name: "default/nothing", Body: &discoveryv1.Authorization{
+			Name: "nothing", Namespace: "default", Scope: discoveryv1.Authorization_SCOPE_WORKLOAD,
+		}})
+		wb2 := workloadOf(b, true)
+		wb2.Body.(*discoveryv1.Workload).Services = wb.Body.(*discoveryv1.Workload).Services
+		wb2.Body.(*discoveryv1.Workload).AuthorizationPolicies = []string{"default/nothing"}
+		e.apply(discoveryv1.WorkloadType, wb2)
+		if _, _, err := a.Converse(vip.String()+":80", []byte("x")); err == nil {
+			t.Fatal("ALLOW-nothing policy let a in")
+		}
+		// Make a the waypoint b is bound to: its identity is now admitted.
+		wa := workloadOf(a, true)
+		wa.Body.(*discoveryv1.Workload).WaypointForGateway = "default/wp"
+		wb2.Body.(*discoveryv1.Workload).Waypoint = &discoveryv1.GatewayAddress{Gateway: "default/wp", Service: "default/wp.default.svc.cluster.local", HbonePort: 15008}
+		e.apply(discoveryv1.WorkloadType, wa, wb2)
+		if seen, _, err := a.Converse(b.IP.String()+":8080", []byte("x")); err != nil || seen != a.IP.String() {
+			t.Fatalf("waypoint identity refused: %v (seen %s)", err, seen)
+		}
+		e.apply(discoveryv1.WorkloadType, workloadOf(a, true), wb)
+		if err := e.store.Apply(discoveryv1.AuthorizationType, nil, []string{"default/nothing"}); err != nil {
+			t.Fatal(err)
+		}
+	})
+	t.Run("DENY closes a live tunnel", func(t *testing.T) {
+		h := a.Open(t)
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		c, err := h.Dial(ctx, "tcp", vip.String()+":80", netip.Addr{}, netnsOpts())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		buf := make([]byte, 64)
+		_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+		if n, err := c.Read(buf); err != nil || !strings.HasPrefix(string(buf[:n]), "hello") {
+			t.Fatalf("greeting %q, %v", buf[:n], err)
+		}
+		e.apply(discoveryv1.AuthorizationType, store.Resource{Name: "default/deny-a", Body: &discoveryv1.Authorization{
+			Name: "deny-a", Namespace: "default", Scope: discoveryv1.Authorization_SCOPE_GLOBAL,
+			Action: discoveryv1.Authorization_ACTION_DENY,
+			Rules:  []*discoveryv1.Rule{{From: []*discoveryv1.Source{{Principals: []string{"cluster.local/ns/default/sa/a"}}}}},
+		}})
+		if n, err := c.Read(buf); err == nil {
+			t.Fatalf("live tunnel still open after DENY (read %q)", buf[:n])
+		}
+		if _, _, err := a.Converse(vip.String()+":80", []byte("x")); err == nil {
+			t.Fatal("new tunnel allowed despite DENY")
+		}
+		if err := e.store.Apply(discoveryv1.AuthorizationType, nil, []string{"default/deny-a"}); err != nil {
+			t.Fatal(err)
+		}
+	})
+	t.Run("unreachable application port", func(t *testing.T) {
+		if _, _, err := a.Converse(b.IP.String()+":8081", []byte("x")); err == nil {
+			t.Fatal("connection to a closed port succeeded")
+		}
+	})
+}
