@@ -65,7 +65,10 @@ func runMain(m *testing.M) int {
 		}
 		defer os.RemoveAll(dir)
 		bin := filepath.Join(dir, "ztunnel")
-		out, err := exec.Command("go", "build", "-o", bin, "../../cmd/ztunnel").CombinedOutput()
+		// Built as it ships: static, without symbol tables.
+		cmd := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", bin, "../../cmd/ztunnel")
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		out, err := cmd.CombinedOutput()
 		if err != nil {
 			fmt.Fprintf(os.Stderr, "building ztunnel: %v\n%s", err, out)
 			return 1
@@ -79,7 +82,7 @@ func runMain(m *testing.M) int {
 // (the api module's real xDS and CA servers) on node1's wire address, one
 // fake node agent per node, and a ztunnel process per node.
 type Mesh struct {
-	t     *testing.T
+	t     testing.TB
 	dir   string
 	Nodes []*testnet.Node
 	Ctl   *Controller
@@ -88,7 +91,7 @@ type Mesh struct {
 }
 
 // NewMesh builds the topology and starts the controller (no ztunnels).
-func NewMesh(t *testing.T) *Mesh {
+func NewMesh(t testing.TB) *Mesh {
 	testnet.RequireRoot(t)
 	if ztunnelBin == "" {
 		t.Skip("ztunnel binary not built")
@@ -169,7 +172,7 @@ func (m *Mesh) StartZtunnel(n *testnet.Node) *Ztunnel {
 // Controller is the fake control plane: a root CA, the CA service and the
 // xDS server, served over TLS inside node1's namespace.
 type Controller struct {
-	t        *testing.T
+	t        testing.TB
 	Root     *ca.Authority
 	XDS      *xds.Server
 	RootFile string
@@ -179,7 +182,7 @@ type Controller struct {
 	workloads map[string]*discoveryv1.Workload
 }
 
-func newController(t *testing.T, dir string, host *testnet.Node) *Controller {
+func newController(t testing.TB, dir string, host *testnet.Node) *Controller {
 	td := spiffeid.RequireTrustDomainFromString(trustDomain)
 	root, err := ca.NewRoot(td, 24*time.Hour)
 	if err != nil {
@@ -293,11 +296,16 @@ func (c *Controller) SetWorkload(w *discoveryv1.Workload) {
 // SetService publishes a service "default/<name>" with one VIP and port
 // 80 → 8080, and makes the pods its endpoints.
 func (c *Controller) SetService(name string, vip netip.Addr, pods ...*Pod) {
+	c.SetServicePort(name, vip, 80, 8080, pods...)
+}
+
+// SetServicePort is SetService with another port mapping.
+func (c *Controller) SetServicePort(name string, vip netip.Addr, port, target uint32, pods ...*Pod) {
 	host := name + ".default.svc.cluster.local"
 	full := "default/" + host
 	c.publish(discoveryv1.ServiceType, &xds.Resource{Name: full, Body: &discoveryv1.Service{
 		Name: name, Namespace: "default", Hostname: host, Addresses: [][]byte{vip.AsSlice()},
-		Ports: []*discoveryv1.ServicePort{{Name: "tcp", ServicePort: 80, TargetPort: 8080}},
+		Ports: []*discoveryv1.ServicePort{{Name: "tcp", ServicePort: port, TargetPort: target}},
 	}})
 	for _, p := range pods {
 		w := p.Workload()
@@ -308,7 +316,7 @@ func (c *Controller) SetService(name string, vip netip.Addr, pods ...*Pod) {
 		if w.Services == nil {
 			w.Services = map[string]*discoveryv1.PortList{}
 		}
-		w.Services[full] = &discoveryv1.PortList{Ports: []*discoveryv1.Port{{ServicePort: 80, TargetPort: 8080}}}
+		w.Services[full] = &discoveryv1.PortList{Ports: []*discoveryv1.Port{{ServicePort: port, TargetPort: target}}}
 		c.mu.Unlock()
 		c.SetWorkload(w)
 	}
@@ -342,7 +350,7 @@ func (c *Controller) SetMtls(p *Pod, mode discoveryv1.MtlsMode) {
 // Agent is a fake node agent: it serves the ZDS socket, sends the current
 // pods as a snapshot to every ztunnel that connects, then adds and deletes.
 type Agent struct {
-	t    *testing.T
+	t    testing.TB
 	path string
 	ln   *zds.Listener
 
@@ -351,7 +359,7 @@ type Agent struct {
 	conn *zds.Conn
 }
 
-func newAgent(t *testing.T, path string) *Agent {
+func newAgent(t testing.TB, path string) *Agent {
 	ln, err := zds.Listen(path)
 	if err != nil {
 		t.Fatal(err)
@@ -455,14 +463,14 @@ func (a *Agent) Delete(p *Pod) {
 
 // Ztunnel is a ztunnel process running in a node's namespace.
 type Ztunnel struct {
-	t    *testing.T
+	t    testing.TB
 	node *testnet.Node
 	cmd  *exec.Cmd
 	logf string
 	done chan struct{}
 }
 
-func startZtunnel(t *testing.T, dir string, n *testnet.Node, sock string) *Ztunnel {
+func startZtunnel(t testing.TB, dir string, n *testnet.Node, sock string) *Ztunnel {
 	t.Helper()
 	tokenFile := filepath.Join(dir, fmt.Sprintf("token-%d", n.Index))
 	if err := os.WriteFile(tokenFile, []byte(fmt.Sprintf("token-node%d\n", n.Index)), 0o600); err != nil {
@@ -511,7 +519,7 @@ func (z *Ztunnel) HTTP(port int, path string) (int, string, error) {
 		return 0, "", err
 	}
 	defer h.Close()
-	cl := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{
+	cl := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{
 		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
 			return h.Dial(ctx, network, addr, netip.Addr{}, netns.SockOpts{})
 		},
@@ -581,7 +589,7 @@ type Capture struct {
 }
 
 // StartCapture starts tcpdump and waits until it listens.
-func StartCapture(t *testing.T, ns *testnet.NS, ifname string) *Capture {
+func StartCapture(t testing.TB, ns *testnet.NS, ifname string) *Capture {
 	t.Helper()
 	if _, err := exec.LookPath("tcpdump"); err != nil {
 		t.Skip("needs tcpdump")
@@ -625,7 +633,7 @@ func (c *Capture) Stop() []byte {
 }
 
 // Count counts captured packets matching a tcpdump filter.
-func (c *Capture) Count(t *testing.T, filter string) int {
+func (c *Capture) Count(t testing.TB, filter string) int {
 	t.Helper()
 	out, err := exec.Command("tcpdump", "-nn", "-r", c.file, filter).Output()
 	if err != nil {

@@ -49,7 +49,7 @@ func newWorld(t *testing.T) *world {
 
 // converse runs one echo conversation and checks bytes, half-close and
 // the client address the server saw.
-func converse(t *testing.T, from *Pod, to string, wantSeen netip.Addr, size int) {
+func converse(t testing.TB, from *Pod, to string, wantSeen netip.Addr, size int) {
 	t.Helper()
 	data := payload(size)
 	seen, echoed, err := from.Converse(to, data)

@@ -356,3 +356,43 @@ func TestHBONE(t *testing.T) {
 		}
 	})
 }
+
+// TestAddPodIdempotent: adding a held pod again with the same namespace
+// changes nothing; with another namespace the pod moves there.
+func TestAddPodIdempotent(t *testing.T) {
+	e := newEnv(t)
+	a := e.pod("a", true)
+	u := e.pod("u", false)
+	e.apply(discoveryv1.WorkloadType, workloadOf(a, true), workloadOf(u, false))
+	info := agent.PodInfo{Name: "a", Namespace: "default", ServiceAccount: "a", IPs: []netip.Addr{a.IP}, Node: "node1"}
+	h, err := netns.Open(a.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.proxy.AddPod("a", info, h); err != nil {
+		t.Fatalf("re-adding with the same namespace: %v", err)
+	}
+	if got := e.proxy.PodUIDs(); len(got) != 1 {
+		t.Fatalf("pods = %v", got)
+	}
+	if _, _, err := a.Converse(u.IP.String()+":8080", []byte("x")); err != nil {
+		t.Fatalf("pod broken after idempotent add: %v", err)
+	}
+	// The "same" pod now lives in another namespace (a sandbox restart).
+	a2 := e.node.AddPod(t, "a2")
+	enroll(t, a2)
+	info.IPs = []netip.Addr{a2.IP}
+	h2, err := netns.Open(a2.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.proxy.AddPod("a", info, h2); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := a2.Converse(u.IP.String()+":8080", []byte("x")); err != nil {
+		t.Fatalf("new namespace not served: %v", err)
+	}
+	if _, _, err := a.Converse(u.IP.String()+":8080", []byte("x")); err == nil {
+		t.Fatal("old namespace still served")
+	}
+}

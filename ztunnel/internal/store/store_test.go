@@ -14,6 +14,7 @@ import (
 	"time"
 
 	discoveryv1 "github.com/amesh-dev/amesh/api/discovery/v1"
+	"google.golang.org/protobuf/proto"
 )
 
 func ip(s string) []byte { return netip.MustParseAddr(s).AsSlice() }
@@ -267,4 +268,55 @@ func selfSigned(t *testing.T) *x509.Certificate {
 		t.Fatal(err)
 	}
 	return c
+}
+
+// FuzzApply feeds arbitrary protobuf bytes as each resource type: Apply
+// either rejects them with ErrInvalid (changing nothing) or accepts them,
+// and the indexes stay usable.
+func FuzzApply(f *testing.F) {
+	seed, _ := proto.Marshal(wl("a", "ns", "sa", "10.0.0.1", map[string]*discoveryv1.PortList{"ns/s": ports(80, 8080)}))
+	f.Add(seed, uint8(0))
+	svc, _ := proto.Marshal(&discoveryv1.Service{Addresses: [][]byte{ip("10.96.0.1")}, Ports: []*discoveryv1.ServicePort{{ServicePort: 80}}})
+	f.Add(svc, uint8(1))
+	f.Add([]byte{0x22, 0x03, 1, 2, 3}, uint8(0))
+	f.Fuzz(func(t *testing.T, data []byte, kind uint8) {
+		s := New("cluster.local")
+		var typeURL string
+		var body proto.Message
+		switch kind % 4 {
+		case 0:
+			typeURL, body = discoveryv1.WorkloadType, &discoveryv1.Workload{}
+		case 1:
+			typeURL, body = discoveryv1.ServiceType, &discoveryv1.Service{}
+		case 2:
+			typeURL, body = discoveryv1.AuthorizationType, &discoveryv1.Authorization{}
+		default:
+			typeURL, body = discoveryv1.TrustBundleType, &discoveryv1.TrustBundle{}
+		}
+		if err := proto.Unmarshal(data, body); err != nil {
+			return
+		}
+		name := "x"
+		if a, ok := body.(*discoveryv1.Authorization); ok {
+			name = a.GetNamespace() + "/" + a.GetName()
+		}
+		if err := s.Apply(typeURL, []Resource{{Name: name, Body: body}}, nil); err != nil {
+			if !errors.Is(err, ErrInvalid) {
+				t.Fatalf("error does not wrap ErrInvalid: %v", err)
+			}
+			if s.Version() != 0 {
+				t.Fatal("rejected update changed the store")
+			}
+			return
+		}
+		for _, a := range []string{"10.0.0.1", "10.96.0.1", "::1"} {
+			s.WorkloadByIP(netip.MustParseAddr(a))
+			s.ServiceByVIP(netip.MustParseAddr(a))
+		}
+		s.Policies("ns", []string{name})
+		s.Snapshot()
+		if err := s.Apply(typeURL, nil, []string{name}); err != nil {
+			t.Fatal(err)
+		}
+	})
 }
