@@ -151,7 +151,19 @@ func Run(ctx context.Context, cfg config.Config, log *zap.Logger) error {
 	g.Go(func() error { return xc.Run(gctx) })
 	g.Go(func() error { followBundles(gctx, st, bundle, td, rootPEM, log); return nil })
 	g.Go(func() error { return px.Run(gctx) })
-	g.Go(func() error { return ag.Run(gctx) })
+	g.Go(func() error {
+		// Take pods only once discovery has the full picture: before that
+		// every destination looks unknown and would pass through in
+		// plaintext. Until then the capture rules send the pods' traffic
+		// to listeners that do not exist yet, and it is refused.
+		select {
+		case <-xc.Synced():
+		case <-gctx.Done():
+			return nil
+		}
+		log.Info("discovery synced; connecting to the node agent")
+		return ag.Run(gctx)
+	})
 	g.Go(func() error { return adm.Run(gctx) })
 	log.Info("ztunnel started", zap.String("node", cfg.NodeName), zap.String("controller", cfg.Controller))
 	return g.Wait()

@@ -632,6 +632,16 @@ func (c *Capture) Stop() []byte {
 	return b
 }
 
+// Dump renders the captured packets matching a tcpdump filter.
+func (c *Capture) Dump(t testing.TB, filter string) string {
+	t.Helper()
+	out, err := exec.Command("tcpdump", "-nn", "-r", c.file, filter).CombinedOutput()
+	if err != nil {
+		t.Fatalf("tcpdump -r: %v", err)
+	}
+	return string(out)
+}
+
 // Count counts captured packets matching a tcpdump filter.
 func (c *Capture) Count(t testing.TB, filter string) int {
 	t.Helper()

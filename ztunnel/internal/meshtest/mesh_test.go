@@ -263,6 +263,6 @@ func TestRestart(t *testing.T) {
 	pcap := capA.Stop()
 	noMarker(t, "a's veth during the restart", pcap)
 	if n := capA.Count(t, "tcp dst port 8080 or tcp dst port 80"); n != 0 {
-		t.Fatalf("%d packets left a toward an application port in plaintext", n)
+		t.Fatalf("%d packets left a toward an application port in plaintext:\n%s", n, capA.Dump(t, "tcp dst port 8080 or tcp dst port 80"))
 	}
 }
