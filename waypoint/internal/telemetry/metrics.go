@@ -87,7 +87,7 @@ var (
 
 // NewMetrics registers the collectors on reg.
 func NewMetrics(reg prometheus.Registerer) *Metrics {
-	tcpLabels := append([]string{}, httpLabels...)
+	tcpLabels := tcpLabelNames()
 	m := &Metrics{
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "istio_requests_total",
 			Help: "Requests handled by the waypoint."}, httpLabels),
@@ -131,12 +131,35 @@ func (m *Metrics) Request(l *Labels, durationMS float64, reqBytes, respBytes int
 	s.respBytes.Observe(float64(respBytes))
 }
 
+// TCP metrics carry the HTTP labels minus response_code and
+// grpc_response_status, as Istio's do.
+func tcpLabelNames() []string {
+	var out []string
+	for _, n := range httpLabels {
+		if n != "response_code" && n != "grpc_response_status" {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+func (l *Labels) tcpValues() []string {
+	v := l.values()
+	out := make([]string, 0, len(v)-2)
+	for i, n := range httpLabels {
+		if n != "response_code" && n != "grpc_response_status" {
+			out = append(out, v[i])
+		}
+	}
+	return out
+}
+
 // TCPOpen records an L4 connection opening.
-func (m *Metrics) TCPOpen(l *Labels) { m.tcpOpened.WithLabelValues(l.values()...).Inc() }
+func (m *Metrics) TCPOpen(l *Labels) { m.tcpOpened.WithLabelValues(l.tcpValues()...).Inc() }
 
 // TCPClose records an L4 connection closing with its byte counts.
 func (m *Metrics) TCPClose(l *Labels, sent, received int64) {
-	v := l.values()
+	v := l.tcpValues()
 	m.tcpClosed.WithLabelValues(v...).Inc()
 	m.tcpSent.WithLabelValues(v...).Add(float64(sent))
 	m.tcpReceived.WithLabelValues(v...).Add(float64(received))
