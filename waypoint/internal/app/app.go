@@ -392,6 +392,7 @@ func (a *App) Run(ctx context.Context) error {
 	stopDP()
 	dpWG.Wait()
 	a.proxy.WaitMirrors()
+	a.cat.Close()
 	_ = a.hclient.Close()
 	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	_ = a.tracer.Shutdown(sctx)

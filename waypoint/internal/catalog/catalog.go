@@ -554,3 +554,12 @@ func (c *Catalog) Snapshot() Dump {
 func (c *Catalog) WaypointServices() map[string]*discoveryv1.WaypointService {
 	return c.snap.Load().waypoints
 }
+
+// Close releases the pooled upstream connections of every cluster.
+func (c *Catalog) Close() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, cl := range c.clusters {
+		cl.Close()
+	}
+}
