@@ -1,0 +1,313 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	listersv1 "k8s.io/client-go/listers/core/v1"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/util/workqueue"
+
+	"github.com/amesh-dev/amesh/cni-plugin/internal/agentapi"
+)
+
+// Watcher keeps the node's enrolment in line with Kubernetes: it watches
+// the namespaces and this node's pods, enrols and unenrols pods, writes
+// the redirection annotation and the plugin's state file.
+type Watcher struct {
+	log       *zap.Logger
+	client    kubernetes.Interface
+	node      *Node
+	nodeName  string
+	exclude   []string
+	stateFile string
+	resync    time.Duration
+
+	factory   informers.SharedInformerFactory
+	nsFactory informers.SharedInformerFactory
+	pods      listersv1.PodLister
+	podIdx    cache.Indexer
+	nss       listersv1.NamespaceLister
+	queue     workqueue.TypedRateLimitingInterface[string]
+	synced    atomic.Bool
+	lastState []string
+}
+
+// NewWatcher allocates a Watcher.
+func NewWatcher(log *zap.Logger, client kubernetes.Interface, node *Node, nodeName string, exclude []string, stateFile string, resync time.Duration) *Watcher {
+	w := &Watcher{log: log, client: client, node: node, nodeName: nodeName, exclude: exclude, stateFile: stateFile, resync: resync}
+	w.factory = informers.NewSharedInformerFactoryWithOptions(client, resync,
+		informers.WithTweakListOptions(func(o *metav1.ListOptions) {
+			o.FieldSelector = fields.OneTermEqualSelector("spec.nodeName", nodeName).String()
+		}))
+	w.nsFactory = informers.NewSharedInformerFactory(client, resync)
+	podInf := w.factory.Core().V1().Pods()
+	nsInf := w.nsFactory.Core().V1().Namespaces()
+	w.pods, w.podIdx = podInf.Lister(), podInf.Informer().GetIndexer()
+	w.nss = nsInf.Lister()
+	w.queue = workqueue.NewTypedRateLimitingQueueWithConfig(
+		workqueue.NewTypedItemExponentialFailureRateLimiter[string](200*time.Millisecond, 30*time.Second),
+		workqueue.TypedRateLimitingQueueConfig[string]{Name: "pods"})
+
+	_, _ = podInf.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    w.enqueuePod,
+		UpdateFunc: func(_, o any) { w.enqueuePod(o) },
+		DeleteFunc: w.enqueuePod,
+	})
+	_, _ = nsInf.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    w.namespaceChanged,
+		UpdateFunc: func(_, o any) { w.namespaceChanged(o) },
+		DeleteFunc: w.namespaceChanged,
+	})
+	return w
+}
+
+func (w *Watcher) enqueuePod(o any) {
+	if key, err := cache.DeletionHandlingMetaNamespaceKeyFunc(o); err == nil {
+		w.queue.Add(key)
+	}
+}
+
+func (w *Watcher) namespaceChanged(o any) {
+	if d, ok := o.(cache.DeletedFinalStateUnknown); ok {
+		o = d.Obj
+	}
+	ns, ok := o.(*corev1.Namespace)
+	if !ok {
+		return
+	}
+	objs, _ := w.podIdx.ByIndex(cache.NamespaceIndex, ns.Name)
+	for _, p := range objs {
+		w.enqueuePod(p)
+	}
+	if w.synced.Load() {
+		w.queue.Add(stateKey)
+	}
+}
+
+// stateKey asks the worker to rewrite the state file.
+const stateKey = "\x00state"
+
+// Synced reports whether the caches are in sync.
+func (w *Watcher) Synced() bool { return w.synced.Load() }
+
+// Run starts the informers and the worker; it returns after they stop.
+func (w *Watcher) Run(ctx context.Context) error {
+	defer w.queue.ShutDown()
+	w.factory.Start(ctx.Done())
+	w.nsFactory.Start(ctx.Done())
+	defer w.factory.Shutdown()
+	defer w.nsFactory.Shutdown()
+	for typ, ok := range w.factory.WaitForCacheSync(ctx.Done()) {
+		if !ok {
+			return fmt.Errorf("agent: cache of %v did not sync: %w", typ, ctx.Err())
+		}
+	}
+	for typ, ok := range w.nsFactory.WaitForCacheSync(ctx.Done()) {
+		if !ok {
+			return fmt.Errorf("agent: cache of %v did not sync: %w", typ, ctx.Err())
+		}
+	}
+	w.synced.Store(true)
+	w.queue.Add(stateKey)
+	w.log.Info("kubernetes caches synced", zap.String("node", w.nodeName))
+
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for w.work(ctx) {
+		}
+	}()
+	<-ctx.Done()
+	w.queue.ShutDown()
+	<-done
+	return nil
+}
+
+func (w *Watcher) work(ctx context.Context) bool {
+	key, quit := w.queue.Get()
+	if quit {
+		return false
+	}
+	defer w.queue.Done(key)
+	var err error
+	var retry bool
+	if key == stateKey {
+		err = w.writeState()
+	} else {
+		retry, err = w.reconcile(ctx, key)
+	}
+	switch {
+	case err != nil:
+		w.log.Warn("reconcile failed; retrying", zap.String("key", key), zap.Error(err))
+		w.queue.AddRateLimited(key)
+	case retry:
+		w.queue.AddRateLimited(key)
+	default:
+		w.queue.Forget(key)
+	}
+	return true
+}
+
+func (w *Watcher) writeState() error {
+	all, err := w.nss.List(labels.Everything())
+	if err != nil {
+		return err
+	}
+	var enrolled []string
+	for _, ns := range all {
+		if NamespaceEnrolled(ns, w.exclude) {
+			enrolled = append(enrolled, ns.Name)
+		}
+	}
+	slices.Sort(enrolled)
+	if w.lastState != nil && slices.Equal(enrolled, w.lastState) {
+		return nil
+	}
+	if err := agentapi.WriteState(w.stateFile, &agentapi.State{EnrolledNamespaces: enrolled, Updated: time.Now().UTC()}); err != nil {
+		return fmt.Errorf("state file: %w", err)
+	}
+	if enrolled == nil {
+		enrolled = []string{}
+	}
+	w.lastState = enrolled
+	return nil
+}
+
+// podInfo builds the enrolment view of a pod; ips override the status IPs
+// (the CNI ADD knows them before the status does).
+func podInfo(p *corev1.Pod, ips []netip.Addr) PodInfo {
+	if len(ips) == 0 {
+		for _, s := range p.Status.PodIPs {
+			if a, err := netip.ParseAddr(s.IP); err == nil {
+				ips = append(ips, a.Unmap())
+			}
+		}
+		if len(ips) == 0 && p.Status.PodIP != "" {
+			if a, err := netip.ParseAddr(p.Status.PodIP); err == nil {
+				ips = append(ips, a.Unmap())
+			}
+		}
+	}
+	sa := p.Spec.ServiceAccountName
+	if sa == "" {
+		sa = "default"
+	}
+	return PodInfo{UID: string(p.UID), Name: p.Name, Namespace: p.Namespace, ServiceAccount: sa, IPs: ips, ProbePorts: ProbePorts(p)}
+}
+
+func terminal(p *corev1.Pod) bool {
+	return p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed || p.DeletionTimestamp != nil
+}
+
+// reconcile brings one pod in line; retry asks for a later retry without
+// an error (e.g. pending on ztunnel).
+func (w *Watcher) reconcile(ctx context.Context, key string) (retry bool, err error) {
+	ns, name, err := cache.SplitMetaNamespaceKey(key)
+	if err != nil {
+		return false, nil
+	}
+	p, err := w.pods.Pods(ns).Get(name)
+	if apierrors.IsNotFound(err) {
+		for uid, info := range w.node.Enrolled() {
+			if info.Namespace == ns && info.Name == name {
+				return false, w.node.Forget(ctx, uid)
+			}
+		}
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	nsObj, _ := w.nss.Get(ns)
+	uid := string(p.UID)
+	want := ShouldEnroll(p, nsObj, w.exclude) && !terminal(p)
+	if !want {
+		if w.node.Status(uid) != StatusNone {
+			if err := w.node.Unenroll(ctx, uid); err != nil {
+				return false, err
+			}
+		}
+		return false, w.annotate(ctx, p, StatusNone)
+	}
+	info := podInfo(p, nil)
+	if len(info.IPs) == 0 {
+		return false, nil // not running yet; the CNI ADD or a later update enrols it
+	}
+	st, eerr := w.node.Enroll(ctx, info)
+	if err := w.annotate(ctx, p, st); err != nil {
+		return false, errors.Join(eerr, err)
+	}
+	if eerr != nil {
+		w.log.Info("pod not fully enrolled yet", zap.String("pod", key), zap.String("status", string(st)), zap.Error(eerr))
+		return true, nil
+	}
+	return false, nil
+}
+
+// annotate sets (or, for StatusNone, removes) the redirection annotation.
+func (w *Watcher) annotate(ctx context.Context, p *corev1.Pod, st Status) error {
+	cur, has := p.Annotations[AnnotationRedirection]
+	if (st == StatusNone && !has) || (st != StatusNone && has && cur == string(st)) {
+		return nil
+	}
+	var val any
+	if st != StatusNone {
+		val = string(st)
+	}
+	patch, _ := json.Marshal(map[string]any{"metadata": map[string]any{
+		"annotations": map[string]any{AnnotationRedirection: val},
+		// the UID precondition keeps a recreated pod of the same name safe
+		"uid": p.UID,
+	}})
+	_, err := w.client.CoreV1().Pods(p.Namespace).Patch(ctx, p.Name, types.MergePatchType, patch, metav1.PatchOptions{})
+	if apierrors.IsNotFound(err) || apierrors.IsConflict(err) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("annotate %s/%s: %w", p.Namespace, p.Name, err)
+	}
+	return nil
+}
+
+// Enqueue asks for a pod to be reconciled (after a CNI ADD).
+func (w *Watcher) Enqueue(namespace, name string) { w.queue.Add(namespace + "/" + name) }
+
+// lookup returns a pod and its namespace, from the caches or, when the
+// cache does not have them yet, from the API server.
+func (w *Watcher) lookup(ctx context.Context, namespace, name string) (*corev1.Pod, *corev1.Namespace, error) {
+	p, err := w.pods.Pods(namespace).Get(name)
+	if err != nil {
+		p, err = w.client.CoreV1().Pods(namespace).Get(ctx, name, metav1.GetOptions{})
+		if apierrors.IsNotFound(err) {
+			p = nil
+		} else if err != nil {
+			return nil, nil, fmt.Errorf("get pod %s/%s: %w", namespace, name, err)
+		}
+	}
+	ns, err := w.nss.Get(namespace)
+	if err != nil {
+		ns, err = w.client.CoreV1().Namespaces().Get(ctx, namespace, metav1.GetOptions{})
+		if apierrors.IsNotFound(err) {
+			ns = nil
+		} else if err != nil {
+			return nil, nil, fmt.Errorf("get namespace %s: %w", namespace, err)
+		}
+	}
+	return p, ns, nil
+}

@@ -1,0 +1,351 @@
+// Package zdsserver is the node agent's side of ZDS (api/zds): it accepts
+// ztunnel's connection, sends it a snapshot of the node's enrolled pods
+// (each with its network-namespace descriptor) followed by snapshot_sent,
+// and then one add or delete per change, waiting for ztunnel's ack of each.
+//
+// One ztunnel is served at a time; a new connection (ztunnel restarted)
+// replaces the old one and gets a fresh snapshot. Exchanges are strictly
+// sequential (one message, one ack) and each is bounded by AckTimeout; a
+// ztunnel that does not answer in time is disconnected, and gets a new
+// snapshot when it reconnects.
+package zdsserver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+
+	"github.com/amesh-dev/amesh/api/zds"
+	zdsv1 "github.com/amesh-dev/amesh/api/zds/v1"
+)
+
+// Workload is one enrolled pod as ztunnel gets it.
+type Workload struct {
+	UID  string
+	Info *zdsv1.WorkloadInfo
+	// Netns is the pod's network namespace. During a snapshot a nil Netns
+	// sends keep instead of add (ztunnel keeps what it has).
+	Netns *os.File
+}
+
+// Config configures a Server.
+type Config struct {
+	// Socket is the unix socket path (zds.DefaultSocket).
+	Socket string
+	// AckTimeout bounds one exchange (send + ack); default 5s.
+	AckTimeout time.Duration
+	// HelloTimeout bounds the wait for ztunnel's hello; default 5s.
+	HelloTimeout time.Duration
+	// Snapshot returns the pods to send on every (re)connection.
+	Snapshot func() []Workload
+	Logger   *zap.Logger
+	// Registerer receives the server's metrics (optional).
+	Registerer prometheus.Registerer
+}
+
+// Errors.
+var (
+	// ErrNoZtunnel: no ztunnel is connected (or it went away mid-exchange).
+	ErrNoZtunnel = errors.New("ztunnel not connected")
+	// ErrRejected: ztunnel answered with an error (wrapped with its text).
+	ErrRejected = errors.New("ztunnel rejected the request")
+)
+
+// Server serves ZDS.
+type Server struct {
+	cfg     Config
+	log     *zap.Logger
+	metrics *metrics
+
+	mu   sync.Mutex
+	sess *session
+}
+
+type session struct {
+	conn *zds.Conn
+	id   uint64
+	mu   sync.Mutex // held for each exchange and for the whole snapshot
+	dead bool       // guarded by mu
+}
+
+type metrics struct {
+	connected prometheus.Gauge
+	messages  *prometheus.CounterVec
+	snapshots prometheus.Counter
+	ackTime   prometheus.Histogram
+}
+
+func newMetrics(r prometheus.Registerer) *metrics {
+	m := &metrics{
+		connected: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "amesh_cni_zds_connected", Help: "1 while a ztunnel is connected to the node agent.",
+		}),
+		messages: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "amesh_cni_zds_messages_total", Help: "ZDS messages sent to ztunnel, by type and result.",
+		}, []string{"type", "result"}),
+		snapshots: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "amesh_cni_zds_snapshots_total", Help: "Snapshots sent to ztunnel (one per connection).",
+		}),
+		ackTime: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "amesh_cni_zds_ack_seconds", Help: "Time from sending a ZDS message to ztunnel's ack.",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 4, 8),
+		}),
+	}
+	if r != nil {
+		r.MustRegister(m.connected, m.messages, m.snapshots, m.ackTime)
+	}
+	return m
+}
+
+// New allocates a Server; Run serves it.
+func New(cfg Config) *Server {
+	if cfg.Socket == "" {
+		cfg.Socket = zds.DefaultSocket
+	}
+	if cfg.AckTimeout <= 0 {
+		cfg.AckTimeout = 5 * time.Second
+	}
+	if cfg.HelloTimeout <= 0 {
+		cfg.HelloTimeout = 5 * time.Second
+	}
+	if cfg.Snapshot == nil {
+		cfg.Snapshot = func() []Workload { return nil }
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = zap.NewNop()
+	}
+	return &Server{cfg: cfg, log: cfg.Logger, metrics: newMetrics(cfg.Registerer)}
+}
+
+// Run listens on the socket and serves ztunnel connections until ctx is
+// done. It returns after every goroutine it started has exited.
+func (s *Server) Run(ctx context.Context) error {
+	ln, err := zds.Listen(s.cfg.Socket)
+	if err != nil {
+		return err
+	}
+	var wg sync.WaitGroup
+	stop := context.AfterFunc(ctx, func() { ln.Close() })
+	defer stop()
+	var id uint64
+	for {
+		conn, err := ln.Accept()
+		if err != nil {
+			break
+		}
+		id++
+		wg.Add(1)
+		go func(id uint64) {
+			defer wg.Done()
+			s.serve(ctx, conn, id)
+		}(id)
+	}
+	ln.Close()
+	s.mu.Lock()
+	if s.sess != nil {
+		s.sess.conn.Close()
+	}
+	s.mu.Unlock()
+	wg.Wait()
+	os.Remove(s.cfg.Socket)
+	if ctx.Err() != nil {
+		return nil
+	}
+	return fmt.Errorf("zdsserver: accept stopped unexpectedly")
+}
+
+// serve runs the handshake and snapshot of one connection and installs it
+// as the current session.
+func (s *Server) serve(ctx context.Context, conn *zds.Conn, id uint64) {
+	log := s.log.With(zap.Uint64("conn", id))
+	if err := s.hello(conn); err != nil {
+		log.Warn("ztunnel handshake failed", zap.Error(err))
+		conn.Close()
+		return
+	}
+	sess := &session{conn: conn, id: id}
+	sess.mu.Lock() // nobody uses the session before its snapshot is sent
+	s.mu.Lock()
+	old := s.sess
+	s.sess = sess
+	s.mu.Unlock()
+	if old != nil {
+		log.Info("ztunnel reconnected; replacing the previous connection", zap.Uint64("previous", old.id))
+		old.conn.Close()
+	}
+	s.metrics.connected.Set(1)
+	err := s.snapshot(sess)
+	sess.mu.Unlock()
+	if err != nil {
+		log.Warn("snapshot failed; disconnecting ztunnel", zap.Error(err))
+		s.drop(sess)
+		return
+	}
+	log.Info("ztunnel connected and synced")
+	<-ctx.Done()
+}
+
+func (s *Server) hello(conn *zds.Conn) error {
+	if err := conn.SetReadDeadline(time.Now().Add(s.cfg.HelloTimeout)); err != nil {
+		return err
+	}
+	m, err := conn.RecvZtunnel()
+	if err != nil {
+		return err
+	}
+	h := m.GetHello()
+	if h == nil {
+		return fmt.Errorf("expected hello, got %T", m.GetPayload())
+	}
+	if h.GetVersion() != zdsv1.Version_VERSION_V1 {
+		return fmt.Errorf("unsupported ZDS version %v", h.GetVersion())
+	}
+	return conn.SetReadDeadline(time.Time{})
+}
+
+// snapshot sends every known workload then snapshot_sent; sess.mu is held.
+func (s *Server) snapshot(sess *session) error {
+	s.metrics.snapshots.Inc()
+	for _, w := range s.cfg.Snapshot() {
+		var m *zdsv1.AgentMessage
+		var fd *os.File
+		if w.Netns != nil {
+			m = &zdsv1.AgentMessage{Payload: &zdsv1.AgentMessage_Add{Add: &zdsv1.AddWorkload{Uid: w.UID, Info: w.Info}}}
+			fd = w.Netns
+		} else {
+			m = &zdsv1.AgentMessage{Payload: &zdsv1.AgentMessage_Keep{Keep: &zdsv1.KeepWorkload{Uid: w.UID}}}
+		}
+		if err := s.exchange(sess, m, fd, time.Now().Add(s.cfg.AckTimeout)); err != nil {
+			if errors.Is(err, ErrRejected) {
+				// ztunnel refused one pod: it will not serve it, but the
+				// others still go through. The agent retries it on its
+				// next change.
+				s.log.Warn("ztunnel rejected a pod in the snapshot", zap.String("uid", w.UID), zap.Error(err))
+				continue
+			}
+			return err
+		}
+	}
+	return s.exchange(sess, &zdsv1.AgentMessage{Payload: &zdsv1.AgentMessage_SnapshotSent{SnapshotSent: &zdsv1.SnapshotSent{}}}, nil,
+		time.Now().Add(s.cfg.AckTimeout))
+}
+
+func msgType(m *zdsv1.AgentMessage) string {
+	switch m.GetPayload().(type) {
+	case *zdsv1.AgentMessage_Add:
+		return "add"
+	case *zdsv1.AgentMessage_Keep:
+		return "keep"
+	case *zdsv1.AgentMessage_Delete:
+		return "delete"
+	case *zdsv1.AgentMessage_SnapshotSent:
+		return "snapshot_sent"
+	}
+	return "unknown"
+}
+
+// exchange sends m and waits for its ack; sess.mu is held. A transport
+// failure or a timeout kills the session.
+func (s *Server) exchange(sess *session, m *zdsv1.AgentMessage, fd *os.File, deadline time.Time) (err error) {
+	typ := msgType(m)
+	defer func() {
+		result := "ok"
+		switch {
+		case errors.Is(err, ErrRejected):
+			result = "rejected"
+		case err != nil:
+			result = "error"
+		}
+		s.metrics.messages.WithLabelValues(typ, result).Inc()
+	}()
+	if sess.dead {
+		return ErrNoZtunnel
+	}
+	start := time.Now()
+	if err := sess.conn.SetDeadline(deadline); err != nil {
+		return s.kill(sess, err)
+	}
+	if err := sess.conn.SendAgent(m, fd); err != nil {
+		return s.kill(sess, err)
+	}
+	reply, err := sess.conn.RecvZtunnel()
+	if err != nil {
+		return s.kill(sess, err)
+	}
+	ack := reply.GetAck()
+	if ack == nil {
+		return s.kill(sess, fmt.Errorf("expected ack, got %T", reply.GetPayload()))
+	}
+	s.metrics.ackTime.Observe(time.Since(start).Seconds())
+	if ack.GetError() != "" {
+		return fmt.Errorf("%w: %s: %s", ErrRejected, typ, ack.GetError())
+	}
+	return nil
+}
+
+// kill marks the session dead (sess.mu held) and closes it.
+func (s *Server) kill(sess *session, cause error) error {
+	sess.dead = true
+	sess.conn.Close()
+	s.mu.Lock()
+	if s.sess == sess {
+		s.sess = nil
+		s.metrics.connected.Set(0)
+	}
+	s.mu.Unlock()
+	s.log.Warn("ztunnel connection lost", zap.Uint64("conn", sess.id), zap.Error(cause))
+	return fmt.Errorf("%w: %w", ErrNoZtunnel, cause)
+}
+
+func (s *Server) drop(sess *session) {
+	sess.mu.Lock()
+	defer sess.mu.Unlock()
+	if !sess.dead {
+		_ = s.kill(sess, errors.New("dropped"))
+	}
+}
+
+func (s *Server) current() *session {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.sess
+}
+
+// Connected reports whether a ztunnel is connected.
+func (s *Server) Connected() bool { return s.current() != nil }
+
+func (s *Server) send(ctx context.Context, m *zdsv1.AgentMessage, fd *os.File) error {
+	sess := s.current()
+	if sess == nil {
+		return ErrNoZtunnel
+	}
+	deadline := time.Now().Add(s.cfg.AckTimeout)
+	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
+		deadline = d
+	}
+	sess.mu.Lock()
+	defer sess.mu.Unlock()
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	return s.exchange(sess, m, fd, deadline)
+}
+
+// Add hands a pod to ztunnel and returns once ztunnel acknowledged it.
+func (s *Server) Add(ctx context.Context, w Workload) error {
+	if w.Netns == nil {
+		return errors.New("zdsserver: add without a network namespace")
+	}
+	return s.send(ctx, &zdsv1.AgentMessage{Payload: &zdsv1.AgentMessage_Add{Add: &zdsv1.AddWorkload{Uid: w.UID, Info: w.Info}}}, w.Netns)
+}
+
+// Delete tells ztunnel to drop a pod and returns once it acknowledged.
+func (s *Server) Delete(ctx context.Context, uid string) error {
+	return s.send(ctx, &zdsv1.AgentMessage{Payload: &zdsv1.AgentMessage_Delete{Delete: &zdsv1.DeleteWorkload{Uid: uid}}}, nil)
+}
