@@ -63,8 +63,16 @@ func (h *cniHandler) decide(ctx context.Context, r *agentapi.PodRequest) (*corev
 
 func (h *cniHandler) Add(ctx context.Context, r *agentapi.PodRequest) (bool, error) {
 	p, enrolled, err := h.decide(ctx, r)
-	if err != nil || !enrolled {
+	if err != nil {
 		return false, err
+	}
+	// Remember every sandbox's netns: a pod enrolled later (its namespace
+	// labelled while it runs) is found without scanning /proc.
+	if r.Netns != "" {
+		h.node.RecordNetns(string(p.UID), r.Netns)
+	}
+	if !enrolled {
+		return false, nil
 	}
 	ips, err := parseIPs(r.IPs)
 	if err != nil {
@@ -74,9 +82,6 @@ func (h *cniHandler) Add(ctx context.Context, r *agentapi.PodRequest) (bool, err
 		return true, errors.New("enrolled pod has no IP in prevResult")
 	}
 	info := podInfo(p, ips)
-	if r.Netns != "" {
-		h.node.RecordNetns(info.UID, r.Netns)
-	}
 	st, err := h.node.Enroll(ctx, info)
 	h.watch.Enqueue(p.Namespace, p.Name) // annotate
 	if err != nil {
@@ -85,17 +90,20 @@ func (h *cniHandler) Add(ctx context.Context, r *agentapi.PodRequest) (bool, err
 	return true, nil
 }
 
-func (h *cniHandler) uidFor(r *agentapi.PodRequest) string {
+func (h *cniHandler) uidFor(ctx context.Context, r *agentapi.PodRequest) string {
 	for uid, info := range h.node.Enrolled() {
 		if info.Namespace == r.PodNamespace && info.Name == r.PodName {
 			return uid
 		}
 	}
+	if p, _, err := h.watch.lookup(ctx, r.PodNamespace, r.PodName); err == nil && p != nil {
+		return string(p.UID)
+	}
 	return r.PodUID
 }
 
 func (h *cniHandler) Del(ctx context.Context, r *agentapi.PodRequest) error {
-	uid := h.uidFor(r)
+	uid := h.uidFor(ctx, r)
 	if uid == "" {
 		return nil
 	}
@@ -111,7 +119,7 @@ func (h *cniHandler) Check(ctx context.Context, r *agentapi.PodRequest) (bool, e
 	if err != nil || !enrolled {
 		return false, err
 	}
-	uid := h.uidFor(r)
+	uid := h.uidFor(ctx, r)
 	if err := h.node.Check(uid); err != nil {
 		return true, err
 	}

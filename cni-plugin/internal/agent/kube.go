@@ -247,7 +247,12 @@ func (w *Watcher) reconcile(ctx context.Context, key string) (retry bool, err er
 	}
 	info := podInfo(p, nil)
 	if len(info.IPs) == 0 {
-		return false, nil // not running yet; the CNI ADD or a later update enrols it
+		// No IP in the status yet: the CNI ADD enrols the pod (or a later
+		// status update does); report what the ADD did.
+		if st := w.node.Status(uid); st != StatusNone {
+			return false, w.annotate(ctx, p, st)
+		}
+		return false, nil
 	}
 	st, eerr := w.node.Enroll(ctx, info)
 	if err := w.annotate(ctx, p, st); err != nil {

@@ -1,0 +1,159 @@
+package plugin
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/containernetworking/cni/pkg/skel"
+	"github.com/containernetworking/cni/pkg/types"
+
+	"github.com/amesh-dev/amesh/cni-plugin/internal/agentapi"
+)
+
+var pluginPath string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "amesh-cni-test-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	pluginPath = filepath.Join(dir, "amesh-cni")
+	if out, err := exec.Command("go", "build", "-o", pluginPath, "../../cmd/amesh-cni").CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "build: %v\n%s", err, out)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+const prev10 = `{"cniVersion":"1.0.0","interfaces":[{"name":"eth0","sandbox":"/var/run/netns/x"}],"ips":[{"address":"10.1.0.5/24","interface":0}]}`
+
+// run executes the plugin binary like a runtime and returns stdout and the
+// CNI error it printed (nil on success).
+func run(t *testing.T, command, stdin, cniArgs string) (string, *types.Error) {
+	t.Helper()
+	c := exec.Command(pluginPath)
+	c.Stdin = strings.NewReader(stdin)
+	c.Env = []string{"CNI_COMMAND=" + command, "CNI_CONTAINERID=abc", "CNI_NETNS=/var/run/netns/does-not-matter",
+		"CNI_IFNAME=eth0", "CNI_PATH=/usr/lib/cni", "CNI_ARGS=" + cniArgs}
+	out, err := c.Output()
+	if err == nil {
+		return string(out), nil
+	}
+	var e types.Error
+	if jerr := json.Unmarshal(out, &e); jerr != nil {
+		t.Fatalf("plugin failed without a CNI error (%v): %q", err, out)
+	}
+	return string(out), &e
+}
+
+func TestErrors(t *testing.T) {
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "none.sock")
+	state := filepath.Join(dir, "state.json")
+	if err := agentapi.WriteState(state, &agentapi.State{EnrolledNamespaces: []string{"mesh"}}); err != nil {
+		t.Fatal(err)
+	}
+	conf := func(version, extra string) string {
+		return fmt.Sprintf(`{"cniVersion":%q,"name":"n","type":"amesh-cni","agentSocket":%q,"stateFile":%q%s}`, version, sock, state, extra)
+	}
+	podArgs := func(ns string) string { return "K8S_POD_NAMESPACE=" + ns + ";K8S_POD_NAME=p;K8S_POD_UID=u" }
+	for _, tc := range []struct {
+		name    string
+		command string
+		stdin   string
+		args    string
+		code    uint // 0 = success
+	}{
+		{"not json", "ADD", `{"cniVersion":`, podArgs("x"), types.ErrDecodingFailure},
+		{"empty stdin", "ADD", ``, podArgs("x"), types.ErrDecodingFailure},
+		{"wrong field type", "ADD", conf("1.0.0", `,"excludeNamespaces":"kube-system","prevResult":`+prev10), podArgs("x"), types.ErrDecodingFailure},
+		{"unsupported version", "ADD", conf("0.3.1", `,"prevResult":`+prev10), podArgs("x"), types.ErrIncompatibleCNIVersion},
+		{"garbage version", "ADD", conf("one", `,"prevResult":`+prev10), podArgs("x"), types.ErrIncompatibleCNIVersion},
+		{"future version", "ADD", conf("9.0.0", `,"prevResult":`+prev10), podArgs("x"), types.ErrIncompatibleCNIVersion},
+		{"no prevResult", "ADD", conf("1.0.0", ``), podArgs("x"), types.ErrInvalidNetworkConfig},
+		{"prevResult not an object", "ADD", conf("1.0.0", `,"prevResult":[1,2]`), podArgs("x"), types.ErrDecodingFailure},
+		{"prevResult bad ip", "ADD", conf("1.0.0", `,"prevResult":{"cniVersion":"1.0.0","ips":[{"address":"10.1.0.500/24"}]}`), podArgs("x"), types.ErrDecodingFailure},
+		{"prevResult bad interface index", "ADD", conf("1.0.0", `,"prevResult":{"cniVersion":"1.0.0","ips":[{"address":"10.1.0.5/24","interface":-7}]}`), podArgs("x"), 0},
+		{"bad agentTimeout", "ADD", conf("1.0.0", `,"agentTimeout":"soon","prevResult":`+prev10), podArgs("x"), types.ErrInvalidNetworkConfig},
+		{"bad CNI_ARGS", "ADD", conf("1.0.0", `,"prevResult":`+prev10), "K8S_POD_NAME", types.ErrInvalidEnvironmentVariables},
+		{"agent down, plain namespace", "ADD", conf("1.0.0", `,"prevResult":`+prev10), podArgs("plain"), 0},
+		{"agent down, enrolled namespace", "ADD", conf("1.0.0", `,"prevResult":`+prev10), podArgs("mesh"), types.ErrTryAgainLater},
+		{"agent down, excluded namespace", "ADD", conf("1.0.0", `,"prevResult":`+prev10), podArgs("kube-system"), 0},
+		{"agent down, not a pod", "ADD", conf("1.0.0", `,"prevResult":`+prev10), "", 0},
+		{"agent down, 0.4.0", "ADD", conf("0.4.0", `,"prevResult":{"cniVersion":"0.4.0","ips":[{"version":"4","address":"10.1.0.5/24"}]}`), podArgs("plain"), 0},
+		{"agent down, 1.1.0", "ADD", conf("1.1.0", `,"prevResult":`+strings.Replace(prev10, "1.0.0", "1.1.0", 1)), podArgs("plain"), 0},
+		{"DEL agent down", "DEL", conf("1.0.0", ``), podArgs("mesh"), 0},
+		{"DEL malformed", "DEL", `nope`, podArgs("mesh"), types.ErrDecodingFailure},
+		{"CHECK agent down enrolled", "CHECK", conf("1.0.0", `,"prevResult":`+prev10), podArgs("mesh"), types.ErrTryAgainLater},
+		{"CHECK 0.3.1 not allowed", "CHECK", conf("0.3.1", `,"prevResult":`+prev10), podArgs("mesh"), types.ErrIncompatibleCNIVersion},
+		{"STATUS agent down", "STATUS", conf("1.1.0", ``), "", types.ErrPluginNotAvailable},
+		{"unknown command", "FROB", conf("1.0.0", ``), "", types.ErrInvalidEnvironmentVariables},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			out, e := run(t, tc.command, tc.stdin, tc.args)
+			switch {
+			case tc.code == 0 && e != nil:
+				t.Fatalf("want success, got %+v", e)
+			case tc.code != 0 && e == nil:
+				t.Fatalf("want code %d, got success: %s", tc.code, out)
+			case tc.code != 0 && e.Code != tc.code:
+				t.Fatalf("want code %d, got %+v", tc.code, e)
+			}
+			if tc.code == 0 && tc.command == "ADD" && !strings.Contains(out, "10.1.0.5") {
+				t.Fatalf("ADD did not pass prevResult through: %s", out)
+			}
+		})
+	}
+	// With no state file at all, an unknown pod is refused (fail closed).
+	if err := os.Remove(state); err != nil {
+		t.Fatal(err)
+	}
+	if _, e := run(t, "ADD", conf("1.0.0", `,"prevResult":`+prev10), podArgs("plain")); e == nil || e.Code != types.ErrTryAgainLater {
+		t.Fatalf("ADD with agent down and no state = %+v, want code 11", e)
+	}
+}
+
+func TestVersion(t *testing.T) {
+	out, e := run(t, "VERSION", `{"cniVersion":"1.0.0"}`, "")
+	if e != nil {
+		t.Fatal(e)
+	}
+	for _, v := range SupportedVersions() {
+		if !strings.Contains(out, v) {
+			t.Errorf("VERSION lacks %s: %s", v, out)
+		}
+	}
+}
+
+// FuzzParse: no input makes the plugin panic; every failure is a CNI error.
+func FuzzParse(f *testing.F) {
+	f.Add([]byte(`{"cniVersion":"1.0.0","name":"n","type":"amesh-cni","prevResult":`+prev10+`}`), "K8S_POD_NAME=a;K8S_POD_NAMESPACE=b")
+	f.Add([]byte(`{"cniVersion":"0.4.0","prevResult":{"ips":[{"version":"4","address":"10.0.0.1/8","gateway":"10.0.0.254"}],"routes":[{"dst":"0.0.0.0/0"}],"dns":{}}}`), "")
+	f.Add([]byte(`{"cniVersion":"1.1.0","prevResult":{"cniVersion":"0.4.0"}}`), "IgnoreUnknown=1")
+	f.Add([]byte(`{"cniVersion":"1.0.0","prevResult":{"interfaces":[{"name":"x","mac":"zz"}],"ips":[{"address":"1.2.3.4/33","interface":99}]}}`), "a=b=c")
+	f.Fuzz(func(t *testing.T, stdin []byte, args string) {
+		conf, err := parseConfig(stdin)
+		if err != nil {
+			if _, ok := err.(*types.Error); !ok {
+				t.Fatalf("non-CNI error %T: %v", err, err)
+			}
+			return
+		}
+		_ = conf.podIPs()
+		if _, err := parseArgs(args); err != nil {
+			if _, ok := err.(*types.Error); !ok {
+				t.Fatalf("non-CNI error %T: %v", err, err)
+			}
+		}
+		// load (the whole ADD input path) must not panic either.
+		_, _ = load(&skel.CmdArgs{StdinData: stdin, Args: args, ContainerID: "c", Netns: "/nonexistent"})
+	})
+}

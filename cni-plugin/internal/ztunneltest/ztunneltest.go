@@ -1,0 +1,191 @@
+// Package ztunneltest is a test ztunnel for the node agent's tests: it
+// speaks ZDS like the real one, opens a TCP listener on 127.0.0.1:15001
+// inside every pod network namespace it is handed (answering each
+// connection with its original destination), and records what it was
+// told.
+package ztunneltest
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+
+	"github.com/amesh-dev/amesh/api/capture"
+	"github.com/amesh-dev/amesh/api/zds"
+	zdsv1 "github.com/amesh-dev/amesh/api/zds/v1"
+)
+
+// Ztunnel is a connected test ztunnel.
+type Ztunnel struct {
+	conn   *zds.Conn
+	events chan string
+	reject map[string]bool
+	// Stall, when set, stops acknowledging messages.
+	Stall atomic.Bool
+
+	mu   sync.Mutex
+	pods map[string]net.Listener
+}
+
+// Dial connects to the agent's ZDS socket (retrying for up to 5s while it
+// starts) and says hello. Adds of the uids in reject are refused.
+func Dial(socket string, reject ...string) (*Ztunnel, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	var conn *zds.Conn
+	var err error
+	for {
+		if conn, err = zds.Dial(ctx, socket); err == nil || ctx.Err() != nil {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err != nil {
+		return nil, err
+	}
+	z := &Ztunnel{conn: conn, events: make(chan string, 1000), reject: map[string]bool{}, pods: map[string]net.Listener{}}
+	for _, r := range reject {
+		z.reject[r] = true
+	}
+	if err := conn.SendZtunnel(&zdsv1.ZtunnelMessage{Payload: &zdsv1.ZtunnelMessage_Hello{Hello: &zdsv1.Hello{Version: zdsv1.Version_VERSION_V1}}}); err != nil {
+		conn.Close()
+		return nil, err
+	}
+	go z.loop()
+	return z, nil
+}
+
+// Close disconnects and closes every listener.
+func (z *Ztunnel) Close() {
+	z.conn.Close()
+	z.mu.Lock()
+	defer z.mu.Unlock()
+	for uid, l := range z.pods {
+		l.Close()
+		delete(z.pods, uid)
+	}
+}
+
+// Serving reports whether the ztunnel holds the pod.
+func (z *Ztunnel) Serving(uid string) bool {
+	z.mu.Lock()
+	defer z.mu.Unlock()
+	return z.pods[uid] != nil
+}
+
+func (z *Ztunnel) loop() {
+	defer close(z.events)
+	for {
+		m, fd, err := z.conn.RecvAgent()
+		if err != nil {
+			return
+		}
+		var ev, ackErr string
+		switch p := m.GetPayload().(type) {
+		case *zdsv1.AgentMessage_Add:
+			uid := p.Add.GetUid()
+			ev = "add " + uid
+			if z.reject[uid] {
+				ackErr = "refused"
+			} else if err := z.listenIn(uid, fd); err != nil {
+				ackErr = err.Error()
+			}
+			fd.Close()
+		case *zdsv1.AgentMessage_Keep:
+			ev = "keep " + p.Keep.GetUid()
+		case *zdsv1.AgentMessage_Delete:
+			uid := p.Delete.GetUid()
+			ev = "delete " + uid
+			z.mu.Lock()
+			if l := z.pods[uid]; l != nil {
+				l.Close()
+				delete(z.pods, uid)
+			}
+			z.mu.Unlock()
+		case *zdsv1.AgentMessage_SnapshotSent:
+			ev = "snapshot_sent"
+		}
+		z.events <- ev
+		if z.Stall.Load() {
+			continue
+		}
+		if err := z.conn.SendZtunnel(&zdsv1.ZtunnelMessage{Payload: &zdsv1.ZtunnelMessage_Ack{Ack: &zdsv1.Ack{Error: ackErr}}}); err != nil {
+			return
+		}
+	}
+}
+
+// listenIn opens 127.0.0.1:15001 inside the namespace fd refers to.
+func (z *Ztunnel) listenIn(uid string, fd *os.File) error {
+	z.mu.Lock()
+	defer z.mu.Unlock()
+	if z.pods[uid] != nil {
+		return nil // already serving (idempotent add)
+	}
+	netns, err := ns.GetNS(fmt.Sprintf("/proc/self/fd/%d", fd.Fd()))
+	if err != nil {
+		return err
+	}
+	defer netns.Close()
+	var l net.Listener
+	if err := netns.Do(func(ns.NetNS) (err error) {
+		l, err = net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", capture.OutboundPort))
+		return err
+	}); err != nil {
+		return err
+	}
+	go serve(l)
+	z.pods[uid] = l
+	return nil
+}
+
+// serve answers each connection with "ztunnel <original destination>\n".
+func serve(l net.Listener) {
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		od := "-"
+		if a, err := capture.OriginalDestination(c.(*net.TCPConn)); err == nil {
+			od = a.String()
+		}
+		fmt.Fprintf(c, "ztunnel %s\n", od)
+		c.Close()
+	}
+}
+
+// Next returns the next event ("add <uid>", "keep <uid>", "delete <uid>",
+// "snapshot_sent"), waiting up to timeout.
+func (z *Ztunnel) Next(timeout time.Duration) (string, error) {
+	select {
+	case ev, ok := <-z.events:
+		if !ok {
+			return "", errors.New("ztunnel connection closed")
+		}
+		return ev, nil
+	case <-time.After(timeout):
+		return "", errors.New("timed out waiting for a ZDS message")
+	}
+}
+
+// Expect consumes events until one equals want, or fails after timeout.
+func (z *Ztunnel) Expect(want string, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		ev, err := z.Next(time.Until(deadline))
+		if err != nil {
+			return fmt.Errorf("waiting for %q: %w", want, err)
+		}
+		if ev == want {
+			return nil
+		}
+	}
+}
