@@ -51,7 +51,7 @@ func inNS(ns netns.NsHandle, fn func() error) error {
 	return <-errc
 }
 
-func newNS(t *testing.T) netns.NsHandle {
+func newNS(t testing.TB) netns.NsHandle {
 	t.Helper()
 	var h netns.NsHandle
 	errc := make(chan error, 1)

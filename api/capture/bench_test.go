@@ -1,0 +1,88 @@
+package capture
+
+import (
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// The same ruleset as build(), in nft syntax, for the baseline.
+const nftRuleset = `table inet amesh
+delete table inet amesh
+table inet amesh {
+	set probe_src4 { type ipv4_addr; elements = { 198.18.0.1 } }
+	set probe_src6 { type ipv6_addr; elements = { fd00:a5e5::1 } }
+	set probe_ports { type inet_service; elements = { 8080 } }
+	chain inbound {
+		type nat hook prerouting priority dstnat; policy accept;
+		iifname "lo" return
+		meta l4proto tcp tcp dport 15008 return
+		meta nfproto ipv4 meta l4proto tcp ip saddr @probe_src4 tcp dport @probe_ports return
+		meta nfproto ipv6 meta l4proto tcp ip6 saddr @probe_src6 tcp dport @probe_ports return
+		meta l4proto tcp redirect to :15006
+	}
+	chain outbound {
+		type nat hook output priority dstnat; policy accept;
+		oifname "lo" return
+		meta mark 0x539 return
+		meta l4proto tcp redirect to :15001
+	}
+	chain reply {
+		type route hook output priority mangle; policy accept;
+		meta mark 0x539 ct mark set 0x111 return
+		ct mark 0x111 meta mark set 0x111
+	}
+}
+`
+
+// BenchmarkInstall measures installing (replacing) the nftables part of a
+// pod's capture rules over netlink, the way the agent does per pod.
+// BenchmarkInstallNftBinary is the baseline: the same ruleset through
+// the nft binary (fork/exec + parse), as an iptables/nft-shelling agent
+// would do it.
+func BenchmarkInstall(b *testing.B) {
+	needRootB(b)
+	ns := newNS(b)
+	cfg := Config{ProbeSources: []netip.Addr{nodeIP, nodeIP6}, ProbePorts: []uint16{8080}}
+	if err := inNS(ns, func() error {
+		for i := 0; i < b.N; i++ {
+			if err := installTable(cfg); err != nil {
+				return err
+			}
+		}
+		return nil
+	}); err != nil {
+		b.Fatal(err)
+	}
+}
+
+func BenchmarkInstallNftBinary(b *testing.B) {
+	needRootB(b)
+	if _, err := exec.LookPath("nft"); err != nil {
+		b.Skip("needs the nft binary (Debian nftables) for the baseline")
+	}
+	ns := newNS(b)
+	file := filepath.Join(b.TempDir(), "rules.nft")
+	if err := os.WriteFile(file, []byte(nftRuleset), 0o644); err != nil {
+		b.Fatal(err)
+	}
+	if err := inNS(ns, func() error {
+		for i := 0; i < b.N; i++ {
+			if out, err := exec.Command("nft", "-f", file).CombinedOutput(); err != nil {
+				b.Fatalf("nft: %v: %s", err, strings.TrimSpace(string(out)))
+			}
+		}
+		return nil
+	}); err != nil {
+		b.Fatal(err)
+	}
+}
+
+func needRootB(b *testing.B) {
+	if os.Geteuid() != 0 {
+		b.Skip("needs root: creates network namespaces and nftables rules")
+	}
+}
