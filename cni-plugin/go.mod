@@ -1,11 +1,11 @@
 module github.com/amesh-dev/amesh/cni-plugin
 
-go 1.26.8
+go 1.26.0
 
 require (
 	github.com/amesh-dev/amesh/api v0.0.0
 	github.com/containernetworking/cni v1.3.1
-	github.com/containernetworking/plugins v1.10.0
+	github.com/containernetworking/plugins v1.9.1
 	github.com/fsnotify/fsnotify v1.10.1
 	github.com/prometheus/client_golang v1.25.0
 	github.com/vishvananda/netlink v1.3.1
