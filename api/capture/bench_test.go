@@ -1,6 +1,7 @@
 package capture
 
 import (
+	"fmt"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -25,7 +26,7 @@ table inet amesh {
 		meta l4proto tcp redirect to :15006
 	}
 	chain outbound {
-		type nat hook output priority dstnat; policy accept;
+		type nat hook output priority -100; policy accept;
 		oifname "lo" return
 		meta mark 0x539 return
 		meta l4proto tcp redirect to :15001
@@ -72,7 +73,7 @@ func BenchmarkInstallNftBinary(b *testing.B) {
 	if err := inNS(ns, func() error {
 		for i := 0; i < b.N; i++ {
 			if out, err := exec.Command("nft", "-f", file).CombinedOutput(); err != nil {
-				b.Fatalf("nft: %v: %s", err, strings.TrimSpace(string(out)))
+				return fmt.Errorf("nft: %w: %s", err, strings.TrimSpace(string(out)))
 			}
 		}
 		return nil
@@ -85,4 +86,29 @@ func needRootB(b *testing.B) {
 	if os.Geteuid() != 0 {
 		b.Skip("needs root: creates network namespaces and nftables rules")
 	}
+}
+
+// TestRulesetMatchesNft cross-checks the rules this package builds with
+// the nft tool's own compilation of the same ruleset text (nftRuleset):
+// after `nft -f`, Check finds exactly the expected rules.
+func TestRulesetMatchesNft(t *testing.T) {
+	needRoot(t)
+	if _, err := exec.LookPath("nft"); err != nil {
+		t.Skip("needs the nft binary (Debian nftables)")
+	}
+	ns := newNS(t)
+	file := filepath.Join(t.TempDir(), "rules.nft")
+	if err := os.WriteFile(file, []byte(nftRuleset), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg := Config{ProbeSources: []netip.Addr{nodeIP, nodeIP6}, ProbePorts: []uint16{8080}}
+	must(t, inNS(ns, func() error {
+		if out, err := exec.Command("nft", "-f", file).CombinedOutput(); err != nil {
+			return fmt.Errorf("nft: %w: %s", err, out)
+		}
+		if err := installRouting(); err != nil {
+			return err
+		}
+		return Check(cfg)
+	}))
 }
