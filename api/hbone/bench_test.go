@@ -104,11 +104,23 @@ func BenchmarkConnectCold(b *testing.B) {
 	}
 }
 
-// BenchmarkIdleHeap measures the heap held by idle tunnelled TCP connections,
-// client and server side together: app TCP ⇄ Splice ⇄ HBONE stream ⇄ Splice
-// ⇄ backend TCP, all idle, 100 streams per HTTP/2 connection.
+// BenchmarkIdleHeap measures the memory held by idle tunnels, client and
+// server side together, after GC: heap (heapB/conn) and goroutine stacks
+// (stackB/conn).
+//
+//   - tunnel: app TCP ⇄ Splice ⇄ HBONE stream ⇄ Splice ⇄ backend TCP, the
+//     way ztunnel uses it (both TCP legs and all four splice goroutines
+//     included), 100 streams per HTTP/2 connection;
+//   - tunnel-own-conn: the same with one HTTP/2 (and TLS) connection per
+//     tunnel;
+//   - stream: a bare stream whose two ends are blocked in Read.
 func BenchmarkIdleHeap(b *testing.B) {
-	const n = 1000
+	b.Run("tunnel", func(b *testing.B) { benchIdle(b, 1000, 100, true) })
+	b.Run("tunnel-own-conn", func(b *testing.B) { benchIdle(b, 300, 1, true) })
+	b.Run("stream", func(b *testing.B) { benchIdle(b, 1000, 100, false) })
+}
+
+func benchIdle(b *testing.B, n, perConn int, splice bool) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		b.Fatal(err)
@@ -128,28 +140,39 @@ func BenchmarkIdleHeap(b *testing.B) {
 			mu.Unlock()
 		}
 	})
-	e := newEnv(b, forward)
+	handler := forward
+	if !splice {
+		handler = discard
+	}
+	e := newEnv(b, handler, func(_ *ServerConfig, c *ClientConfig) { c.MaxStreamsPerConn = perConn })
 	target := ln.Addr().String()
 	for range b.N {
-		var apps []net.Conn
+		var closers []func()
 		var wg sync.WaitGroup
-		before := heapInUse()
+		runtime.GC()
+		beforeHeap, beforeStack := memInUse()
 		for range n {
 			s := e.dial(b, target)
+			if !splice {
+				wg.Go(func() { _, _ = io.Copy(io.Discard, s) })
+				closers = append(closers, func() { s.CloseWrite() })
+				continue
+			}
 			app, inner := tcpPair(b)
-			apps = append(apps, app)
+			closers = append(closers, func() { app.Close() })
 			wg.Go(func() {
 				_, _, _ = Splice(inner, s)
 				inner.Close()
 				s.Close()
 			})
 		}
-		time.Sleep(200 * time.Millisecond) // let every splice block in its reads
-		after := heapInUse()
-		b.ReportMetric(float64(after-before)/n, "heapB/conn")
+		time.Sleep(300 * time.Millisecond) // let every goroutine block
+		afterHeap, afterStack := memInUse()
+		b.ReportMetric(float64(afterHeap-beforeHeap)/float64(n), "heapB/conn")
+		b.ReportMetric(float64(afterStack-beforeStack)/float64(n), "stackB/conn")
 		// Both ends close: each splice sees EOF in both directions.
-		for _, a := range apps {
-			a.Close()
+		for _, c := range closers {
+			c()
 		}
 		mu.Lock()
 		for _, c := range backends {
@@ -161,10 +184,10 @@ func BenchmarkIdleHeap(b *testing.B) {
 	}
 }
 
-func heapInUse() int64 {
+func memInUse() (heap, stack int64) {
 	runtime.GC()
 	runtime.GC()
 	var m runtime.MemStats
 	runtime.ReadMemStats(&m)
-	return int64(m.HeapAlloc)
+	return int64(m.HeapAlloc), int64(m.StackInuse)
 }

@@ -17,6 +17,7 @@ import (
 	"github.com/amesh-dev/amesh/api/identity"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"go.uber.org/zap"
+	"golang.org/x/net/http/httpguts"
 )
 
 // ClientConfig configures a Client.
@@ -29,6 +30,7 @@ type ClientConfig struct {
 	// inside a pod's network namespace with SO_MARK (the Dial context carries
 	// whatever the caller of Client.Dial put in it). Default: net.Dialer.
 	Dial              func(ctx context.Context, network, addr string) (net.Conn, error)
+	HandshakeTimeout  time.Duration // bound on TCP connect + TLS handshake; default 10s
 	IdleTimeout       time.Duration // close a connection without streams after this; default 30s
 	MaxStreamsPerConn int           // concurrent streams per HTTP/2 connection; default 100
 	PingInterval      time.Duration // default 10s
@@ -76,6 +78,7 @@ type dialCall struct {
 // NewClient returns a client.
 func NewClient(cfg ClientConfig) *Client {
 	cfg.IdleTimeout = cmp.Or(cfg.IdleTimeout, 30*time.Second)
+	cfg.HandshakeTimeout = cmp.Or(cfg.HandshakeTimeout, 10*time.Second)
 	cfg.MaxStreamsPerConn = cmp.Or(cfg.MaxStreamsPerConn, 100)
 	if cfg.Dial == nil {
 		var d net.Dialer
@@ -112,6 +115,16 @@ func (cl *Client) Dial(ctx context.Context, r DialRequest) (net.Conn, error) {
 		return nil, fmt.Errorf("hbone: dial: bad target %v", r.Target)
 	case cl.cfg.Certificates == nil || cl.cfg.Bundle == nil:
 		return nil, errors.New("hbone: ClientConfig needs Certificates and Bundle")
+	}
+	for k, vs := range r.Header {
+		if !httpguts.ValidHeaderFieldName(k) {
+			return nil, fmt.Errorf("hbone: dial: invalid header name %q", k)
+		}
+		for _, v := range vs {
+			if !httpguts.ValidHeaderFieldValue(v) {
+				return nil, fmt.Errorf("hbone: dial: invalid value for header %q", k)
+			}
+		}
 	}
 	exp := make([]string, len(r.Expected))
 	for i, id := range r.Expected {
@@ -209,7 +222,7 @@ func (cl *Client) get(ctx context.Context, key poolKey, r DialRequest) (*conn, e
 
 // dialConn dials the proxy and completes the mTLS handshake.
 func (cl *Client) dialConn(ctx context.Context, r DialRequest) (*conn, error) {
-	ctx, cancel := context.WithCancel(ctx)
+	ctx, cancel := context.WithTimeout(ctx, cl.cfg.HandshakeTimeout)
 	defer cancel()
 	stop := context.AfterFunc(cl.ctx, cancel)
 	defer stop()

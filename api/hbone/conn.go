@@ -51,6 +51,7 @@ type connConfig struct {
 type request struct {
 	method, authority, scheme, path, protocol string
 	header                                    http.Header
+	truncated                                 bool // header list over maxHeaderList
 }
 
 // conn is one HTTP/2 connection (client or server side) carrying streams.
@@ -77,8 +78,9 @@ type conn struct {
 	sendWindow     int64 // connection send window
 	peerInitWindow int64
 	peerMaxStreams uint32
-	recvWindow     int64 // connection credit the peer still has
-	recvUnacked    int64 // consumed, not yet returned by WINDOW_UPDATE
+	peerMaxHeader  uint32 // SETTINGS_MAX_HEADER_LIST_SIZE; 0 = unlimited
+	recvWindow     int64  // connection credit the peer still has
+	recvUnacked    int64  // consumed, not yet returned by WINDOW_UPDATE
 	sawSettings    bool
 
 	pingOut   bool
@@ -87,6 +89,7 @@ type conn struct {
 	pingTimer *time.Timer
 	idleTimer *time.Timer
 
+	handlers       int // server: handler goroutines running
 	goAwaySent     bool
 	goAwaySentLast uint32
 	goAwayRecv     bool
@@ -101,6 +104,17 @@ type ctrlWriter struct{ c *conn }
 func (w ctrlWriter) Write(p []byte) (int, error) {
 	w.c.ctrl = append(w.c.ctrl, p...)
 	return len(p), nil
+}
+
+// maxCtrl bounds the queued control frames: a peer that floods PINGs or
+// SETTINGS without reading our answers gets ENHANCE_YOUR_CALM.
+const maxCtrl = 1 << 20
+
+func (c *conn) checkCtrlLocked() error {
+	if len(c.ctrl) > maxCtrl {
+		return connErr(http2.ErrCodeEnhanceYourCalm)
+	}
+	return nil
 }
 
 func newConn(nc net.Conn, peer spiffeid.ID, cfg connConfig) *conn {
@@ -593,6 +607,7 @@ func (c *conn) handle(f http2.Frame) error {
 		}
 		_ = c.wfr.WritePing(true, f.Data)
 		c.signalLocked()
+		return c.checkCtrlLocked()
 	case *http2.WindowUpdateFrame:
 		return c.onWindowUpdate(f)
 	case *http2.RSTStreamFrame:
@@ -738,6 +753,8 @@ func (c *conn) onSettings(f *http2.SettingsFrame) error {
 			}
 		case http2.SettingMaxConcurrentStreams:
 			c.peerMaxStreams = st.Val
+		case http2.SettingMaxHeaderListSize:
+			c.peerMaxHeader = st.Val
 		case http2.SettingHeaderTableSize:
 			c.henc.SetMaxDynamicTableSize(min(st.Val, 4096))
 		}
@@ -748,7 +765,7 @@ func (c *conn) onSettings(f *http2.SettingsFrame) error {
 	}
 	_ = c.wfr.WriteSettingsAck()
 	c.signalLocked()
-	return nil
+	return c.checkCtrlLocked()
 }
 
 // onRequest handles a server's incoming HEADERS.
@@ -771,7 +788,10 @@ func (c *conn) onRequest(f *http2.MetaHeadersFrame) error {
 		return connErr(http2.ErrCodeProtocol)
 	}
 	c.maxPeerID = id
-	if (c.goAwaySent && id > c.goAwaySentLast) || uint32(len(c.streams)) >= c.cfg.maxStreams {
+	// Handlers of reset streams may still run: bound them too, so that a
+	// client opening and resetting streams at once (CVE-2023-44487) cannot
+	// pile up goroutines.
+	if (c.goAwaySent && id > c.goAwaySentLast) || uint32(len(c.streams)) >= c.cfg.maxStreams || uint32(c.handlers) >= c.cfg.maxStreams {
 		c.writeRSTLocked(id, http2.ErrCodeRefusedStream)
 		c.mu.Unlock()
 		return nil
@@ -780,8 +800,10 @@ func (c *conn) onRequest(f *http2.MetaHeadersFrame) error {
 	if f.StreamEnded() {
 		s.recvEnd = true
 	}
+	c.handlers++
 	c.mu.Unlock()
 	req := &request{
+		truncated: f.Truncated,
 		method:    f.PseudoValue("method"),
 		authority: f.PseudoValue("authority"),
 		scheme:    f.PseudoValue("scheme"),
@@ -808,7 +830,7 @@ func (c *conn) onResponse(f *http2.MetaHeadersFrame) error {
 		return nil
 	}
 	code, err := strconv.Atoi(f.PseudoValue("status"))
-	if s.status != 0 || err != nil || code < 100 || code > 999 || code == http.StatusSwitchingProtocols {
+	if s.status != 0 || err != nil || f.Truncated || code < 100 || code > 999 || code == http.StatusSwitchingProtocols {
 		c.resetLocked(s, http2.ErrCodeProtocol, &ResetError{Code: http2.ErrCodeProtocol})
 		return nil
 	}
@@ -861,8 +883,6 @@ func (c *conn) openStream(ctx context.Context, authority string, header http.Hea
 		c.armIdleLocked()
 		return nil, errRefused
 	}
-	s := c.newStreamLocked(c.nextID)
-	c.nextID += 2
 	fields := []hpack.HeaderField{{Name: ":method", Value: http.MethodConnect}, {Name: ":authority", Value: authority}}
 	for k, vs := range header {
 		name := lowerHeader(k)
@@ -873,6 +893,16 @@ func (c *conn) openStream(ctx context.Context, authority string, header http.Hea
 			fields = append(fields, hpack.HeaderField{Name: name, Value: v})
 		}
 	}
+	var size uint32
+	for _, f := range fields {
+		size += f.Size()
+	}
+	if c.peerMaxHeader > 0 && size > c.peerMaxHeader {
+		c.armIdleLocked()
+		return nil, fmt.Errorf("hbone: request headers of %d bytes exceed the server's limit of %d", size, c.peerMaxHeader)
+	}
+	s := c.newStreamLocked(c.nextID)
+	c.nextID += 2
 	c.writeHeadersLocked(s.id, fields, false)
 
 	stop := context.AfterFunc(ctx, func() {

@@ -242,6 +242,11 @@ func (s *Server) serveConn(st *serving, nc net.Conn) {
 func (s *Server) handleStream(base context.Context, c *conn, stream *Stream, req *request) {
 	ctx, cancel := context.WithCancel(base)
 	defer cancel()
+	defer func() {
+		c.mu.Lock()
+		c.handlers--
+		c.mu.Unlock()
+	}()
 	c.mu.Lock()
 	stream.cancel = cancel
 	if stream.removed {
@@ -252,6 +257,8 @@ func (s *Server) handleStream(base context.Context, c *conn, stream *Stream, req
 	status, why := http.StatusOK, ""
 	var auth netip.AddrPort
 	switch {
+	case req.truncated:
+		status, why = http.StatusRequestHeaderFieldsTooLarge, "header list too large"
 	case req.method != http.MethodConnect:
 		status, why = http.StatusBadRequest, "method "+req.method
 	case req.protocol != "" || req.scheme != "" || req.path != "":

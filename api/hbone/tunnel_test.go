@@ -296,7 +296,7 @@ func TestDeadlines(t *testing.T) {
 	}
 
 	// Writes block once the peer's 4 MiB stream window is full.
-	_ = s.SetWriteDeadline(time.Now().Add(300 * time.Millisecond))
+	_ = s.SetWriteDeadline(time.Now().Add(time.Second))
 	big := make([]byte, 8<<20)
 	n, err := s.Write(big)
 	if !isTimeout(err) || n < streamWindow-maxFrame || n >= len(big) {
