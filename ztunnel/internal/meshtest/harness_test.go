@@ -38,6 +38,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/amesh-dev/amesh/ztunnel/internal/netns"
 	"github.com/amesh-dev/amesh/ztunnel/internal/testnet"
@@ -293,6 +294,13 @@ func (c *Controller) SetWorkload(w *discoveryv1.Workload) {
 	c.publish(discoveryv1.WorkloadType, &xds.Resource{Name: w.GetUid(), Body: w})
 }
 
+// Workload returns a copy of a published workload.
+func (c *Controller) Workload(uid string) *discoveryv1.Workload {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return proto.Clone(c.workloads[uid]).(*discoveryv1.Workload)
+}
+
 // SetService publishes a service "default/<name>" with one VIP and port
 // 80 → 8080, and makes the pods its endpoints.
 func (c *Controller) SetService(name string, vip netip.Addr, pods ...*Pod) {
@@ -311,7 +319,7 @@ func (c *Controller) SetServicePort(name string, vip netip.Addr, port, target ui
 		w := p.Workload()
 		c.mu.Lock()
 		if old, ok := c.workloads[p.UID]; ok {
-			w = old
+			w = proto.Clone(old).(*discoveryv1.Workload) // the published one may be in use
 		}
 		if w.Services == nil {
 			w.Services = map[string]*discoveryv1.PortList{}
@@ -337,10 +345,8 @@ func (c *Controller) DeletePolicy(name string) {
 
 // SetMtls changes a pod's PeerAuthentication mode.
 func (c *Controller) SetMtls(p *Pod, mode discoveryv1.MtlsMode) {
-	c.mu.Lock()
-	w := c.workloads[p.UID]
+	w := c.Workload(p.UID) // a copy: the published one may be in use
 	w.MtlsMode = mode
-	c.mu.Unlock()
 	c.SetWorkload(w)
 }
 
