@@ -1,15 +1,19 @@
 package meshtest
 
 import (
+	"bufio"
 	"bytes"
+	"context"
 	"encoding/json"
 	"net/netip"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	discoveryv1 "github.com/amesh-dev/amesh/api/discovery/v1"
 
+	"github.com/amesh-dev/amesh/ztunnel/internal/netns"
 	"github.com/amesh-dev/amesh/ztunnel/internal/testnet"
 )
 
@@ -264,5 +268,57 @@ func TestRestart(t *testing.T) {
 	noMarker(t, "a's veth during the restart", pcap)
 	if n := capA.Count(t, "tcp dst port 8080 or tcp dst port 80"); n != 0 {
 		t.Fatalf("%d packets left a toward an application port in plaintext:\n%s", n, capA.Dump(t, "tcp dst port 8080 or tcp dst port 80"))
+	}
+}
+
+// TestGracefulShutdown: on SIGTERM ztunnel stops accepting at once, lets a
+// live tunnel carry on until the drain deadline, then exits.
+func TestGracefulShutdown(t *testing.T) {
+	w := newWorld(t)
+	h := w.a.Open(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := h.Dial(ctx, "tcp", vipC.String()+":80", netip.Addr{}, netns.SockOpts{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	r := bufio.NewReader(c)
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	if l, err := r.ReadString('\n'); err != nil || !strings.HasPrefix(l, "hello") {
+		t.Fatalf("greeting %q %v", l, err)
+	}
+	z := w.Zt[w.n1]
+	start := time.Now()
+	if err := z.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	// New connections are refused once the listeners are closed.
+	waitOK(t, func() error {
+		if _, _, err := w.a.Converse(vipC.String()+":80", []byte("x")); err == nil {
+			return errStillOpen
+		}
+		return nil
+	})
+	// The live tunnel still works while draining.
+	if _, err := c.Write([]byte("ping\n")); err != nil {
+		t.Fatal(err)
+	}
+	if l, err := r.ReadString('\n'); err != nil || l != "ping\n" {
+		t.Fatalf("live tunnel while draining: %q %v", l, err)
+	}
+	select {
+	case <-z.done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("ztunnel did not exit after the drain deadline")
+	}
+	if el := time.Since(start); el < 2*time.Second || el > 6*time.Second {
+		t.Fatalf("ztunnel exited after %s, want about the 2 s drain deadline", el)
+	}
+	if _, err := r.ReadString('\n'); err == nil {
+		t.Fatal("live tunnel survived the process")
+	}
+	if !strings.Contains(z.Logs(), "draining") {
+		t.Fatal("no drain in the log")
 	}
 }
