@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"io"
 	"net"
+	"net/http"
 	"runtime"
 	"sync"
 	"testing"
@@ -118,6 +119,62 @@ func BenchmarkIdleHeap(b *testing.B) {
 	b.Run("tunnel", func(b *testing.B) { benchIdle(b, 1000, 100, true) })
 	b.Run("tunnel-own-conn", func(b *testing.B) { benchIdle(b, 300, 1, true) })
 	b.Run("stream", func(b *testing.B) { benchIdle(b, 1000, 100, false) })
+	b.Run("stream-net-http-baseline", benchIdleNetHTTP)
+}
+
+// benchIdleNetHTTP is the baseline for "stream": the same idle CONNECT
+// streams with net/http's HTTP/2 client and server (the implementation
+// x/net/http2's Server and Transport now defer to), default settings.
+func benchIdleNetHTTP(b *testing.B) {
+	const n = 100
+	e := newEnv(b, discard) // for its certificates
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	srv := &http.Server{
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			w.WriteHeader(http.StatusOK)
+			w.(http.Flusher).Flush()
+			_, _ = io.Copy(io.Discard, r.Body)
+		}),
+		TLSConfig: identity.ServerTLS(func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return e.srvCert, nil }, e.bundle, e.ca.TrustDomain),
+		Protocols: new(http.Protocols),
+	}
+	srv.Protocols.SetHTTP2(true)
+	served := make(chan struct{})
+	go func() { defer close(served); _ = srv.ServeTLS(ln, "", "") }()
+	defer func() { srv.Close(); <-served }()
+	tr := &http.Transport{
+		TLSClientConfig: identity.ClientTLS(func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return e.cliCert, nil }, e.bundle, e.srvID),
+		Protocols:       new(http.Protocols),
+	}
+	tr.Protocols.SetHTTP2(true)
+	defer tr.CloseIdleConnections()
+	for range b.N {
+		var wg sync.WaitGroup
+		var pipes []*io.PipeWriter
+		beforeHeap, beforeStack := memInUse()
+		for range n {
+			pr, pw := io.Pipe()
+			req, _ := http.NewRequest(http.MethodConnect, "https://"+ln.Addr().String(), pr)
+			req.Host = "10.0.0.1:80"
+			resp, err := tr.RoundTrip(req)
+			if err != nil {
+				b.Fatal(err)
+			}
+			pipes = append(pipes, pw)
+			wg.Go(func() { _, _ = io.Copy(io.Discard, resp.Body); resp.Body.Close() })
+		}
+		time.Sleep(300 * time.Millisecond)
+		afterHeap, afterStack := memInUse()
+		b.ReportMetric(float64(afterHeap-beforeHeap)/n, "heapB/conn")
+		b.ReportMetric(float64(afterStack-beforeStack)/n, "stackB/conn")
+		for _, pw := range pipes {
+			pw.Close()
+		}
+		wg.Wait()
+	}
 }
 
 func benchIdle(b *testing.B, n, perConn int, splice bool) {
