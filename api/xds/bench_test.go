@@ -11,6 +11,7 @@ import (
 	"time"
 
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/types/known/anypb"
 
@@ -185,6 +186,7 @@ func (s *baselineServer) push(resources []*xds.Resource, typeURL, nonce string) 
 type benchEnv struct {
 	push func(gen string, all []*xds.Resource, one *xds.Resource) // all: full set; one: single update
 	w    *waiter
+	reg  *prometheus.Registry // xds modes: the server's metrics
 }
 
 func setupBench(b *testing.B, mode string) *benchEnv {
@@ -217,7 +219,8 @@ func setupBench(b *testing.B, mode string) *benchEnv {
 			}
 		}
 	default:
-		srv := xds.NewServer(xds.ServerOptions{Authenticate: newAuthenticator().authenticate})
+		env.reg = prometheus.NewRegistry()
+		srv := xds.NewServer(xds.ServerOptions{Authenticate: newAuthenticator().authenticate, Registerer: env.reg})
 		if err := srv.Set(wlType, nil); err != nil {
 			b.Fatal(err)
 		}
@@ -296,6 +299,9 @@ func BenchmarkFullPush(b *testing.B) {
 					b.Fatal("full push did not complete in 60s")
 				}
 			}
+			if env.reg != nil {
+				b.ReportMetric(gathered(b, env.reg, "amesh_xds_pushes_total")/float64(b.N), "responses/op")
+			}
 		})
 	}
 }
@@ -338,4 +344,21 @@ func BenchmarkIncrementalPush(b *testing.B) {
 			b.ReportMetric(float64(lat[len(lat)-1].Microseconds())/1000, "max-ms")
 		})
 	}
+}
+
+// gathered sums a counter family of reg.
+func gathered(b *testing.B, reg *prometheus.Registry, name string) float64 {
+	mfs, err := reg.Gather()
+	if err != nil {
+		b.Fatal(err)
+	}
+	sum := 0.0
+	for _, mf := range mfs {
+		if mf.GetName() == name {
+			for _, m := range mf.GetMetric() {
+				sum += m.GetCounter().GetValue()
+			}
+		}
+	}
+	return sum
 }

@@ -29,8 +29,8 @@ import (
 	"strings"
 
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
-	"google.golang.org/protobuf/types/known/anypb"
 )
 
 // Resource is one named discovery resource.
@@ -68,11 +68,16 @@ func shortType(typeURL string) string {
 // entry is a resource prepared for sending: encoded once, shared by every
 // stream.
 type entry struct {
-	res  *Resource
-	wire *discoveryv3.Resource
+	res *Resource
+	// enc is the resource as one encoded DeltaDiscoveryResponse.resources
+	// field (tag, length, envoy Resource message). Responses are assembled
+	// by concatenating these bytes, so that a full push to many streams
+	// costs a copy per stream rather than a protobuf encoding per stream.
+	enc []byte
 }
 
-var deterministic = proto.MarshalOptions{Deterministic: true}
+// resourcesField is DeltaDiscoveryResponse's field number of resources.
+const resourcesField = 2
 
 // prepare validates r for typeURL, fills in its version and encodes it.
 func prepare(typeURL string, r *Resource) (*entry, error) {
@@ -85,7 +90,8 @@ func prepare(typeURL string, r *Resource) (*entry, error) {
 	if got := TypeURL(r.Body); got != typeURL {
 		return nil, fmt.Errorf("%w: %s: body of type %s published as %s", ErrInvalidResource, r.Name, got, typeURL)
 	}
-	b, err := deterministic.Marshal(r.Body)
+	opts := proto.MarshalOptions{Deterministic: r.Version == ""} // the hash needs stable bytes
+	b, err := opts.Marshal(r.Body)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %s: %v", ErrInvalidResource, r.Name, err)
 	}
@@ -94,14 +100,65 @@ func prepare(typeURL string, r *Resource) (*entry, error) {
 		sum := sha256.Sum256(b)
 		c.Version = hex.EncodeToString(sum[:12])
 	}
-	return &entry{
-		res: &c,
-		wire: &discoveryv3.Resource{
-			Name:     c.Name,
-			Version:  c.Version,
-			Resource: &anypb.Any{TypeUrl: typeURL, Value: b},
-		},
-	}, nil
+	return &entry{res: &c, enc: encodeResource(typeURL, c.Name, c.Version, b)}, nil
+}
+
+// Field numbers of envoy.service.discovery.v3.Resource and google.protobuf.Any.
+const (
+	resourceVersionField = 1
+	resourceBodyField    = 2
+	resourceNameField    = 3
+	anyTypeURLField      = 1
+	anyValueField        = 2
+)
+
+// encodeResource encodes one DeltaDiscoveryResponse.resources entry: a
+// Resource{name, version, resource: Any{typeURL, value}} as field 2. It is
+// written by hand (checked against the generated code by the tests) because
+// a full push encodes every resource once per change.
+func encodeResource(typeURL, name, version string, value []byte) []byte {
+	anyLen := protowire.SizeTag(anyTypeURLField) + protowire.SizeBytes(len(typeURL)) +
+		protowire.SizeTag(anyValueField) + protowire.SizeBytes(len(value))
+	resLen := protowire.SizeTag(resourceNameField) + protowire.SizeBytes(len(name)) +
+		protowire.SizeTag(resourceBodyField) + protowire.SizeBytes(anyLen)
+	if version != "" {
+		resLen += protowire.SizeTag(resourceVersionField) + protowire.SizeBytes(len(version))
+	}
+	b := make([]byte, 0, protowire.SizeTag(resourcesField)+protowire.SizeBytes(resLen))
+	b = protowire.AppendTag(b, resourcesField, protowire.BytesType)
+	b = protowire.AppendVarint(b, uint64(resLen))
+	if version != "" {
+		b = protowire.AppendTag(b, resourceVersionField, protowire.BytesType)
+		b = protowire.AppendString(b, version)
+	}
+	b = protowire.AppendTag(b, resourceBodyField, protowire.BytesType)
+	b = protowire.AppendVarint(b, uint64(anyLen))
+	b = protowire.AppendTag(b, anyTypeURLField, protowire.BytesType)
+	b = protowire.AppendString(b, typeURL)
+	b = protowire.AppendTag(b, anyValueField, protowire.BytesType)
+	b = protowire.AppendBytes(b, value)
+	b = protowire.AppendTag(b, resourceNameField, protowire.BytesType)
+	return protowire.AppendString(b, name)
+}
+
+// newResponse builds a DeltaDiscoveryResponse carrying the encoded upserts.
+// They travel as the message's unknown-field bytes: on the wire they are
+// exactly the repeated resources field, which every receiver decodes as
+// such; the sender only copies them.
+func newResponse(typeURL, nonce string, upserts []*entry, removes []string) *discoveryv3.DeltaDiscoveryResponse {
+	resp := &discoveryv3.DeltaDiscoveryResponse{TypeUrl: typeURL, Nonce: nonce, RemovedResources: removes}
+	if len(upserts) > 0 {
+		n := 0
+		for _, e := range upserts {
+			n += len(e.enc)
+		}
+		raw := make([]byte, 0, n)
+		for _, e := range upserts {
+			raw = append(raw, e.enc...)
+		}
+		resp.ProtoReflect().SetUnknown(raw)
+	}
+	return resp
 }
 
 // same reports whether replacing a with b changes nothing a subscriber can

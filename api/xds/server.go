@@ -359,10 +359,14 @@ type pendingSet struct {
 	names    map[string]time.Time // name → when it first changed
 }
 
+// held is the version of one resource a client holds (a pointer, so that a
+// full recompute updates it with a single map lookup).
+type held struct{ version string }
+
 type subState struct {
 	wildcard  bool
 	names     map[string]struct{} // explicit subscriptions
-	known     map[string]string   // name → version the client holds (or was sent)
+	known     map[string]*held    // name → what the client holds (or was sent)
 	sentFirst bool
 }
 
@@ -445,13 +449,13 @@ func (st *stream) handle(r *discoveryv3.DeltaDiscoveryRequest) error {
 	if firstForType {
 		ss = &subState{
 			names: map[string]struct{}{},
-			known: maps.Clone(r.GetInitialResourceVersions()),
+			known: make(map[string]*held, len(r.GetInitialResourceVersions())),
 			// A first request naming nothing is a (legacy) wildcard
 			// subscription.
 			wildcard: len(r.GetResourceNamesSubscribe()) == 0,
 		}
-		if ss.known == nil {
-			ss.known = map[string]string{}
+		for name, v := range r.GetInitialResourceVersions() {
+			ss.known[name] = &held{version: v}
 		}
 		st.types[typeURL] = ss
 		st.order = append(st.order, typeURL)
@@ -510,8 +514,10 @@ func (st *stream) markType(typeURL string, at time.Time) {
 }
 
 type outgoing struct {
-	resp  *discoveryv3.DeltaDiscoveryResponse
-	since time.Time // earliest change it carries (zero: none measured)
+	typeURL, nonce string
+	upserts        []*entry // immutable: encoded outside the server's lock
+	removes        []string
+	since          time.Time // earliest change it carries (zero: none measured)
 }
 
 // flush sends what changed for this subscriber since the last flush.
@@ -539,16 +545,16 @@ func (st *stream) flush(gs grpc.BidiStreamingServer[discoveryv3.DeltaDiscoveryRe
 	st.srv.mu.RUnlock()
 
 	for _, o := range out {
-		if err := gs.Send(o.resp); err != nil {
+		if err := gs.Send(newResponse(o.typeURL, o.nonce, o.upserts, o.removes)); err != nil {
 			return err
 		}
-		label := shortType(o.resp.GetTypeUrl())
+		label := shortType(o.typeURL)
 		st.srv.metrics.pushes.WithLabelValues(label).Inc()
 		if !o.since.IsZero() {
 			st.srv.metrics.latency.WithLabelValues(label).Observe(time.Since(o.since).Seconds())
 		}
-		st.log.Debug("xds push", zap.String("type", o.resp.GetTypeUrl()), zap.String("nonce", o.resp.GetNonce()),
-			zap.Int("upserts", len(o.resp.GetResources())), zap.Int("removes", len(o.resp.GetRemovedResources())))
+		st.log.Debug("xds push", zap.String("type", o.typeURL), zap.String("nonce", o.nonce),
+			zap.Int("upserts", len(o.upserts)), zap.Int("removes", len(o.removes)))
 	}
 	return nil
 }
@@ -565,10 +571,12 @@ func (st *stream) build(typeURL string, p *pendingSet) (outgoing, bool) {
 		// first Set or Update.
 		return outgoing{}, false
 	}
-	var upserts []*discoveryv3.Resource
+	var upserts []*entry
 	var removes []string
 	var since time.Time
-	consider := func(name string, e *entry, at time.Time) {
+	// consider compares one name's current entry (nil: gone) with what the
+	// client holds (h, nil: nothing) and queues the difference.
+	consider := func(name string, e *entry, h *held, at time.Time) {
 		visible := false
 		if e != nil {
 			visible = ss.wildcard
@@ -577,44 +585,48 @@ func (st *stream) build(typeURL string, p *pendingSet) (outgoing, bool) {
 			}
 			visible = visible && st.sub.Visible(typeURL, e.res)
 		}
-		if visible {
-			if v, ok := ss.known[name]; ok && v == e.res.Version {
+		switch {
+		case visible && h != nil:
+			if h.version == e.res.Version {
 				return
 			}
-			ss.known[name] = e.res.Version
-			upserts = append(upserts, e.wire)
-		} else {
-			if _, ok := ss.known[name]; !ok {
-				return
-			}
+			h.version = e.res.Version
+			upserts = append(upserts, e)
+		case visible:
+			ss.known[name] = &held{version: e.res.Version}
+			upserts = append(upserts, e)
+		case h != nil:
 			delete(ss.known, name)
 			removes = append(removes, name)
+		default:
+			return
 		}
 		if !at.IsZero() && (since.IsZero() || at.Before(since)) {
 			since = at
 		}
 	}
 	if p.all {
-		upserts = make([]*discoveryv3.Resource, 0, len(current))
+		upserts = make([]*entry, 0, len(current))
 		// Names the client holds that the server no longer has: count
 		// them on the way so that the second pass runs only when needed.
 		stale := len(ss.known)
 		for name, e := range current {
-			if _, ok := ss.known[name]; ok {
+			h := ss.known[name]
+			if h != nil {
 				stale--
 			}
-			consider(name, e, p.allSince)
+			consider(name, e, h, p.allSince)
 		}
 		if stale > 0 {
-			for name := range ss.known {
+			for name, h := range ss.known {
 				if current[name] == nil {
-					consider(name, nil, p.allSince)
+					consider(name, nil, h, p.allSince)
 				}
 			}
 		}
 	} else {
 		for name, at := range p.names {
-			consider(name, current[name], at)
+			consider(name, current[name], ss.known[name], at)
 		}
 	}
 	if len(upserts) == 0 && len(removes) == 0 && ss.sentFirst {
@@ -629,15 +641,7 @@ func (st *stream) build(typeURL string, p *pendingSet) (outgoing, bool) {
 		}
 	}
 	st.inflight[nonce] = typeURL
-	return outgoing{
-		resp: &discoveryv3.DeltaDiscoveryResponse{
-			TypeUrl:          typeURL,
-			Resources:        upserts,
-			RemovedResources: removes,
-			Nonce:            nonce,
-		},
-		since: since,
-	}, true
+	return outgoing{typeURL: typeURL, nonce: nonce, upserts: upserts, removes: removes, since: since}, true
 }
 
 // maxInflight bounds the nonces remembered per stream for a client that
