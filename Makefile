@@ -77,3 +77,24 @@ bench: tools ## Run the benchmarks (baselines side by side).
 .PHONY: verify
 verify: tools ## gofmt, vet, staticcheck, go mod tidy -diff, generated code current, GOWORK=off builds.
 	@hack/verify.sh
+
+##@ Images and kind (need Docker; the local cluster does not)
+IMAGE_REGISTRY ?= ghcr.io/amesh-dev
+IMAGE_TAG      ?= dev
+KUBECTL        ?= $(if $(wildcard $(KUBE_BIN)/kubectl),$(KUBE_BIN)/kubectl,kubectl)
+
+.PHONY: images
+images: ## Build the container images as $(IMAGE_REGISTRY)/<name>:$(IMAGE_TAG) (docker buildx).
+	@IMAGE_REGISTRY=$(IMAGE_REGISTRY) IMAGE_TAG=$(IMAGE_TAG) hack/images.sh
+
+.PHONY: kind-up
+kind-up: ## Create a kind cluster (2 workers), load the images, install amesh from manifests/.
+	@KUBECTL=$(KUBECTL) CACHE_DIR=$(CACHE_DIR) e2e/kind/kind.sh up
+
+.PHONY: e2e-kind
+e2e-kind: ## Run the e2e suite against the kind cluster (creating it if needed).
+	@KUBECTL=$(KUBECTL) CACHE_DIR=$(CACHE_DIR) e2e/kind/kind.sh e2e
+
+.PHONY: kind-down
+kind-down: ## Delete the kind cluster.
+	@KUBECTL=$(KUBECTL) CACHE_DIR=$(CACHE_DIR) e2e/kind/kind.sh down

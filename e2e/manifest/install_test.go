@@ -10,10 +10,12 @@ import (
 
 	authenticationv1 "k8s.io/api/authentication/v1"
 	authorizationv1 "k8s.io/api/authorization/v1"
+	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
@@ -118,6 +120,7 @@ func TestInstallOnAPIServer(t *testing.T) {
 	cs := kubernetes.NewForConfigOrDie(cfg)
 	t.Run("rbac", func(t *testing.T) { checkRBAC(ctx, t, cs) })
 	t.Run("tokens", func(t *testing.T) { checkTokens(ctx, t, cfg, cs) })
+	t.Run("agent-policy", func(t *testing.T) { checkAgentPolicy(ctx, t, cfg, cs) })
 
 	// Uninstall: everything but the CRDs goes (namespaces terminate; no
 	// namespace controller runs here to finish them).
@@ -251,5 +254,87 @@ func checkTokens(ctx context.Context, t *testing.T, cfg *rest.Config, cs kuberne
 	_, err = kubernetes.NewForConfigOrDie(anon).CoreV1().Pods("").List(ctx, metav1.ListOptions{})
 	if !apierrors.IsUnauthorized(err) {
 		t.Errorf("the amesh-audience token against the Kubernetes API: %v, want 401", err)
+	}
+}
+
+// checkAgentPolicy checks the admission policy that confines the node
+// agent to the redirection annotation of pods on its own node, with a real
+// token bound to an agent pod (the apiserver adds the pod's node to it).
+func checkAgentPolicy(ctx context.Context, t *testing.T, cfg *rest.Config, cs kubernetes.Interface) {
+	for _, n := range []string{"node-a", "node-b"} {
+		if _, err := cs.CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: n}}, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mkpod := func(ns, name, node, sa string) *corev1.Pod {
+		p, err := cs.CoreV1().Pods(ns).Create(ctx, &corev1.Pod{
+			ObjectMeta: metav1.ObjectMeta{Name: name, Labels: map[string]string{"app": name}},
+			Spec: corev1.PodSpec{NodeName: node, ServiceAccountName: sa,
+				Containers: []corev1.Container{{Name: "c", Image: "ghcr.io/amesh-dev/sampleapp:dev"}}},
+		}, metav1.CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	agent := mkpod(SystemNamespace, "agent-a", "node-a", "amesh-cni-agent")
+	mkpod(SampleNamespace, "pod-a", "node-a", "default")
+	mkpod(SampleNamespace, "pod-b", "node-b", "default")
+
+	token := func(bound bool) kubernetes.Interface {
+		exp := int64(600)
+		req := &authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{ExpirationSeconds: &exp}}
+		if bound {
+			req.Spec.BoundObjectRef = &authenticationv1.BoundObjectReference{Kind: "Pod", APIVersion: "v1", Name: agent.Name, UID: agent.UID}
+		}
+		tr, err := cs.CoreV1().ServiceAccounts(SystemNamespace).CreateToken(ctx, "amesh-cni-agent", req, metav1.CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := rest.AnonymousClientConfig(cfg)
+		c.BearerToken = tr.Status.Token
+		return kubernetes.NewForConfigOrDie(c)
+	}
+	patch := func(c kubernetes.Interface, pod, body string) error {
+		_, err := c.CoreV1().Pods(SampleNamespace).Patch(ctx, pod, types.MergePatchType, []byte(body), metav1.PatchOptions{})
+		return err
+	}
+	annotate := func(v string) string { return `{"metadata":{"annotations":{"amesh.dev/redirection":` + v + `}}}` }
+	ac := token(true)
+
+	// The policy takes effect once the apiserver has loaded it.
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		err := patch(ac, "pod-b", annotate(`"enabled"`))
+		if apierrors.IsForbidden(err) && strings.Contains(err.Error(), "own node") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("agent annotating a pod on another node: %v, want Forbidden by the policy", err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if err := patch(ac, "pod-a", annotate(`"enabled"`)); err != nil {
+		t.Errorf("agent annotating a pod on its node: %v", err)
+	}
+	if err := patch(ac, "pod-a", annotate("null")); err != nil {
+		t.Errorf("agent removing the annotation: %v", err)
+	}
+	for name, body := range map[string]string{
+		"label":            `{"metadata":{"labels":{"amesh.dev/dataplane-mode":"none"}}}`,
+		"other annotation": `{"metadata":{"annotations":{"amesh.dev/use-waypoint":"x"}}}`,
+		"spec":             `{"spec":{"activeDeadlineSeconds":5}}`,
+	} {
+		if err := patch(ac, "pod-a", body); !apierrors.IsForbidden(err) {
+			t.Errorf("agent changing a pod's %s: %v, want Forbidden", name, err)
+		}
+	}
+	// A token that names no node is refused (fail closed).
+	if err := patch(token(false), "pod-a", annotate(`"enabled"`)); !apierrors.IsForbidden(err) {
+		t.Errorf("agent token without a node: %v, want Forbidden", err)
+	}
+	// Nobody else is affected.
+	if err := patch(cs, "pod-b", `{"metadata":{"labels":{"x":"y"}}}`); err != nil {
+		t.Errorf("admin patching a pod: %v", err)
 	}
 }
