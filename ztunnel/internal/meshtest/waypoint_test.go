@@ -92,7 +92,7 @@ func (m *Mesh) AddWaypoint(n *testnet.Node, name string, vip netip.Addr) *Waypoi
 			}
 			up, err := client.Dial(ctx, hbone.DialRequest{
 				Source: id, Expected: []spiffeid.ID{dst.ID()},
-				Proxy:  netip.AddrPortFrom(dst.IP, 15008), Target: netip.AddrPortFrom(dst.IP, 8080),
+				Proxy: netip.AddrPortFrom(dst.IP, 15008), Target: netip.AddrPortFrom(dst.IP, 8080),
 			})
 			if err != nil {
 				return nil, fmt.Errorf("%w: %w", hbone.ErrUnreachable, err)

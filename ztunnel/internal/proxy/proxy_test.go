@@ -46,7 +46,7 @@ func enroll(t *testing.T, p *testnet.Pod) {
 func workloadOf(p *testnet.Pod, captured bool) store.Resource {
 	w := &discoveryv1.Workload{
 		Uid: p.Name, Name: p.Name, Namespace: "default", ServiceAccount: p.Name,
-		Addresses: [][]byte{p.IP.AsSlice()}, Node: fmt.Sprintf("node%d", p.Node.Index),
+		Addresses: [][]byte{p.IP.AsSlice(), p.IP6.AsSlice()}, Node: fmt.Sprintf("node%d", p.Node.Index),
 	}
 	if captured {
 		w.TunnelProtocol = discoveryv1.TunnelProtocol_TUNNEL_PROTOCOL_HBONE
@@ -106,7 +106,7 @@ func (e *env) pod(name string, enrolled bool) *testnet.Pod {
 			e.t.Fatal(err)
 		}
 		if err := e.proxy.AddPod(name, agent.PodInfo{
-			Name: name, Namespace: "default", ServiceAccount: name, IPs: []netip.Addr{p.IP}, Node: "node1",
+			Name: name, Namespace: "default", ServiceAccount: name, IPs: []netip.Addr{p.IP, p.IP6}, Node: "node1",
 		}, h); err != nil {
 			e.t.Fatal(err)
 		}
@@ -394,5 +394,62 @@ func TestAddPodIdempotent(t *testing.T) {
 	}
 	if _, _, err := a.Converse(u.IP.String()+":8080", []byte("x")); err == nil {
 		t.Fatal("old namespace still served")
+	}
+}
+
+// TestRetryOtherEndpoint: when the picked endpoint refuses the connection,
+// the proxy retries once on another endpoint of the service.
+func TestRetryOtherEndpoint(t *testing.T) {
+	e := newEnv(t)
+	a := e.pod("a", true)
+	b := e.pod("b", true)
+	dead := e.node.AddPod(t, "dead") // in discovery as captured, but nothing serves it
+	const svc = "default/svc.default.svc.cluster.local"
+	vip := netip.MustParseAddr("10.96.0.12")
+	var ws []store.Resource
+	for _, p := range []*testnet.Pod{b, dead} {
+		w := workloadOf(p, true)
+		w.Body.(*discoveryv1.Workload).Services = map[string]*discoveryv1.PortList{svc: {Ports: []*discoveryv1.Port{{ServicePort: 80, TargetPort: 8080}}}}
+		ws = append(ws, w)
+	}
+	e.apply(discoveryv1.WorkloadType, append(ws, workloadOf(a, true))...)
+	e.apply(discoveryv1.ServiceType, store.Resource{Name: svc, Body: &discoveryv1.Service{
+		Name: "svc", Namespace: "default", Hostname: "svc.default.svc.cluster.local",
+		Addresses: [][]byte{vip.AsSlice()}, Ports: []*discoveryv1.ServicePort{{ServicePort: 80, TargetPort: 8080}},
+	}})
+	for i := range 4 { // round robin starts on each endpoint twice
+		if _, _, err := a.Converse(vip.String()+":80", []byte("x")); err != nil {
+			t.Fatalf("connection %d: %v", i, err)
+		}
+	}
+}
+
+// TestIPv6 runs the three paths over IPv6: HBONE between enrolled pods,
+// passthrough to a pod outside the mesh, plaintext into an enrolled pod.
+func TestIPv6(t *testing.T) {
+	e := newEnv(t)
+	a := e.pod("a", true)
+	b := e.pod("b", true)
+	u := e.pod("u", false)
+	e.apply(discoveryv1.WorkloadType, workloadOf(a, true), workloadOf(b, true), workloadOf(u, false))
+	data := bytes.Repeat([]byte("v6-"), 10000)
+	tests := []struct {
+		name     string
+		from, to *testnet.Pod
+	}{
+		{"passthrough", a, u},
+		{"hbone", a, b},
+		{"plaintext inbound", u, b},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			seen, echoed, err := tt.from.Converse(netip.AddrPortFrom(tt.to.IP6, 8080).String(), data)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if seen != tt.from.IP6.String() || !bytes.Equal(echoed, data) {
+				t.Fatalf("server saw %s (want %s), echoed %d of %d bytes", seen, tt.from.IP6, len(echoed), len(data))
+			}
+		})
 	}
 }

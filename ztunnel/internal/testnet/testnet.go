@@ -65,6 +65,9 @@ func NewNS(t testing.TB, prefix string) *NS {
 		}
 	})
 	n.Run(t, "ip", "link", "set", "lo", "up")
+	// No duplicate address detection on the test links: link-local
+	// addresses are usable at once.
+	n.Run(t, "sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0", "net.ipv6.conf.all.accept_dad=0")
 	return n
 }
 
@@ -137,6 +140,7 @@ type Pod struct {
 	*NS
 	Name string
 	IP   netip.Addr
+	IP6  netip.Addr // fd00:244:<node>::<n>
 	Node *Node
 }
 
@@ -145,7 +149,13 @@ func NewNode(t testing.TB, index int) *Node {
 	t.Helper()
 	n := &Node{NS: NewNS(t, fmt.Sprintf("ztn-node%d", index)), Index: index}
 	n.Run(t, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+	n.Run(t, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
 	return n
+}
+
+// Gateway6 is the node's IPv6 address toward its pods.
+func (n *Node) Gateway6() netip.Addr {
+	return netip.MustParseAddr(fmt.Sprintf("fd00:244:%d::1", n.Index))
 }
 
 // Gateway is the node's address toward its pods.
@@ -159,15 +169,21 @@ func (n *Node) AddPod(t testing.TB, name string) *Pod {
 		t.Fatal("too many pods on one node")
 	}
 	ip := netip.AddrFrom4([4]byte{10, 244, byte(n.Index), byte(n.pods + 1)})
-	p := &Pod{NS: NewNS(t, "ztn-"+name), Name: name, IP: ip, Node: n}
+	ip6 := netip.MustParseAddr(fmt.Sprintf("fd00:244:%d::%x", n.Index, n.pods+1))
+	p := &Pod{NS: NewNS(t, "ztn-"+name), Name: name, IP: ip, IP6: ip6, Node: n}
 	hostIf := fmt.Sprintf("vp%d", n.pods)
 	Veth(t, p.NS, "eth0", n.NS, hostIf)
-	gw := n.Gateway().String()
+	gw, gw6 := n.Gateway().String(), n.Gateway6().String()
 	p.Iproute(t, "addr", "add", ip.String()+"/32", "dev", "eth0")
 	p.Iproute(t, "route", "add", gw, "dev", "eth0", "scope", "link")
 	p.Iproute(t, "route", "add", "default", "via", gw, "dev", "eth0")
+	p.Iproute(t, "-6", "addr", "add", ip6.String()+"/128", "dev", "eth0", "nodad")
+	p.Iproute(t, "-6", "route", "add", gw6, "dev", "eth0")
+	p.Iproute(t, "-6", "route", "add", "default", "via", gw6, "dev", "eth0")
 	n.Iproute(t, "addr", "add", gw+"/32", "dev", hostIf)
 	n.Iproute(t, "route", "add", ip.String()+"/32", "dev", hostIf, "scope", "link")
+	n.Iproute(t, "-6", "addr", "add", gw6+"/128", "dev", hostIf, "nodad")
+	n.Iproute(t, "-6", "route", "add", ip6.String()+"/128", "dev", hostIf)
 	return p
 }
 
