@@ -88,10 +88,10 @@ func (a *Agent) Run(ctx context.Context) error {
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
 	node := NewNode(log.Named("node"), nil, cfg.NodeName, cfg.ProcRoot, cfg.HostNetns)
-	zsrv := zdsserver.New(zdsserver.Config{Socket: cfg.ZDSSocket, AckTimeout: cfg.AckTimeout,
-		Snapshot: node.Snapshot, Logger: log.Named("zds"), Registerer: reg})
-	node.SetZDS(zsrv)
 	watch := NewWatcher(log.Named("watch"), client, node, cfg.NodeName, cfg.ExcludeNamespaces, cfg.StateFile, cfg.Resync)
+	zsrv := zdsserver.New(zdsserver.Config{Socket: cfg.ZDSSocket, AckTimeout: cfg.AckTimeout,
+		Snapshot: node.Snapshot, Ready: watch.Initialized(), Logger: log.Named("zds"), Registerer: reg})
+	node.SetZDS(zsrv)
 	handler := &cniHandler{log: log.Named("cni"), node: node, watch: watch, exclude: cfg.ExcludeNamespaces}
 	enrolled := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "amesh_cni_enrolled_pods", Help: "Pods of this node whose traffic is redirected to ztunnel.",

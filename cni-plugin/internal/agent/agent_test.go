@@ -337,6 +337,17 @@ func (h *harness) check(p *testPod) error {
 	return h.inNode(func() error { return h.cni.CheckNetworkList(context.Background(), h.list(), h.rt(p)) })
 }
 
+// runIn starts a process inside the pod's netns (its "pause container"),
+// which is how the agent finds pods through /proc.
+func (h *harness) runIn(p *testPod) {
+	h.t.Helper()
+	sleep := exec.Command("sleep", "300")
+	if err := p.netns.Do(func(ns.NetNS) error { return sleep.Start() }); err != nil {
+		h.t.Fatal(err)
+	}
+	h.t.Cleanup(func() { _ = sleep.Process.Kill(); _ = sleep.Wait() })
+}
+
 // setRunning records the pod's IP in its status, as the kubelet would.
 func (h *harness) setRunning(p *testPod) {
 	h.t.Helper()
@@ -555,11 +566,7 @@ func TestLabelAfterPodsRun(t *testing.T) {
 	if err := h.add(early); err != nil {
 		t.Fatal(err)
 	}
-	sleep := exec.Command("sleep", "300")
-	if err := early.netns.Do(func(ns.NetNS) error { return sleep.Start() }); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = sleep.Process.Kill(); _ = sleep.Wait() })
+	h.runIn(early)
 	h.setRunning(early)
 
 	h.startAgent()
@@ -569,6 +576,7 @@ func TestLabelAfterPodsRun(t *testing.T) {
 	if err := h.add(later); err != nil {
 		t.Fatal(err)
 	}
+	h.runIn(later)
 	h.setRunning(later)
 	h.wantNoRules(early)
 	h.wantNoRules(later)
@@ -626,4 +634,59 @@ func TestLabelAfterPodsRun(t *testing.T) {
 			return nil
 		})
 	}
+
+	// The label goes while the agent is down: the restarted agent (which
+	// remembers nothing) removes the rules it left behind.
+	h.labelNamespace(nsName, true)
+	for _, p := range []*testPod{early, later} {
+		h.eventually("rules back in "+p.Name, func() error { return h.rules(p) })
+		h.wantAnnotation(p, "enabled")
+	}
+	h.stopAgent()
+	z2.Close()
+	h.labelNamespace(nsName, false)
+	h.wantRules(early) // nobody removed them yet
+	h.startAgent()
+	for _, p := range []*testPod{early, later} {
+		h.eventually("stale rules removed in "+p.Name, func() error {
+			if err := h.rules(p); !errors.Is(err, capture.ErrNotInstalled) {
+				return fmt.Errorf("Check = %v", err)
+			}
+			return nil
+		})
+		h.wantAnnotation(p, "<none>")
+	}
+}
+
+// TestRestartKeepsPods: after an agent restart, ztunnel's first snapshot
+// already holds the enrolled pods (the agent reconciles before serving).
+func TestRestartKeepsPods(t *testing.T) {
+	h := newHarness(t)
+	h.startAgent()
+	z := h.ztunnel()
+	nsName := h.namespace("restart", true)
+	p := h.pod(nsName, "p", nil)
+	if err := h.add(p); err != nil {
+		t.Fatal(err)
+	}
+	h.runIn(p)
+	h.setRunning(p)
+	h.wantAnnotation(p, "enabled")
+	z.Close()
+	h.stopAgent()
+
+	h.startAgent()
+	z2, err := ztunneltest.Dial(h.cfg.ZDSSocket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(z2.Close)
+	if ev, err := z2.Next(15 * time.Second); err != nil || ev != "add "+string(p.UID) {
+		t.Fatalf("first message after restart = %q, %v; want the pod's add", ev, err)
+	}
+	if err := z2.Expect("snapshot_sent", 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	h.wantRules(p)
+	h.wantAnnotation(p, "enabled")
 }

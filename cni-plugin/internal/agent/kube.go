@@ -45,12 +45,15 @@ type Watcher struct {
 	nss       listersv1.NamespaceLister
 	queue     workqueue.TypedRateLimitingInterface[string]
 	synced    atomic.Bool
-	lastState []string
+	// initialized is closed after the first reconciliation of every pod.
+	initialized chan struct{}
+	lastState   []string
 }
 
 // NewWatcher allocates a Watcher.
 func NewWatcher(log *zap.Logger, client kubernetes.Interface, node *Node, nodeName string, exclude []string, stateFile string, resync time.Duration) *Watcher {
-	w := &Watcher{log: log, client: client, node: node, nodeName: nodeName, exclude: exclude, stateFile: stateFile, resync: resync}
+	w := &Watcher{log: log, client: client, node: node, nodeName: nodeName, exclude: exclude, stateFile: stateFile,
+		resync: resync, initialized: make(chan struct{})}
 	w.factory = informers.NewSharedInformerFactoryWithOptions(client, resync,
 		informers.WithTweakListOptions(func(o *metav1.ListOptions) {
 			o.FieldSelector = fields.OneTermEqualSelector("spec.nodeName", nodeName).String()
@@ -103,6 +106,10 @@ func (w *Watcher) namespaceChanged(o any) {
 // stateKey asks the worker to rewrite the state file.
 const stateKey = "\x00state"
 
+// Initialized is closed once every pod of the node has been reconciled
+// after the caches synced.
+func (w *Watcher) Initialized() <-chan struct{} { return w.initialized }
+
 // Synced reports whether the caches are in sync.
 func (w *Watcher) Synced() bool { return w.synced.Load() }
 
@@ -126,6 +133,22 @@ func (w *Watcher) Run(ctx context.Context) error {
 	w.synced.Store(true)
 	w.queue.Add(stateKey)
 	w.log.Info("kubernetes caches synced", zap.String("node", w.nodeName))
+
+	// Initial pass, before ztunnel is served: every pod of the node is
+	// brought in line (rules installed or removed), so that ztunnel's first
+	// snapshot already holds every enrolled pod.
+	all, err := w.pods.List(labels.Everything())
+	if err != nil {
+		return err
+	}
+	for _, p := range all {
+		key := p.Namespace + "/" + p.Name
+		if retry, err := w.reconcile(ctx, key); err != nil || retry {
+			w.queue.AddRateLimited(key)
+		}
+	}
+	close(w.initialized)
+	w.log.Info("initial reconciliation done", zap.Int("pods", len(all)))
 
 	done := make(chan struct{})
 	go func() {
@@ -240,6 +263,12 @@ func (w *Watcher) reconcile(ctx context.Context, key string) (retry bool, err er
 	if !want {
 		if w.node.Status(uid) != StatusNone {
 			if err := w.node.Unenroll(ctx, uid); err != nil {
+				return false, err
+			}
+		} else if _, had := p.Annotations[AnnotationRedirection]; had && !terminal(p) {
+			// Enrolled by an earlier run of the agent: its rules may still
+			// be in the pod's netns.
+			if err := w.node.Release(ctx, podInfo(p, nil)); err != nil {
 				return false, err
 			}
 		}

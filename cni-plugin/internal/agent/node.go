@@ -266,6 +266,33 @@ func (n *Node) Unenroll(ctx context.Context, uid string) error {
 	return errors.Join(errs...)
 }
 
+// Release removes capture rules that an earlier run of the agent left in
+// a pod it does not hold (the pod has since left the mesh), and tells
+// ztunnel to drop it. A pod whose netns cannot be found has nothing left
+// to release.
+func (n *Node) Release(ctx context.Context, info PodInfo) error {
+	n.op.Lock()
+	defer n.op.Unlock()
+	f, err := n.openNetns(info)
+	if errors.Is(err, podns.ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if err := podns.Do(f, capture.Remove); err != nil {
+		return fmt.Errorf("pod %s/%s: %w", info.Namespace, info.Name, err)
+	}
+	if n.zds != nil {
+		if err := n.zds.Delete(ctx, info.UID); err != nil && !errors.Is(err, zdsserver.ErrNoZtunnel) {
+			n.log.Warn("ztunnel did not acknowledge a delete", zap.String("uid", info.UID), zap.Error(err))
+		}
+	}
+	n.log.Info("released pod left enrolled by an earlier run", zap.String("pod", info.Namespace+"/"+info.Name))
+	return nil
+}
+
 // Forget handles a sandbox going away (CNI DEL): unenrol and drop the
 // recorded netns path.
 func (n *Node) Forget(ctx context.Context, uid string) error {

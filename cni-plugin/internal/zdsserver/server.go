@@ -45,6 +45,9 @@ type Config struct {
 	// Snapshot returns the pods to send on every (re)connection.
 	Snapshot func() []Workload
 	Logger   *zap.Logger
+	// Ready, when set, holds back every connection's snapshot until it is
+	// closed (the agent has reconciled its pods after a restart).
+	Ready <-chan struct{}
 	// Registerer receives the server's metrics (optional).
 	Registerer prometheus.Registerer
 }
@@ -168,6 +171,14 @@ func (s *Server) serve(ctx context.Context, conn *zds.Conn, id uint64) {
 		log.Warn("ztunnel handshake failed", zap.Error(err))
 		conn.Close()
 		return
+	}
+	if s.cfg.Ready != nil {
+		select {
+		case <-s.cfg.Ready:
+		case <-ctx.Done():
+			conn.Close()
+			return
+		}
 	}
 	sess := &session{conn: conn, id: id}
 	sess.mu.Lock() // nobody uses the session before its snapshot is sent
