@@ -245,7 +245,7 @@ func (cl *Client) dialConn(ctx context.Context, r DialRequest) (*conn, error) {
 		tc.Close()
 		return nil, err
 	}
-	return newConn(tc, peer, connConfig{
+	c := newConn(tc, peer, connConfig{
 		client:       true,
 		idleTimeout:  cl.cfg.IdleTimeout,
 		pingInterval: cl.cfg.PingInterval,
@@ -253,7 +253,11 @@ func (cl *Client) dialConn(ctx context.Context, r DialRequest) (*conn, error) {
 		log:          cl.cfg.Logger,
 		spawn:        cl.wg.Go,
 		onClose:      cl.forget,
-	}), nil
+	})
+	if cert.Leaf != nil && (c.expiry.IsZero() || cert.Leaf.NotAfter.Before(c.expiry)) {
+		c.expiry = cert.Leaf.NotAfter
+	}
+	return c, nil
 }
 
 // forget drops a closed connection from the pool.

@@ -3,6 +3,7 @@ package hbone
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -59,6 +60,7 @@ type conn struct {
 	nc       net.Conn
 	cfg      connConfig
 	peer     spiffeid.ID
+	expiry   time.Time     // peer's (and, client side, own) certificate NotAfter
 	rfr      *http2.Framer // used by the read loop only
 	lastRead atomic.Int64  // unix nanos of the last frame read
 
@@ -118,6 +120,10 @@ func (c *conn) checkCtrlLocked() error {
 }
 
 func newConn(nc net.Conn, peer spiffeid.ID, cfg connConfig) *conn {
+	var expiry time.Time
+	if tc, ok := nc.(*tls.Conn); ok {
+		expiry = certExpiry(tc.ConnectionState())
+	}
 	if cfg.pingInterval <= 0 {
 		cfg.pingInterval = defaultPingInterval
 	}
@@ -128,6 +134,7 @@ func newConn(nc net.Conn, peer spiffeid.ID, cfg connConfig) *conn {
 		nc:             nc,
 		cfg:            cfg,
 		peer:           peer,
+		expiry:         expiry,
 		wake:           make(chan struct{}, 1),
 		streams:        make(map[uint32]*Stream),
 		nextID:         1,
@@ -788,6 +795,21 @@ func (c *conn) onRequest(f *http2.MetaHeadersFrame) error {
 		return connErr(http2.ErrCodeProtocol)
 	}
 	c.maxPeerID = id
+	if c.expiredLocked() {
+		// A certificate of this connection expired: refuse new streams and
+		// let the client reconnect with fresh ones.
+		c.writeRSTLocked(id, http2.ErrCodeRefusedStream)
+		if !c.goAwaySent {
+			c.goAwaySent = true
+			c.goAwaySentLast = id - 2
+			_ = c.wfr.WriteGoAway(id-2, http2.ErrCodeNo, nil)
+		}
+		if len(c.streams) == 0 {
+			c.shutdownLocked(errConnClosed, http2.ErrCodeNo, false)
+		}
+		c.mu.Unlock()
+		return nil
+	}
 	// Handlers of reset streams may still run: bound them too, so that a
 	// client opening and resetting streams at once (CVE-2023-44487) cannot
 	// pile up goroutines.
@@ -863,8 +885,24 @@ func (c *conn) reserve(limit int) bool {
 	return true
 }
 
+// usableLocked reports whether a client connection may take new streams. A
+// connection whose own or peer certificate has expired takes none: TLS
+// checked them only at the handshake.
 func (c *conn) usableLocked() bool {
-	return !c.closing && !c.goAwayRecv && !c.goAwaySent && c.nextID < maxWindow-2
+	return !c.closing && !c.goAwayRecv && !c.goAwaySent && c.nextID < maxWindow-2 && !c.expiredLocked()
+}
+
+func (c *conn) expiredLocked() bool {
+	return !c.expiry.IsZero() && !time.Now().Before(c.expiry)
+}
+
+// certExpiry returns the NotAfter of the peer's leaf.
+func certExpiry(cs tls.ConnectionState) time.Time {
+	var t time.Time
+	if len(cs.PeerCertificates) > 0 {
+		t = cs.PeerCertificates[0].NotAfter
+	}
+	return t
 }
 
 func (c *conn) usable() bool {

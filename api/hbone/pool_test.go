@@ -2,6 +2,7 @@ package hbone
 
 import (
 	"context"
+	"crypto/tls"
 	"io"
 	"net"
 	"sync"
@@ -246,4 +247,36 @@ func TestKeepalive(t *testing.T) {
 		t.Fatalf("hung connection detected after %v", d)
 	}
 	t.Logf("hung connection closed after %v: %v", time.Since(start), err)
+}
+
+// TestPoolCertificateExpiry: a pooled connection stops taking streams when
+// the client certificate it was made with expires; the next Dial makes a new
+// connection with the current certificate.
+func TestPoolCertificateExpiry(t *testing.T) {
+	e := newEnv(t, echo)
+	now := time.Now()
+	short, err := e.ca.Leaf(e.cliID, now.Add(-time.Minute), now.Add(1500*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	cert := short
+	e.client.cfg.Certificates = func(context.Context, spiffeid.ID) (*tls.Certificate, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		return cert, nil
+	}
+	s := e.dial(t, "10.0.0.1:80")
+	echoOnce(t, s, "x")
+	s.Close()
+	mu.Lock()
+	cert = e.cliCert // the store rotated
+	mu.Unlock()
+	time.Sleep(time.Until(short.Leaf.NotAfter) + 50*time.Millisecond)
+	s = e.dial(t, "10.0.0.1:80")
+	defer s.Close()
+	echoOnce(t, s, "y")
+	if n := e.ln.n.Load(); n != 2 {
+		t.Fatalf("%d connections; want a new one after the certificate expired", n)
+	}
 }
