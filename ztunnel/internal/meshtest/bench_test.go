@@ -208,6 +208,7 @@ func BenchmarkLatency(b *testing.B) {
 		r := fortioLoad(b, w.clientM, benchVIPEcho.String()+":8078")
 		el := time.Since(t0).Seconds()
 		d1, d2 := cpuSeconds(b, z1.Pid())-c1, cpuSeconds(b, z2.Pid())-c2
+		b.Logf("ztunnel CPU over %.2fs: source %.2fs, destination %.2fs", el, d1, d2)
 		report(b, r)
 		if direct != nil {
 			b.ReportMetric(r.pct(50)-direct.pct(50), "added-p50-ms")

@@ -58,13 +58,6 @@ func Open(path string) (*Namespace, error) {
 	return FromFile(f)
 }
 
-// Current opens the calling thread's network namespace.
-func Current() (*Namespace, error) {
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	return Open(fmt.Sprintf("/proc/%d/task/%d/ns/net", os.Getpid(), unix.Gettid()))
-}
-
 // Inode identifies the namespace: two files of one namespace have the same
 // inode.
 func (n *Namespace) Inode() uint64 { return n.inode }
