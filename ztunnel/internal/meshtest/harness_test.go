@@ -178,10 +178,15 @@ type Controller struct {
 	XDS      *xds.Server
 	RootFile string
 
+	grpc *grpc.Server
+
 	mu        sync.Mutex
 	tokens    map[string]string // bearer token → node name
 	workloads map[string]*discoveryv1.Workload
 }
+
+// Stop takes the controller away: its server closes every stream.
+func (c *Controller) Stop() { c.grpc.Stop() }
 
 func newController(t testing.TB, dir string, host *testnet.Node) *Controller {
 	td := spiffeid.RequireTrustDomainFromString(trustDomain)
@@ -222,6 +227,7 @@ func newController(t testing.TB, dir string, host *testnet.Node) *Controller {
 	if err != nil {
 		t.Fatal(err)
 	}
+	c.grpc = g
 	go func() { _ = g.Serve(ln) }()
 	t.Cleanup(g.Stop)
 

@@ -322,3 +322,23 @@ func TestGracefulShutdown(t *testing.T) {
 		t.Fatal("no drain in the log")
 	}
 }
+
+// TestControllerAway: with the controller gone, ztunnel keeps serving with
+// the configuration and certificates it has, and stays ready.
+func TestControllerAway(t *testing.T) {
+	w := newWorld(t)
+	converse(t, w.a, vipC.String()+":80", w.a.IP, 1<<10)
+	w.Ctl.Stop()
+	time.Sleep(500 * time.Millisecond) // let the clients notice
+	for i := range 3 {
+		converse(t, w.a, vipC.String()+":80", w.a.IP, 16<<10)
+		converse(t, w.u, w.c.IP.String()+":8080", w.u.IP, 1<<10)
+		if i == 0 {
+			for _, n := range w.Nodes {
+				if code, body, err := w.Zt[n].HTTP(15021, "/healthz/ready"); err != nil || code != 200 {
+					t.Fatalf("%s not ready without the controller: %d %s %v", nodeName(n), code, body, err)
+				}
+			}
+		}
+	}
+}
