@@ -217,6 +217,18 @@ func (cl *Client) get(ctx context.Context, key poolKey, r DialRequest) (*conn, e
 		cl.conns[c] = key
 		c.start()
 		cl.wg.Done()
+		if c.reserve(cl.cfg.MaxStreamsPerConn) {
+			cl.mu.Unlock()
+			return c, nil
+		}
+		cl.mu.Unlock()
+		c.mu.Lock()
+		err = c.err
+		c.mu.Unlock()
+		if err == nil {
+			err = errors.New("new connection cannot take streams")
+		}
+		return nil, err
 	}
 }
 
@@ -229,6 +241,9 @@ func (cl *Client) dialConn(ctx context.Context, r DialRequest) (*conn, error) {
 	cert, err := cl.cfg.Certificates(ctx, r.Source)
 	if err != nil {
 		return nil, fmt.Errorf("certificate for %s: %w", r.Source, err)
+	}
+	if cert.Leaf != nil && !time.Now().Before(cert.Leaf.NotAfter) {
+		return nil, fmt.Errorf("certificate for %s expired at %v", r.Source, cert.Leaf.NotAfter)
 	}
 	nc, err := cl.cfg.Dial(ctx, "tcp", r.Proxy.String())
 	if err != nil {

@@ -148,30 +148,26 @@ func TestServerRefusesPeers(t *testing.T) {
 	for _, tc := range []struct {
 		name string
 		cert *tls.Certificate
-		src  spiffeid.ID
 		why  string // the server's reason, in its log
 	}{
-		{"other trust domain", otherCert, otherID, "not in trust domain cluster.local"},
-		{"expired", expired, e.cliID, "certificate has expired"},
-		{"self-signed", self, e.cliID, "certificate signed by unknown authority"},
+		{"other trust domain", otherCert, "not in trust domain cluster.local"},
+		{"expired", expired, "certificate has expired"},
+		{"self-signed", self, "certificate signed by unknown authority"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			cl := NewClient(ClientConfig{
-				Certificates: func(context.Context, spiffeid.ID) (*tls.Certificate, error) { return tc.cert, nil },
-				Bundle:       e.bundle,
-			})
-			defer cl.Close()
-			r := e.req("10.0.0.1:80")
-			r.Source = tc.src
-			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			defer cancel()
-			s, err := cl.Dial(ctx, r)
-			if err == nil {
-				s.Close()
-				t.Fatal("server accepted the client")
+			// A raw TLS client that presents the certificate regardless
+			// (the HBONE Client would refuse to use an expired one).
+			cfg := identity.ClientTLS(func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return tc.cert, nil }, e.bundle, e.srvID)
+			c, err := tls.Dial("tcp", e.addr.String(), cfg)
+			if err != nil {
+				t.Fatal(err) // TLS 1.3: the client's handshake ends before the server's verdict
 			}
-			if !strings.Contains(err.Error(), "bad certificate") {
-				t.Fatalf("error %q does not mention the server's alert", err)
+			defer c.Close()
+			_, _ = c.Write([]byte(http2.ClientPreface))
+			_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+			_, err = io.ReadAll(c)
+			if err == nil || !strings.Contains(err.Error(), "bad certificate") {
+				t.Fatalf("read: %v; want the server's bad certificate alert", err)
 			}
 			found := false
 			for deadline := time.Now().Add(2 * time.Second); !found && time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
@@ -185,6 +181,26 @@ func TestServerRefusesPeers(t *testing.T) {
 				t.Fatalf("server did not log %q", tc.why)
 			}
 		})
+	}
+	// Through the HBONE client: refused by the server, or (expired) not even
+	// sent.
+	for name, cert := range map[string]*tls.Certificate{"other trust domain": otherCert, "self-signed": self, "expired": expired} {
+		cl := NewClient(ClientConfig{
+			Certificates: func(context.Context, spiffeid.ID) (*tls.Certificate, error) { return cert, nil },
+			Bundle:       e.bundle,
+		})
+		r := e.req("10.0.0.1:80")
+		r.Source = otherID
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		s, err := cl.Dial(ctx, r)
+		cancel()
+		cl.Close()
+		if err == nil {
+			s.Close()
+			t.Errorf("%s: HBONE client got a stream", name)
+		} else if !strings.Contains(err.Error(), "bad certificate") && !strings.Contains(err.Error(), "expired at") {
+			t.Errorf("%s: %v", name, err)
+		}
 	}
 	if calls.Load() != 0 {
 		t.Fatalf("handler called %d times for refused clients", calls.Load())
