@@ -1,0 +1,102 @@
+package proxy
+
+import (
+	"context"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	discoveryv1 "github.com/amesh-dev/amesh/api/discovery/v1"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
+)
+
+func grpcBackend(t *testing.T, name string) http.Handler {
+	gs := grpc.NewServer()
+	hs := health.NewServer()
+	hs.SetServingStatus(name, healthpb.HealthCheckResponse_SERVING)
+	healthpb.RegisterHealthServer(gs, hs)
+	t.Cleanup(gs.Stop)
+	return gs // grpc.Server serves HTTP/2 requests from net/http (h2c here)
+}
+
+func grpcClient(t *testing.T, url string) healthpb.HealthClient {
+	addr := strings.TrimPrefix(url, "http://")
+	cc, err := grpc.NewClient("passthrough:///"+addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithContextDialer(func(ctx context.Context, a string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "tcp", a)
+		}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cc.Close() })
+	return healthpb.NewHealthClient(cc)
+}
+
+// TestGRPCThroughHBONE: GRPCRoute method matching with header modifiers,
+// fault injection with a gRPC status, and local replies as gRPC errors,
+// with a real gRPC client and server and HBONE on both sides.
+func TestGRPCThroughHBONE(t *testing.T) {
+	e := newEnv(t)
+	e.service("ratings", 9090, "grpc", backend(t, grpcBackend(t, "ratings")))
+	e.service("ratings-v2", 9090, "grpc", backend(t, grpcBackend(t, "ratings-v2")))
+	e.waypoint(&discoveryv1.WaypointService{Service: key("ratings"), GrpcRoutes: []*discoveryv1.GRPCRoute{{Namespace: "default", Name: "g",
+		Rules: []*discoveryv1.GRPCRouteRule{
+			{Matches: []*discoveryv1.GRPCRouteMatch{{Method: &discoveryv1.GRPCMethodMatch{Service: "grpc.health.v1.Health", Method: "Check"},
+				Headers: []*discoveryv1.HeaderMatch{{Name: "x-version", Value: "2"}}}},
+				Filters: []*discoveryv1.HTTPFilter{{Kind: &discoveryv1.HTTPFilter_ResponseHeaderModifier{ResponseHeaderModifier: &discoveryv1.HeaderModifier{
+					Set: []*discoveryv1.Header{{Name: "x-served-by", Value: "v2"}}}}}},
+				Backends: []*discoveryv1.BackendRef{{Service: key("ratings-v2"), Port: 9090, Weight: 1}}},
+			{Matches: []*discoveryv1.GRPCRouteMatch{{Method: &discoveryv1.GRPCMethodMatch{Service: "grpc.health.v1.Health", Method: "Check"}}},
+				Backends: []*discoveryv1.BackendRef{{Service: key("ratings"), Port: 9090, Weight: 1}}},
+		}}}})
+	hc := grpcClient(t, e.front("ratings", 9090, true))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+
+	if r, err := hc.Check(ctx, &healthpb.HealthCheckRequest{Service: "ratings"}); err != nil || r.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("v1: %v %v", r, err)
+	}
+	// Routed to v2 by header; v2 does not know "ratings" → NotFound from v2.
+	var hdr metadata.MD
+	_, err := hc.Check(metadata.AppendToOutgoingContext(ctx, "x-version", "2"), &healthpb.HealthCheckRequest{Service: "ratings"}, grpc.Header(&hdr))
+	if status.Code(err) != codes.NotFound || strings.Join(hdr.Get("x-served-by"), "") != "v2" {
+		t.Fatalf("v2 route: %v, headers %v", err, hdr)
+	}
+	if r, err := hc.Check(metadata.AppendToOutgoingContext(ctx, "x-version", "2"), &healthpb.HealthCheckRequest{Service: "ratings-v2"}); err != nil || r.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("v2: %v %v", r, err)
+	}
+	// No rule for List: a local 404 is UNIMPLEMENTED.
+	if _, err := hc.List(ctx, &healthpb.HealthListRequest{}); status.Code(err) != codes.Unimplemented {
+		t.Fatalf("unrouted: %v", err)
+	}
+
+	// Fault abort with a gRPC status, then rate limiting → UNAVAILABLE.
+	e.waypoint(&discoveryv1.WaypointService{Service: key("ratings"), TrafficPolicy: &discoveryv1.TrafficPolicy{
+		Fault: &discoveryv1.FaultInjection{Abort: &discoveryv1.FaultAbort{Percent: 100, GrpcStatus: uint32(codes.ResourceExhausted)}}}})
+	if _, err := hc.Check(ctx, &healthpb.HealthCheckRequest{Service: "ratings"}); status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("fault: %v", err)
+	}
+	e.waypoint(&discoveryv1.WaypointService{Service: key("ratings"), TrafficPolicy: &discoveryv1.TrafficPolicy{
+		LocalRateLimit: &discoveryv1.LocalRateLimit{MaxTokens: 2, TokensPerFill: 1, FillInterval: durationpb.New(time.Hour)}}})
+	codesSeen := map[codes.Code]int{}
+	for range 5 {
+		_, err := hc.Check(ctx, &healthpb.HealthCheckRequest{Service: "ratings"})
+		codesSeen[status.Code(err)]++
+	}
+	if codesSeen[codes.OK] != 2 || codesSeen[codes.Unavailable] != 3 {
+		t.Fatalf("rate limit on gRPC: %v", codesSeen)
+	}
+	if !hasFlag(t, e, "RL") || !hasFlag(t, e, "FI") {
+		t.Fatal("RL/FI response flags not recorded")
+	}
+}
