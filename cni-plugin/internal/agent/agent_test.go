@@ -6,8 +6,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -84,7 +86,7 @@ func run(m *testing.M) int {
 // host-local, then amesh-cni installed by the agent), the agent, and
 // optionally a test ztunnel.
 type harness struct {
-	t       *testing.T
+	t       testing.TB
 	k8s     kubernetes.Interface
 	node    ns.NetNS
 	subnet  netip.Prefix
@@ -98,7 +100,7 @@ type harness struct {
 	stopAgent func()
 }
 
-func newHarness(t *testing.T) *harness {
+func newHarness(t testing.TB) *harness {
 	t.Helper()
 	if skipReason != "" {
 		t.Skip(skipReason)
@@ -137,10 +139,31 @@ func newHarness(t *testing.T) *harness {
 	h.cfg.StateFile = filepath.Join(dir, "cni-state.json")
 	h.cfg.ZDSSocket = filepath.Join(dir, "zds.sock")
 	h.cfg.HostNetns = node.Path()
-	h.cfg.MonitorAddr = "127.0.0.1:0"
+	h.cfg.MonitorAddr = freeAddr(t)
 	h.cfg.AckTimeout = 2 * time.Second
 	h.cfg.Resync = 0
 	return h
+}
+
+func freeAddr(t testing.TB) string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// get fetches a monitor endpoint.
+func (h *harness) get(path string) (int, string) {
+	h.t.Helper()
+	resp, err := http.Get("http://" + h.cfg.MonitorAddr + path)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
 }
 
 func (h *harness) startAgent() {
@@ -456,6 +479,21 @@ func TestCNIChain(t *testing.T) {
 	}
 	h.wantAnnotation(a, "enabled")
 	h.wantAnnotation(d, "enabled")
+
+	// Health and metrics.
+	if code, body := h.get("/readyz"); code != 200 {
+		t.Fatalf("/readyz = %d %s", code, body)
+	}
+	if code, _ := h.get("/healthz"); code != 200 {
+		t.Fatalf("/healthz = %d", code)
+	}
+	_, metrics := h.get("/metrics")
+	for _, want := range []string{"amesh_cni_zds_connected 1", "amesh_cni_enrolled_pods 2",
+		`amesh_cni_zds_messages_total{result="ok",type="add"}`, "amesh_cni_zds_snapshots_total 1"} {
+		if !strings.Contains(metrics, want) {
+			t.Errorf("/metrics lacks %q", want)
+		}
+	}
 
 	// Traffic: a's outbound connection lands on ztunnel inside a's netns,
 	// with the original destination; b's is not captured (refused: no
