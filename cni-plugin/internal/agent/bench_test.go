@@ -62,4 +62,3 @@ func BenchmarkChainAdd(b *testing.B) {
 	b.Run("amesh-plain-pod", func(b *testing.B) { run(b, h.list(), plain) })
 	b.Run("amesh-enrolled-pod", func(b *testing.B) { run(b, h.list(), enrolled) })
 }
-
