@@ -542,9 +542,12 @@ type Workload struct {
 	WorkloadName      string         `protobuf:"bytes,10,opt,name=workload_name,json=workloadName,proto3" json:"workload_name,omitempty"`
 	WorkloadType      string         `protobuf:"bytes,11,opt,name=workload_type,json=workloadType,proto3" json:"workload_type,omitempty"`
 	TunnelProtocol    TunnelProtocol `protobuf:"varint,12,opt,name=tunnel_protocol,json=tunnelProtocol,proto3,enum=amesh.discovery.v1.TunnelProtocol" json:"tunnel_protocol,omitempty"`
-	// Waypoint that traffic addressed to this workload (by its own IP) must go
-	// through, when the workload is bound to one. Traffic addressed to a
-	// service uses Service.waypoint instead.
+	// Waypoint that traffic to this workload must go through, when the
+	// workload is bound to one (use-waypoint on the pod or a per-service-
+	// account waypoint). It applies to traffic addressed to the workload's own
+	// IP, and to service traffic whose Service has no waypoint of its own when
+	// ztunnel picks this workload as the endpoint (then the authority is
+	// podIP:targetPort), as Istio does.
 	Waypoint *GatewayAddress `protobuf:"bytes,13,opt,name=waypoint,proto3" json:"waypoint,omitempty"`
 	// Services this workload is an endpoint of: key is the service resource
 	// name "<namespace>/<hostname>", value maps service ports to this
@@ -1081,10 +1084,13 @@ func (x *ServicePort) GetAppProtocol() string {
 // Evaluation for one connection or request: if any applicable DENY policy
 // matches, deny. Otherwise, if no ALLOW policy applies, allow. Otherwise
 // allow only if some applicable ALLOW policy matches.
-// A policy matches if any of its rules matches. A rule matches if each of
-// its non-empty lists (from, to, when) has at least one matching entry.
-// An entry matches if every non-empty field matches: a positive list
-// matches when any value matches, a not_ list when no value matches.
+// A policy matches if any of its rules matches. A rule matches if its
+// "from" list is empty or has a matching entry, its "to" list is empty or
+// has a matching entry, and every one of its "when" conditions holds (as in
+// Istio: sources and operations are ORed, conditions are ANDed).
+// An entry or condition matches if every non-empty field matches: a
+// positive list matches when any value matches, a not_ list when no value
+// matches.
 // String values support exact, prefix "abc*", suffix "*abc" and "*"
 // (present). Principals are written without the "spiffe://" scheme:
 // "<trust-domain>/ns/<ns>/sa/<sa>".
