@@ -8,12 +8,13 @@ import (
 	"io"
 	"net"
 	"os/exec"
+	"runtime"
 	"strconv"
 	"syscall"
 	"time"
 
-	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/creack/pty"
+	vnetns "github.com/vishvananda/netns"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/cri-streaming/pkg/streaming/remotecommand"
@@ -385,20 +386,14 @@ func (a *Agent) PortForward(ctx context.Context, _ string, uid string, port int3
 	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(int(port)))
 	var conn net.Conn
 	var err error
-	dial := func(ns.NetNS) error {
-		var d net.Dialer
-		conn, err = d.DialContext(ctx, "tcp", addr)
-		return err
-	}
 	switch {
 	case hostNet:
-		err = dial(nil)
+		var d net.Dialer
+		conn, err = d.DialContext(ctx, "tcp", addr)
 	case path == "":
 		return errors.New("pod has no network namespace")
 	default:
-		if nerr := ns.WithNetNSPath(path, dial); nerr != nil && err == nil {
-			err = nerr
-		}
+		conn, err = dialIn(ctx, path, addr)
 	}
 	if err != nil {
 		return fmt.Errorf("port-forward to %s in pod: %w", addr, err)
@@ -416,3 +411,34 @@ func (a *Agent) PortForward(ctx context.Context, _ string, uid string, port int3
 
 
 
+
+// dialIn connects to addr from inside the network namespace at path. The
+// socket is created on a thread locked into that namespace; once connected
+// it can be used from any thread.
+func dialIn(ctx context.Context, path, addr string) (net.Conn, error) {
+	type result struct {
+		c   net.Conn
+		err error
+	}
+	res := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread()
+		// The thread is never unlocked: the runtime discards it instead of
+		// reusing a thread that might still be in the pod's namespace.
+		target, err := vnetns.GetFromPath(path)
+		if err != nil {
+			res <- result{err: fmt.Errorf("open netns %s: %w", path, err)}
+			return
+		}
+		defer target.Close()
+		if err := vnetns.Set(target); err != nil {
+			res <- result{err: fmt.Errorf("enter netns %s: %w", path, err)}
+			return
+		}
+		var d net.Dialer
+		c, err := d.DialContext(ctx, "tcp", addr)
+		res <- result{c, err}
+	}()
+	r := <-res
+	return r.c, r.err
+}
