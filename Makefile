@@ -12,6 +12,12 @@ CACHE_DIR ?= $(HOME)/.cache/amesh
 # and cached under CACHE_DIR, keyed by the pinned module versions.
 KUBE_KEY  := $(shell sha256sum tools/kube/go.sum 2>/dev/null | cut -c1-12)
 KUBE_BIN  := $(CACHE_DIR)/kube-$(KUBE_KEY)
+# CoreDNS (the local cluster's DNS) is built from source too (tools/coredns).
+COREDNS_KEY := $(shell sha256sum tools/coredns/go.sum 2>/dev/null | cut -c1-12)
+COREDNS     := $(CACHE_DIR)/coredns-$(COREDNS_KEY)/coredns
+# The local cluster: `make cluster-up CLUSTER_NAME=dev CLUSTER_FLAGS="--nodes 3"`.
+CLUSTER_NAME  ?= amesh
+CLUSTER_FLAGS ?=
 FUZZTIME  ?= 10s
 BENCHTIME ?= 1s
 export PATH := $(TOOLS_BIN):$(PATH)
@@ -40,6 +46,14 @@ kube-bins: ## Build the pinned kube-apiserver, etcd, kubectl… from source (cac
 print-kube-bin: ## Print the directory holding the pinned Kubernetes binaries (KUBEBUILDER_ASSETS).
 	@echo "$(KUBE_BIN)"
 
+.PHONY: coredns
+coredns: ## Build the pinned CoreDNS for the local cluster from source (cached).
+	@hack/coredns.sh "$(COREDNS)"
+
+.PHONY: print-coredns
+print-coredns: ## Print the path of the pinned CoreDNS binary.
+	@echo "$(COREDNS)"
+
 ##@ Build
 .PHONY: build
 build: ## Build every binary into bin/.
@@ -48,19 +62,24 @@ build: ## Build every binary into bin/.
 	  if [ -d $$m/cmd ]; then (cd $$m && $(GO) build -o $(BIN)/ ./cmd/...) || exit 1; fi; \
 	done
 
+.PHONY: cluster-bins
+cluster-bins: ## Build the local cluster's binaries (amesh-cluster, amesh-node, echoserver, …) into bin/.
+	@mkdir -p $(BIN)
+	cd e2e && $(GO) build -o $(BIN)/ ./cmd/...
+
 .PHONY: generate
 generate: tools ## Regenerate protobuf, deepcopy and CRD code.
 	@hack/generate.sh
 
 ##@ Test
 .PHONY: test
-test: deps kube-bins unit ## Run every test: unit and integration of every module (the README's test command).
+test: deps kube-bins coredns unit ## Run every test: unit and integration of every module (the README's test command).
 
 .PHONY: unit
 unit: ## Unit + integration tests of every module with -race, each with GOWORK=off.
 	@for m in $(MODULES); do \
 	  echo "== go test $$m"; \
-	  (cd $$m && KUBEBUILDER_ASSETS=$(KUBE_BIN) GOWORK=off $(GO) test -race -count=1 ./...) || exit 1; \
+	  (cd $$m && KUBEBUILDER_ASSETS=$(KUBE_BIN) AMESH_COREDNS=$(COREDNS) GOWORK=off $(GO) test -race -count=1 ./...) || exit 1; \
 	done
 
 .PHONY: fuzz
@@ -72,6 +91,19 @@ bench: tools ## Run the benchmarks (baselines side by side).
 	@for m in $(MODULES); do \
 	  (cd $$m && GOWORK=off $(GO) test -run '^$$' -bench . -benchmem -benchtime $(BENCHTIME) ./...) || exit 1; \
 	done
+
+##@ Local cluster (root; no container engine needed)
+.PHONY: cluster-up
+cluster-up: deps kube-bins coredns cluster-bins ## Start the local cluster (CLUSTER_NAME, CLUSTER_FLAGS); prints progress and the KUBECONFIG.
+	@KUBE_BIN=$(KUBE_BIN) COREDNS=$(COREDNS) BIN=$(BIN) CLUSTER_NAME=$(CLUSTER_NAME) CLUSTER_FLAGS="$(CLUSTER_FLAGS)" hack/cluster.sh up
+
+.PHONY: cluster-down
+cluster-down: cluster-bins ## Stop the local cluster and remove everything it created (idempotent).
+	@KUBE_BIN=$(KUBE_BIN) COREDNS=$(COREDNS) BIN=$(BIN) CLUSTER_NAME=$(CLUSTER_NAME) CLUSTER_FLAGS="$(CLUSTER_FLAGS)" hack/cluster.sh down
+
+.PHONY: cluster-status
+cluster-status: cluster-bins ## Report whether the local cluster runs, and its KUBECONFIG.
+	@KUBE_BIN=$(KUBE_BIN) COREDNS=$(COREDNS) BIN=$(BIN) CLUSTER_NAME=$(CLUSTER_NAME) CLUSTER_FLAGS="$(CLUSTER_FLAGS)" hack/cluster.sh status
 
 ##@ Verify
 .PHONY: verify

@@ -11,7 +11,7 @@ echo "== gofmt"
 bad=$(git ls-files '*.go' | xargs -r gofmt -l)
 if [ -n "$bad" ]; then echo "gofmt would change:"; echo "$bad"; fail=1; fi
 
-for m in "${modules[@]}" tools tools/kube; do
+for m in "${modules[@]}" tools tools/kube tools/coredns; do
   echo "== go mod tidy -diff ($m)"
   (cd "$m" && GOWORK=off go mod tidy -diff) || fail=1
 done

@@ -30,6 +30,7 @@ import (
 	"github.com/amesh-dev/amesh/e2e/internal/cgroup"
 	"github.com/amesh-dev/amesh/e2e/internal/hostnet"
 	"github.com/amesh-dev/amesh/e2e/internal/netns"
+	"github.com/amesh-dev/amesh/e2e/internal/sandbox"
 )
 
 // CoreDNSImage is the image reference of the cluster DNS pods.
@@ -57,6 +58,7 @@ type Cluster struct {
 	start    time.Time
 	cgroup   string
 	procs    []*proc
+	spawner  *sandbox.Spawner
 	nodes    []*proc
 	progress sync.Mutex
 }
@@ -122,6 +124,8 @@ func (c *Cluster) Run(ctx context.Context, ready func(Info)) (err error) {
 	if err := hostnet.CheckFree(c.cfg.bridge(), c.cfg.NodeCIDR, c.cfg.PodCIDR); err != nil {
 		return err
 	}
+	c.spawner = sandbox.NewSpawner()
+	defer c.spawner.Close()
 	defer func() {
 		c.step("stopping")
 		if terr := c.teardown(); terr != nil {
@@ -156,12 +160,12 @@ func (c *Cluster) Run(ctx context.Context, ready func(Info)) (err error) {
 		return err
 	}
 	etcdPort, peerPort, kcmPort, schedPort := ports[0], ports[1], ports[2], ports[3]
-	etcd := c.addProc("etcd", command(filepath.Join(c.cfg.KubeBinDir, "etcd"), c.etcdArgs(etcdPort, peerPort)...))
+	etcd := c.addProc("etcd", c.command(filepath.Join(c.cfg.KubeBinDir, "etcd"), c.etcdArgs(etcdPort, peerPort)...))
 	c.step("starting etcd")
 	if err := waitFor(ctx, "etcd", 200*time.Millisecond, []*proc{etcd}, c.etcdHealthy(etcdPort)); err != nil {
 		return err
 	}
-	apiserver := c.addProc("kube-apiserver", command(filepath.Join(c.cfg.KubeBinDir, "kube-apiserver"), c.apiserverArgs(etcdPort)...))
+	apiserver := c.addProc("kube-apiserver", c.command(filepath.Join(c.cfg.KubeBinDir, "kube-apiserver"), c.apiserverArgs(etcdPort)...))
 	c.step("starting kube-apiserver on %s", c.cfg.apiServerURL())
 	rc, err := clientcmd.BuildConfigFromFlags("", c.cfg.Kubeconfig())
 	if err != nil {
@@ -185,8 +189,8 @@ func (c *Cluster) Run(ctx context.Context, ready func(Info)) (err error) {
 		return fmt.Errorf("server version: %w", err)
 	}
 	c.step("kube-apiserver %s ready; starting kube-controller-manager and kube-scheduler", ver.GitVersion)
-	c.addProc("kube-controller-manager", command(filepath.Join(c.cfg.KubeBinDir, "kube-controller-manager"), c.controllerManagerArgs(kcmPort)...))
-	c.addProc("kube-scheduler", command(filepath.Join(c.cfg.KubeBinDir, "kube-scheduler"), c.schedulerArgs(schedPort)...))
+	c.addProc("kube-controller-manager", c.command(filepath.Join(c.cfg.KubeBinDir, "kube-controller-manager"), c.controllerManagerArgs(kcmPort)...))
+	c.addProc("kube-scheduler", c.command(filepath.Join(c.cfg.KubeBinDir, "kube-scheduler"), c.schedulerArgs(schedPort)...))
 
 	if err := c.applyDNS(ctx, rc); err != nil {
 		return err

@@ -296,7 +296,7 @@ func (c *Cluster) nodeStart(i int) func(logf, cg *os.File) (*exec.Cmd, error) {
 			Args:       []string{c.cfg.NodeBinary, "--config=" + nodeStateDir + "/config.json"},
 			Env:        []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root"},
 		}
-		return sandbox.Start(spec, sandbox.Options{Helper: c.cfg.NodeBinary, Stdout: logf, Stderr: logf, Cgroup: cg, NewIPC: true, Pdeathsig: syscall.SIGKILL})
+		return sandbox.Start(spec, sandbox.Options{Helper: c.cfg.NodeBinary, Stdout: logf, Stderr: logf, Cgroup: cg, NewIPC: true, Pdeathsig: syscall.SIGKILL, Spawner: c.spawner})
 	}
 }
 

@@ -41,13 +41,13 @@ func newProc(name, logf, cg string, start func(logf, cg *os.File) (*exec.Cmd, er
 }
 
 // command returns a plain command for a control-plane binary.
-func command(bin string, args ...string) func(logf, cg *os.File) (*exec.Cmd, error) {
+func (c *Cluster) command(bin string, args ...string) func(logf, cg *os.File) (*exec.Cmd, error) {
 	return func(logf, cg *os.File) (*exec.Cmd, error) {
 		cmd := exec.Command(bin, args...)
 		cmd.Stdout, cmd.Stderr = logf, logf
 		cmd.Env = []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
 		cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Pdeathsig: syscall.SIGKILL, UseCgroupFD: true, CgroupFD: int(cg.Fd())}
-		return cmd, cmd.Start()
+		return cmd, c.spawner.Start(cmd)
 	}
 }
 

@@ -20,6 +20,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
@@ -29,7 +30,6 @@ import (
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/client-go/tools/record"
-	"k8s.io/apimachinery/pkg/labels"
 
 	"github.com/amesh-dev/amesh/e2e/internal/cgroup"
 	"github.com/amesh-dev/amesh/e2e/internal/downward"
@@ -37,6 +37,7 @@ import (
 	"github.com/amesh-dev/amesh/e2e/internal/netns"
 	"github.com/amesh-dev/amesh/e2e/internal/nodeserver"
 	"github.com/amesh-dev/amesh/e2e/internal/podnet"
+	"github.com/amesh-dev/amesh/e2e/internal/sandbox"
 	"github.com/amesh-dev/amesh/e2e/internal/volume"
 )
 
@@ -55,6 +56,8 @@ type Agent struct {
 
 	// ctx is Run's context, for the pod workers.
 	ctx context.Context
+	// spawner forks containers and daemons (see sandbox.Spawner).
+	spawner *sandbox.Spawner
 
 	mu      sync.Mutex
 	workers map[types.UID]*worker
@@ -108,6 +111,8 @@ func (a *Agent) allocatable() downward.Allocatable {
 // every pod (without deleting them from the API) and returns.
 func (a *Agent) Run(ctx context.Context) error {
 	a.ctx = ctx
+	a.spawner = sandbox.NewSpawner()
+	defer a.spawner.Close()
 	for _, s := range []struct{ path, val string }{
 		{"/proc/sys/net/ipv4/ip_forward", "1"},
 		{"/proc/sys/net/bridge/bridge-nf-call-iptables", "1"},
@@ -242,9 +247,9 @@ func (a *Agent) nodeObject() *corev1.Node {
 		ObjectMeta: metav1.ObjectMeta{
 			Name: a.cfg.NodeName,
 			Labels: map[string]string{
-				corev1.LabelHostname:       a.cfg.NodeName,
-				corev1.LabelOSStable:       "linux",
-				corev1.LabelArchStable:     runtime.GOARCH,
+				corev1.LabelHostname:      a.cfg.NodeName,
+				corev1.LabelOSStable:      "linux",
+				corev1.LabelArchStable:    runtime.GOARCH,
 				"amesh.dev/local-cluster": a.cfg.ClusterName,
 			},
 		},
@@ -434,7 +439,7 @@ func (a *Agent) runDaemonOnce(ctx context.Context, d Daemon, cg string) error {
 	}
 	defer logf.Close()
 	cmd := newDaemonCmd(ctx, d.Args, logf, cgf)
-	if err := cmd.Start(); err != nil {
+	if err := a.spawner.Start(cmd); err != nil {
 		return fmt.Errorf("start %s: %w", d.Name, err)
 	}
 	a.log.Info("daemon started", zap.String("daemon", d.Name), zap.Int("pid", cmd.Process.Pid))

@@ -340,7 +340,7 @@ func (w *worker) startContainer(ctx context.Context, c *ctr) error {
 	defer cgf.Close()
 
 	cmd, err := sandbox.Start(spec, sandbox.Options{
-		Helper: a.cfg.Helper, Stdout: logf, Stderr: logf, Cgroup: cgf, NewIPC: true, Pdeathsig: syscall.SIGKILL,
+		Helper: a.cfg.Helper, Stdout: logf, Stderr: logf, Cgroup: cgf, NewIPC: true, Pdeathsig: syscall.SIGKILL, Spawner: a.spawner,
 	})
 	if err != nil {
 		c.waitReason = "RunContainerError"

@@ -40,7 +40,7 @@ func nsenterCmd(ctx context.Context, info execInfo, argv []string) *exec.Cmd {
 	args = append(args, argv...)
 	cmd := exec.CommandContext(ctx, "nsenter", args...)
 	cmd.Env = info.env
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	cmd.SysProcAttr = &syscall.SysProcAttr{}
 	return cmd
 }
 
@@ -408,9 +408,6 @@ func (a *Agent) PortForward(ctx context.Context, _ string, uid string, port int3
 	}
 	return nil
 }
-
-
-
 
 // dialIn connects to addr from inside the network namespace at path. The
 // socket is created on a thread locked into that namespace; once connected

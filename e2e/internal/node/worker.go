@@ -2,7 +2,6 @@ package node
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -664,7 +663,5 @@ func (w *worker) podIP() string {
 	}
 	return w.sb.ips[0].String()
 }
-
-var errNoSuchContainer = errors.New("no such container")
 
 func (w *worker) String() string { return fmt.Sprintf("%s/%s", w.namespace, w.name) }

@@ -7,9 +7,11 @@ package podnet
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"strings"
 
@@ -50,16 +52,7 @@ func (n *Network) Config() (*libcni.NetworkConfigList, error) {
 	}
 	var errs []error
 	for _, f := range files { // ConfFiles returns them sorted
-		var list *libcni.NetworkConfigList
-		if strings.HasSuffix(f, ".conflist") {
-			list, err = libcni.ConfListFromFile(f)
-		} else {
-			var conf *libcni.PluginConfig
-			conf, err = libcni.ConfFromFile(f)
-			if err == nil {
-				list, err = libcni.ConfListFromConf(conf)
-			}
-		}
+		list, err := loadFile(f)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", filepath.Base(f), err))
 			continue
@@ -71,6 +64,30 @@ func (n *Network) Config() (*libcni.NetworkConfigList, error) {
 		return list, nil
 	}
 	return nil, fmt.Errorf("%w in %s: %w", ErrNoConfig, n.confDir, errors.Join(errs...))
+}
+
+// loadFile loads a network configuration list, or a single plugin
+// configuration (.conf) as a list of one, as container runtimes do.
+func loadFile(f string) (*libcni.NetworkConfigList, error) {
+	if strings.HasSuffix(f, ".conflist") {
+		return libcni.NetworkConfFromFile(f)
+	}
+	raw, err := os.ReadFile(f)
+	if err != nil {
+		return nil, err
+	}
+	var conf map[string]any
+	if err := json.Unmarshal(raw, &conf); err != nil {
+		return nil, fmt.Errorf("parse: %w", err)
+	}
+	if _, ok := conf["plugins"]; ok {
+		return libcni.NetworkConfFromBytes(raw)
+	}
+	list, err := json.Marshal(map[string]any{"cniVersion": conf["cniVersion"], "name": conf["name"], "plugins": []any{conf}})
+	if err != nil {
+		return nil, err
+	}
+	return libcni.NetworkConfFromBytes(list)
 }
 
 func (p Pod) runtimeConf() *libcni.RuntimeConf {

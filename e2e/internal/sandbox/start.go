@@ -21,8 +21,11 @@ type Options struct {
 	Cgroup *os.File
 	// NewIPC gives the sandbox its own IPC namespace.
 	NewIPC bool
-	// Pdeathsig is sent to the workload when the starting thread dies.
+	// Pdeathsig is sent to the workload when its parent dies; set Spawner
+	// too, or it fires when the forking thread ends.
 	Pdeathsig syscall.Signal
+	// Spawner, when set, forks the helper.
+	Spawner *Spawner
 }
 
 // ErrInit wraps failures reported by the helper before the workload ran.
@@ -66,7 +69,7 @@ func Start(s *Spec, o Options) (*exec.Cmd, error) {
 		cmd.SysProcAttr.UseCgroupFD = true
 		cmd.SysProcAttr.CgroupFD = int(o.Cgroup.Fd())
 	}
-	err = cmd.Start()
+	err = o.Spawner.Start(cmd)
 	statusW.Close()
 	specR.Close()
 	if err != nil {
