@@ -1,6 +1,6 @@
 module github.com/amesh-dev/amesh/e2e
 
-go 1.26.8
+go 1.26.0
 
 require (
 	go.uber.org/zap v1.28.0
