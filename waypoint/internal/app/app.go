@@ -385,8 +385,7 @@ func (a *App) Run(ctx context.Context) error {
 	var err error
 	select {
 	case <-ctx.Done():
-	case err = <-errc:
-		a.log.Error("component failed; stopping", zap.Error(err))
+	case err = <-errc: // returned below, after the drain
 	}
 	a.draining.Store(true)
 	stopDP()
