@@ -7,6 +7,7 @@ package authz
 
 import (
 	"fmt"
+	"net"
 	"net/http"
 	"net/netip"
 	"slices"
@@ -258,10 +259,34 @@ func (p *policy) operationMatches(o *discoveryv1.Operation, a *Attributes) bool 
 	if slices.Contains(o.GetNotPorts(), a.Port) {
 		return false
 	}
-	host := a.Host
-	return field(o.GetHosts(), o.GetNotHosts(), host, host != "", true) &&
+	return hostField(o.GetHosts(), o.GetNotHosts(), a.Host) &&
 		field(o.GetMethods(), o.GetNotMethods(), a.Method, a.Method != "", false) &&
 		field(o.GetPaths(), o.GetNotPaths(), a.Path, a.Path != "", false)
+}
+
+// hostField matches hosts case-insensitively; a pattern without a port also
+// matches the authority with any port ("reviews" matches "reviews:9080"),
+// as Istio generates both forms.
+func hostField(pos, neg []string, host string) bool {
+	bare := host
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		bare = h
+	}
+	match := func(patterns []string) bool {
+		for _, p := range patterns {
+			if Match(p, host, true) || (!strings.Contains(p, ":") && Match(p, bare, true)) {
+				return true
+			}
+		}
+		return false
+	}
+	if len(pos) > 0 && (host == "" || !match(pos)) {
+		return false
+	}
+	if len(neg) > 0 && host != "" && match(neg) {
+		return false
+	}
+	return true
 }
 
 // conditionMatches evaluates a "when" condition. Unknown keys match for

@@ -53,6 +53,12 @@ func TestEvaluate(t *testing.T) {
 		{"bad ip block in allow matches nothing", []*discoveryv1.Authorization{allow("a", &discoveryv1.Rule{From: []*discoveryv1.Source{{IpBlocks: []string{"nonsense"}}}})}, nil, false, ""},
 		{"bad ip block in deny denies", []*discoveryv1.Authorization{deny("d", &discoveryv1.Rule{From: []*discoveryv1.Source{{IpBlocks: []string{"nonsense"}}}})}, nil, false, "default/d"},
 		{"host is case-insensitive", []*discoveryv1.Authorization{allow("a", &discoveryv1.Rule{To: []*discoveryv1.Operation{{Hosts: []string{"Reviews.default.svc.cluster.local"}}}})}, nil, true, "default/a"},
+		{"host pattern without port matches any port", []*discoveryv1.Authorization{allow("a", &discoveryv1.Rule{To: []*discoveryv1.Operation{{Hosts: []string{"reviews.default.svc.cluster.local"}}}})},
+			func(a *Attributes) { a.Host = "reviews.default.svc.cluster.local:9080" }, true, "default/a"},
+		{"not_hosts with port-less pattern", []*discoveryv1.Authorization{allow("a", &discoveryv1.Rule{To: []*discoveryv1.Operation{{NotHosts: []string{"reviews*"}}}})},
+			func(a *Attributes) { a.Host = "reviews:9080" }, false, ""},
+		{"host pattern with port is exact", []*discoveryv1.Authorization{allow("a", &discoveryv1.Rule{To: []*discoveryv1.Operation{{Hosts: []string{"reviews:80"}}}})},
+			func(a *Attributes) { a.Host = "reviews:9080" }, false, ""},
 		{"ports", []*discoveryv1.Authorization{allow("a", &discoveryv1.Rule{To: []*discoveryv1.Operation{{Ports: []uint32{80}}}})}, nil, false, ""},
 		{"from and to must both match", []*discoveryv1.Authorization{allow("a", &discoveryv1.Rule{
 			From: []*discoveryv1.Source{{Namespaces: []string{"frontend"}}},
