@@ -728,3 +728,40 @@ func TestRestartKeepsPods(t *testing.T) {
 	h.wantRules(p)
 	h.wantAnnotation(p, "enabled")
 }
+
+// TestSandboxRecreated: the runtime recreates a pod's sandbox (same pod,
+// new netns) and the DEL of the old one never reached the agent: the new
+// ADD enrols the new namespace, and ztunnel gets the new one.
+func TestSandboxRecreated(t *testing.T) {
+	h := newHarness(t)
+	h.startAgent()
+	z := h.ztunnel()
+	nsName := h.namespace("recreate", true)
+	first := h.pod(nsName, "p", nil)
+	if err := h.add(first); err != nil {
+		t.Fatal(err)
+	}
+	h.wantRules(first)
+	if err := z.Expect("add "+string(first.UID), 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+
+	second := &testPod{Pod: first.Pod, containerID: first.containerID + "b"}
+	n, err := testutils.NewNS()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { n.Close(); _ = testutils.UnmountNS(n) })
+	second.netns = n
+	if err := h.add(second); err != nil {
+		t.Fatal(err)
+	}
+	h.wantRules(second)
+	if err := z.Expect("add "+string(first.UID), 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	got, err := h.dialOut(second, 9999)
+	if want := "ztunnel " + netip.AddrPortFrom(h.gw, 9999).String(); err != nil || got != want {
+		t.Fatalf("new sandbox → node: %q, %v; want %q", got, err, want)
+	}
+}

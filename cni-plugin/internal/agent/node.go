@@ -153,6 +153,25 @@ func (n *Node) openNetns(info PodInfo) (*os.File, error) {
 	return podns.FindByIP(n.procRoot, info.IPs, host)
 }
 
+// sandboxChanged reports whether the netns path CNI last reported for the
+// pod is a different namespace than held.
+func (n *Node) sandboxChanged(uid string, held *os.File) bool {
+	n.mu.Lock()
+	path := n.paths[uid]
+	n.mu.Unlock()
+	if path == "" {
+		return false
+	}
+	f, err := podns.Open(path)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	a, err1 := podns.InodeOf(f)
+	b, err2 := podns.InodeOf(held)
+	return err1 == nil && err2 == nil && a != b
+}
+
 // probeSources returns the node's source addresses toward the pod's IPs:
 // the addresses the kubelet's probes come from.
 func (n *Node) probeSources(ips []netip.Addr) []netip.Addr {
@@ -196,6 +215,16 @@ func (n *Node) Enroll(ctx context.Context, info PodInfo) (Status, error) {
 	n.mu.Unlock()
 
 	netns, fresh := (*os.File)(nil), false
+	if p != nil && n.sandboxChanged(info.UID, p.netns) {
+		// The sandbox was recreated (same pod, new netns) and its DEL was
+		// missed: start over with the new namespace.
+		n.log.Info("pod sandbox changed; re-enrolling in the new netns", zap.String("uid", info.UID))
+		n.mu.Lock()
+		delete(n.pods, info.UID)
+		n.mu.Unlock()
+		p.netns.Close()
+		p = nil
+	}
 	if p != nil {
 		netns = p.netns
 	} else {

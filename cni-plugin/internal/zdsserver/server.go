@@ -73,8 +73,16 @@ type Server struct {
 type session struct {
 	conn *zds.Conn
 	id   uint64
-	mu   sync.Mutex // held for each exchange and for the whole snapshot
-	dead bool       // guarded by mu
+	mu   sync.Mutex    // held for each exchange and for the whole snapshot
+	dead bool          // guarded by mu
+	done chan struct{} // closed (once) when the session ends
+	once sync.Once
+}
+
+// end closes the connection and releases the session's serve goroutine.
+func (ss *session) end() {
+	ss.conn.Close()
+	ss.once.Do(func() { close(ss.done) })
 }
 
 type metrics struct {
@@ -180,7 +188,7 @@ func (s *Server) serve(ctx context.Context, conn *zds.Conn, id uint64) {
 			return
 		}
 	}
-	sess := &session{conn: conn, id: id}
+	sess := &session{conn: conn, id: id, done: make(chan struct{})}
 	sess.mu.Lock() // nobody uses the session before its snapshot is sent
 	s.mu.Lock()
 	old := s.sess
@@ -188,7 +196,7 @@ func (s *Server) serve(ctx context.Context, conn *zds.Conn, id uint64) {
 	s.mu.Unlock()
 	if old != nil {
 		log.Info("ztunnel reconnected; replacing the previous connection", zap.Uint64("previous", old.id))
-		old.conn.Close()
+		old.end() // an exchange in flight on it fails and kills it
 	}
 	s.metrics.connected.Set(1)
 	err := s.snapshot(sess)
@@ -199,7 +207,10 @@ func (s *Server) serve(ctx context.Context, conn *zds.Conn, id uint64) {
 		return
 	}
 	log.Info("ztunnel connected and synced")
-	<-ctx.Done()
+	select {
+	case <-ctx.Done():
+	case <-sess.done:
+	}
 }
 
 func (s *Server) hello(conn *zds.Conn) error {
@@ -303,7 +314,7 @@ func (s *Server) exchange(sess *session, m *zdsv1.AgentMessage, fd *os.File, dea
 // kill marks the session dead (sess.mu held) and closes it.
 func (s *Server) kill(sess *session, cause error) error {
 	sess.dead = true
-	sess.conn.Close()
+	sess.end()
 	s.mu.Lock()
 	if s.sess == sess {
 		s.sess = nil

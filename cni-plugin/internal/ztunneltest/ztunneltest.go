@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
+	"golang.org/x/sys/unix"
 
 	"github.com/amesh-dev/amesh/api/capture"
 	"github.com/amesh-dev/amesh/api/zds"
@@ -32,6 +33,7 @@ type Ztunnel struct {
 
 	mu   sync.Mutex
 	pods map[string]net.Listener
+	nets map[string]uint64 // netns inode per uid
 }
 
 // Dial connects to the agent's ZDS socket (retrying for up to 5s while it
@@ -50,7 +52,7 @@ func Dial(socket string, reject ...string) (*Ztunnel, error) {
 	if err != nil {
 		return nil, err
 	}
-	z := &Ztunnel{conn: conn, events: make(chan string, 1000), reject: map[string]bool{}, pods: map[string]net.Listener{}}
+	z := &Ztunnel{conn: conn, events: make(chan string, 1000), reject: map[string]bool{}, pods: map[string]net.Listener{}, nets: map[string]uint64{}}
 	for _, r := range reject {
 		z.reject[r] = true
 	}
@@ -124,10 +126,18 @@ func (z *Ztunnel) loop() {
 
 // listenIn opens 127.0.0.1:15001 inside the namespace fd refers to.
 func (z *Ztunnel) listenIn(uid string, fd *os.File) error {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(fd.Fd()), &st); err != nil {
+		return err
+	}
 	z.mu.Lock()
 	defer z.mu.Unlock()
-	if z.pods[uid] != nil {
-		return nil // already serving (idempotent add)
+	if l := z.pods[uid]; l != nil {
+		if z.nets[uid] == st.Ino {
+			return nil // same namespace: idempotent
+		}
+		l.Close() // a new sandbox replaces the old one
+		delete(z.pods, uid)
 	}
 	netns, err := ns.GetNS(fmt.Sprintf("/proc/self/fd/%d", fd.Fd()))
 	if err != nil {
@@ -143,6 +153,7 @@ func (z *Ztunnel) listenIn(uid string, fd *os.File) error {
 	}
 	go serve(l)
 	z.pods[uid] = l
+	z.nets[uid] = st.Ino
 	return nil
 }
 
