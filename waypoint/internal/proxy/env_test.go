@@ -24,6 +24,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
+	"go.uber.org/zap/zaptest/observer"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -43,6 +44,7 @@ type env struct {
 	wpCert  *tls.Certificate
 	wpID    spiffeid.ID
 	hc      *hbone.Client // the waypoint's upstream client
+	access  *observer.ObservedLogs
 	vip     map[string]netip.AddrPort
 	nextVIP atomic.Uint32
 	uid     atomic.Uint32
@@ -83,8 +85,10 @@ func newEnv(t testing.TB) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
+	core, logs := observer.New(zap.InfoLevel)
+	e.access = logs
 	e.proxy = New(Options{Catalog: e.cat, Metrics: telemetry.NewMetrics(e.reg), Tracer: tr,
-		AccessLog: zap.NewNop(), Logger: log})
+		AccessLog: zap.New(core), Logger: log})
 	return e
 }
 

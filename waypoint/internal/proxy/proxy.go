@@ -158,6 +158,8 @@ type exchange struct {
 	attempts  int
 	reqID     string
 	reqPrin   string
+	origPath  string // as the client sent it, for the access log
+	origHost  string
 }
 
 func (ex *exchange) flag(f string) {
@@ -175,7 +177,7 @@ func exFrom(ctx context.Context) *exchange {
 
 // ServeHTTP handles one request.
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	ex := &exchange{start: time.Now(), ci: connFrom(r.Context()), grpc: route.IsGRPC(r)}
+	ex := &exchange{start: time.Now(), ci: connFrom(r.Context()), grpc: route.IsGRPC(r), origPath: r.URL.RequestURI(), origHost: r.Host}
 	rw := &recorder{ResponseWriter: w}
 	reqBody := &countingBody{ReadCloser: r.Body}
 	if r.Body != nil && r.Body != http.NoBody {
@@ -795,7 +797,8 @@ func (p *Proxy) finish(ex *exchange, rw *recorder, r *http.Request, bodyIn int64
 		p.access.Info("request",
 			zap.Time("start_time", ex.start),
 			zap.String("method", r.Method),
-			zap.String("path", r.URL.RequestURI()),
+			zap.String("path", ex.origPath),
+			zap.String("upstream_path", r.URL.RequestURI()),
 			zap.String("protocol", r.Proto),
 			zap.Int("response_code", code),
 			zap.String("grpc_status", grpcStatus),
@@ -808,7 +811,7 @@ func (p *Proxy) finish(ex *exchange, rw *recorder, r *http.Request, bodyIn int64
 			zap.String("upstream_cluster", clusterName),
 			zap.String("route_name", routeName),
 			zap.Int("attempts", ex.attempts),
-			zap.String("authority", r.Host),
+			zap.String("authority", ex.origHost),
 			zap.String("x_request_id", ex.reqID),
 			zap.String("trace_id", traceID),
 			zap.String("downstream_peer_principal", ex.ci.Peer),

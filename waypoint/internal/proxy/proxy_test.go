@@ -533,3 +533,37 @@ func TestConsistentHashCookieSticks(t *testing.T) {
 		t.Fatalf("12 new sessions all landed on %v", seen)
 	}
 }
+
+func TestAccessLog(t *testing.T) {
+	e := newEnv(t)
+	e.service("logged", 80, "http", named(t, "logged"))
+	e.waypoint(&discoveryv1.WaypointService{Service: key("logged"), HttpRoutes: []*discoveryv1.HTTPRoute{{Namespace: "default", Name: "r",
+		Rules: []*discoveryv1.HTTPRouteRule{{Name: "rewrite",
+			Filters: []*discoveryv1.HTTPFilter{{Kind: &discoveryv1.HTTPFilter_UrlRewrite{UrlRewrite: &discoveryv1.URLRewrite{
+				Path: &discoveryv1.PathModifier{Kind: &discoveryv1.PathModifier_ReplaceFullPath{ReplaceFullPath: "/inner"}}}}}},
+			Backends: []*discoveryv1.BackendRef{{Service: key("logged"), Port: 80, Weight: 1}}}}}}})
+	url := e.front("logged", 80, false)
+	get(t, http.DefaultClient, url+"/outer?q=1", "x-request-id", "req-42", "user-agent", "tester")
+	entries := e.access.FilterMessage("request").All()
+	if len(entries) != 1 {
+		t.Fatalf("%d access log entries", len(entries))
+	}
+	f := entries[0].ContextMap()
+	want := map[string]any{
+		"method": "GET", "path": "/outer?q=1", "upstream_path": "/inner?q=1", "response_code": int64(200),
+		"response_flags": "-", "route_name": "default/r/rewrite", "x_request_id": "req-42", "user_agent": "tester",
+		"downstream_peer_principal": "spiffe://cluster.local/ns/client/sa/curl", "attempts": int64(1),
+		"upstream_cluster": key("logged") + ":80",
+	}
+	for k, v := range want {
+		if f[k] != v {
+			t.Errorf("%s = %v (%T), want %v", k, f[k], f[k], v)
+		}
+	}
+	if h, _ := f["upstream_host"].(string); !strings.HasPrefix(h, "127.") {
+		t.Errorf("upstream_host %v", f["upstream_host"])
+	}
+	if tid, _ := f["trace_id"].(string); len(tid) != 32 {
+		t.Errorf("trace_id %v", f["trace_id"])
+	}
+}
