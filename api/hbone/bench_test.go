@@ -222,9 +222,10 @@ func benchIdle(b *testing.B, n, perConn int, splice bool) {
 	if !splice {
 		handler = discard
 	}
-	e := newEnv(b, handler, func(_ *ServerConfig, c *ClientConfig) { c.MaxStreamsPerConn = perConn })
 	target := ln.Addr().String()
 	for range b.N {
+		// A fresh client and server each time: connections are measured too.
+		e := newEnv(b, handler, func(_ *ServerConfig, c *ClientConfig) { c.MaxStreamsPerConn = perConn })
 		var closers []func()
 		var wg sync.WaitGroup
 		runtime.GC()
@@ -259,6 +260,8 @@ func benchIdle(b *testing.B, n, perConn int, splice bool) {
 		backends = nil
 		mu.Unlock()
 		wg.Wait()
+		e.client.Close()
+		e.shutdown(b)
 	}
 }
 
