@@ -364,3 +364,47 @@ func TestSpliceAbort(t *testing.T) {
 		t.Fatalf("client read: %v; want a reset", err)
 	}
 }
+
+// TestCloseUnblocks: Close wakes a Read and a Write blocked on the same
+// stream (the net.Conn contract), and the peer sees the stream end.
+func TestCloseUnblocks(t *testing.T) {
+	hold := make(chan struct{})
+	peerErr := make(chan error, 1)
+	e := newEnv(t, func(context.Context, *Request) (func(net.Conn), error) {
+		return func(c net.Conn) {
+			<-hold // do not read: the client's writes stall on flow control
+			_, err := io.Copy(io.Discard, c)
+			peerErr <- err
+		}, nil
+	})
+	defer close(hold)
+	s := e.dial(t, "10.0.0.1:80")
+	rerr, werr := make(chan error, 1), make(chan error, 1)
+	go func() { _, err := s.Read(make([]byte, 1)); rerr <- err }()
+	go func() { _, err := s.Write(make([]byte, 16<<20)); werr <- err }()
+	time.Sleep(100 * time.Millisecond)
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	for name, ch := range map[string]chan error{"read": rerr, "write": werr} {
+		select {
+		case err := <-ch:
+			if !errors.Is(err, net.ErrClosed) {
+				t.Errorf("%s after Close: %v", name, err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%s still blocked after Close", name)
+		}
+	}
+	hold <- struct{}{}
+	select {
+	case err := <-peerErr:
+		// END_STREAM then RST_STREAM(NO_ERROR): the peer reads what was
+		// sent, then EOF.
+		if err != nil {
+			t.Fatalf("peer: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("peer did not see the stream end")
+	}
+}
