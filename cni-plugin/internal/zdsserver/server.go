@@ -42,6 +42,10 @@ type Config struct {
 	AckTimeout time.Duration
 	// HelloTimeout bounds the wait for ztunnel's hello; default 5s.
 	HelloTimeout time.Duration
+	// LivenessInterval is how often an idle connection is checked for a
+	// hang-up (so Connected and the metrics notice a ztunnel that went
+	// away between changes); default 2s.
+	LivenessInterval time.Duration
 	// Snapshot returns the pods to send on every (re)connection.
 	Snapshot func() []Workload
 	Logger   *zap.Logger
@@ -125,6 +129,9 @@ func New(cfg Config) *Server {
 	if cfg.HelloTimeout <= 0 {
 		cfg.HelloTimeout = 5 * time.Second
 	}
+	if cfg.LivenessInterval <= 0 {
+		cfg.LivenessInterval = 2 * time.Second
+	}
 	if cfg.Snapshot == nil {
 		cfg.Snapshot = func() []Workload { return nil }
 	}
@@ -207,9 +214,43 @@ func (s *Server) serve(ctx context.Context, conn *zds.Conn, id uint64) {
 		return
 	}
 	log.Info("ztunnel connected and synced")
-	select {
-	case <-ctx.Done():
-	case <-sess.done:
+	tick := time.NewTicker(s.cfg.LivenessInterval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-sess.done:
+			return
+		case <-tick.C:
+			s.probe(sess)
+		}
+	}
+}
+
+// probe checks an idle session for a hang-up: ztunnel never sends
+// unsolicited messages, so a short read either times out (alive), sees
+// the end of the connection, or finds a protocol violation.
+func (s *Server) probe(sess *session) {
+	if !sess.mu.TryLock() {
+		return // an exchange is in flight: it will notice by itself
+	}
+	defer sess.mu.Unlock()
+	if sess.dead {
+		return
+	}
+	if err := sess.conn.SetReadDeadline(time.Now().Add(time.Millisecond)); err != nil {
+		_ = s.kill(sess, err)
+		return
+	}
+	m, err := sess.conn.RecvZtunnel()
+	switch {
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		_ = sess.conn.SetReadDeadline(time.Time{})
+	case err != nil:
+		_ = s.kill(sess, err)
+	default:
+		_ = s.kill(sess, fmt.Errorf("unsolicited message %T", m.GetPayload()))
 	}
 }
 

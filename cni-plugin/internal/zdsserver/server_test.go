@@ -354,3 +354,29 @@ func TestBadHello(t *testing.T) {
 		t.Fatal("bad hello accepted")
 	}
 }
+
+// TestHangupNoticed: a ztunnel that goes away between changes is noticed
+// without waiting for the next exchange.
+func TestHangupNoticed(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "zds.sock")
+	s := New(Config{Socket: sock, LivenessInterval: 50 * time.Millisecond, Logger: zaptest.NewLogger(t)})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	z := dialZtunnel(t, sock)
+	z.expect(t, "snapshot_sent")
+	waitConnected(t, s)
+	time.Sleep(200 * time.Millisecond) // several idle probes
+	if !s.Connected() {
+		t.Fatal("an idle, live ztunnel was disconnected")
+	}
+	z.close()
+	deadline := time.Now().Add(5 * time.Second)
+	for s.Connected() {
+		if time.Now().After(deadline) {
+			t.Fatal("hang-up not noticed")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
