@@ -378,14 +378,23 @@ func pickBackend(bs []*discoveryv1.BackendRef) *discoveryv1.BackendRef {
 	return bs[len(bs)-1]
 }
 
+// peerNamespace extracts the namespace of a SPIFFE ID
+// "spiffe://<td>/ns/<ns>/sa/<sa>".
+func peerNamespace(peer string) (string, bool) {
+	_, rest, ok := strings.Cut(peer, "/ns/")
+	if !ok {
+		return "", false
+	}
+	ns, _, ok := strings.Cut(rest, "/sa/")
+	return ns, ok && ns != ""
+}
+
 func (p *Proxy) attributes(ex *exchange, r *http.Request, id *authn.Identity) *authz.Attributes {
 	a := &authz.Attributes{SourceIP: ex.ci.Source, Port: ex.target.Port, Host: r.Host,
 		Method: r.Method, Path: r.URL.Path, Header: r.Header}
 	if pr, ok := strings.CutPrefix(ex.ci.Peer, "spiffe://"); ok {
 		a.Principal = pr
-		if _, rest, ok := strings.Cut(pr, "/ns/"); ok {
-			a.Namespace, _, _ = strings.Cut(rest, "/")
-		}
+		a.Namespace, _ = peerNamespace(ex.ci.Peer)
 	}
 	if id != nil {
 		a.RequestPrincipal, a.Audiences, a.Claims = id.Principal, id.Audiences, id.Claims
@@ -832,6 +841,9 @@ func (p *Proxy) labels(ex *exchange, code int, grpcStatus, flags string) *teleme
 	if ex.ci.Peer != "" {
 		l.SourcePrincipal = ex.ci.Peer
 		l.ConnectionSecurityPolicy = "mutual_tls"
+	}
+	if ns, ok := peerNamespace(ex.ci.Peer); ok {
+		l.SourceWorkloadNamespace = ns // refined below when the source IP is known
 	}
 	if ex.ci.Source.IsValid() {
 		if w := p.cat.WorkloadByIP(ex.ci.Source); w != nil {

@@ -48,7 +48,7 @@ func TestDefaultRouteAndMetrics(t *testing.T) {
 		t.Fatalf("got %d %q", resp.StatusCode, body)
 	}
 	n := testutil.ToFloat64(e.proxy.metrics.RequestsCounter().WithLabelValues(
-		"waypoint", "unknown", "unknown", "spiffe://cluster.local/ns/client/sa/curl", "unknown", "unknown", "unknown", "unknown", "unknown",
+		"waypoint", "unknown", "client", "spiffe://cluster.local/ns/client/sa/curl", "unknown", "unknown", "unknown", "unknown", "unknown",
 		"reviews", "default", "spiffe://cluster.local/ns/default/sa/reviews", "reviews", "v1",
 		"reviews.default.svc.cluster.local", "reviews", "default", "reviews", "v1", "unknown",
 		"http", "200", "", "-", "mutual_tls"))
