@@ -23,6 +23,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	discoveryv1 "github.com/amesh-dev/amesh/api/discovery/v1"
@@ -190,7 +191,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		ex.span = span
 	}
 	r = r.WithContext(ctx)
-	defer func() { p.finish(ex, rw, r, reqBody.n) }()
+	defer func() { p.finish(ex, rw, r, reqBody.n.Load()) }()
 
 	ex.reqID = r.Header.Get("X-Request-Id")
 	if ex.reqID == "" {
@@ -733,14 +734,16 @@ func (w *recorder) Flush() {
 	}
 }
 
+// countingBody counts the request body bytes read; the transport may still
+// be reading when the handler finishes, hence the atomic.
 type countingBody struct {
 	io.ReadCloser
-	n int64
+	n atomic.Int64
 }
 
 func (b *countingBody) Read(p []byte) (int, error) {
 	n, err := b.ReadCloser.Read(p)
-	b.n += int64(n)
+	b.n.Add(int64(n))
 	return n, err
 }
 
