@@ -47,7 +47,7 @@ func DefaultConfig() Config {
 		InstallCNI:        true,
 		CNIConfDir:        "/etc/cni/net.d",
 		CNIBinDir:         "/opt/cni/bin",
-		PluginBinary:      "/opt/amesh/bin/amesh-cni",
+		PluginBinary:      "/usr/local/bin/amesh-cni", // where the image puts it
 		AgentSocket:       agentapi.DefaultSocket,
 		StateFile:         agentapi.DefaultStateFile,
 		ZDSSocket:         zds.DefaultSocket,
