@@ -318,3 +318,71 @@ func TestMaxRequestsPerConnection(t *testing.T) {
 		}
 	}
 }
+
+func TestCircuitBreakerPendingAndRetries(t *testing.T) {
+	release := make(chan struct{})
+	entered := make(chan struct{}, 4)
+	ep := backend(t, func(w http.ResponseWriter, r *http.Request) {
+		entered <- struct{}{}
+		<-release
+	})
+	c := New(Options{Name: "x", Dial: tcpDial})
+	c.Update([]Endpoint{ep}, &discoveryv1.TrafficPolicy{CircuitBreaker: &discoveryv1.CircuitBreaker{
+		MaxConnections: 1, MaxPendingRequests: 1, MaxRetries: 2}})
+	defer c.Close()
+	send := func() chan error {
+		done := make(chan error, 1)
+		rel, err := c.Admit()
+		if err != nil {
+			done <- err
+			return done
+		}
+		go func() {
+			defer rel()
+			e, _ := c.Pick(&HashInput{}, nil)
+			req, _ := http.NewRequest("GET", "http://svc/", nil)
+			resp, err := c.RoundTrip(req, e)
+			if err == nil {
+				_, _ = io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+			}
+			done <- err
+		}()
+		return done
+	}
+	a := send()
+	<-entered // A holds the only connection
+	b := send()
+	deadline := time.Now().Add(5 * time.Second)
+	for c.pending.Load() != 1 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if c.pending.Load() != 1 {
+		t.Fatalf("pending = %d, want B waiting for a connection", c.pending.Load())
+	}
+	if err := <-send(); !errors.Is(err, ErrOverflow) {
+		t.Fatalf("third request with one pending: %v", err)
+	}
+	close(release)
+	if err := <-a; err != nil {
+		t.Fatal(err)
+	}
+	if err := <-b; err != nil {
+		t.Fatal(err)
+	}
+	// Retry budget: two concurrent retries, the third is refused.
+	r1, ok1 := c.AdmitRetry()
+	r2, ok2 := c.AdmitRetry()
+	_, ok3 := c.AdmitRetry()
+	if !ok1 || !ok2 || ok3 {
+		t.Fatalf("retry budget: %v %v %v", ok1, ok2, ok3)
+	}
+	r1()
+	if _, ok := c.AdmitRetry(); !ok {
+		t.Fatal("retry refused after one was released")
+	}
+	r2()
+	if c.Overflows() != 2 {
+		t.Fatalf("overflows = %d, want 2", c.Overflows())
+	}
+}
