@@ -26,9 +26,12 @@ FROM src AS build-waypoint
 RUN --mount=type=cache,target=/root/.cache/go-build --mount=type=cache,target=/go/pkg/mod \
     cd waypoint && go build -ldflags="-s -w" -o /out/waypoint ./cmd/waypoint
 
+# kubectl-waypoint rides along in the controller image (handy with kubectl
+# exec) once it exists.
 FROM src AS build-controller
 RUN --mount=type=cache,target=/root/.cache/go-build --mount=type=cache,target=/go/pkg/mod \
-    cd controller && go build -ldflags="-s -w" -o /out/ ./cmd/amesh-controller ./cmd/kubectl-waypoint
+    cd controller && go build -ldflags="-s -w" -o /out/ ./cmd/amesh-controller && \
+    if [ -d cmd/kubectl-waypoint ]; then go build -ldflags="-s -w" -o /out/ ./cmd/kubectl-waypoint; fi
 
 FROM src AS build-cni
 RUN --mount=type=cache,target=/root/.cache/go-build --mount=type=cache,target=/go/pkg/mod \
@@ -53,7 +56,7 @@ USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/waypoint"]
 
 FROM ${BASE_IMAGE} AS amesh-controller
-COPY --from=build-controller /out/amesh-controller /out/kubectl-waypoint /usr/local/bin/
+COPY --from=build-controller /out/ /usr/local/bin/
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/amesh-controller"]
 
