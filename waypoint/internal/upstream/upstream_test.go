@@ -178,6 +178,19 @@ func TestOutlierDetection(t *testing.T) {
 	if c.Ejected(bad) {
 		t.Fatal("second ejection longer than 2 × base")
 	}
+	// A quiet spell of several intervals decays the multiplier back to 1.
+	clk.add(5 * time.Second)
+	for range 3 {
+		c.Report(bad, 500, nil)
+	}
+	clk.add(10*time.Second - time.Millisecond)
+	if !c.Ejected(bad) {
+		t.Fatal("third ejection shorter than base")
+	}
+	clk.add(time.Millisecond)
+	if c.Ejected(bad) {
+		t.Fatal("multiplier did not decay after a quiet spell")
+	}
 }
 
 func TestGatewayErrorsOnly(t *testing.T) {
