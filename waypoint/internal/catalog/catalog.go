@@ -79,6 +79,8 @@ type Catalog struct {
 	clusters  map[clusterKey]*upstream.Cluster
 	// wlProto is the protocol of each workload-addressed port.
 	wlProto map[clusterKey]string
+	// bySvc indexes workloads by the services they are endpoints of.
+	bySvc map[string][]*discoveryv1.Workload
 
 	snap atomic.Pointer[snapshot]
 }
@@ -215,11 +217,15 @@ func (c *Catalog) rebuild() {
 	old := c.snap.Load()
 	s := &snapshot{byAddr: map[netip.AddrPort]*Target{}, byIP: map[netip.Addr]*discoveryv1.Workload{},
 		waypoints: maps.Clone(c.waypoints), services: maps.Clone(c.services), ready: old.ready, generation: old.generation + 1}
+	c.bySvc = map[string][]*discoveryv1.Workload{}
 	for _, w := range c.workloads {
 		for _, a := range w.GetAddresses() {
 			if ip, ok := addrOf(a); ok {
 				s.byIP[ip] = w
 			}
+		}
+		for k := range w.GetServices() {
+			c.bySvc[k] = append(c.bySvc[k], w)
 		}
 	}
 	liveLimiters := map[string]bool{}
@@ -431,7 +437,7 @@ func (c *Catalog) endpoints(key string, port uint32) []upstream.Endpoint {
 		}
 	}
 	var out []upstream.Endpoint
-	for _, w := range c.workloads {
+	for _, w := range c.bySvc[key] {
 		if w.GetStatus() != discoveryv1.WorkloadStatus_WORKLOAD_STATUS_HEALTHY || len(w.GetAddresses()) == 0 {
 			continue
 		}
