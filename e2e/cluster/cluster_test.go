@@ -341,7 +341,7 @@ func (e *env) echoOnBothNodes(t *testing.T) {
 						Name:  "echo",
 						Image: "amesh/echoserver:e2e",
 						Args:  []string{"--listen=:8080", "--drain=1s"},
-						Ports: []corev1.ContainerPort{{Name: "http", ContainerPort: 8080}},
+						Ports: []corev1.ContainerPort{{Name: "http", ContainerPort: 8080, HostPort: 18080}},
 						Env: []corev1.EnvVar{
 							{Name: "POD_NAME", ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{FieldPath: "metadata.name"}}},
 							{Name: "POD_NAMESPACE", ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{FieldPath: "metadata.namespace"}}},
@@ -490,8 +490,23 @@ func (e *env) clusterIPAndDNS(t *testing.T) {
 			return nil
 		})
 	}
+	// hostPort (the portmap plugin in the chain) on the other node.
+	var remoteNodeIP string
+	for _, p := range pods {
+		if p.Name == remote {
+			remoteNodeIP = p.Status.HostIP
+		}
+	}
+	out, err := e.exec(t, client.Name, "curl", "-sS", "-m", "3", "http://"+remoteNodeIP+":18080/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var r echoReply
+	if err := json.Unmarshal([]byte(out), &r); err != nil || r.Pod != remote {
+		t.Errorf("hostPort %s:18080 answered %q (%v), want pod %s", remoteNodeIP, out, err, remote)
+	}
 	// The DNS name resolves to the ClusterIP from the pod.
-	out, err := e.exec(t, client.Name, "getent", "hosts", "echo."+e.ns+".svc."+e.cfg.ClusterDomain)
+	out, err = e.exec(t, client.Name, "getent", "hosts", "echo."+e.ns+".svc."+e.cfg.ClusterDomain)
 	if err != nil {
 		t.Fatal(err)
 	}

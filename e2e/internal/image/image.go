@@ -131,14 +131,13 @@ func Default(binDir, coreDNS string) Table {
 	}
 	cniAgent := bin("amesh-cni-agent")
 	cniAgent.Files["/usr/local/bin/amesh-cni"] = path.Join(binDir, "amesh-cni")
-	controller := bin("amesh-controller")
-	controller.Files["/usr/local/bin/kubectl-waypoint"] = path.Join(binDir, "kubectl-waypoint")
 	return Table{Entries: []Entry{
 		bin("ztunnel"),
 		bin("waypoint"),
-		controller,
+		bin("amesh-controller"),
 		cniAgent,
 		bin("echoserver"),
+		bin("sampleapp"),
 		{
 			Pattern:    "registry.k8s.io/coredns/coredns:*",
 			Entrypoint: []string{"/coredns"},

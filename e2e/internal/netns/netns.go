@@ -24,7 +24,7 @@ func Create(dir, name string) (string, error) {
 	if err := validName(name); err != nil {
 		return "", err
 	}
-	if err := ensureSharedDir(dir); err != nil {
+	if err := EnsureDir(dir); err != nil {
 		return "", err
 	}
 	path := filepath.Join(dir, name)
@@ -98,9 +98,11 @@ func Exists(dir, name string) bool {
 	return st.Type == unix.NSFS_MAGIC
 }
 
-// ensureSharedDir makes dir a shared mount point, as iproute2 does, so that
-// mounts pinned below it propagate to peer mount namespaces.
-func ensureSharedDir(dir string) error {
+// EnsureDir makes dir a shared mount point, as iproute2 does, so that
+// namespaces pinned below it later propagate to mount namespaces that
+// bind-mounted it with slave propagation (containers with HostToContainer
+// volumes of it).
+func EnsureDir(dir string) error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return fmt.Errorf("create %s: %w", dir, err)
 	}

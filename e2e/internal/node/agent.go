@@ -130,6 +130,11 @@ func (a *Agent) Run(ctx context.Context) error {
 	for _, d := range a.cfg.CNIBinDirs {
 		_ = os.MkdirAll(d, 0o755)
 	}
+	// Pods that mount the netns dir (the amesh CNI agent) must see
+	// namespaces created after they start: make it a shared mount now.
+	if err := netns.EnsureDir(a.cfg.NetnsDir); err != nil {
+		return err
+	}
 	a.cleanupLeftovers(ctx)
 
 	if err := a.register(ctx); err != nil {

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -605,7 +606,7 @@ func (w *worker) createSandbox(ctx context.Context) error {
 	}
 	actx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
-	ips, err := w.a.net.Add(actx, podnet.Pod{Namespace: w.namespace, Name: w.name, UID: string(w.uid), ID: rec.ID, Netns: path})
+	ips, err := w.a.net.Add(actx, podnet.Pod{Namespace: w.namespace, Name: w.name, UID: string(w.uid), ID: rec.ID, Netns: path, PortMappings: hostPorts(w.pod)})
 	if err != nil {
 		if derr := w.a.teardownNetwork(ctx, rec); derr != nil {
 			w.log.Warn("clean up failed sandbox", zap.Error(derr))
@@ -615,6 +616,24 @@ func (w *worker) createSandbox(ctx context.Context) error {
 	w.sb = &sandboxState{rec: rec, path: path, ips: ips}
 	w.log.Info("sandbox ready", zap.String("netns", rec.Netns), zap.Stringers("ips", ips))
 	return nil
+}
+
+// hostPorts lists the pod's hostPort mappings.
+func hostPorts(pod *corev1.Pod) []podnet.PortMapping {
+	var out []podnet.PortMapping
+	for _, c := range append(append([]corev1.Container{}, pod.Spec.InitContainers...), pod.Spec.Containers...) {
+		for _, p := range c.Ports {
+			if p.HostPort == 0 {
+				continue
+			}
+			proto := strings.ToLower(string(p.Protocol))
+			if proto == "" {
+				proto = "tcp"
+			}
+			out = append(out, podnet.PortMapping{HostPort: int(p.HostPort), ContainerPort: int(p.ContainerPort), Protocol: proto, HostIP: p.HostIP})
+		}
+	}
+	return out
 }
 
 func (w *worker) writeRecord(r sandboxRecord) error {

@@ -33,6 +33,16 @@ type Pod struct {
 	ID string
 	// Netns is the path of the pod's network namespace.
 	Netns string
+	// PortMappings are the pod's hostPorts (the portMappings capability).
+	PortMappings []PortMapping
+}
+
+// PortMapping is one hostPort, in the CNI portMappings capability format.
+type PortMapping struct {
+	HostPort      int    `json:"hostPort"`
+	ContainerPort int    `json:"containerPort"`
+	Protocol      string `json:"protocol"`
+	HostIP        string `json:"hostIP,omitempty"`
 }
 
 // ErrNoConfig means the node has no CNI configuration (network not ready).
@@ -91,7 +101,12 @@ func loadFile(f string) (*libcni.NetworkConfigList, error) {
 }
 
 func (p Pod) runtimeConf() *libcni.RuntimeConf {
+	var caps map[string]any
+	if len(p.PortMappings) > 0 {
+		caps = map[string]any{"portMappings": p.PortMappings}
+	}
 	return &libcni.RuntimeConf{
+		CapabilityArgs: caps,
 		ContainerID: p.ID,
 		NetNS:       p.Netns,
 		IfName:      "eth0",
