@@ -107,9 +107,9 @@ func (p Pod) runtimeConf() *libcni.RuntimeConf {
 	}
 	return &libcni.RuntimeConf{
 		CapabilityArgs: caps,
-		ContainerID: p.ID,
-		NetNS:       p.Netns,
-		IfName:      "eth0",
+		ContainerID:    p.ID,
+		NetNS:          p.Netns,
+		IfName:         "eth0",
 		Args: [][2]string{
 			{"IgnoreUnknown", "1"},
 			{"K8S_POD_NAMESPACE", p.Namespace},
