@@ -27,6 +27,9 @@ func TestCRDAdmission(t *testing.T) {
 	}
 	cfg, err := env.Start()
 	if err != nil {
+		// A failed start (say, a CRD the apiserver refuses) leaves the
+		// control plane running.
+		_ = env.Stop()
 		t.Fatalf("start envtest: %v", err)
 	}
 	t.Cleanup(func() {

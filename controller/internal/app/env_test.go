@@ -70,6 +70,9 @@ func startEnv(t *testing.T, mutate func(*app.Config)) *env {
 	}
 	cfg, err := te.Start()
 	if err != nil {
+		// A failed start (say, a CRD the apiserver refuses) leaves the
+		// control plane running.
+		_ = te.Stop()
 		t.Fatalf("start envtest: %v", err)
 	}
 	t.Cleanup(func() {

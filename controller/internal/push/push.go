@@ -13,6 +13,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
+	"google.golang.org/protobuf/proto"
 	toolscache "k8s.io/client-go/tools/cache"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 
@@ -25,9 +26,11 @@ import (
 // "gateway/<namespace>/<name>".
 const ScopeGateway = "gateway/"
 
-// Publisher receives the full state of one resource type (xds.Server).
+// Publisher receives resources (xds.Server): the full state of a type, or
+// upserts and removals.
 type Publisher interface {
 	Set(typeURL string, all []*xds.Resource) error
+	Update(typeURL string, upserts []*xds.Resource, removes []string) error
 }
 
 // Options configures a Loop.
@@ -61,6 +64,9 @@ type Loop struct {
 	log   *zap.Logger
 	store *store
 	kick  chan struct{}
+	// Used by the loop's goroutine only.
+	translator *translate.Translator
+	published  *published
 
 	mu      sync.Mutex
 	pending time.Time // first unhandled change; zero when none
@@ -86,11 +92,13 @@ func New(opts Options) *Loop {
 		opts.Roots = func() []string { return nil }
 	}
 	l := &Loop{
-		opts:   opts,
-		log:    opts.Logger,
-		store:  newStore(),
-		kick:   make(chan struct{}, 1),
-		synced: make(chan struct{}),
+		opts:       opts,
+		log:        opts.Logger,
+		store:      newStore(),
+		kick:       make(chan struct{}, 1),
+		translator: translate.NewTranslator(opts.Translate),
+		published:  newPublished(),
+		synced:     make(chan struct{}),
 		translations: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "amesh_controller_translation_duration_seconds",
 			Help:    "Time to translate a snapshot and hand it to the discovery server.",
@@ -206,8 +214,8 @@ func (l *Loop) publish() bool {
 	l.mu.Unlock()
 
 	start := time.Now()
-	out := translate.Translate(l.opts.Translate, l.store.snapshot(l.opts.Roots()))
-	if err := Publish(l.opts.Publisher, out); err != nil {
+	out := l.translator.Translate(l.store.snapshot(l.opts.Roots()))
+	if err := Publish(l.opts.Publisher, l.published, out); err != nil {
 		l.failures.Inc()
 		l.log.Error("publish discovery resources", zap.Error(err))
 		return false
@@ -228,42 +236,87 @@ func (l *Loop) publish() bool {
 	return true
 }
 
-// Publish hands every resource type of out to p.
-func Publish(p Publisher, out *translate.Output) error {
-	resources := func(n int, name func(int) string, body func(int) *xds.Resource) []*xds.Resource {
-		rs := make([]*xds.Resource, n)
-		for i := range n {
-			rs[i] = body(i)
-			rs[i].Name = name(i)
-		}
-		return rs
-	}
-	sets := []struct {
-		typeURL string
-		rs      []*xds.Resource
-	}{
-		{pb.WorkloadType, resources(len(out.Workloads), func(i int) string { return out.Workloads[i].Uid },
-			func(i int) *xds.Resource { return &xds.Resource{Body: out.Workloads[i]} })},
-		{pb.ServiceType, resources(len(out.Services), func(i int) string {
-			return out.Services[i].Namespace + "/" + out.Services[i].Hostname
-		}, func(i int) *xds.Resource { return &xds.Resource{Body: out.Services[i]} })},
-		{pb.AuthorizationType, resources(len(out.Authorizations), func(i int) string {
-			return out.Authorizations[i].Namespace + "/" + out.Authorizations[i].Name
-		}, func(i int) *xds.Resource { return &xds.Resource{Body: out.Authorizations[i]} })},
-		{pb.TrustBundleType, resources(len(out.TrustBundles), func(i int) string { return out.TrustBundles[i].TrustDomain },
-			func(i int) *xds.Resource { return &xds.Resource{Body: out.TrustBundles[i]} })},
-		{pb.WaypointServiceType, resources(len(out.WaypointServices), func(i int) string { return out.WaypointServices[i].Service },
-			func(i int) *xds.Resource {
-				return &xds.Resource{Body: out.WaypointServices[i], Scope: ScopeGateway + out.WaypointServices[i].Gateway}
-			})},
+// published remembers what was handed to the publisher, per type and
+// name, so that the next publication sends only what changed: the
+// translator returns the very same message for an unchanged resource.
+type published struct {
+	byType map[string]map[string]proto.Message
+}
+
+func newPublished() *published { return &published{byType: map[string]map[string]proto.Message{}} }
+
+// Publish hands the resources of out to p: in full the first time, then
+// only the changed (by message identity) and removed ones. The server
+// versions resources by content, so a new message with unchanged content
+// reaches no subscriber.
+func Publish(p Publisher, prev *published, out *translate.Output) error {
+	if prev == nil {
+		prev = newPublished()
 	}
 	// Services and workloads before the policies and waypoint
 	// configuration that refer to them.
+	sets := []struct {
+		typeURL string
+		n       int
+		msg     func(int) proto.Message
+		name    func(int) string
+		scope   func(int) string
+	}{
+		{pb.ServiceType, len(out.Services),
+			func(i int) proto.Message { return out.Services[i] },
+			func(i int) string { return out.Services[i].Namespace + "/" + out.Services[i].Hostname }, nil},
+		{pb.WorkloadType, len(out.Workloads),
+			func(i int) proto.Message { return out.Workloads[i] },
+			func(i int) string { return out.Workloads[i].Uid }, nil},
+		{pb.AuthorizationType, len(out.Authorizations),
+			func(i int) proto.Message { return out.Authorizations[i] },
+			func(i int) string { return out.Authorizations[i].Namespace + "/" + out.Authorizations[i].Name }, nil},
+		{pb.TrustBundleType, len(out.TrustBundles),
+			func(i int) proto.Message { return out.TrustBundles[i] },
+			func(i int) string { return out.TrustBundles[i].TrustDomain }, nil},
+		{pb.WaypointServiceType, len(out.WaypointServices),
+			func(i int) proto.Message { return out.WaypointServices[i] },
+			func(i int) string { return out.WaypointServices[i].Service },
+			func(i int) string { return ScopeGateway + out.WaypointServices[i].Gateway }},
+	}
 	var errs []error
 	for _, s := range sets {
-		if err := p.Set(s.typeURL, s.rs); err != nil {
-			errs = append(errs, err)
+		old, had := prev.byType[s.typeURL]
+		cur := make(map[string]proto.Message, s.n)
+		var rs []*xds.Resource
+		for i := range s.n {
+			m, name := s.msg(i), s.name(i)
+			cur[name] = m
+			if had && old[name] == m {
+				continue
+			}
+			r := &xds.Resource{Name: name, Body: m}
+			if s.scope != nil {
+				r.Scope = s.scope(i)
+			}
+			rs = append(rs, r)
 		}
+		var err error
+		if !had {
+			err = p.Set(s.typeURL, rs)
+		} else {
+			var removes []string
+			for name := range old {
+				if _, ok := cur[name]; !ok {
+					removes = append(removes, name)
+				}
+			}
+			if len(rs) > 0 || len(removes) > 0 {
+				err = p.Update(s.typeURL, rs, removes)
+			}
+		}
+		if err != nil {
+			// Forget this type: the next publication sends it in full.
+			delete(prev.byType, s.typeURL)
+			errs = append(errs, err)
+			continue
+		}
+		prev.byType[s.typeURL] = cur
 	}
 	return errors.Join(errs...)
 }

@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	pb "github.com/amesh-dev/amesh/api/discovery/v1"
+	corev1 "k8s.io/api/core/v1"
 
 	"github.com/amesh-dev/amesh/controller/apis/security/v1alpha1"
 )
@@ -46,7 +47,7 @@ func (t *translator) authorizations() []*pb.Authorization {
 			}
 		default:
 			a.Scope = pb.Authorization_SCOPE_WORKLOAD
-			t.policyWorkloads[name] = t.selectWorkloads(ap.Namespace, sel.MatchLabels)
+			t.indexSelector(ap.Namespace, name, sel.MatchLabels)
 		}
 		out = append(out, a)
 		t.acceptedCondition(v1alpha1.ConditionAccepted, ap, res)
@@ -74,43 +75,45 @@ func (t *translator) authorizations() []*pb.Authorization {
 	return out
 }
 
-// selectWorkloads returns the UIDs of the translated pods selected by
-// labels: in namespace ns, or in every namespace when ns is the root.
-func (t *translator) selectWorkloads(ns string, labels map[string]string) []string {
-	// Candidates carry the selector's smallest label; check the rest.
+// indexSelector records a WORKLOAD-scope policy under its smallest label:
+// a pod can match only if it carries that exact label.
+func (t *translator) indexSelector(ns, name string, labels map[string]string) {
 	k := slices.Min(slices.Collect(maps.Keys(labels)))
 	kv := k + "=" + labels[k]
-	var uids []string
-	for pns, idx := range t.podLabels {
-		if ns != t.cfg.RootNamespace && pns != ns {
-			continue
-		}
-		for _, uid := range idx[kv] {
-			if selects(labels, t.pods[uid].Labels) {
-				uids = append(uids, uid)
-			}
-		}
+	sel := apSelector{name: name, labels: labels}
+	if ns == t.cfg.RootNamespace {
+		t.apRoot[kv] = append(t.apRoot[kv], sel)
+		return
 	}
-	return uids
+	idx := t.apSelectors[ns]
+	if idx == nil {
+		idx = map[string][]apSelector{}
+		t.apSelectors[ns] = idx
+	}
+	idx[kv] = append(idx[kv], sel)
 }
 
-// attachAuthorizations lists WORKLOAD-scope policies on the workloads they
-// select.
-func (t *translator) attachAuthorizations(ws []*pb.Workload) {
-	byUID := make(map[string]*pb.Workload, len(ws))
-	for _, w := range ws {
-		byUID[w.Uid] = w
+// podAuthorizations lists the WORKLOAD-scope policies selecting pod: those
+// of its namespace, and those of the root namespace (which select in every
+// namespace).
+func (t *translator) podAuthorizations(pod *corev1.Pod) []string {
+	if len(t.apRoot) == 0 && len(t.apSelectors[pod.Namespace]) == 0 {
+		return nil
 	}
-	for name, uids := range t.policyWorkloads {
-		for _, uid := range uids {
-			if w := byUID[uid]; w != nil {
-				w.AuthorizationPolicies = append(w.AuthorizationPolicies, name)
+	var out []string
+	idx := t.apSelectors[pod.Namespace]
+	for k, v := range pod.Labels {
+		kv := k + "=" + v
+		for _, l := range [][]apSelector{idx[kv], t.apRoot[kv]} {
+			for _, s := range l {
+				if selects(s.labels, pod.Labels) {
+					out = append(out, s.name)
+				}
 			}
 		}
 	}
-	for _, w := range ws {
-		slices.Sort(w.AuthorizationPolicies)
-	}
+	slices.Sort(out)
+	return slices.Compact(out)
 }
 
 // translation collects what a policy translation had to change.

@@ -83,7 +83,8 @@ type Input struct {
 }
 
 // Output is the translation of an Input. Every list is sorted by resource
-// name.
+// name. Outputs of one Translator share unchanged parts (messages, lists):
+// they are read-only.
 type Output struct {
 	Workloads        []*pb.Workload
 	Services         []*pb.Service
@@ -118,65 +119,246 @@ type Status struct {
 
 // Translate computes the discovery resources and policy statuses for in.
 func Translate(cfg Config, in *Input) *Output {
-	cfg = cfg.WithDefaults()
-	t := newTranslator(cfg, in)
-	out := &Output{}
-	out.Services = t.translateServices()
-	out.Workloads = t.workloads()
-	out.Authorizations = t.authorizations()
-	t.peerAuthentications(out.Workloads)
-	t.attachAuthorizations(out.Workloads)
-	out.WaypointServices = t.waypointServices(out.Services)
-	out.TrustBundles = []*pb.TrustBundle{{
-		TrustDomain: cfg.TrustDomain,
-		RootsPem:    slices.Clone(in.RootCertificates),
-	}}
-	out.Statuses = t.statuses()
-	out.RootCertNamespaces = t.rootCertNamespaces()
+	return NewTranslator(cfg).Translate(in)
+}
+
+// Translator translates successive snapshots. It reuses the per-pod
+// results of the previous translation for every pod whose object is the
+// same (informers replace an object on every change, so pointer identity
+// means "unchanged") as long as no other input changed: a pod update costs
+// one pod's translation, not the mesh's. The output is always exactly what
+// Translate would return. Not safe for concurrent use.
+type Translator struct {
+	cfg Config
+	// others is the identity of every non-pod input of the cached context.
+	others map[any]struct{}
+	roots  []string
+	ctx    *translator
+	pods   map[string]*podEntry // pod UID → cached result
+	gen    uint64
+	// sorted is the previous output's workloads.
+	sorted []*pb.Workload
+}
+
+type podEntry struct {
+	pod *corev1.Pod
+	res *podResult
+	gen uint64 // last translation that saw the pod
+}
+
+// NewTranslator returns a Translator for cfg.
+func NewTranslator(cfg Config) *Translator {
+	return &Translator{cfg: cfg.WithDefaults(), pods: map[string]*podEntry{}}
+}
+
+// Translate computes the output for in, reusing what it can.
+func (tr *Translator) Translate(in *Input) *Output {
+	others := nonPodObjects(in)
+	if tr.ctx == nil || !sameSet(others, tr.others) || !slices.Equal(in.RootCertificates, tr.roots) {
+		tr.ctx = newTranslator(tr.cfg, in)
+		tr.ctx.prepare()
+		tr.others, tr.roots = others, slices.Clone(in.RootCertificates)
+		clear(tr.pods)
+		tr.sorted = nil
+	}
+	t := tr.ctx
+	tr.gen++
+	out := &Output{
+		Services:         t.outServices,
+		Authorizations:   t.outAuthorizations,
+		WaypointServices: t.outWaypointServices,
+		TrustBundles:     t.outTrustBundles,
+	}
+	results := make([]*podResult, 0, len(in.Pods))
+	// The previous output order stays valid when pods only changed in
+	// place (same UIDs): the commonest case, worth skipping a sort.
+	inPlace := len(tr.sorted) == len(in.Pods)+len(t.outEndpoints)
+	var replaced map[string]*pb.Workload
+	for _, pod := range in.Pods {
+		key := string(pod.UID)
+		if key == "" {
+			key = pod.Namespace + "/" + pod.Name
+		}
+		e, ok := tr.pods[key]
+		if !ok || e.pod != pod {
+			var old *podResult
+			if ok {
+				old = e.res
+			}
+			e = &podEntry{pod: pod, res: t.pod(pod)}
+			tr.pods[key] = e
+			switch {
+			case !ok || old.workload == nil || e.res.workload == nil || old.workload.Uid != e.res.workload.Uid:
+				inPlace = false
+			default:
+				if replaced == nil {
+					replaced = map[string]*pb.Workload{}
+				}
+				replaced[e.res.workload.Uid] = e.res.workload
+			}
+		}
+		e.gen = tr.gen
+		results = append(results, e.res)
+	}
+	if len(tr.pods) != len(in.Pods) {
+		for key, e := range tr.pods {
+			if e.gen != tr.gen {
+				delete(tr.pods, key)
+				inPlace = false
+			}
+		}
+	}
+	if inPlace && tr.sorted != nil {
+		out.Workloads = slices.Clone(tr.sorted)
+		for i, w := range out.Workloads {
+			if r := replaced[w.Uid]; r != nil {
+				out.Workloads[i] = r
+			}
+		}
+	} else {
+		out.Workloads = make([]*pb.Workload, 0, len(results)+len(t.outEndpoints))
+		for _, r := range results {
+			if r.workload != nil {
+				out.Workloads = append(out.Workloads, r.workload)
+			}
+		}
+		out.Workloads = append(out.Workloads, t.outEndpoints...)
+		slices.SortFunc(out.Workloads, func(a, b *pb.Workload) int { return cmp.Compare(a.Uid, b.Uid) })
+	}
+	tr.sorted = out.Workloads
+	out.Statuses = t.statuses(results)
+	out.RootCertNamespaces = t.rootCertNamespaces(results)
 	return out
 }
 
-// translator carries the indexes of one translation.
+// nonPodObjects is the set of every input object except pods.
+func nonPodObjects(in *Input) map[any]struct{} {
+	n := len(in.Namespaces) + len(in.Services) + len(in.EndpointSlices) + len(in.Gateways) +
+		len(in.HTTPRoutes) + len(in.GRPCRoutes) + len(in.AuthorizationPolicies) + len(in.PeerAuthentications) +
+		len(in.RequestAuthentications) + len(in.BackendTrafficPolicies)
+	set := make(map[any]struct{}, n)
+	add := func(o any) { set[o] = struct{}{} }
+	for _, o := range in.Namespaces {
+		add(o)
+	}
+	for _, o := range in.Services {
+		add(o)
+	}
+	for _, o := range in.EndpointSlices {
+		add(o)
+	}
+	for _, o := range in.Gateways {
+		add(o)
+	}
+	for _, o := range in.HTTPRoutes {
+		add(o)
+	}
+	for _, o := range in.GRPCRoutes {
+		add(o)
+	}
+	for _, o := range in.AuthorizationPolicies {
+		add(o)
+	}
+	for _, o := range in.PeerAuthentications {
+		add(o)
+	}
+	for _, o := range in.RequestAuthentications {
+		add(o)
+	}
+	for _, o := range in.BackendTrafficPolicies {
+		add(o)
+	}
+	return set
+}
+
+func sameSet(a, b map[any]struct{}) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for k := range a {
+		if _, ok := b[k]; !ok {
+			return false
+		}
+	}
+	return true
+}
+
+// podResult is everything the translation derives from one pod.
+type podResult struct {
+	// workload is nil when the pod is not a workload (no IP, host
+	// network, finished).
+	workload *pb.Workload
+	// peer authentication: the policy that applies to the pod's
+	// workload-level mode and the selector policies it beat.
+	paWinner *v1alpha1.PeerAuthentication
+	paLosers []*v1alpha1.PeerAuthentication
+	// enrolledByLabel: the pod opted in with its own label.
+	enrolledByLabel bool
+	namespace       string
+}
+
+// translator holds the translation of the non-pod inputs and the indexes
+// the per-pod translation uses. After prepare it is read-only.
 type translator struct {
 	cfg Config
 	in  *Input
 
 	namespaces map[string]*corev1.Namespace
-	// services by namespace/name, and selector index per namespace.
+	// Services by namespace/name, and selector index per namespace.
 	svcByName   map[string]*corev1.Service
 	svcSelector map[string]map[string][]*corev1.Service
 	waypoints   map[string]*waypoint
 	// perSA maps "<ns>/<sa>" to the waypoints claiming it, oldest first.
 	perSA map[string][]*waypoint
-	// policyWorkloads maps a WORKLOAD-scope authorization name to the pod
-	// UIDs it selects; filled by authorizations().
-	policyWorkloads map[string][]string
 	// serviceWaypoints maps a bound service's resource name to its waypoint.
 	serviceWaypoints map[string]*waypoint
-	// pods maps workload UIDs to the pods they were made from.
-	pods map[string]*corev1.Pod
-	// podLabels indexes pod UIDs by namespace, then "<key>=<value>".
-	podLabels map[string]map[string][]string
+	// apSelectors indexes WORKLOAD-scope authorizations by namespace and
+	// by their smallest "<key>=<value>"; those of the root namespace
+	// select in every namespace.
+	apSelectors map[string]map[string][]apSelector
+	apRoot      map[string][]apSelector
+	// Peer authentication policies by level.
+	pa peerAuthIndex
+	// endpointPorts maps "<ns>/<pod>" to the selector-less Services whose
+	// EndpointSlices name that pod, with their ports.
+	endpointPorts map[string]map[string][]*pb.Port
 	// Per bound service (resource name): what its waypoint enforces.
 	wpAuthz        map[string][]*pb.Authorization
 	wpRequestAuthn map[string][]*pb.RequestAuthentication
 	wpTraffic      map[string]*pb.TrafficPolicy
-	// status accumulates conditions per "<kind>/<ns>/<name>".
+	// status accumulates conditions per "<kind>/<ns>/<name>" (all but
+	// those that depend on pods).
 	status map[string]*Status
+
+	// The translation of the non-pod inputs.
+	outServices         []*pb.Service
+	outAuthorizations   []*pb.Authorization
+	outWaypointServices []*pb.WaypointService
+	outTrustBundles     []*pb.TrustBundle
+	outEndpoints        []*pb.Workload
+	outStatuses         []Status
 }
 
-func newTranslator(cfg Config, in *Input) *translator {
+type apSelector struct {
+	name   string
+	labels map[string]string
+}
+
+func newTranslator(cfg Config, full *Input) *translator {
+	in := *full
+	in.Pods = nil // per-pod work happens outside the context
 	t := &translator{
 		cfg:              cfg,
-		in:               in,
+		in:               &in,
 		namespaces:       make(map[string]*corev1.Namespace, len(in.Namespaces)),
 		svcByName:        make(map[string]*corev1.Service, len(in.Services)),
 		svcSelector:      map[string]map[string][]*corev1.Service{},
 		waypoints:        map[string]*waypoint{},
 		perSA:            map[string][]*waypoint{},
-		policyWorkloads:  map[string][]string{},
 		serviceWaypoints: map[string]*waypoint{},
-		podLabels:        map[string]map[string][]string{},
+		apSelectors:      map[string]map[string][]apSelector{},
+		apRoot:           map[string][]apSelector{},
+		endpointPorts:    map[string]map[string][]*pb.Port{},
 		wpAuthz:          map[string][]*pb.Authorization{},
 		wpRequestAuthn:   map[string][]*pb.RequestAuthentication{},
 		wpTraffic:        map[string]*pb.TrafficPolicy{},
@@ -203,6 +385,20 @@ func newTranslator(cfg Config, in *Input) *translator {
 	}
 	t.indexWaypoints()
 	return t
+}
+
+// prepare translates the non-pod inputs.
+func (t *translator) prepare() {
+	t.outServices = t.translateServices()
+	t.outAuthorizations = t.authorizations()
+	t.pa = t.indexPeerAuthentications()
+	t.outEndpoints = t.endpointWorkloads()
+	t.outWaypointServices = t.waypointServices(t.outServices)
+	t.outTrustBundles = []*pb.TrustBundle{{
+		TrustDomain: t.cfg.TrustDomain,
+		RootsPem:    slices.Clone(t.in.RootCertificates),
+	}}
+	t.outStatuses = t.contextStatuses()
 }
 
 // hostname is the Service's DNS name.
@@ -232,16 +428,16 @@ func (t *translator) namespaceEnrolled(ns string) bool {
 	return n != nil && n.Labels[label.DataplaneMode] == label.DataplaneModeAmbient
 }
 
-func (t *translator) rootCertNamespaces() []string {
+func (t *translator) rootCertNamespaces(pods []*podResult) []string {
 	set := map[string]bool{t.cfg.RootNamespace: true}
 	for _, ns := range t.in.Namespaces {
 		if t.namespaceEnrolled(ns.Name) && ns.DeletionTimestamp == nil {
 			set[ns.Name] = true
 		}
 	}
-	for _, p := range t.in.Pods {
-		if p.Labels[label.DataplaneMode] == label.DataplaneModeAmbient {
-			set[p.Namespace] = true
+	for _, p := range pods {
+		if p.enrolledByLabel {
+			set[p.namespace] = true
 		}
 	}
 	return slices.Sorted(maps.Keys(set))
@@ -265,16 +461,46 @@ func (t *translator) setCondition(kind string, meta metav1.ObjectMeta, c metav1.
 	s.Conditions = append(s.Conditions, c)
 }
 
-func (t *translator) statuses() []Status {
+// statuses returns every policy's status: the context's (sorted once, in
+// prepare), merged with those of PeerAuthentications, which depend on the
+// pods.
+func (t *translator) statuses(pods []*podResult) []Status {
+	pa := t.peerAuthStatuses(pods)
+	if len(pa) == 0 {
+		return t.outStatuses
+	}
+	sortStatuses(pa)
+	out := make([]Status, 0, len(t.outStatuses)+len(pa))
+	a, b := t.outStatuses, pa
+	for len(a) > 0 && len(b) > 0 {
+		if compareStatus(a[0], b[0]) <= 0 {
+			out, a = append(out, a[0]), a[1:]
+		} else {
+			out, b = append(out, b[0]), b[1:]
+		}
+	}
+	return append(append(out, a...), b...)
+}
+
+// contextStatuses sorts the statuses accumulated from the non-pod inputs.
+func (t *translator) contextStatuses() []Status {
 	out := make([]Status, 0, len(t.status))
 	for _, s := range t.status {
-		slices.SortFunc(s.Conditions, func(a, b metav1.Condition) int { return cmp.Compare(a.Type, b.Type) })
 		out = append(out, *s)
 	}
-	slices.SortFunc(out, func(a, b Status) int {
-		return cmp.Or(cmp.Compare(a.Kind, b.Kind), cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name))
-	})
+	sortStatuses(out)
 	return out
+}
+
+func sortStatuses(l []Status) {
+	for i := range l {
+		slices.SortFunc(l[i].Conditions, func(a, b metav1.Condition) int { return cmp.Compare(a.Type, b.Type) })
+	}
+	slices.SortFunc(l, compareStatus)
+}
+
+func compareStatus(a, b Status) int {
+	return cmp.Or(cmp.Compare(a.Kind, b.Kind), cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name))
 }
 
 func condition(typ string, ok bool, reason, msg string) metav1.Condition {

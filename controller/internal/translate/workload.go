@@ -12,36 +12,26 @@ import (
 	"github.com/amesh-dev/amesh/controller/internal/label"
 )
 
-// workloads translates every running pod with an IP (host-network pods
-// excluded: they share the node's address and are never captured), and the
-// endpoints of selector-less Services that are not pods.
-func (t *translator) workloads() []*pb.Workload {
-	out := make([]*pb.Workload, 0, len(t.in.Pods))
-	byPod := make(map[string]*pb.Workload, len(t.in.Pods))
-	t.pods = make(map[string]*corev1.Pod, len(t.in.Pods))
-	for _, pod := range t.in.Pods {
-		if pod.Spec.HostNetwork || pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed {
-			continue
-		}
-		w := t.podWorkload(pod)
-		if w == nil {
-			continue
-		}
-		out = append(out, w)
-		byPod[pod.Namespace+"/"+pod.Name] = w
-		t.pods[w.Uid] = pod
-		idx := t.podLabels[pod.Namespace]
-		if idx == nil {
-			idx = map[string][]string{}
-			t.podLabels[pod.Namespace] = idx
-		}
-		for k, v := range pod.Labels {
-			idx[k+"="+v] = append(idx[k+"="+v], w.Uid)
-		}
+// pod translates one pod: its workload (none for pods without an IP,
+// host-network pods — they share the node's address and are never
+// captured — and finished pods), the authorizations that select it, and its
+// peer authentication.
+func (t *translator) pod(pod *corev1.Pod) *podResult {
+	res := &podResult{
+		namespace:       pod.Namespace,
+		enrolledByLabel: pod.Labels[label.DataplaneMode] == label.DataplaneModeAmbient,
 	}
-	out = append(out, t.endpointWorkloads(byPod)...)
-	slices.SortFunc(out, func(a, b *pb.Workload) int { return cmp.Compare(a.Uid, b.Uid) })
-	return out
+	if pod.Spec.HostNetwork || pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed {
+		return res
+	}
+	w := t.podWorkload(pod)
+	if w == nil {
+		return res
+	}
+	w.AuthorizationPolicies = t.podAuthorizations(pod)
+	res.paWinner, res.paLosers = t.podPeerAuthentication(pod, w)
+	res.workload = w
+	return res
 }
 
 func (t *translator) podWorkload(pod *corev1.Pod) *pb.Workload {
@@ -79,6 +69,9 @@ func (t *translator) podWorkload(pod *corev1.Pod) *pb.Workload {
 		Services:          t.podServices(pod),
 		ClusterId:         t.cfg.ClusterID,
 		Status:            pb.WorkloadStatus_WORKLOAD_STATUS_UNHEALTHY,
+	}
+	for svc, ports := range t.endpointPorts[pod.Namespace+"/"+pod.Name] {
+		addPorts(w, svc, ports)
 	}
 	if podReady(pod) {
 		w.Status = pb.WorkloadStatus_WORKLOAD_STATUS_HEALTHY
@@ -141,10 +134,11 @@ func (t *translator) podServices(pod *corev1.Pod) map[string]*pb.PortList {
 	return out
 }
 
-// endpointWorkloads adds the endpoints of selector-less Services: pods get
-// the Service in their services map; other addresses become workloads of
-// their own, outside the mesh.
-func (t *translator) endpointWorkloads(byPod map[string]*pb.Workload) []*pb.Workload {
+// endpointWorkloads handles the endpoints of selector-less Services: pods
+// named by an endpoint get the Service in their services map (recorded in
+// t.endpointPorts for the per-pod translation); other addresses become
+// workloads of their own, outside the mesh.
+func (t *translator) endpointWorkloads() []*pb.Workload {
 	ext := map[string]*pb.Workload{}
 	for _, es := range t.in.EndpointSlices {
 		svc := t.svcByName[es.Namespace+"/"+es.Labels[k8sdisc.LabelServiceName]]
@@ -175,10 +169,11 @@ func (t *translator) endpointWorkloads(byPod map[string]*pb.Workload) []*pb.Work
 		key := t.serviceKey(svc.Namespace, svc.Name)
 		for _, e := range es.Endpoints {
 			if e.TargetRef != nil && e.TargetRef.Kind == "Pod" {
-				ns := cmp.Or(e.TargetRef.Namespace, es.Namespace)
-				if w := byPod[ns+"/"+e.TargetRef.Name]; w != nil {
-					addPorts(w, key, ports)
+				pk := cmp.Or(e.TargetRef.Namespace, es.Namespace) + "/" + e.TargetRef.Name
+				if t.endpointPorts[pk] == nil {
+					t.endpointPorts[pk] = map[string][]*pb.Port{}
 				}
+				t.endpointPorts[pk][key] = append(t.endpointPorts[pk][key], ports...)
 				continue
 			}
 			for _, ip := range e.Addresses {
@@ -217,6 +212,7 @@ func (t *translator) endpointWorkloads(byPod map[string]*pb.Workload) []*pb.Work
 	for _, w := range ext {
 		out = append(out, w)
 	}
+	slices.SortFunc(out, func(a, b *pb.Workload) int { return cmp.Compare(a.Uid, b.Uid) })
 	return out
 }
 

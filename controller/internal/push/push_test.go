@@ -1,0 +1,113 @@
+package push
+
+import (
+	"slices"
+	"testing"
+
+	pb "github.com/amesh-dev/amesh/api/discovery/v1"
+	"github.com/amesh-dev/amesh/api/xds"
+	"github.com/amesh-dev/amesh/controller/internal/translate"
+)
+
+// recorder is a Publisher that records calls.
+type recorder struct {
+	calls []call
+}
+
+type call struct {
+	op, typeURL string
+	names       []string
+	removes     []string
+}
+
+func (r *recorder) Set(typeURL string, all []*xds.Resource) error {
+	r.calls = append(r.calls, call{op: "set", typeURL: typeURL, names: names(all)})
+	return nil
+}
+
+func (r *recorder) Update(typeURL string, upserts []*xds.Resource, removes []string) error {
+	slices.Sort(removes)
+	r.calls = append(r.calls, call{op: "update", typeURL: typeURL, names: names(upserts), removes: removes})
+	return nil
+}
+
+func names(rs []*xds.Resource) []string {
+	var out []string
+	for _, r := range rs {
+		out = append(out, r.Name)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// TestPublishIncremental: the first publication sets every type in full;
+// later ones send only messages that are new objects, and removals.
+func TestPublishIncremental(t *testing.T) {
+	w1 := &pb.Workload{Uid: "a"}
+	w2 := &pb.Workload{Uid: "b"}
+	svc := &pb.Service{Namespace: "ns", Hostname: "s.ns.svc.cluster.local"}
+	ws := &pb.WaypointService{Service: "ns/s.ns.svc.cluster.local", Gateway: "ns/wp"}
+	out := &translate.Output{Workloads: []*pb.Workload{w1, w2}, Services: []*pb.Service{svc}, WaypointServices: []*pb.WaypointService{ws}}
+	rec := &recorder{}
+	prev := newPublished()
+	if err := Publish(rec, prev, out); err != nil {
+		t.Fatal(err)
+	}
+	if len(rec.calls) != 5 {
+		t.Fatalf("first publication: %d calls, want a Set per type: %+v", len(rec.calls), rec.calls)
+	}
+	for _, c := range rec.calls {
+		if c.op != "set" {
+			t.Errorf("first publication used %s for %s", c.op, c.typeURL)
+		}
+	}
+
+	// Unchanged: nothing is sent.
+	rec.calls = nil
+	if err := Publish(rec, prev, out); err != nil {
+		t.Fatal(err)
+	}
+	if len(rec.calls) != 0 {
+		t.Fatalf("unchanged output sent %+v", rec.calls)
+	}
+
+	// One workload replaced, one removed, one added.
+	w1b := &pb.Workload{Uid: "a", Node: "n"}
+	w3 := &pb.Workload{Uid: "c"}
+	out2 := *out
+	out2.Workloads = []*pb.Workload{w1b, w3}
+	if err := Publish(rec, prev, &out2); err != nil {
+		t.Fatal(err)
+	}
+	want := []call{{op: "update", typeURL: pb.WorkloadType, names: []string{"a", "c"}, removes: []string{"b"}}}
+	if len(rec.calls) != 1 || rec.calls[0].op != want[0].op || rec.calls[0].typeURL != want[0].typeURL ||
+		!slices.Equal(rec.calls[0].names, want[0].names) || !slices.Equal(rec.calls[0].removes, want[0].removes) {
+		t.Fatalf("got %+v, want %+v", rec.calls, want)
+	}
+}
+
+// TestSubscriberVisibility: ztunnel sees no WaypointService; a waypoint
+// sees only those of its Gateway; everything else is visible to both.
+func TestSubscriberVisibility(t *testing.T) {
+	zt := NewSubscriber("ztunnel/node-a/zt", "")
+	wp := NewSubscriber("waypoint/ns/wp/pod", "ns/wp")
+	mine := &xds.Resource{Name: "ns/a", Scope: ScopeGateway + "ns/wp"}
+	other := &xds.Resource{Name: "ns/b", Scope: ScopeGateway + "ns/other"}
+	for _, tc := range []struct {
+		sub     *Subscriber
+		typeURL string
+		r       *xds.Resource
+		want    bool
+	}{
+		{zt, pb.WorkloadType, &xds.Resource{Name: "w"}, true},
+		{zt, pb.WaypointServiceType, mine, false},
+		{wp, pb.WaypointServiceType, mine, true},
+		{wp, pb.WaypointServiceType, other, false},
+		{wp, pb.ServiceType, &xds.Resource{Name: "s"}, true},
+		{wp, pb.AuthorizationType, &xds.Resource{Name: "a"}, true},
+	} {
+		if got := tc.sub.Visible(tc.typeURL, tc.r); got != tc.want {
+			t.Errorf("%s sees %s %s: %v, want %v", tc.sub.ID(), tc.typeURL, tc.r.Name, got, tc.want)
+		}
+	}
+}
