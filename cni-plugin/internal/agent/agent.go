@@ -152,6 +152,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	})
 	log.Info("node agent started", zap.String("node", cfg.NodeName), zap.String("monitor", monLn.Addr().String()))
 	err = g.Wait()
+	node.Close()
 	if ctx.Err() != nil && (err == nil || errors.Is(err, context.Canceled) || errors.Is(err, http.ErrServerClosed)) {
 		return nil
 	}

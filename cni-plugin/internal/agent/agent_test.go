@@ -29,6 +29,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
+	"k8s.io/client-go/util/retry"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
 	"github.com/amesh-dev/amesh/api/capture"
@@ -109,7 +110,12 @@ func newHarness(t testing.TB) *harness {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { node.Close(); _ = testutils.UnmountNS(node) })
+	t.Cleanup(func() {
+		node.Close()
+		if err := testutils.UnmountNS(node); err != nil {
+			t.Errorf("cleanup: %v", err)
+		}
+	})
 	if err := node.Do(func(ns.NetNS) error { return exec.Command("ip", "link", "set", "lo", "up").Run() }); err != nil {
 		t.Fatal(err)
 	}
@@ -276,7 +282,12 @@ func (h *harness) pod(namespace, name string, podLabels map[string]string) *test
 	if err != nil {
 		h.t.Fatal(err)
 	}
-	h.t.Cleanup(func() { n.Close(); _ = testutils.UnmountNS(n) })
+	h.t.Cleanup(func() {
+		n.Close()
+		if err := testutils.UnmountNS(n); err != nil {
+			h.t.Errorf("cleanup: %v", err)
+		}
+	})
 	return &testPod{Pod: p, netns: n, containerID: fmt.Sprintf("c%016x", rand.Uint64())}
 }
 
@@ -374,14 +385,19 @@ func (h *harness) runIn(p *testPod) {
 // setRunning records the pod's IP in its status, as the kubelet would.
 func (h *harness) setRunning(p *testPod) {
 	h.t.Helper()
-	cur, err := h.k8s.CoreV1().Pods(p.Namespace).Get(context.Background(), p.Name, metav1.GetOptions{})
+	// The agent annotates the pod concurrently: retry on conflicts.
+	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		cur, err := h.k8s.CoreV1().Pods(p.Namespace).Get(context.Background(), p.Name, metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		cur.Status.Phase = corev1.PodRunning
+		cur.Status.PodIP = p.ip.String()
+		cur.Status.PodIPs = []corev1.PodIP{{IP: p.ip.String()}}
+		_, err = h.k8s.CoreV1().Pods(p.Namespace).UpdateStatus(context.Background(), cur, metav1.UpdateOptions{})
+		return err
+	})
 	if err != nil {
-		h.t.Fatal(err)
-	}
-	cur.Status.Phase = corev1.PodRunning
-	cur.Status.PodIP = p.ip.String()
-	cur.Status.PodIPs = []corev1.PodIP{{IP: p.ip.String()}}
-	if _, err := h.k8s.CoreV1().Pods(p.Namespace).UpdateStatus(context.Background(), cur, metav1.UpdateOptions{}); err != nil {
 		h.t.Fatal(err)
 	}
 }
@@ -751,7 +767,12 @@ func TestSandboxRecreated(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { n.Close(); _ = testutils.UnmountNS(n) })
+	t.Cleanup(func() {
+		n.Close()
+		if err := testutils.UnmountNS(n); err != nil {
+			t.Errorf("cleanup: %v", err)
+		}
+	})
 	second.netns = n
 	if err := h.add(second); err != nil {
 		t.Fatal(err)

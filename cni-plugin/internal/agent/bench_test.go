@@ -54,7 +54,9 @@ func BenchmarkChainAdd(b *testing.B) {
 				b.Fatal(err)
 			}
 			n.Close()
-			_ = testutils.UnmountNS(n)
+			if err := testutils.UnmountNS(n); err != nil {
+				b.Fatal(err)
+			}
 			b.StartTimer()
 		}
 	}

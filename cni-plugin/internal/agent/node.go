@@ -322,6 +322,19 @@ func (n *Node) Release(ctx context.Context, info PodInfo) error {
 	return nil
 }
 
+// Close releases every namespace the node holds (the agent is stopping;
+// the rules stay in place and ztunnel keeps serving the pods).
+func (n *Node) Close() {
+	n.op.Lock()
+	defer n.op.Unlock()
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	for uid, p := range n.pods {
+		p.netns.Close()
+		delete(n.pods, uid)
+	}
+}
+
 // Forget handles a sandbox going away (CNI DEL): unenrol and drop the
 // recorded netns path.
 func (n *Node) Forget(ctx context.Context, uid string) error {

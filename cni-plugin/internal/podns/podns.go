@@ -26,22 +26,32 @@ import (
 // ErrNotFound: no network namespace holds the address.
 var ErrNotFound = errors.New("no network namespace holds the pod's address")
 
-// Open opens a network namespace by path and checks that it is one.
+// Open opens a network namespace by path and checks that it is one. The
+// returned file refers to the namespace through the calling thread's
+// /proc/thread-self/ns/net while inside it, not through path: holding it
+// does not pin the runtime's bind mount at path (which would make the
+// runtime's unmount fail with EBUSY when the sandbox goes away).
 func Open(path string) (*os.File, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, fmt.Errorf("podns: %w", err)
 	}
+	defer f.Close()
 	var st unix.Statfs_t
 	if err := unix.Fstatfs(int(f.Fd()), &st); err != nil {
-		f.Close()
 		return nil, fmt.Errorf("podns: statfs %s: %w", path, err)
 	}
 	if st.Type != unix.NSFS_MAGIC && st.Type != unix.PROC_SUPER_MAGIC {
-		f.Close()
 		return nil, fmt.Errorf("podns: %s is not a network namespace", path)
 	}
-	return f, nil
+	var out *os.File
+	if err := Do(f, func() (err error) {
+		out, err = os.Open("/proc/thread-self/ns/net")
+		return err
+	}); err != nil {
+		return nil, fmt.Errorf("podns: %s: %w", path, err)
+	}
+	return out, nil
 }
 
 // Do runs fn with the calling goroutine's OS thread inside the namespace f

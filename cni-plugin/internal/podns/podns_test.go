@@ -21,7 +21,12 @@ func TestFindByIP(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { n.Close(); _ = testutils.UnmountNS(n) })
+	t.Cleanup(func() {
+		n.Close()
+		if err := testutils.UnmountNS(n); err != nil {
+			t.Errorf("cleanup: %v", err)
+		}
+	})
 	ip := netip.MustParseAddr("198.19.251.7")
 	sleep := exec.Command("sleep", "60")
 	if err := n.Do(func(ns.NetNS) error {

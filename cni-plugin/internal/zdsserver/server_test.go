@@ -163,7 +163,12 @@ func newPodNS(t *testing.T) (ns.NetNS, *os.File) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { n.Close(); _ = testutils.UnmountNS(n) })
+	t.Cleanup(func() {
+		n.Close()
+		if err := testutils.UnmountNS(n); err != nil {
+			t.Errorf("cleanup: %v", err)
+		}
+	})
 	if err := n.Do(func(ns.NetNS) error { return exec("ip", "link", "set", "lo", "up") }); err != nil {
 		t.Fatal(err)
 	}
