@@ -327,7 +327,7 @@ func (x PathMatch_Type) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use PathMatch_Type.Descriptor instead.
 func (PathMatch_Type) EnumDescriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{16, 0}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{17, 0}
 }
 
 type HeaderMatch_Type int32
@@ -373,7 +373,7 @@ func (x HeaderMatch_Type) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use HeaderMatch_Type.Descriptor instead.
 func (HeaderMatch_Type) EnumDescriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{17, 0}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{18, 0}
 }
 
 type QueryParamMatch_Type int32
@@ -419,7 +419,7 @@ func (x QueryParamMatch_Type) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use QueryParamMatch_Type.Descriptor instead.
 func (QueryParamMatch_Type) EnumDescriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{18, 0}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{19, 0}
 }
 
 type GRPCMethodMatch_Type int32
@@ -465,7 +465,7 @@ func (x GRPCMethodMatch_Type) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use GRPCMethodMatch_Type.Descriptor instead.
 func (GRPCMethodMatch_Type) EnumDescriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{31, 0}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{32, 0}
 }
 
 type LoadBalancer_Type int32
@@ -518,7 +518,7 @@ func (x LoadBalancer_Type) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use LoadBalancer_Type.Descriptor instead.
 func (LoadBalancer_Type) EnumDescriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{36, 0}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{37, 0}
 }
 
 // Workload is one pod (or other addressable workload).
@@ -1681,6 +1681,83 @@ func (x *WaypointService) GetBackendPolicies() map[string]*TrafficPolicy {
 	return nil
 }
 
+// WaypointGateway is the configuration of one waypoint Gateway as a whole:
+// the policies whose targetRefs name the Gateway itself. The waypoint applies
+// it to traffic it serves for workloads bound to it (per-service-account
+// waypoints, use-waypoint on a pod) — traffic that reaches it addressed to a
+// workload, not to a Service it serves. (For service traffic the controller
+// already merges Gateway-targeted policies into each WaypointService.) The
+// controller sends exactly one per waypoint, possibly empty, so a waypoint
+// that has synced always has it.
+// Resource name: the Gateway "<namespace>/<name>".
+type WaypointGateway struct {
+	state                  protoimpl.MessageState   `protogen:"open.v1"`
+	Gateway                string                   `protobuf:"bytes,1,opt,name=gateway,proto3" json:"gateway,omitempty"`
+	Authorizations         []*Authorization         `protobuf:"bytes,2,rep,name=authorizations,proto3" json:"authorizations,omitempty"`
+	RequestAuthentications []*RequestAuthentication `protobuf:"bytes,3,rep,name=request_authentications,json=requestAuthentications,proto3" json:"request_authentications,omitempty"`
+	TrafficPolicy          *TrafficPolicy           `protobuf:"bytes,4,opt,name=traffic_policy,json=trafficPolicy,proto3" json:"traffic_policy,omitempty"`
+	unknownFields          protoimpl.UnknownFields
+	sizeCache              protoimpl.SizeCache
+}
+
+func (x *WaypointGateway) Reset() {
+	*x = WaypointGateway{}
+	mi := &file_discovery_v1_discovery_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WaypointGateway) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WaypointGateway) ProtoMessage() {}
+
+func (x *WaypointGateway) ProtoReflect() protoreflect.Message {
+	mi := &file_discovery_v1_discovery_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WaypointGateway.ProtoReflect.Descriptor instead.
+func (*WaypointGateway) Descriptor() ([]byte, []int) {
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *WaypointGateway) GetGateway() string {
+	if x != nil {
+		return x.Gateway
+	}
+	return ""
+}
+
+func (x *WaypointGateway) GetAuthorizations() []*Authorization {
+	if x != nil {
+		return x.Authorizations
+	}
+	return nil
+}
+
+func (x *WaypointGateway) GetRequestAuthentications() []*RequestAuthentication {
+	if x != nil {
+		return x.RequestAuthentications
+	}
+	return nil
+}
+
+func (x *WaypointGateway) GetTrafficPolicy() *TrafficPolicy {
+	if x != nil {
+		return x.TrafficPolicy
+	}
+	return nil
+}
+
 // HTTPRoute is a Gateway API HTTPRoute attached to a Service.
 type HTTPRoute struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
@@ -1698,7 +1775,7 @@ type HTTPRoute struct {
 
 func (x *HTTPRoute) Reset() {
 	*x = HTTPRoute{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[13]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1710,7 +1787,7 @@ func (x *HTTPRoute) String() string {
 func (*HTTPRoute) ProtoMessage() {}
 
 func (x *HTTPRoute) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[13]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1723,7 +1800,7 @@ func (x *HTTPRoute) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HTTPRoute.ProtoReflect.Descriptor instead.
 func (*HTTPRoute) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{13}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *HTTPRoute) GetName() string {
@@ -1790,7 +1867,7 @@ type HTTPRouteRule struct {
 
 func (x *HTTPRouteRule) Reset() {
 	*x = HTTPRouteRule{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[14]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1802,7 +1879,7 @@ func (x *HTTPRouteRule) String() string {
 func (*HTTPRouteRule) ProtoMessage() {}
 
 func (x *HTTPRouteRule) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[14]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1815,7 +1892,7 @@ func (x *HTTPRouteRule) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HTTPRouteRule.ProtoReflect.Descriptor instead.
 func (*HTTPRouteRule) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{14}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *HTTPRouteRule) GetName() string {
@@ -1888,7 +1965,7 @@ type HTTPRouteMatch struct {
 
 func (x *HTTPRouteMatch) Reset() {
 	*x = HTTPRouteMatch{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[15]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1900,7 +1977,7 @@ func (x *HTTPRouteMatch) String() string {
 func (*HTTPRouteMatch) ProtoMessage() {}
 
 func (x *HTTPRouteMatch) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[15]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1913,7 +1990,7 @@ func (x *HTTPRouteMatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HTTPRouteMatch.ProtoReflect.Descriptor instead.
 func (*HTTPRouteMatch) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{15}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *HTTPRouteMatch) GetPath() *PathMatch {
@@ -1954,7 +2031,7 @@ type PathMatch struct {
 
 func (x *PathMatch) Reset() {
 	*x = PathMatch{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[16]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1966,7 +2043,7 @@ func (x *PathMatch) String() string {
 func (*PathMatch) ProtoMessage() {}
 
 func (x *PathMatch) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[16]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1979,7 +2056,7 @@ func (x *PathMatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PathMatch.ProtoReflect.Descriptor instead.
 func (*PathMatch) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{16}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *PathMatch) GetType() PathMatch_Type {
@@ -2007,7 +2084,7 @@ type HeaderMatch struct {
 
 func (x *HeaderMatch) Reset() {
 	*x = HeaderMatch{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[17]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2019,7 +2096,7 @@ func (x *HeaderMatch) String() string {
 func (*HeaderMatch) ProtoMessage() {}
 
 func (x *HeaderMatch) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[17]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2032,7 +2109,7 @@ func (x *HeaderMatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeaderMatch.ProtoReflect.Descriptor instead.
 func (*HeaderMatch) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{17}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *HeaderMatch) GetType() HeaderMatch_Type {
@@ -2067,7 +2144,7 @@ type QueryParamMatch struct {
 
 func (x *QueryParamMatch) Reset() {
 	*x = QueryParamMatch{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[18]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2079,7 +2156,7 @@ func (x *QueryParamMatch) String() string {
 func (*QueryParamMatch) ProtoMessage() {}
 
 func (x *QueryParamMatch) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[18]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2092,7 +2169,7 @@ func (x *QueryParamMatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use QueryParamMatch.ProtoReflect.Descriptor instead.
 func (*QueryParamMatch) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{18}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *QueryParamMatch) GetType() QueryParamMatch_Type {
@@ -2133,7 +2210,7 @@ type HTTPFilter struct {
 
 func (x *HTTPFilter) Reset() {
 	*x = HTTPFilter{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[19]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2145,7 +2222,7 @@ func (x *HTTPFilter) String() string {
 func (*HTTPFilter) ProtoMessage() {}
 
 func (x *HTTPFilter) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[19]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2158,7 +2235,7 @@ func (x *HTTPFilter) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HTTPFilter.ProtoReflect.Descriptor instead.
 func (*HTTPFilter) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{19}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *HTTPFilter) GetKind() isHTTPFilter_Kind {
@@ -2257,7 +2334,7 @@ type Header struct {
 
 func (x *Header) Reset() {
 	*x = Header{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[20]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2269,7 +2346,7 @@ func (x *Header) String() string {
 func (*Header) ProtoMessage() {}
 
 func (x *Header) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[20]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2282,7 +2359,7 @@ func (x *Header) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Header.ProtoReflect.Descriptor instead.
 func (*Header) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{20}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *Header) GetName() string {
@@ -2310,7 +2387,7 @@ type HeaderModifier struct {
 
 func (x *HeaderModifier) Reset() {
 	*x = HeaderModifier{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[21]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2322,7 +2399,7 @@ func (x *HeaderModifier) String() string {
 func (*HeaderModifier) ProtoMessage() {}
 
 func (x *HeaderModifier) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[21]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2335,7 +2412,7 @@ func (x *HeaderModifier) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeaderModifier.ProtoReflect.Descriptor instead.
 func (*HeaderModifier) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{21}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *HeaderModifier) GetSet() []*Header {
@@ -2373,7 +2450,7 @@ type PathModifier struct {
 
 func (x *PathModifier) Reset() {
 	*x = PathModifier{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[22]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2385,7 +2462,7 @@ func (x *PathModifier) String() string {
 func (*PathModifier) ProtoMessage() {}
 
 func (x *PathModifier) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[22]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2398,7 +2475,7 @@ func (x *PathModifier) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PathModifier.ProtoReflect.Descriptor instead.
 func (*PathModifier) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{22}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *PathModifier) GetKind() isPathModifier_Kind {
@@ -2456,7 +2533,7 @@ type RequestRedirect struct {
 
 func (x *RequestRedirect) Reset() {
 	*x = RequestRedirect{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[23]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2468,7 +2545,7 @@ func (x *RequestRedirect) String() string {
 func (*RequestRedirect) ProtoMessage() {}
 
 func (x *RequestRedirect) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[23]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2481,7 +2558,7 @@ func (x *RequestRedirect) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RequestRedirect.ProtoReflect.Descriptor instead.
 func (*RequestRedirect) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{23}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *RequestRedirect) GetScheme() string {
@@ -2529,7 +2606,7 @@ type URLRewrite struct {
 
 func (x *URLRewrite) Reset() {
 	*x = URLRewrite{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[24]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2541,7 +2618,7 @@ func (x *URLRewrite) String() string {
 func (*URLRewrite) ProtoMessage() {}
 
 func (x *URLRewrite) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[24]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2554,7 +2631,7 @@ func (x *URLRewrite) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use URLRewrite.ProtoReflect.Descriptor instead.
 func (*URLRewrite) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{24}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *URLRewrite) GetHostname() string {
@@ -2583,7 +2660,7 @@ type RequestMirror struct {
 
 func (x *RequestMirror) Reset() {
 	*x = RequestMirror{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[25]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2595,7 +2672,7 @@ func (x *RequestMirror) String() string {
 func (*RequestMirror) ProtoMessage() {}
 
 func (x *RequestMirror) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[25]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2608,7 +2685,7 @@ func (x *RequestMirror) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RequestMirror.ProtoReflect.Descriptor instead.
 func (*RequestMirror) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{25}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *RequestMirror) GetBackend() *BackendRef {
@@ -2639,7 +2716,7 @@ type BackendRef struct {
 
 func (x *BackendRef) Reset() {
 	*x = BackendRef{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[26]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2651,7 +2728,7 @@ func (x *BackendRef) String() string {
 func (*BackendRef) ProtoMessage() {}
 
 func (x *BackendRef) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[26]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2664,7 +2741,7 @@ func (x *BackendRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackendRef.ProtoReflect.Descriptor instead.
 func (*BackendRef) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{26}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *BackendRef) GetService() string {
@@ -2709,7 +2786,7 @@ type RetryPolicy struct {
 
 func (x *RetryPolicy) Reset() {
 	*x = RetryPolicy{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[27]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2721,7 +2798,7 @@ func (x *RetryPolicy) String() string {
 func (*RetryPolicy) ProtoMessage() {}
 
 func (x *RetryPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[27]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2734,7 +2811,7 @@ func (x *RetryPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RetryPolicy.ProtoReflect.Descriptor instead.
 func (*RetryPolicy) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{27}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *RetryPolicy) GetAttempts() uint32 {
@@ -2773,7 +2850,7 @@ type GRPCRoute struct {
 
 func (x *GRPCRoute) Reset() {
 	*x = GRPCRoute{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[28]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2785,7 +2862,7 @@ func (x *GRPCRoute) String() string {
 func (*GRPCRoute) ProtoMessage() {}
 
 func (x *GRPCRoute) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[28]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2798,7 +2875,7 @@ func (x *GRPCRoute) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GRPCRoute.ProtoReflect.Descriptor instead.
 func (*GRPCRoute) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{28}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *GRPCRoute) GetName() string {
@@ -2857,7 +2934,7 @@ type GRPCRouteRule struct {
 
 func (x *GRPCRouteRule) Reset() {
 	*x = GRPCRouteRule{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[29]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2869,7 +2946,7 @@ func (x *GRPCRouteRule) String() string {
 func (*GRPCRouteRule) ProtoMessage() {}
 
 func (x *GRPCRouteRule) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[29]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2882,7 +2959,7 @@ func (x *GRPCRouteRule) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GRPCRouteRule.ProtoReflect.Descriptor instead.
 func (*GRPCRouteRule) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{29}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *GRPCRouteRule) GetName() string {
@@ -2930,7 +3007,7 @@ type GRPCRouteMatch struct {
 
 func (x *GRPCRouteMatch) Reset() {
 	*x = GRPCRouteMatch{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[30]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2942,7 +3019,7 @@ func (x *GRPCRouteMatch) String() string {
 func (*GRPCRouteMatch) ProtoMessage() {}
 
 func (x *GRPCRouteMatch) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[30]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2955,7 +3032,7 @@ func (x *GRPCRouteMatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GRPCRouteMatch.ProtoReflect.Descriptor instead.
 func (*GRPCRouteMatch) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{30}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *GRPCRouteMatch) GetMethod() *GRPCMethodMatch {
@@ -2984,7 +3061,7 @@ type GRPCMethodMatch struct {
 
 func (x *GRPCMethodMatch) Reset() {
 	*x = GRPCMethodMatch{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[31]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2996,7 +3073,7 @@ func (x *GRPCMethodMatch) String() string {
 func (*GRPCMethodMatch) ProtoMessage() {}
 
 func (x *GRPCMethodMatch) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[31]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3009,7 +3086,7 @@ func (x *GRPCMethodMatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GRPCMethodMatch.ProtoReflect.Descriptor instead.
 func (*GRPCMethodMatch) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{31}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *GRPCMethodMatch) GetType() GRPCMethodMatch_Type {
@@ -3047,7 +3124,7 @@ type RequestAuthentication struct {
 
 func (x *RequestAuthentication) Reset() {
 	*x = RequestAuthentication{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[32]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3059,7 +3136,7 @@ func (x *RequestAuthentication) String() string {
 func (*RequestAuthentication) ProtoMessage() {}
 
 func (x *RequestAuthentication) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[32]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3072,7 +3149,7 @@ func (x *RequestAuthentication) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RequestAuthentication.ProtoReflect.Descriptor instead.
 func (*RequestAuthentication) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{32}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *RequestAuthentication) GetName() string {
@@ -3114,7 +3191,7 @@ type JWTRule struct {
 
 func (x *JWTRule) Reset() {
 	*x = JWTRule{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[33]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3126,7 +3203,7 @@ func (x *JWTRule) String() string {
 func (*JWTRule) ProtoMessage() {}
 
 func (x *JWTRule) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[33]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3139,7 +3216,7 @@ func (x *JWTRule) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JWTRule.ProtoReflect.Descriptor instead.
 func (*JWTRule) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{33}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *JWTRule) GetIssuer() string {
@@ -3208,7 +3285,7 @@ type JWTHeader struct {
 
 func (x *JWTHeader) Reset() {
 	*x = JWTHeader{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[34]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3220,7 +3297,7 @@ func (x *JWTHeader) String() string {
 func (*JWTHeader) ProtoMessage() {}
 
 func (x *JWTHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[34]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3233,7 +3310,7 @@ func (x *JWTHeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JWTHeader.ProtoReflect.Descriptor instead.
 func (*JWTHeader) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{34}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *JWTHeader) GetName() string {
@@ -3265,7 +3342,7 @@ type TrafficPolicy struct {
 
 func (x *TrafficPolicy) Reset() {
 	*x = TrafficPolicy{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[35]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3277,7 +3354,7 @@ func (x *TrafficPolicy) String() string {
 func (*TrafficPolicy) ProtoMessage() {}
 
 func (x *TrafficPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[35]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3290,7 +3367,7 @@ func (x *TrafficPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TrafficPolicy.ProtoReflect.Descriptor instead.
 func (*TrafficPolicy) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{35}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *TrafficPolicy) GetLoadBalancer() *LoadBalancer {
@@ -3348,7 +3425,7 @@ type LoadBalancer struct {
 
 func (x *LoadBalancer) Reset() {
 	*x = LoadBalancer{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[36]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3360,7 +3437,7 @@ func (x *LoadBalancer) String() string {
 func (*LoadBalancer) ProtoMessage() {}
 
 func (x *LoadBalancer) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[36]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3373,7 +3450,7 @@ func (x *LoadBalancer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LoadBalancer.ProtoReflect.Descriptor instead.
 func (*LoadBalancer) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{36}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *LoadBalancer) GetType() LoadBalancer_Type {
@@ -3416,7 +3493,7 @@ type HashCookie struct {
 
 func (x *HashCookie) Reset() {
 	*x = HashCookie{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[37]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3428,7 +3505,7 @@ func (x *HashCookie) String() string {
 func (*HashCookie) ProtoMessage() {}
 
 func (x *HashCookie) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[37]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3441,7 +3518,7 @@ func (x *HashCookie) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HashCookie.ProtoReflect.Descriptor instead.
 func (*HashCookie) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{37}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *HashCookie) GetName() string {
@@ -3479,7 +3556,7 @@ type CircuitBreaker struct {
 
 func (x *CircuitBreaker) Reset() {
 	*x = CircuitBreaker{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[38]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3491,7 +3568,7 @@ func (x *CircuitBreaker) String() string {
 func (*CircuitBreaker) ProtoMessage() {}
 
 func (x *CircuitBreaker) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[38]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3504,7 +3581,7 @@ func (x *CircuitBreaker) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CircuitBreaker.ProtoReflect.Descriptor instead.
 func (*CircuitBreaker) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{38}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *CircuitBreaker) GetMaxConnections() uint32 {
@@ -3549,7 +3626,7 @@ type OutlierDetection struct {
 
 func (x *OutlierDetection) Reset() {
 	*x = OutlierDetection{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[39]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3561,7 +3638,7 @@ func (x *OutlierDetection) String() string {
 func (*OutlierDetection) ProtoMessage() {}
 
 func (x *OutlierDetection) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[39]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3574,7 +3651,7 @@ func (x *OutlierDetection) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OutlierDetection.ProtoReflect.Descriptor instead.
 func (*OutlierDetection) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{39}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *OutlierDetection) GetConsecutive_5Xx() uint32 {
@@ -3623,7 +3700,7 @@ type ConnectionPool struct {
 
 func (x *ConnectionPool) Reset() {
 	*x = ConnectionPool{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[40]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3635,7 +3712,7 @@ func (x *ConnectionPool) String() string {
 func (*ConnectionPool) ProtoMessage() {}
 
 func (x *ConnectionPool) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[40]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3648,7 +3725,7 @@ func (x *ConnectionPool) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConnectionPool.ProtoReflect.Descriptor instead.
 func (*ConnectionPool) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{40}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *ConnectionPool) GetConnectTimeout() *durationpb.Duration {
@@ -3684,7 +3761,7 @@ type LocalRateLimit struct {
 
 func (x *LocalRateLimit) Reset() {
 	*x = LocalRateLimit{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[41]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3696,7 +3773,7 @@ func (x *LocalRateLimit) String() string {
 func (*LocalRateLimit) ProtoMessage() {}
 
 func (x *LocalRateLimit) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[41]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3709,7 +3786,7 @@ func (x *LocalRateLimit) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LocalRateLimit.ProtoReflect.Descriptor instead.
 func (*LocalRateLimit) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{41}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *LocalRateLimit) GetMaxTokens() uint32 {
@@ -3743,7 +3820,7 @@ type FaultInjection struct {
 
 func (x *FaultInjection) Reset() {
 	*x = FaultInjection{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[42]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3755,7 +3832,7 @@ func (x *FaultInjection) String() string {
 func (*FaultInjection) ProtoMessage() {}
 
 func (x *FaultInjection) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[42]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3768,7 +3845,7 @@ func (x *FaultInjection) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FaultInjection.ProtoReflect.Descriptor instead.
 func (*FaultInjection) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{42}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *FaultInjection) GetDelay() *FaultDelay {
@@ -3796,7 +3873,7 @@ type FaultDelay struct {
 
 func (x *FaultDelay) Reset() {
 	*x = FaultDelay{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[43]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3808,7 +3885,7 @@ func (x *FaultDelay) String() string {
 func (*FaultDelay) ProtoMessage() {}
 
 func (x *FaultDelay) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[43]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3821,7 +3898,7 @@ func (x *FaultDelay) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FaultDelay.ProtoReflect.Descriptor instead.
 func (*FaultDelay) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{43}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *FaultDelay) GetPercent() float64 {
@@ -3850,7 +3927,7 @@ type FaultAbort struct {
 
 func (x *FaultAbort) Reset() {
 	*x = FaultAbort{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[44]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3862,7 +3939,7 @@ func (x *FaultAbort) String() string {
 func (*FaultAbort) ProtoMessage() {}
 
 func (x *FaultAbort) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[44]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3875,7 +3952,7 @@ func (x *FaultAbort) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FaultAbort.ProtoReflect.Descriptor instead.
 func (*FaultAbort) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{44}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *FaultAbort) GetPercent() float64 {
@@ -4021,7 +4098,12 @@ const file_discovery_v1_discovery_proto_rawDesc = "" +
 	"\x10backend_policies\x18\b \x03(\v28.amesh.discovery.v1.WaypointService.BackendPoliciesEntryR\x0fbackendPolicies\x1ae\n" +
 	"\x14BackendPoliciesEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x127\n" +
-	"\x05value\x18\x02 \x01(\v2!.amesh.discovery.v1.TrafficPolicyR\x05value:\x028\x01\"\xd9\x01\n" +
+	"\x05value\x18\x02 \x01(\v2!.amesh.discovery.v1.TrafficPolicyR\x05value:\x028\x01\"\xa4\x02\n" +
+	"\x0fWaypointGateway\x12\x18\n" +
+	"\agateway\x18\x01 \x01(\tR\agateway\x12I\n" +
+	"\x0eauthorizations\x18\x02 \x03(\v2!.amesh.discovery.v1.AuthorizationR\x0eauthorizations\x12b\n" +
+	"\x17request_authentications\x18\x03 \x03(\v2).amesh.discovery.v1.RequestAuthenticationR\x16requestAuthentications\x12H\n" +
+	"\x0etraffic_policy\x18\x04 \x01(\v2!.amesh.discovery.v1.TrafficPolicyR\rtrafficPolicy\"\xd9\x01\n" +
 	"\tHTTPRoute\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1c\n" +
 	"\tnamespace\x18\x02 \x01(\tR\tnamespace\x12-\n" +
@@ -4239,7 +4321,7 @@ func file_discovery_v1_discovery_proto_rawDescGZIP() []byte {
 }
 
 var file_discovery_v1_discovery_proto_enumTypes = make([]protoimpl.EnumInfo, 10)
-var file_discovery_v1_discovery_proto_msgTypes = make([]protoimpl.MessageInfo, 48)
+var file_discovery_v1_discovery_proto_msgTypes = make([]protoimpl.MessageInfo, 49)
 var file_discovery_v1_discovery_proto_goTypes = []any{
 	(TunnelProtocol)(0),           // 0: amesh.discovery.v1.TunnelProtocol
 	(WorkloadStatus)(0),           // 1: amesh.discovery.v1.WorkloadStatus
@@ -4264,50 +4346,51 @@ var file_discovery_v1_discovery_proto_goTypes = []any{
 	(*Condition)(nil),             // 20: amesh.discovery.v1.Condition
 	(*TrustBundle)(nil),           // 21: amesh.discovery.v1.TrustBundle
 	(*WaypointService)(nil),       // 22: amesh.discovery.v1.WaypointService
-	(*HTTPRoute)(nil),             // 23: amesh.discovery.v1.HTTPRoute
-	(*HTTPRouteRule)(nil),         // 24: amesh.discovery.v1.HTTPRouteRule
-	(*HTTPRouteMatch)(nil),        // 25: amesh.discovery.v1.HTTPRouteMatch
-	(*PathMatch)(nil),             // 26: amesh.discovery.v1.PathMatch
-	(*HeaderMatch)(nil),           // 27: amesh.discovery.v1.HeaderMatch
-	(*QueryParamMatch)(nil),       // 28: amesh.discovery.v1.QueryParamMatch
-	(*HTTPFilter)(nil),            // 29: amesh.discovery.v1.HTTPFilter
-	(*Header)(nil),                // 30: amesh.discovery.v1.Header
-	(*HeaderModifier)(nil),        // 31: amesh.discovery.v1.HeaderModifier
-	(*PathModifier)(nil),          // 32: amesh.discovery.v1.PathModifier
-	(*RequestRedirect)(nil),       // 33: amesh.discovery.v1.RequestRedirect
-	(*URLRewrite)(nil),            // 34: amesh.discovery.v1.URLRewrite
-	(*RequestMirror)(nil),         // 35: amesh.discovery.v1.RequestMirror
-	(*BackendRef)(nil),            // 36: amesh.discovery.v1.BackendRef
-	(*RetryPolicy)(nil),           // 37: amesh.discovery.v1.RetryPolicy
-	(*GRPCRoute)(nil),             // 38: amesh.discovery.v1.GRPCRoute
-	(*GRPCRouteRule)(nil),         // 39: amesh.discovery.v1.GRPCRouteRule
-	(*GRPCRouteMatch)(nil),        // 40: amesh.discovery.v1.GRPCRouteMatch
-	(*GRPCMethodMatch)(nil),       // 41: amesh.discovery.v1.GRPCMethodMatch
-	(*RequestAuthentication)(nil), // 42: amesh.discovery.v1.RequestAuthentication
-	(*JWTRule)(nil),               // 43: amesh.discovery.v1.JWTRule
-	(*JWTHeader)(nil),             // 44: amesh.discovery.v1.JWTHeader
-	(*TrafficPolicy)(nil),         // 45: amesh.discovery.v1.TrafficPolicy
-	(*LoadBalancer)(nil),          // 46: amesh.discovery.v1.LoadBalancer
-	(*HashCookie)(nil),            // 47: amesh.discovery.v1.HashCookie
-	(*CircuitBreaker)(nil),        // 48: amesh.discovery.v1.CircuitBreaker
-	(*OutlierDetection)(nil),      // 49: amesh.discovery.v1.OutlierDetection
-	(*ConnectionPool)(nil),        // 50: amesh.discovery.v1.ConnectionPool
-	(*LocalRateLimit)(nil),        // 51: amesh.discovery.v1.LocalRateLimit
-	(*FaultInjection)(nil),        // 52: amesh.discovery.v1.FaultInjection
-	(*FaultDelay)(nil),            // 53: amesh.discovery.v1.FaultDelay
-	(*FaultAbort)(nil),            // 54: amesh.discovery.v1.FaultAbort
-	nil,                           // 55: amesh.discovery.v1.Workload.ServicesEntry
-	nil,                           // 56: amesh.discovery.v1.Workload.PortMtlsModesEntry
-	nil,                           // 57: amesh.discovery.v1.WaypointService.BackendPoliciesEntry
-	(*durationpb.Duration)(nil),   // 58: google.protobuf.Duration
+	(*WaypointGateway)(nil),       // 23: amesh.discovery.v1.WaypointGateway
+	(*HTTPRoute)(nil),             // 24: amesh.discovery.v1.HTTPRoute
+	(*HTTPRouteRule)(nil),         // 25: amesh.discovery.v1.HTTPRouteRule
+	(*HTTPRouteMatch)(nil),        // 26: amesh.discovery.v1.HTTPRouteMatch
+	(*PathMatch)(nil),             // 27: amesh.discovery.v1.PathMatch
+	(*HeaderMatch)(nil),           // 28: amesh.discovery.v1.HeaderMatch
+	(*QueryParamMatch)(nil),       // 29: amesh.discovery.v1.QueryParamMatch
+	(*HTTPFilter)(nil),            // 30: amesh.discovery.v1.HTTPFilter
+	(*Header)(nil),                // 31: amesh.discovery.v1.Header
+	(*HeaderModifier)(nil),        // 32: amesh.discovery.v1.HeaderModifier
+	(*PathModifier)(nil),          // 33: amesh.discovery.v1.PathModifier
+	(*RequestRedirect)(nil),       // 34: amesh.discovery.v1.RequestRedirect
+	(*URLRewrite)(nil),            // 35: amesh.discovery.v1.URLRewrite
+	(*RequestMirror)(nil),         // 36: amesh.discovery.v1.RequestMirror
+	(*BackendRef)(nil),            // 37: amesh.discovery.v1.BackendRef
+	(*RetryPolicy)(nil),           // 38: amesh.discovery.v1.RetryPolicy
+	(*GRPCRoute)(nil),             // 39: amesh.discovery.v1.GRPCRoute
+	(*GRPCRouteRule)(nil),         // 40: amesh.discovery.v1.GRPCRouteRule
+	(*GRPCRouteMatch)(nil),        // 41: amesh.discovery.v1.GRPCRouteMatch
+	(*GRPCMethodMatch)(nil),       // 42: amesh.discovery.v1.GRPCMethodMatch
+	(*RequestAuthentication)(nil), // 43: amesh.discovery.v1.RequestAuthentication
+	(*JWTRule)(nil),               // 44: amesh.discovery.v1.JWTRule
+	(*JWTHeader)(nil),             // 45: amesh.discovery.v1.JWTHeader
+	(*TrafficPolicy)(nil),         // 46: amesh.discovery.v1.TrafficPolicy
+	(*LoadBalancer)(nil),          // 47: amesh.discovery.v1.LoadBalancer
+	(*HashCookie)(nil),            // 48: amesh.discovery.v1.HashCookie
+	(*CircuitBreaker)(nil),        // 49: amesh.discovery.v1.CircuitBreaker
+	(*OutlierDetection)(nil),      // 50: amesh.discovery.v1.OutlierDetection
+	(*ConnectionPool)(nil),        // 51: amesh.discovery.v1.ConnectionPool
+	(*LocalRateLimit)(nil),        // 52: amesh.discovery.v1.LocalRateLimit
+	(*FaultInjection)(nil),        // 53: amesh.discovery.v1.FaultInjection
+	(*FaultDelay)(nil),            // 54: amesh.discovery.v1.FaultDelay
+	(*FaultAbort)(nil),            // 55: amesh.discovery.v1.FaultAbort
+	nil,                           // 56: amesh.discovery.v1.Workload.ServicesEntry
+	nil,                           // 57: amesh.discovery.v1.Workload.PortMtlsModesEntry
+	nil,                           // 58: amesh.discovery.v1.WaypointService.BackendPoliciesEntry
+	(*durationpb.Duration)(nil),   // 59: google.protobuf.Duration
 }
 var file_discovery_v1_discovery_proto_depIdxs = []int32{
 	0,  // 0: amesh.discovery.v1.Workload.tunnel_protocol:type_name -> amesh.discovery.v1.TunnelProtocol
 	13, // 1: amesh.discovery.v1.Workload.waypoint:type_name -> amesh.discovery.v1.GatewayAddress
-	55, // 2: amesh.discovery.v1.Workload.services:type_name -> amesh.discovery.v1.Workload.ServicesEntry
+	56, // 2: amesh.discovery.v1.Workload.services:type_name -> amesh.discovery.v1.Workload.ServicesEntry
 	1,  // 3: amesh.discovery.v1.Workload.status:type_name -> amesh.discovery.v1.WorkloadStatus
 	2,  // 4: amesh.discovery.v1.Workload.mtls_mode:type_name -> amesh.discovery.v1.MtlsMode
-	56, // 5: amesh.discovery.v1.Workload.port_mtls_modes:type_name -> amesh.discovery.v1.Workload.PortMtlsModesEntry
+	57, // 5: amesh.discovery.v1.Workload.port_mtls_modes:type_name -> amesh.discovery.v1.Workload.PortMtlsModesEntry
 	12, // 6: amesh.discovery.v1.PortList.ports:type_name -> amesh.discovery.v1.Port
 	15, // 7: amesh.discovery.v1.Service.ports:type_name -> amesh.discovery.v1.ServicePort
 	13, // 8: amesh.discovery.v1.Service.waypoint:type_name -> amesh.discovery.v1.GatewayAddress
@@ -4317,71 +4400,74 @@ var file_discovery_v1_discovery_proto_depIdxs = []int32{
 	18, // 12: amesh.discovery.v1.Rule.from:type_name -> amesh.discovery.v1.Source
 	19, // 13: amesh.discovery.v1.Rule.to:type_name -> amesh.discovery.v1.Operation
 	20, // 14: amesh.discovery.v1.Rule.when:type_name -> amesh.discovery.v1.Condition
-	23, // 15: amesh.discovery.v1.WaypointService.http_routes:type_name -> amesh.discovery.v1.HTTPRoute
-	38, // 16: amesh.discovery.v1.WaypointService.grpc_routes:type_name -> amesh.discovery.v1.GRPCRoute
+	24, // 15: amesh.discovery.v1.WaypointService.http_routes:type_name -> amesh.discovery.v1.HTTPRoute
+	39, // 16: amesh.discovery.v1.WaypointService.grpc_routes:type_name -> amesh.discovery.v1.GRPCRoute
 	16, // 17: amesh.discovery.v1.WaypointService.authorizations:type_name -> amesh.discovery.v1.Authorization
-	42, // 18: amesh.discovery.v1.WaypointService.request_authentications:type_name -> amesh.discovery.v1.RequestAuthentication
-	45, // 19: amesh.discovery.v1.WaypointService.traffic_policy:type_name -> amesh.discovery.v1.TrafficPolicy
-	57, // 20: amesh.discovery.v1.WaypointService.backend_policies:type_name -> amesh.discovery.v1.WaypointService.BackendPoliciesEntry
-	24, // 21: amesh.discovery.v1.HTTPRoute.rules:type_name -> amesh.discovery.v1.HTTPRouteRule
-	25, // 22: amesh.discovery.v1.HTTPRouteRule.matches:type_name -> amesh.discovery.v1.HTTPRouteMatch
-	29, // 23: amesh.discovery.v1.HTTPRouteRule.filters:type_name -> amesh.discovery.v1.HTTPFilter
-	36, // 24: amesh.discovery.v1.HTTPRouteRule.backends:type_name -> amesh.discovery.v1.BackendRef
-	58, // 25: amesh.discovery.v1.HTTPRouteRule.request_timeout:type_name -> google.protobuf.Duration
-	58, // 26: amesh.discovery.v1.HTTPRouteRule.backend_request_timeout:type_name -> google.protobuf.Duration
-	37, // 27: amesh.discovery.v1.HTTPRouteRule.retry:type_name -> amesh.discovery.v1.RetryPolicy
-	26, // 28: amesh.discovery.v1.HTTPRouteMatch.path:type_name -> amesh.discovery.v1.PathMatch
-	27, // 29: amesh.discovery.v1.HTTPRouteMatch.headers:type_name -> amesh.discovery.v1.HeaderMatch
-	28, // 30: amesh.discovery.v1.HTTPRouteMatch.query_params:type_name -> amesh.discovery.v1.QueryParamMatch
-	5,  // 31: amesh.discovery.v1.PathMatch.type:type_name -> amesh.discovery.v1.PathMatch.Type
-	6,  // 32: amesh.discovery.v1.HeaderMatch.type:type_name -> amesh.discovery.v1.HeaderMatch.Type
-	7,  // 33: amesh.discovery.v1.QueryParamMatch.type:type_name -> amesh.discovery.v1.QueryParamMatch.Type
-	31, // 34: amesh.discovery.v1.HTTPFilter.request_header_modifier:type_name -> amesh.discovery.v1.HeaderModifier
-	31, // 35: amesh.discovery.v1.HTTPFilter.response_header_modifier:type_name -> amesh.discovery.v1.HeaderModifier
-	33, // 36: amesh.discovery.v1.HTTPFilter.request_redirect:type_name -> amesh.discovery.v1.RequestRedirect
-	34, // 37: amesh.discovery.v1.HTTPFilter.url_rewrite:type_name -> amesh.discovery.v1.URLRewrite
-	35, // 38: amesh.discovery.v1.HTTPFilter.request_mirror:type_name -> amesh.discovery.v1.RequestMirror
-	30, // 39: amesh.discovery.v1.HeaderModifier.set:type_name -> amesh.discovery.v1.Header
-	30, // 40: amesh.discovery.v1.HeaderModifier.add:type_name -> amesh.discovery.v1.Header
-	32, // 41: amesh.discovery.v1.RequestRedirect.path:type_name -> amesh.discovery.v1.PathModifier
-	32, // 42: amesh.discovery.v1.URLRewrite.path:type_name -> amesh.discovery.v1.PathModifier
-	36, // 43: amesh.discovery.v1.RequestMirror.backend:type_name -> amesh.discovery.v1.BackendRef
-	29, // 44: amesh.discovery.v1.BackendRef.filters:type_name -> amesh.discovery.v1.HTTPFilter
-	58, // 45: amesh.discovery.v1.RetryPolicy.backoff:type_name -> google.protobuf.Duration
-	39, // 46: amesh.discovery.v1.GRPCRoute.rules:type_name -> amesh.discovery.v1.GRPCRouteRule
-	40, // 47: amesh.discovery.v1.GRPCRouteRule.matches:type_name -> amesh.discovery.v1.GRPCRouteMatch
-	29, // 48: amesh.discovery.v1.GRPCRouteRule.filters:type_name -> amesh.discovery.v1.HTTPFilter
-	36, // 49: amesh.discovery.v1.GRPCRouteRule.backends:type_name -> amesh.discovery.v1.BackendRef
-	41, // 50: amesh.discovery.v1.GRPCRouteMatch.method:type_name -> amesh.discovery.v1.GRPCMethodMatch
-	27, // 51: amesh.discovery.v1.GRPCRouteMatch.headers:type_name -> amesh.discovery.v1.HeaderMatch
-	8,  // 52: amesh.discovery.v1.GRPCMethodMatch.type:type_name -> amesh.discovery.v1.GRPCMethodMatch.Type
-	43, // 53: amesh.discovery.v1.RequestAuthentication.jwt_rules:type_name -> amesh.discovery.v1.JWTRule
-	44, // 54: amesh.discovery.v1.JWTRule.from_headers:type_name -> amesh.discovery.v1.JWTHeader
-	46, // 55: amesh.discovery.v1.TrafficPolicy.load_balancer:type_name -> amesh.discovery.v1.LoadBalancer
-	48, // 56: amesh.discovery.v1.TrafficPolicy.circuit_breaker:type_name -> amesh.discovery.v1.CircuitBreaker
-	49, // 57: amesh.discovery.v1.TrafficPolicy.outlier_detection:type_name -> amesh.discovery.v1.OutlierDetection
-	50, // 58: amesh.discovery.v1.TrafficPolicy.connection_pool:type_name -> amesh.discovery.v1.ConnectionPool
-	51, // 59: amesh.discovery.v1.TrafficPolicy.local_rate_limit:type_name -> amesh.discovery.v1.LocalRateLimit
-	52, // 60: amesh.discovery.v1.TrafficPolicy.fault:type_name -> amesh.discovery.v1.FaultInjection
-	9,  // 61: amesh.discovery.v1.LoadBalancer.type:type_name -> amesh.discovery.v1.LoadBalancer.Type
-	47, // 62: amesh.discovery.v1.LoadBalancer.hash_cookie:type_name -> amesh.discovery.v1.HashCookie
-	58, // 63: amesh.discovery.v1.HashCookie.ttl:type_name -> google.protobuf.Duration
-	58, // 64: amesh.discovery.v1.OutlierDetection.interval:type_name -> google.protobuf.Duration
-	58, // 65: amesh.discovery.v1.OutlierDetection.base_ejection_time:type_name -> google.protobuf.Duration
-	58, // 66: amesh.discovery.v1.ConnectionPool.connect_timeout:type_name -> google.protobuf.Duration
-	58, // 67: amesh.discovery.v1.ConnectionPool.idle_timeout:type_name -> google.protobuf.Duration
-	58, // 68: amesh.discovery.v1.LocalRateLimit.fill_interval:type_name -> google.protobuf.Duration
-	53, // 69: amesh.discovery.v1.FaultInjection.delay:type_name -> amesh.discovery.v1.FaultDelay
-	54, // 70: amesh.discovery.v1.FaultInjection.abort:type_name -> amesh.discovery.v1.FaultAbort
-	58, // 71: amesh.discovery.v1.FaultDelay.duration:type_name -> google.protobuf.Duration
-	11, // 72: amesh.discovery.v1.Workload.ServicesEntry.value:type_name -> amesh.discovery.v1.PortList
-	2,  // 73: amesh.discovery.v1.Workload.PortMtlsModesEntry.value:type_name -> amesh.discovery.v1.MtlsMode
-	45, // 74: amesh.discovery.v1.WaypointService.BackendPoliciesEntry.value:type_name -> amesh.discovery.v1.TrafficPolicy
-	75, // [75:75] is the sub-list for method output_type
-	75, // [75:75] is the sub-list for method input_type
-	75, // [75:75] is the sub-list for extension type_name
-	75, // [75:75] is the sub-list for extension extendee
-	0,  // [0:75] is the sub-list for field type_name
+	43, // 18: amesh.discovery.v1.WaypointService.request_authentications:type_name -> amesh.discovery.v1.RequestAuthentication
+	46, // 19: amesh.discovery.v1.WaypointService.traffic_policy:type_name -> amesh.discovery.v1.TrafficPolicy
+	58, // 20: amesh.discovery.v1.WaypointService.backend_policies:type_name -> amesh.discovery.v1.WaypointService.BackendPoliciesEntry
+	16, // 21: amesh.discovery.v1.WaypointGateway.authorizations:type_name -> amesh.discovery.v1.Authorization
+	43, // 22: amesh.discovery.v1.WaypointGateway.request_authentications:type_name -> amesh.discovery.v1.RequestAuthentication
+	46, // 23: amesh.discovery.v1.WaypointGateway.traffic_policy:type_name -> amesh.discovery.v1.TrafficPolicy
+	25, // 24: amesh.discovery.v1.HTTPRoute.rules:type_name -> amesh.discovery.v1.HTTPRouteRule
+	26, // 25: amesh.discovery.v1.HTTPRouteRule.matches:type_name -> amesh.discovery.v1.HTTPRouteMatch
+	30, // 26: amesh.discovery.v1.HTTPRouteRule.filters:type_name -> amesh.discovery.v1.HTTPFilter
+	37, // 27: amesh.discovery.v1.HTTPRouteRule.backends:type_name -> amesh.discovery.v1.BackendRef
+	59, // 28: amesh.discovery.v1.HTTPRouteRule.request_timeout:type_name -> google.protobuf.Duration
+	59, // 29: amesh.discovery.v1.HTTPRouteRule.backend_request_timeout:type_name -> google.protobuf.Duration
+	38, // 30: amesh.discovery.v1.HTTPRouteRule.retry:type_name -> amesh.discovery.v1.RetryPolicy
+	27, // 31: amesh.discovery.v1.HTTPRouteMatch.path:type_name -> amesh.discovery.v1.PathMatch
+	28, // 32: amesh.discovery.v1.HTTPRouteMatch.headers:type_name -> amesh.discovery.v1.HeaderMatch
+	29, // 33: amesh.discovery.v1.HTTPRouteMatch.query_params:type_name -> amesh.discovery.v1.QueryParamMatch
+	5,  // 34: amesh.discovery.v1.PathMatch.type:type_name -> amesh.discovery.v1.PathMatch.Type
+	6,  // 35: amesh.discovery.v1.HeaderMatch.type:type_name -> amesh.discovery.v1.HeaderMatch.Type
+	7,  // 36: amesh.discovery.v1.QueryParamMatch.type:type_name -> amesh.discovery.v1.QueryParamMatch.Type
+	32, // 37: amesh.discovery.v1.HTTPFilter.request_header_modifier:type_name -> amesh.discovery.v1.HeaderModifier
+	32, // 38: amesh.discovery.v1.HTTPFilter.response_header_modifier:type_name -> amesh.discovery.v1.HeaderModifier
+	34, // 39: amesh.discovery.v1.HTTPFilter.request_redirect:type_name -> amesh.discovery.v1.RequestRedirect
+	35, // 40: amesh.discovery.v1.HTTPFilter.url_rewrite:type_name -> amesh.discovery.v1.URLRewrite
+	36, // 41: amesh.discovery.v1.HTTPFilter.request_mirror:type_name -> amesh.discovery.v1.RequestMirror
+	31, // 42: amesh.discovery.v1.HeaderModifier.set:type_name -> amesh.discovery.v1.Header
+	31, // 43: amesh.discovery.v1.HeaderModifier.add:type_name -> amesh.discovery.v1.Header
+	33, // 44: amesh.discovery.v1.RequestRedirect.path:type_name -> amesh.discovery.v1.PathModifier
+	33, // 45: amesh.discovery.v1.URLRewrite.path:type_name -> amesh.discovery.v1.PathModifier
+	37, // 46: amesh.discovery.v1.RequestMirror.backend:type_name -> amesh.discovery.v1.BackendRef
+	30, // 47: amesh.discovery.v1.BackendRef.filters:type_name -> amesh.discovery.v1.HTTPFilter
+	59, // 48: amesh.discovery.v1.RetryPolicy.backoff:type_name -> google.protobuf.Duration
+	40, // 49: amesh.discovery.v1.GRPCRoute.rules:type_name -> amesh.discovery.v1.GRPCRouteRule
+	41, // 50: amesh.discovery.v1.GRPCRouteRule.matches:type_name -> amesh.discovery.v1.GRPCRouteMatch
+	30, // 51: amesh.discovery.v1.GRPCRouteRule.filters:type_name -> amesh.discovery.v1.HTTPFilter
+	37, // 52: amesh.discovery.v1.GRPCRouteRule.backends:type_name -> amesh.discovery.v1.BackendRef
+	42, // 53: amesh.discovery.v1.GRPCRouteMatch.method:type_name -> amesh.discovery.v1.GRPCMethodMatch
+	28, // 54: amesh.discovery.v1.GRPCRouteMatch.headers:type_name -> amesh.discovery.v1.HeaderMatch
+	8,  // 55: amesh.discovery.v1.GRPCMethodMatch.type:type_name -> amesh.discovery.v1.GRPCMethodMatch.Type
+	44, // 56: amesh.discovery.v1.RequestAuthentication.jwt_rules:type_name -> amesh.discovery.v1.JWTRule
+	45, // 57: amesh.discovery.v1.JWTRule.from_headers:type_name -> amesh.discovery.v1.JWTHeader
+	47, // 58: amesh.discovery.v1.TrafficPolicy.load_balancer:type_name -> amesh.discovery.v1.LoadBalancer
+	49, // 59: amesh.discovery.v1.TrafficPolicy.circuit_breaker:type_name -> amesh.discovery.v1.CircuitBreaker
+	50, // 60: amesh.discovery.v1.TrafficPolicy.outlier_detection:type_name -> amesh.discovery.v1.OutlierDetection
+	51, // 61: amesh.discovery.v1.TrafficPolicy.connection_pool:type_name -> amesh.discovery.v1.ConnectionPool
+	52, // 62: amesh.discovery.v1.TrafficPolicy.local_rate_limit:type_name -> amesh.discovery.v1.LocalRateLimit
+	53, // 63: amesh.discovery.v1.TrafficPolicy.fault:type_name -> amesh.discovery.v1.FaultInjection
+	9,  // 64: amesh.discovery.v1.LoadBalancer.type:type_name -> amesh.discovery.v1.LoadBalancer.Type
+	48, // 65: amesh.discovery.v1.LoadBalancer.hash_cookie:type_name -> amesh.discovery.v1.HashCookie
+	59, // 66: amesh.discovery.v1.HashCookie.ttl:type_name -> google.protobuf.Duration
+	59, // 67: amesh.discovery.v1.OutlierDetection.interval:type_name -> google.protobuf.Duration
+	59, // 68: amesh.discovery.v1.OutlierDetection.base_ejection_time:type_name -> google.protobuf.Duration
+	59, // 69: amesh.discovery.v1.ConnectionPool.connect_timeout:type_name -> google.protobuf.Duration
+	59, // 70: amesh.discovery.v1.ConnectionPool.idle_timeout:type_name -> google.protobuf.Duration
+	59, // 71: amesh.discovery.v1.LocalRateLimit.fill_interval:type_name -> google.protobuf.Duration
+	54, // 72: amesh.discovery.v1.FaultInjection.delay:type_name -> amesh.discovery.v1.FaultDelay
+	55, // 73: amesh.discovery.v1.FaultInjection.abort:type_name -> amesh.discovery.v1.FaultAbort
+	59, // 74: amesh.discovery.v1.FaultDelay.duration:type_name -> google.protobuf.Duration
+	11, // 75: amesh.discovery.v1.Workload.ServicesEntry.value:type_name -> amesh.discovery.v1.PortList
+	2,  // 76: amesh.discovery.v1.Workload.PortMtlsModesEntry.value:type_name -> amesh.discovery.v1.MtlsMode
+	46, // 77: amesh.discovery.v1.WaypointService.BackendPoliciesEntry.value:type_name -> amesh.discovery.v1.TrafficPolicy
+	78, // [78:78] is the sub-list for method output_type
+	78, // [78:78] is the sub-list for method input_type
+	78, // [78:78] is the sub-list for extension type_name
+	78, // [78:78] is the sub-list for extension extendee
+	0,  // [0:78] is the sub-list for field type_name
 }
 
 func init() { file_discovery_v1_discovery_proto_init() }
@@ -4389,14 +4475,14 @@ func file_discovery_v1_discovery_proto_init() {
 	if File_discovery_v1_discovery_proto != nil {
 		return
 	}
-	file_discovery_v1_discovery_proto_msgTypes[19].OneofWrappers = []any{
+	file_discovery_v1_discovery_proto_msgTypes[20].OneofWrappers = []any{
 		(*HTTPFilter_RequestHeaderModifier)(nil),
 		(*HTTPFilter_ResponseHeaderModifier)(nil),
 		(*HTTPFilter_RequestRedirect)(nil),
 		(*HTTPFilter_UrlRewrite)(nil),
 		(*HTTPFilter_RequestMirror)(nil),
 	}
-	file_discovery_v1_discovery_proto_msgTypes[22].OneofWrappers = []any{
+	file_discovery_v1_discovery_proto_msgTypes[23].OneofWrappers = []any{
 		(*PathModifier_ReplaceFullPath)(nil),
 		(*PathModifier_ReplacePrefixMatch)(nil),
 	}
@@ -4406,7 +4492,7 @@ func file_discovery_v1_discovery_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_discovery_v1_discovery_proto_rawDesc), len(file_discovery_v1_discovery_proto_rawDesc)),
 			NumEnums:      10,
-			NumMessages:   48,
+			NumMessages:   49,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

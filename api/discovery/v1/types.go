@@ -11,4 +11,5 @@ const (
 	AuthorizationType   = "type.googleapis.com/amesh.discovery.v1.Authorization"
 	TrustBundleType     = "type.googleapis.com/amesh.discovery.v1.TrustBundle"
 	WaypointServiceType = "type.googleapis.com/amesh.discovery.v1.WaypointService"
+	WaypointGatewayType = "type.googleapis.com/amesh.discovery.v1.WaypointGateway"
 )
