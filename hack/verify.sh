@@ -42,5 +42,6 @@ echo "== data plane does not link Kubernetes"
 for m in api ztunnel waypoint; do
   (cd "$m" && GOWORK=off go test -count=1 -run 'TestNoKubernetesDeps' .) || fail=1
 done
+(cd cni-plugin && GOWORK=off go test -count=1 -run 'TestNoKubernetesDeps' ./cmd/amesh-cni) || fail=1
 
 exit $fail
