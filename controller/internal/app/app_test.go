@@ -37,7 +37,6 @@ func TestDiscovery(t *testing.T) {
 	e := startEnv(t, nil)
 	ctx := context.Background()
 	e.node("node-a")
-	e.serviceAccount("amesh-system", "ztunnel")
 	zt := e.pod("amesh-system", "ztunnel-a", "ztunnel", "node-a", "10.1.0.2", nil, nil)
 	e.create(&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "shop", Labels: map[string]string{
 		"amesh.dev/dataplane-mode": "ambient",
@@ -191,7 +190,6 @@ func TestCertificates(t *testing.T) {
 	e := startEnv(t, nil)
 	e.node("node-a")
 	e.node("node-b")
-	e.serviceAccount("amesh-system", "ztunnel")
 	ztA := e.pod("amesh-system", "ztunnel-a", "ztunnel", "node-a", "10.2.0.2", nil, nil)
 	e.create(&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "shop", Labels: map[string]string{
 		"amesh.dev/dataplane-mode": "ambient",

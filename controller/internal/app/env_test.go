@@ -25,6 +25,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/apimachinery/pkg/runtime/serializer"
 	"k8s.io/client-go/rest"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
@@ -44,6 +45,8 @@ type env struct {
 	c    client.Client
 	kc   *kubernetes.Clientset
 	app  *app.App
+	// stops stop the controllers started, in order.
+	stops []func()
 	// roots verify the controller's serving certificate.
 	roots *x509.CertPool
 }
@@ -94,7 +97,34 @@ func startEnv(t *testing.T, mutate func(*app.Config)) *env {
 	}
 	e := &env{t: t, rest: cfg, c: c, kc: kc}
 	e.create(&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "amesh-system"}})
+	// The controller runs with the permissions the manifests grant it.
+	e.applyFile(filepath.Join("..", "..", "..", "manifests", "base", "rbac.yaml"))
+	e.app = e.startApp(mutate)
+	var sec corev1.Secret
+	e.get("amesh-system", "amesh-ca", &sec)
+	e.roots = x509.NewCertPool()
+	if !e.roots.AppendCertsFromPEM(sec.Data["ca.crt"]) {
+		t.Fatal("CA secret has no ca.crt")
+	}
+	return e
+}
 
+// controllerConfig is the apiserver configuration of the controller: its
+// own service account (as deployed), not the test's admin.
+func (e *env) controllerConfig() *rest.Config {
+	c := rest.CopyConfig(e.rest)
+	c.Impersonate = rest.ImpersonationConfig{
+		UserName: "system:serviceaccount:amesh-system:amesh-controller",
+		Groups:   []string{"system:serviceaccounts", "system:serviceaccounts:amesh-system", "system:authenticated"},
+	}
+	return c
+}
+
+// startApp runs a controller (addresses on loopback, ephemeral ports) until
+// the test ends, and waits until it is ready.
+func (e *env) startApp(mutate func(*app.Config)) *app.App {
+	t := e.t
+	t.Helper()
 	acfg := app.Default()
 	acfg.GRPCAddr = "127.0.0.1:0"
 	acfg.MetricsAddr = "127.0.0.1:0"
@@ -105,25 +135,29 @@ func startEnv(t *testing.T, mutate func(*app.Config)) *env {
 		mutate(&acfg)
 	}
 	log := zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel))
-	a, err := app.New(acfg, cfg, log)
+	a, err := app.New(acfg, e.controllerConfig(), log)
 	if err != nil {
 		t.Fatal(err)
 	}
-	e.app = a
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- a.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Errorf("controller: %v", err)
+	var once sync.Once
+	stop := func() {
+		once.Do(func() {
+			cancel()
+			select {
+			case err := <-done:
+				if err != nil {
+					t.Errorf("controller: %v", err)
+				}
+			case <-time.After(20 * time.Second):
+				t.Error("controller did not stop within 20s")
 			}
-		case <-time.After(20 * time.Second):
-			t.Error("controller did not stop within 20s")
-		}
-	})
+		})
+	}
+	t.Cleanup(stop)
+	e.stops = append(e.stops, stop)
 	select {
 	case <-a.Ready():
 	case err := <-done:
@@ -131,13 +165,31 @@ func startEnv(t *testing.T, mutate func(*app.Config)) *env {
 	case <-time.After(30 * time.Second):
 		t.Fatal("controller not ready within 30s")
 	}
-	var sec corev1.Secret
-	e.get("amesh-system", "amesh-ca", &sec)
-	e.roots = x509.NewCertPool()
-	if !e.roots.AppendCertsFromPEM(sec.Data["ca.crt"]) {
-		t.Fatal("CA secret has no ca.crt")
+	return a
+}
+
+// applyFile creates every object of a multi-document YAML file.
+func (e *env) applyFile(path string) {
+	e.t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		e.t.Fatal(err)
 	}
-	return e
+	scheme, err := app.Scheme()
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	dec := serializer.NewCodecFactory(scheme).UniversalDeserializer()
+	for doc := range strings.SplitSeq(string(b), "\n---\n") {
+		if strings.TrimSpace(doc) == "" {
+			continue
+		}
+		obj, _, err := dec.Decode([]byte(doc), nil, nil)
+		if err != nil {
+			e.t.Fatalf("%s: %v", path, err)
+		}
+		e.create(obj.(client.Object))
+	}
 }
 
 // gatewayCRDs is the directory of the pinned Gateway API's standard CRDs
@@ -221,15 +273,21 @@ func (e *env) token(ns, sa string, pod *corev1.Pod, audiences ...string) string 
 // the serving certificate and sends token (if any) with every call.
 func (e *env) dial(token string) *grpc.ClientConn {
 	e.t.Helper()
+	return e.dialTo(e.app, token, e.roots)
+}
+
+// dialTo dials controller a, verifying its certificate with roots.
+func (e *env) dialTo(a *app.App, token string, roots *x509.CertPool) *grpc.ClientConn {
+	e.t.Helper()
 	opts := []grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{
-		RootCAs:    e.roots,
+		RootCAs:    roots,
 		ServerName: "amesh-controller.amesh-system.svc",
 		MinVersion: tls.VersionTLS13,
 	}))}
 	if token != "" {
 		opts = append(opts, grpc.WithPerRPCCredentials(bearer.PerRPC(func(context.Context) (string, error) { return token, nil })))
 	}
-	conn, err := grpc.NewClient(e.app.GRPCAddr(), opts...)
+	conn, err := grpc.NewClient(a.GRPCAddr(), opts...)
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -295,6 +353,12 @@ var allTypes = []string{pb.WorkloadType, pb.ServiceType, pb.AuthorizationType, p
 // metadata a data-plane component sends.
 func (e *env) subscribe(token string, meta map[string]string) *mirror {
 	e.t.Helper()
+	return e.subscribeTo(e.app, token, meta)
+}
+
+// subscribeTo subscribes to controller a.
+func (e *env) subscribeTo(a *app.App, token string, meta map[string]string) *mirror {
+	e.t.Helper()
 	md := map[string]any{}
 	for k, v := range meta {
 		md[k] = v
@@ -305,7 +369,7 @@ func (e *env) subscribe(token string, meta map[string]string) *mirror {
 	}
 	m := &mirror{state: map[string]map[string]proto.Message{}, changed: make(chan struct{}, 1), errc: make(chan error, 1)}
 	m.client = xds.NewClient(xds.ClientOptions{
-		Conn:           e.dial(token),
+		Conn:           e.dialTo(a, token, e.roots),
 		Node:           &corev3.Node{Id: meta["pod"], Metadata: st},
 		TypeURLs:       allTypes,
 		Handler:        m,

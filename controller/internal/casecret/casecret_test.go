@@ -1,0 +1,124 @@
+package casecret
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"errors"
+	"math/big"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/amesh-dev/amesh/api/ca"
+	"github.com/amesh-dev/amesh/api/identity"
+)
+
+// operatorCA builds an offline root and an intermediate it signs, as an
+// operator would provide them.
+func operatorCA(t *testing.T) (root, inter *x509.Certificate, interKeyPEM []byte) {
+	t.Helper()
+	mk := func(tmpl, parent *x509.Certificate, pub any, signer any) *x509.Certificate {
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, pub, signer)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := x509.ParseCertificate(der)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	rootKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	interKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	now := time.Now()
+	rootTmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "offline root"},
+		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(24 * time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
+	}
+	root = mk(rootTmpl, rootTmpl, rootKey.Public(), rootKey)
+	inter = mk(&x509.Certificate{
+		SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "mesh intermediate"},
+		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(12 * time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
+	}, root, interKey.Public(), rootKey)
+	der, err := x509.MarshalPKCS8PrivateKey(interKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return root, inter, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})
+}
+
+// TestLoadOperatorIntermediate: tls.crt holds only the intermediate and
+// ca.crt the root; workload certificates chain to the root through it.
+func TestLoadOperatorIntermediate(t *testing.T) {
+	root, inter, keyPEM := operatorCA(t)
+	td := spiffeid.RequireTrustDomainFromString("cluster.local")
+	s := &corev1.Secret{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "amesh-system", Name: "amesh-ca"},
+		Data: map[string][]byte{
+			KeyCert: ca.EncodeCertsPEM([]*x509.Certificate{inter}),
+			KeyKey:  keyPEM,
+			KeyRoot: ca.EncodeCertsPEM([]*x509.Certificate{root}),
+		},
+	}
+	a, err := Load(s, Options{TrustDomain: td})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if roots := a.Roots(); len(roots) != 1 || !roots[0].Equal(root) {
+		t.Fatalf("published roots %v, want the operator's root", roots)
+	}
+	id := spiffeid.RequireFromString("spiffe://cluster.local/ns/shop/sa/web")
+	key, _ := identity.NewKey()
+	csr, err := identity.NewCSR(key, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	chain, err := a.Sign(csr, id, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool, inters := x509.NewCertPool(), x509.NewCertPool()
+	pool.AddCert(root)
+	for _, c := range chain[1:] {
+		inters.AddCert(c)
+	}
+	if _, err := chain[0].Verify(x509.VerifyOptions{Roots: pool, Intermediates: inters, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
+		t.Fatalf("leaf does not chain to the operator's root: %v", err)
+	}
+}
+
+func TestLoadInvalid(t *testing.T) {
+	_, inter, keyPEM := operatorCA(t)
+	other, _, otherKey := operatorCA(t)
+	td := spiffeid.RequireTrustDomainFromString("cluster.local")
+	for _, tc := range []struct {
+		name string
+		data map[string][]byte
+	}{
+		{"empty", nil},
+		{"no key", map[string][]byte{KeyCert: ca.EncodeCertsPEM([]*x509.Certificate{inter})}},
+		{"garbage key", map[string][]byte{KeyCert: ca.EncodeCertsPEM([]*x509.Certificate{inter}), KeyKey: []byte("x")}},
+		{"key of another CA", map[string][]byte{KeyCert: ca.EncodeCertsPEM([]*x509.Certificate{inter}), KeyKey: otherKey}},
+		{"root that did not sign it", map[string][]byte{
+			KeyCert: ca.EncodeCertsPEM([]*x509.Certificate{inter}), KeyKey: keyPEM,
+			KeyRoot: ca.EncodeCertsPEM([]*x509.Certificate{other}),
+		}},
+		{"garbage root", map[string][]byte{KeyCert: ca.EncodeCertsPEM([]*x509.Certificate{inter}), KeyKey: keyPEM, KeyRoot: []byte("x")}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Load(&corev1.Secret{Data: tc.data}, Options{TrustDomain: td})
+			if !errors.Is(err, ErrInvalidSecret) {
+				t.Fatalf("got %v, want ErrInvalidSecret", err)
+			}
+		})
+	}
+}
