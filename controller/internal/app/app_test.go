@@ -172,6 +172,37 @@ func TestDiscovery(t *testing.T) {
 		t.Errorf("ztunnel sees WaypointServices %v", n)
 	}
 
+	// Health, readiness and the discovery metrics.
+	for _, path := range []string{"/healthz", "/readyz"} {
+		resp, err := http.Get("http://" + e.app.HTTPAddr() + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			t.Errorf("%s: %s", path, resp.Status)
+		}
+	}
+	resp, err := http.Get("http://" + e.app.HTTPAddr() + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, want := range []string{
+		"amesh_xds_connected_clients 2",
+		"amesh_xds_pushes_total{",
+		"amesh_xds_push_latency_seconds_bucket{",
+		"amesh_controller_translation_duration_seconds_count",
+		"amesh_controller_change_to_publish_seconds_count",
+		"amesh_token_review_cache_hits_total",
+		"go_goroutines",
+	} {
+		if !strings.Contains(string(body), want) {
+			t.Errorf("metrics lack %q:\n%s", want, grepLines(string(body), "amesh_"))
+		}
+	}
+
 	// Deleting the pod removes its workload.
 	if err := e.c.Delete(ctx, web, client.GracePeriodSeconds(0)); err != nil {
 		t.Fatal(err)
