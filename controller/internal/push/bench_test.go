@@ -73,6 +73,7 @@ func BenchmarkPush(b *testing.B) {
 				b.ReportMetric(float64(r.heap)/(1<<20), "heap-MiB")
 				b.ReportMetric(float64(r.peak)/(1<<20), "peak-heap-MiB")
 				b.ReportMetric(r.fullCPU.Seconds(), "full-push-cpu-s")
+				b.ReportMetric(r.subscribersCPU.Seconds(), "subscribers-cpu-s")
 				b.ReportMetric(float64(r.incrCPU.Microseconds())/1000, "incr-cpu-ms")
 				if sz.pods == 10000 {
 					if r.full > targetFullPush || r.p99 > targetP99 || r.heap > targetHeapMiB<<20 {
@@ -89,6 +90,8 @@ type pushResult struct {
 	full, p50, p99 time.Duration
 	// CPU time (user+system) of the controller side.
 	fullCPU, incrCPU time.Duration
+	// CPU time of the subscriber process for the full push.
+	subscribersCPU time.Duration
 	heap, peak       uint64
 }
 
@@ -204,7 +207,9 @@ func runPushScenario(b *testing.B, pods, services, subs, updates int) pushResult
 		}
 		close(lines)
 	}()
-	await := func(want string, d time.Duration) {
+	// await waits for an event line starting with want and returns the
+	// rest of it.
+	await := func(want string, d time.Duration) string {
 		b.Helper()
 		timer := time.NewTimer(d)
 		defer timer.Stop()
@@ -214,15 +219,22 @@ func runPushScenario(b *testing.B, pods, services, subs, updates int) pushResult
 				if !ok {
 					b.Fatalf("subscriber process ended before %q", want)
 				}
-				if l == want {
-					return
+				if rest, ok := strings.CutPrefix(l, want); ok && (rest == "" || rest[0] == ' ') {
+					return strings.TrimSpace(rest)
 				}
 			case <-timer.C:
 				b.Fatalf("no %q within %v", want, d)
 			}
 		}
 	}
-	await("connected", 60*time.Second)
+	var connectCPU time.Duration
+	if rest := await("connected", 60*time.Second); rest != "" {
+		var ns int64
+		if _, err := fmt.Sscanf(rest, "cpu=%d", &ns); err != nil {
+			b.Fatal(err)
+		}
+		connectCPU = time.Duration(ns)
+	}
 
 	var r pushResult
 	stopPeak := samplePeakHeap(&r.peak)
@@ -241,8 +253,12 @@ func runPushScenario(b *testing.B, pods, services, subs, updates int) pushResult
 	if !l.publish() {
 		b.Fatal("publish failed")
 	}
-	await("synced", 60*time.Second)
+	var childCPU int64
+	if _, err := fmt.Sscanf(await("synced", 60*time.Second), "cpu=%d", &childCPU); err != nil {
+		b.Fatal(err)
+	}
 	r.full = time.Since(start)
+	r.subscribersCPU = time.Duration(childCPU) - connectCPU
 	r.fullCPU = cpuTime() - cpu0
 	if os.Getenv("AMESH_BENCH_CPUPROFILE") != "" {
 		pprof.StopCPUProfile()
@@ -350,7 +366,7 @@ func TestSubscriberProcess(t *testing.T) {
 				mu.Lock()
 				synced++
 				if synced == n {
-					emit("synced")
+					emit(fmt.Sprintf("synced cpu=%d", cpuTime()))
 				}
 				mu.Unlock()
 			}
@@ -364,7 +380,7 @@ func TestSubscriberProcess(t *testing.T) {
 		})
 		wg.Go(func() { _ = c.Run(ctx) })
 		if connected.Add(1) == int32(n) {
-			emit("connected")
+			emit(fmt.Sprintf("connected cpu=%d", cpuTime()))
 		}
 	}
 	// Run until the parent closes our stdin.
