@@ -92,7 +92,7 @@ type pushResult struct {
 	fullCPU, incrCPU time.Duration
 	// CPU time of the subscriber process for the full push.
 	subscribersCPU time.Duration
-	heap, peak       uint64
+	heap, peak     uint64
 }
 
 // cpuTime is this process's CPU time so far.
