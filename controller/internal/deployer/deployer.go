@@ -21,10 +21,12 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/selection"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/utils/ptr"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/builder"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/controller"
 	"sigs.k8s.io/controller-runtime/pkg/handler"
 	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
@@ -93,8 +95,12 @@ var serviceAccountType = metav1.TypeMeta{APIVersion: "v1", Kind: "ServiceAccount
 // SetupWithManager registers the Gateway and GatewayClass controllers.
 func (d *Deployer) SetupWithManager(mgr ctrl.Manager) error {
 	sa := &metav1.PartialObjectMetadata{TypeMeta: serviceAccountType}
+	// A process may run several managers (replicas in tests); the names
+	// only label metrics.
+	opts := controller.Options{SkipNameValidation: ptr.To(true)}
 	err := ctrl.NewControllerManagedBy(mgr).
 		Named("waypoint-deployer").
+		WithOptions(opts).
 		For(&gwv1.Gateway{}).
 		Owns(&appsv1.Deployment{}).
 		Owns(&corev1.Service{}).
@@ -107,6 +113,7 @@ func (d *Deployer) SetupWithManager(mgr ctrl.Manager) error {
 	}
 	err = ctrl.NewControllerManagedBy(mgr).
 		Named("waypoint-gatewayclass").
+		WithOptions(opts).
 		For(&gwv1.GatewayClass{}, builder.WithPredicates(predicate.NewPredicateFuncs(func(o client.Object) bool {
 			gc, ok := o.(*gwv1.GatewayClass)
 			return ok && string(gc.Spec.ControllerName) == d.opts.ControllerName

@@ -107,6 +107,11 @@ func TestDeployer(t *testing.T) {
 		if m := findCond(gw.Status.Conditions, "Programmed").Message; !strings.Contains(m, svc.Spec.ClusterIP+":15008") {
 			t.Errorf("Programmed message %q does not give the HBONE address", m)
 		}
+		// The last replica goes away: no longer programmed.
+		e.setAvailable(&dep, 0)
+		e.eventually("Programmed again false", func() error {
+			return conditionIs(e.gateway("shop", "waypoint").Status.Conditions, "Programmed", fa, "Pending")
+		})
 	})
 
 	t.Run("repairs drift and keeps what it does not own", func(t *testing.T) {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -15,8 +16,10 @@ import (
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/serializer"
 	"k8s.io/apimachinery/pkg/types"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/client-go/rest"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -57,13 +60,23 @@ func startEnv(t *testing.T) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	mgr, err := ctrl.NewManager(k.Config, ctrl.Options{
+	e := &env{t: t, c: c}
+	// The deployer runs as the controller's service account with the
+	// permissions the manifests grant it.
+	e.namespace("amesh-system")
+	e.applyFile(filepath.Join("..", "..", "..", "manifests", "base", "rbac.yaml"), s)
+	asController := rest.CopyConfig(k.Config)
+	asController.Impersonate = rest.ImpersonationConfig{
+		UserName: "system:serviceaccount:amesh-system:amesh-controller",
+		Groups:   []string{"system:serviceaccounts", "system:serviceaccounts:amesh-system", "system:authenticated"},
+	}
+	mgr, err := ctrl.NewManager(asController, ctrl.Options{
 		Scheme:                        s,
 		Metrics:                       metricsserver.Options{BindAddress: "0"},
 		HealthProbeBindAddress:        "0",
 		LeaderElection:                true,
 		LeaderElectionID:              "amesh-controller",
-		LeaderElectionNamespace:       "default",
+		LeaderElectionNamespace:       "amesh-system",
 		LeaderElectionReleaseOnCancel: true,
 		Cache: cache.Options{
 			DefaultTransform: cache.TransformStripManagedFields(),
@@ -93,7 +106,6 @@ func startEnv(t *testing.T) *env {
 			t.Error("manager did not stop within 20s")
 		}
 	})
-	e := &env{t: t, c: c}
 	// The GatewayClass exactly as the manifests install it.
 	raw, err := os.ReadFile(filepath.Join("..", "..", "..", "manifests", "base", "gatewayclass.yaml"))
 	if err != nil {
@@ -105,6 +117,26 @@ func startEnv(t *testing.T) *env {
 	}
 	e.create(&gc)
 	return e
+}
+
+// applyFile creates every object of a multi-document YAML file.
+func (e *env) applyFile(path string, s *runtime.Scheme) {
+	e.t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	dec := serializer.NewCodecFactory(s).UniversalDeserializer()
+	for doc := range strings.SplitSeq(string(b), "\n---\n") {
+		if strings.TrimSpace(doc) == "" {
+			continue
+		}
+		obj, _, err := dec.Decode([]byte(doc), nil, nil)
+		if err != nil {
+			e.t.Fatalf("%s: %v", path, err)
+		}
+		e.create(obj.(client.Object))
+	}
 }
 
 func (e *env) create(o client.Object) {

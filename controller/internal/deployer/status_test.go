@@ -287,3 +287,24 @@ func TestOptions(t *testing.T) {
 		t.Errorf("every error at once: got %v", err)
 	}
 }
+
+func TestInfrastructureLabelsCannotOverrideOwn(t *testing.T) {
+	gw := gateway("waypoint", func(g *gwv1.Gateway) {
+		g.Spec.Infrastructure = &gwv1.GatewayInfrastructure{Labels: map[gwv1.LabelKey]gwv1.LabelValue{
+			"gateway.networking.k8s.io/gateway-name": "other",
+			"amesh.dev/dataplane-mode":               "ambient",
+			"team":                                   "a",
+		}}
+	})
+	d := deployment(gw, DefaultOptions())
+	pod := d.Spec.Template.Labels
+	if pod["gateway.networking.k8s.io/gateway-name"] != "waypoint" || pod["amesh.dev/dataplane-mode"] != "none" || pod["team"] != "a" {
+		t.Errorf("pod labels %v: the deployer's own labels must win, others pass through", pod)
+	}
+	if sel := d.Spec.Selector.MatchLabels; len(sel) != 1 || sel["gateway.networking.k8s.io/gateway-name"] != "waypoint" {
+		t.Errorf("selector %v", sel)
+	}
+	if l := service(gw).Labels; l["gateway.networking.k8s.io/gateway-name"] != "waypoint" || l["team"] != "a" {
+		t.Errorf("service labels %v", l)
+	}
+}
