@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -93,6 +94,8 @@ func TestLocalCluster(t *testing.T) {
 	t.Run("HostNetworkHostPathDaemonSet", e.hostNetworkDaemonSet)
 	t.Run("ProjectedTokenAuthenticates", e.projectedToken)
 	t.Run("ScaleDownTerminatesGracefully", e.scaleDown)
+	t.Run("ProbesRestartsAndTermination", e.probesAndRestarts)
+	t.Run("NodeAgentCrashRecovers", e.agentCrash)
 	t.Run("TeardownLeavesNothing", func(t *testing.T) {
 		mnt, err := cgroup.Mount()
 		if err != nil {
@@ -728,4 +731,182 @@ func findLog(t *testing.T, path, pod, msg string) map[string]any {
 		}
 	}
 	return last
+}
+
+func (e *env) probesAndRestarts(t *testing.T) {
+	ctx := ctxT(t, 2*time.Minute)
+	never := corev1.RestartPolicyNever
+	// A liveness exec probe that starts failing after a few seconds makes
+	// the node agent restart the container; an init container must finish
+	// first and leaves a file in a shared emptyDir.
+	e.runPod(t, &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "flaky"},
+		Spec: corev1.PodSpec{
+			InitContainers: []corev1.Container{{
+				Name: "init", Image: "debian:12", Command: []string{"sh", "-c", "echo from-init > /work/init"},
+				VolumeMounts: []corev1.VolumeMount{{Name: "work", MountPath: "/work"}},
+			}},
+			Containers: []corev1.Container{{
+				Name: "main", Image: "debian:12",
+				Command:      []string{"sh", "-c", "test -f /work/init || exit 7; touch /tmp/healthy; sleep 4; rm /tmp/healthy; exec sleep infinity"},
+				VolumeMounts: []corev1.VolumeMount{{Name: "work", MountPath: "/work"}},
+				ReadinessProbe: &corev1.Probe{ProbeHandler: corev1.ProbeHandler{Exec: &corev1.ExecAction{Command: []string{"cat", "/work/init"}}}, PeriodSeconds: 1},
+				LivenessProbe: &corev1.Probe{ProbeHandler: corev1.ProbeHandler{Exec: &corev1.ExecAction{Command: []string{"test", "-f", "/tmp/healthy"}}},
+					InitialDelaySeconds: 1, PeriodSeconds: 1, FailureThreshold: 2},
+			}},
+			Volumes: []corev1.Volume{{Name: "work", VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{}}}},
+		},
+	})
+	eventually(t, 60*time.Second, "liveness restart", func() error {
+		p, err := e.client.CoreV1().Pods(e.ns).Get(ctx, "flaky", metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		if len(p.Status.InitContainerStatuses) != 1 || p.Status.InitContainerStatuses[0].State.Terminated == nil ||
+			p.Status.InitContainerStatuses[0].State.Terminated.Reason != "Completed" {
+			return fmt.Errorf("init container status %+v", p.Status.InitContainerStatuses)
+		}
+		cs := p.Status.ContainerStatuses[0]
+		if cs.RestartCount < 1 || cs.LastTerminationState.Terminated == nil {
+			return fmt.Errorf("restarts %d, last state %+v", cs.RestartCount, cs.LastTerminationState)
+		}
+		if code := cs.LastTerminationState.Terminated.ExitCode; code != 137 && code != 143 {
+			return fmt.Errorf("killed container exited %d, want a SIGTERM/SIGKILL status", code)
+		}
+		return nil
+	})
+	// The previous run's log is served as --previous.
+	if _, err := e.client.CoreV1().Pods(e.ns).GetLogs("flaky", &corev1.PodLogOptions{Container: "main", Previous: true}).DoRaw(ctx); err != nil {
+		t.Errorf("previous logs: %v", err)
+	}
+
+	// A pod that fails for good: phase Failed, exit code and termination
+	// message from its termination log.
+	if _, err := e.client.CoreV1().Pods(e.ns).Create(ctx, &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "fails", Namespace: e.ns},
+		Spec: corev1.PodSpec{
+			RestartPolicy: never,
+			Containers: []corev1.Container{{Name: "main", Image: "debian:12",
+				Command: []string{"sh", "-c", "echo line-on-stdout; echo bad-input > /dev/termination-log; exit 3"}}},
+		},
+	}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 60*time.Second, "failed pod", func() error {
+		p, err := e.client.CoreV1().Pods(e.ns).Get(ctx, "fails", metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		if p.Status.Phase != corev1.PodFailed {
+			return fmt.Errorf("phase %s", p.Status.Phase)
+		}
+		term := p.Status.ContainerStatuses[0].State.Terminated
+		if term == nil || term.ExitCode != 3 || strings.TrimSpace(term.Message) != "bad-input" || term.Reason != "Error" {
+			return fmt.Errorf("terminated state %+v", term)
+		}
+		return nil
+	})
+	logs, err := e.client.CoreV1().Pods(e.ns).GetLogs("fails", &corev1.PodLogOptions{}).DoRaw(ctx)
+	if err != nil || strings.TrimSpace(string(logs)) != "line-on-stdout" {
+		t.Errorf("logs of the failed pod = %q, %v", logs, err)
+	}
+	// A missing image is reported, not run.
+	if _, err := e.client.CoreV1().Pods(e.ns).Create(ctx, &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "noimage", Namespace: e.ns},
+		Spec:       corev1.PodSpec{Containers: []corev1.Container{{Name: "main", Image: "example.com/not-in-the-table:1"}}},
+	}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 30*time.Second, "image error reported", func() error {
+		p, err := e.client.CoreV1().Pods(e.ns).Get(ctx, "noimage", metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		if len(p.Status.ContainerStatuses) == 0 || p.Status.ContainerStatuses[0].State.Waiting == nil ||
+			p.Status.ContainerStatuses[0].State.Waiting.Reason != "ErrImagePull" {
+			return fmt.Errorf("status %+v", p.Status.ContainerStatuses)
+		}
+		return nil
+	})
+}
+
+// agentCrash kills a node agent: its pods die with it, the cluster restarts
+// the agent, and the node's pods come back.
+func (e *env) agentCrash(t *testing.T) {
+	ctx := ctxT(t, 2*time.Minute)
+	node := e.cfg.NodeName(e.cfg.Nodes)
+	mnt, err := cgroup.Mount()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pids, err := cgroup.Procs(filepath.Join(mnt, e.cfg.prefix(), "nodes", node))
+	if err != nil {
+		t.Fatal(err)
+	}
+	agent := 0
+	for _, p := range pids {
+		cmd, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", p))
+		if strings.Contains(string(cmd), "--config="+nodeStateDir+"/config.json") {
+			agent = p
+		}
+	}
+	if agent == 0 {
+		t.Fatalf("no agent process among %v", pids)
+	}
+	before, err := e.client.CoreV1().Pods(e.ns).Get(ctx, "tokenpod", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Kill(agent, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 90*time.Second, "pod back after the agent restart", func() error {
+		p, err := e.client.CoreV1().Pods(e.ns).Get(ctx, "tokenpod", metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		cs := p.Status.ContainerStatuses
+		if len(cs) == 0 || cs[0].ContainerID == before.Status.ContainerStatuses[0].ContainerID || !cs[0].Ready {
+			return fmt.Errorf("container %+v", cs)
+		}
+		return nil
+	})
+	n, err := e.client.CoreV1().Nodes().Get(ctx, node, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range n.Status.Conditions {
+		if c.Type == corev1.NodeReady && c.Status != corev1.ConditionTrue {
+			t.Errorf("node %s not Ready after the agent restart: %s", node, c.Message)
+		}
+	}
+	// The old pod network namespaces were cleaned up: one veth per pod
+	// sandbox on the node (running pods, and pending ones such as the pod
+	// whose image is missing).
+	eventually(t, 30*time.Second, "one veth per pod sandbox", func() error {
+		out, err := exec.Command("ip", "netns", "exec", e.cfg.NodeNetns(e.cfg.Nodes), "ip", "-o", "link", "show", "type", "veth").Output()
+		if err != nil {
+			return err
+		}
+		got := 0
+		for _, l := range strings.Split(string(out), "\n") {
+			if f := strings.Fields(l); len(f) > 1 && strings.HasPrefix(f[1], "veth") {
+				got++
+			}
+		}
+		pods, err := e.client.CoreV1().Pods("").List(ctx, metav1.ListOptions{FieldSelector: "spec.nodeName=" + node})
+		if err != nil {
+			return err
+		}
+		want := 0
+		for _, p := range pods.Items {
+			if !p.Spec.HostNetwork && (p.Status.Phase == corev1.PodRunning || p.Status.Phase == corev1.PodPending) {
+				want++
+			}
+		}
+		if got != want {
+			return fmt.Errorf("node %s has %d pod veths, want %d:\n%s", node, got, want, out)
+		}
+		return nil
+	})
 }

@@ -91,7 +91,14 @@ func (p *proc) supervise(log *zap.Logger) {
 				err = errors.New("exited")
 			}
 		}
-		_ = cgroup.Kill(p.cgroup, 5*time.Second)
+		// Remove (not just kill) the cgroup: launch creates a fresh one.
+		// Some kernels kill every child cloned into a cgroup that was
+		// killed before (CLONE_INTO_CGROUP compares the parent's
+		// cgroup.kill sequence with the target's), so a killed cgroup is
+		// never reused.
+		if err := cgroup.Remove(p.cgroup, 10*time.Second); err != nil {
+			log.Warn("clean up cgroup", zap.String("process", p.name), zap.Error(err))
+		}
 		p.mu.Lock()
 		p.cmd = nil
 		p.exits++

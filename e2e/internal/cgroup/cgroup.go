@@ -1,6 +1,11 @@
 // Package cgroup groups the local cluster's processes in cgroup v2 so that
 // every process a cluster started — including grandchildren that escaped
 // their parent — can be listed and killed, also after a crash.
+//
+// A cgroup that was killed must be removed and created anew before
+// processes are started in it again: on some kernels a child cloned into a
+// cgroup (CLONE_INTO_CGROUP) is killed at birth when that cgroup's
+// cgroup.kill sequence differs from the parent's.
 package cgroup
 
 import (
