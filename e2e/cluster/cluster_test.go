@@ -748,8 +748,8 @@ func (e *env) probesAndRestarts(t *testing.T) {
 			}},
 			Containers: []corev1.Container{{
 				Name: "main", Image: "debian:12",
-				Command:      []string{"sh", "-c", "test -f /work/init || exit 7; touch /tmp/healthy; sleep 4; rm /tmp/healthy; exec sleep infinity"},
-				VolumeMounts: []corev1.VolumeMount{{Name: "work", MountPath: "/work"}},
+				Command:        []string{"sh", "-c", "test -f /work/init || exit 7; touch /tmp/healthy; sleep 4; rm /tmp/healthy; exec sleep infinity"},
+				VolumeMounts:   []corev1.VolumeMount{{Name: "work", MountPath: "/work"}},
 				ReadinessProbe: &corev1.Probe{ProbeHandler: corev1.ProbeHandler{Exec: &corev1.ExecAction{Command: []string{"cat", "/work/init"}}}, PeriodSeconds: 1},
 				LivenessProbe: &corev1.Probe{ProbeHandler: corev1.ProbeHandler{Exec: &corev1.ExecAction{Command: []string{"test", "-f", "/tmp/healthy"}}},
 					InitialDelaySeconds: 1, PeriodSeconds: 1, FailureThreshold: 2},
