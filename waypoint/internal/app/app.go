@@ -61,6 +61,9 @@ type App struct {
 	admin    *admin.Server
 	tracer   *telemetry.Tracer
 	draining atomic.Bool
+	// gatewaySeen: whether the WaypointGateway was there at the last
+	// delta (xDS goroutine only; for logging its arrival and loss).
+	gatewaySeen, gatewayLogged bool
 
 	// UpstreamHBONEPort is where endpoints' ztunnels listen (15008).
 	upstreamPort uint16
@@ -152,8 +155,7 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (*App, error) {
 		return nil, fmt.Errorf("node metadata: %w", err)
 	}
 	a.xds = xds.NewClient(xds.ClientOptions{Conn: a.conn, Node: &corev3.Node{Id: cfg.PodName, Metadata: meta},
-		TypeURLs: []string{discoveryv1.TrustBundleType, discoveryv1.ServiceType, discoveryv1.WorkloadType, discoveryv1.WaypointServiceType},
-		Handler:  xds.HandlerFunc(a.apply), Logger: log.Named("xds")})
+		TypeURLs: typeURLs(), Handler: xds.HandlerFunc(a.apply), Logger: log.Named("xds")})
 
 	listen := func(addr string) (net.Listener, error) {
 		if addr == "" {
@@ -178,16 +180,23 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (*App, error) {
 		Gatherer: a.reg, Logger: log.Named("admin"), Dumps: map[string]func() any{
 			"catalog":           func() any { return a.cat.Snapshot() },
 			"waypoint_services": func() any { return protoMap(a.cat.WaypointServices()) },
+			"waypoint_gateway":  func() any { return a.cat.WaypointGateway() },
 			"certificates":      func() any { return a.store.Snapshot() },
 			"xds_versions": func() any {
 				out := map[string]map[string]string{}
-				for _, t := range []string{discoveryv1.TrustBundleType, discoveryv1.ServiceType, discoveryv1.WorkloadType, discoveryv1.WaypointServiceType} {
+				for _, t := range typeURLs() {
 					out[t] = a.xds.Versions(t)
 				}
 				return out
 			},
 		}})
 	return a, nil
+}
+
+// typeURLs are the discovery types the waypoint subscribes to.
+func typeURLs() []string {
+	return []string{discoveryv1.TrustBundleType, discoveryv1.ServiceType, discoveryv1.WorkloadType,
+		discoveryv1.WaypointServiceType, discoveryv1.WaypointGatewayType}
 }
 
 func protoMap[M proto.Message](m map[string]M) map[string]proto.Message {
@@ -255,16 +264,31 @@ func (a *App) apply(typeURL string, upserts []*xds.Resource, removes []string) e
 	for _, r := range upserts {
 		msgs = append(msgs, r.Body)
 	}
-	return a.cat.Apply(typeURL, msgs, removes)
+	if err := a.cat.Apply(typeURL, msgs, removes); err != nil {
+		return err
+	}
+	// apply runs on the xDS client's goroutine only.
+	if gw := a.cat.GatewayReady(); a.cat.Ready() && (!a.gatewayLogged || gw != a.gatewaySeen) {
+		a.gatewaySeen, a.gatewayLogged = gw, true
+		if gw {
+			a.log.Info("WaypointGateway received: serving workloads bound to this waypoint", zap.String("gateway", a.cfg.Gateway))
+		} else {
+			a.log.Warn("no WaypointGateway for this waypoint: traffic addressed to workloads bound to it is refused until one arrives",
+				zap.String("gateway", a.cfg.Gateway))
+		}
+	}
+	return nil
 }
 
 func (a *App) ready() error {
 	if a.draining.Load() {
 		return errors.New("draining")
 	}
-	select {
-	case <-a.xds.Synced():
-	default:
+	// Services, workloads and waypoint services: enough to serve service
+	// traffic. The WaypointGateway is not waited for (a controller that
+	// does not publish it yet would keep the waypoint unready); until it
+	// arrives only workload-addressed traffic is refused.
+	if !a.cat.Ready() {
 		return errors.New("discovery not synced")
 	}
 	for _, c := range a.store.Snapshot() {

@@ -138,6 +138,8 @@ func name(m proto.Message) string {
 		return r.GetNamespace() + "/" + r.GetHostname()
 	case *discoveryv1.WaypointService:
 		return r.GetService()
+	case *discoveryv1.WaypointGateway:
+		return r.GetGateway()
 	case *discoveryv1.TrustBundle:
 		return r.GetTrustDomain()
 	}
@@ -296,6 +298,33 @@ type running struct {
 
 func startWaypoint(t *testing.T, c *controller, hbonePort uint16) *running {
 	t.Helper()
+	rw := launchWaypoint(t, c, hbonePort)
+	rw.waitReady(t)
+	return rw
+}
+
+// waitReady waits for /healthz/ready to answer 200.
+func (rw *running) waitReady(t *testing.T) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		resp, err := http.Get("http://" + rw.ready + "/healthz/ready")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == 200 {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("waypoint never ready (last: %v %v)", resp, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// launchWaypoint starts a waypoint without waiting for it to be ready.
+func launchWaypoint(t *testing.T, c *controller, hbonePort uint16) *running {
+	t.Helper()
 	cfg := DefaultConfig()
 	cfg.Namespace, cfg.ServiceAccount = "default", "waypoint"
 	cfg.PodName, cfg.NodeName, cfg.Gateway = "waypoint-0", "node-1", "default/waypoint"
@@ -332,22 +361,7 @@ func startWaypoint(t *testing.T, c *controller, hbonePort uint16) *running {
 			t.Error(err)
 		}
 	})
-	rw := &running{app: a, hbone: netip.MustParseAddrPort(h), admin: ad, metric: m, ready: r, stop: stop}
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		resp, err := http.Get("http://" + r + "/healthz/ready")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == 200 {
-				break
-			}
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("waypoint never ready (last: %v %v)", resp, err)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	return rw
+	return &running{app: a, hbone: netip.MustParseAddrPort(h), admin: ad, metric: m, ready: r, stop: stop}
 }
 
 // client tunnels to the waypoint with its own identity, as the source
@@ -441,6 +455,10 @@ func TestEndToEndThroughHBONE(t *testing.T) {
 			Authorizations: []*discoveryv1.Authorization{{Namespace: "default", Name: "db-frontend-only",
 				Rules: []*discoveryv1.Rule{{From: []*discoveryv1.Source{{Namespaces: []string{"frontend"}}}}}}}},
 	)
+	// Gateway-targeted policy: applies to workload-addressed traffic.
+	c.set(discoveryv1.WaypointGatewayType, &discoveryv1.WaypointGateway{Gateway: "default/waypoint",
+		Authorizations: []*discoveryv1.Authorization{{Namespace: "default", Name: "gw-no-internal", Action: discoveryv1.Authorization_ACTION_DENY,
+			Rules: []*discoveryv1.Rule{{To: []*discoveryv1.Operation{{Paths: []string{"/internal*"}}}}}}}})
 	wp := startWaypoint(t, c, hbonePort)
 	cl := newClient(t, c, wp)
 	reviews := netip.AddrPortFrom(reviewsVIP, 9080)
@@ -525,14 +543,18 @@ func TestEndToEndThroughHBONE(t *testing.T) {
 		if resp.StatusCode != 200 || !strings.HasPrefix(string(b), "v1 HTTP/1.1 /direct") {
 			t.Fatalf("%d %q", resp.StatusCode, b)
 		}
-		// The reviews service's DENY policy applies to its workloads too.
-		resp, err = cl.http1(netip.AddrPortFrom(v1.ip, v1.appPort)).Get("http://pod/admin")
-		if err != nil {
-			t.Fatal(err)
-		}
-		resp.Body.Close()
-		if resp.StatusCode != 403 {
-			t.Fatalf("admin on the pod: %d", resp.StatusCode)
+		// The Gateway's policy applies to traffic addressed to the pod; the
+		// reviews Service's (DENY /admin*) does not: the pod was not
+		// addressed through the Service.
+		for path, want := range map[string]int{"/internal/x": 403, "/admin": 200} {
+			resp, err = cl.http1(netip.AddrPortFrom(v1.ip, v1.appPort)).Get("http://pod" + path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != want {
+				t.Fatalf("%s on the pod: %d, want %d", path, resp.StatusCode, want)
+			}
 		}
 		// v2 is not bound to this waypoint.
 		if _, err := cl.dial(netip.AddrPortFrom(v2.ip, v2.appPort))(context.Background(), "", ""); !errors.Is(err, hbone.ErrBadTarget) {

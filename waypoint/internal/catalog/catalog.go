@@ -1,19 +1,36 @@
-// Package catalog is the waypoint's discovery state: the Workloads, Services
-// and WaypointServices received from the controller, compiled into
-// immutable per-target snapshots (routes, policies, rate limiters) and
-// upstream clusters kept up to date with their endpoints.
+// Package catalog is the waypoint's discovery state: the Workloads, Services,
+// WaypointServices and this waypoint's WaypointGateway received from the
+// controller, compiled into immutable per-target snapshots (routes, policies,
+// rate limiters) and upstream clusters kept up to date with their endpoints.
+//
+// Two kinds of traffic reach a waypoint. Service-addressed traffic (the
+// authority is a Service VIP and port) is served with that Service's
+// WaypointService. Workload-addressed traffic (the authority is the IP and
+// target port of a workload bound to this waypoint: per-service-account
+// waypoints, use-waypoint on a pod, or ztunnel having picked such a pod as
+// the endpoint of a Service without a waypoint of its own) is served with
+// the WaypointGateway's policies and a default route to the workload
+// itself. Its protocol is the app protocol that the workload's Services
+// declare for that target port; a port no Service declares is TCP (no
+// sniffing). Traffic for workloads not bound to this waypoint is not served.
+// Nothing is served until the initial discovery state has arrived, and
+// workload-addressed traffic not until the WaypointGateway has (fail
+// closed: the waypoint would not know the policies that apply).
 package catalog
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"maps"
+	"net"
 	"net/netip"
 	"slices"
 	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	discoveryv1 "github.com/amesh-dev/amesh/api/discovery/v1"
 	"github.com/amesh-dev/amesh/waypoint/internal/authn"
@@ -45,14 +62,18 @@ type Target struct {
 	Workload *discoveryv1.Workload
 }
 
+// Errors of Resolve.
+var (
+	// ErrNotSynced: the discovery state needed to decide has not arrived
+	// yet (the caller answers 503, the client may retry).
+	ErrNotSynced = errors.New("discovery state not synced")
+	// ErrNotServed: the address is neither a service this waypoint serves
+	// nor a workload bound to it.
+	ErrNotServed = errors.New("not served by this waypoint")
+)
+
 // HTTP reports whether the target is served at L7.
-func (t *Target) HTTP() bool {
-	switch t.Protocol {
-	case "http", "http2", "grpc":
-		return true
-	}
-	return false
-}
+func (t *Target) HTTP() bool { return httpProtocol(t.Protocol) }
 
 // Options configure a Catalog.
 type Options struct {
@@ -60,9 +81,13 @@ type Options struct {
 	Keys   *authn.KeyCache
 	Logger *zap.Logger
 	// Gateway is this waypoint's Gateway "<namespace>/<name>"; workloads
-	// bound to it (Workload.waypoint) are served when addressed directly.
+	// bound to it (Workload.waypoint) are served when addressed directly,
+	// with the policies of the WaypointGateway of that name.
 	Gateway string
 }
+
+// coreTypes must all have arrived before anything is served.
+var coreTypes = []string{discoveryv1.ServiceType, discoveryv1.WorkloadType, discoveryv1.WaypointServiceType}
 
 // Catalog holds the discovery state. Safe for concurrent use.
 type Catalog struct {
@@ -75,8 +100,12 @@ type Catalog struct {
 	workloads map[string]*discoveryv1.Workload
 	services  map[string]*discoveryv1.Service
 	waypoints map[string]*discoveryv1.WaypointService
-	limiters  map[string]*limiterEntry
-	clusters  map[clusterKey]*upstream.Cluster
+	// gw is this waypoint's WaypointGateway; nil until it arrives.
+	gw       *discoveryv1.WaypointGateway
+	applied  map[string]bool // types that had a delta applied
+	marked   bool            // MarkReady was called
+	limiters map[string]*limiterEntry
+	clusters map[clusterKey]*upstream.Cluster
 	// wlProto is the protocol of each workload-addressed port.
 	wlProto map[clusterKey]string
 	// bySvc indexes workloads by the services they are endpoints of.
@@ -96,10 +125,14 @@ type clusterKey struct {
 }
 
 type snapshot struct {
-	byAddr     map[netip.AddrPort]*Target
-	byIP       map[netip.Addr]*discoveryv1.Workload
+	byAddr map[netip.AddrPort]*Target
+	byIP   map[netip.Addr]*discoveryv1.Workload
+	// bound holds, per address of a workload bound to this waypoint, the
+	// target for its ports that no Service declares (TCP); Port is unset.
+	bound      map[netip.Addr]*Target
 	waypoints  map[string]*discoveryv1.WaypointService
 	services   map[string]*discoveryv1.Service
+	gw         *discoveryv1.WaypointGateway
 	ready      bool
 	generation uint64
 }
@@ -109,14 +142,15 @@ func New(opts Options) *Catalog {
 	c := &Catalog{dial: opts.Dial, keys: opts.Keys, log: opts.Logger, gateway: opts.Gateway, wlProto: map[clusterKey]string{},
 		workloads: map[string]*discoveryv1.Workload{}, services: map[string]*discoveryv1.Service{},
 		waypoints: map[string]*discoveryv1.WaypointService{}, limiters: map[string]*limiterEntry{},
-		clusters: map[clusterKey]*upstream.Cluster{}}
+		clusters: map[clusterKey]*upstream.Cluster{}, applied: map[string]bool{}}
 	if c.log == nil {
 		c.log = zap.NewNop()
 	}
 	if c.keys == nil {
 		c.keys = authn.NewKeyCache(authn.Options{})
 	}
-	c.snap.Store(&snapshot{byAddr: map[netip.AddrPort]*Target{}, byIP: map[netip.Addr]*discoveryv1.Workload{}})
+	c.snap.Store(&snapshot{byAddr: map[netip.AddrPort]*Target{}, byIP: map[netip.Addr]*discoveryv1.Workload{},
+		bound: map[netip.Addr]*Target{}})
 	return c
 }
 
@@ -130,7 +164,7 @@ func (c *Catalog) Apply(typeURL string, upserts []proto.Message, removes []strin
 		}
 	}
 	switch typeURL {
-	case discoveryv1.WorkloadType, discoveryv1.ServiceType, discoveryv1.WaypointServiceType:
+	case discoveryv1.WorkloadType, discoveryv1.ServiceType, discoveryv1.WaypointServiceType, discoveryv1.WaypointGatewayType:
 	default:
 		return fmt.Errorf("catalog: unexpected type %s", typeURL)
 	}
@@ -144,6 +178,12 @@ func (c *Catalog) Apply(typeURL string, upserts []proto.Message, removes []strin
 			c.services[r.GetNamespace()+"/"+r.GetHostname()] = r
 		case *discoveryv1.WaypointService:
 			c.waypoints[r.GetService()] = r
+		case *discoveryv1.WaypointGateway:
+			// Other waypoints' resources may be visible too; only this
+			// waypoint's own applies.
+			if c.gateway != "" && r.GetGateway() == c.gateway {
+				c.gw = r
+			}
 		}
 	}
 	for _, n := range removes {
@@ -154,8 +194,13 @@ func (c *Catalog) Apply(typeURL string, upserts []proto.Message, removes []strin
 			delete(c.services, n)
 		case discoveryv1.WaypointServiceType:
 			delete(c.waypoints, n)
+		case discoveryv1.WaypointGatewayType:
+			if n == c.gateway {
+				c.gw = nil
+			}
 		}
 	}
+	c.applied[typeURL] = true
 	c.rebuild()
 	return nil
 }
@@ -168,6 +213,8 @@ func typeOf(m proto.Message) string {
 		return discoveryv1.ServiceType
 	case *discoveryv1.WaypointService:
 		return discoveryv1.WaypointServiceType
+	case *discoveryv1.WaypointGateway:
+		return discoveryv1.WaypointGatewayType
 	}
 	return "type.googleapis.com/" + string(m.ProtoReflect().Descriptor().FullName())
 }
@@ -195,17 +242,37 @@ func (c *Catalog) Update(upserts []proto.Message, removes []string) error {
 	return nil
 }
 
-// MarkReady records that the initial state has arrived.
+// MarkReady declares the state complete without waiting for every core
+// type (static configuration). Ready otherwise turns true once Services,
+// Workloads and WaypointServices have each had their first delta applied.
 func (c *Catalog) MarkReady() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.marked = true
 	s := *c.snap.Load()
-	s.ready = true
+	s.ready = c.readyLocked()
 	c.snap.Store(&s)
 }
 
-// Ready reports whether the initial discovery state has arrived.
+func (c *Catalog) readyLocked() bool {
+	if c.marked {
+		return true
+	}
+	for _, t := range coreTypes {
+		if !c.applied[t] {
+			return false
+		}
+	}
+	return true
+}
+
+// Ready reports whether the initial discovery state has arrived: until
+// then Resolve refuses everything.
 func (c *Catalog) Ready() bool { return c.snap.Load().ready }
+
+// GatewayReady reports whether this waypoint's WaypointGateway has arrived:
+// until then workload-addressed traffic is refused.
+func (c *Catalog) GatewayReady() bool { return c.snap.Load().gw != nil }
 
 func addrOf(b []byte) (netip.Addr, bool) {
 	a, ok := netip.AddrFromSlice(b)
@@ -216,7 +283,8 @@ func addrOf(b []byte) (netip.Addr, bool) {
 func (c *Catalog) rebuild() {
 	old := c.snap.Load()
 	s := &snapshot{byAddr: map[netip.AddrPort]*Target{}, byIP: map[netip.Addr]*discoveryv1.Workload{},
-		waypoints: maps.Clone(c.waypoints), services: maps.Clone(c.services), ready: old.ready, generation: old.generation + 1}
+		bound: map[netip.Addr]*Target{}, waypoints: maps.Clone(c.waypoints), services: maps.Clone(c.services),
+		gw: c.gw, ready: c.readyLocked(), generation: old.generation + 1}
 	c.bySvc = map[string][]*discoveryv1.Workload{}
 	for _, w := range c.workloads {
 		for _, a := range w.GetAddresses() {
@@ -252,12 +320,12 @@ func (c *Catalog) rebuild() {
 			}
 		}
 	}
+	c.workloadTargets(s, liveLimiters)
 	for k := range c.limiters {
 		if !liveLimiters[k] {
 			delete(c.limiters, k)
 		}
 	}
-	c.workloadTargets(s)
 	c.snap.Store(s)
 	for k, cl := range c.clusters {
 		if uid, ok := strings.CutPrefix(k.service, workloadPrefix); ok {
@@ -266,7 +334,7 @@ func (c *Catalog) rebuild() {
 				delete(c.clusters, k)
 				continue
 			}
-			cl.Update(c.workloadEndpoint(uid, k.port), nil)
+			cl.Update(c.workloadEndpoint(uid, k.port), c.gw.GetTrafficPolicy())
 			continue
 		}
 		if _, ok := c.services[k.service]; !ok {
@@ -281,84 +349,108 @@ func (c *Catalog) rebuild() {
 // workloadPrefix marks the pseudo-service of a workload addressed directly.
 const workloadPrefix = "workload:"
 
+// gatewayLimiterKey keys the rate limiter of workload-addressed traffic:
+// one bucket for the Gateway, shared by all workloads bound to it.
+const gatewayLimiterKey = "gateway:"
+
 // workloadTargets adds targets for workloads bound to this waypoint and
-// addressed by their own IP. Their policies are those of the waypoint's
-// services the workload belongs to (DENY of any applies; so does ALLOW);
-// a workload that belongs to none of them is not served (fail closed: the
-// waypoint would not know the policies that apply).
-func (c *Catalog) workloadTargets(s *snapshot) {
+// addressed by their own IP, with the WaypointGateway's policies. Without
+// the WaypointGateway none are added (fail closed). liveLimiters collects
+// the limiter keys in use.
+func (c *Catalog) workloadTargets(s *snapshot, liveLimiters map[string]bool) {
 	clear(c.wlProto)
-	if c.gateway == "" {
+	if c.gateway == "" || c.gw == nil {
 		return
 	}
+	tp := c.gw.GetTrafficPolicy()
+	az := authz.Compile(c.gw.GetAuthorizations())
+	an := authn.New(c.gw.GetRequestAuthentications(), c.keys, authn.Options{})
+	lk := gatewayLimiterKey + c.gateway
+	lim := c.limiter(lk, tp.GetLocalRateLimit())
+	liveLimiters[lk] = true
 	for uid, w := range c.workloads {
 		if w.GetWaypoint().GetGateway() != c.gateway || len(w.GetAddresses()) == 0 {
 			continue
 		}
-		var authzs []*discoveryv1.Authorization
-		var ras []*discoveryv1.RequestAuthentication
-		seenA, seenR := map[string]bool{}, map[string]bool{}
-		ports := map[uint32]string{} // target port → protocol
-		keys := make([]string, 0, len(w.GetServices()))
-		for k := range w.GetServices() {
-			keys = append(keys, k)
-		}
-		sort.Strings(keys)
-		for _, svcKey := range keys {
-			ws, svc := c.waypoints[svcKey], c.services[svcKey]
-			if ws == nil || svc == nil {
-				continue
-			}
-			for _, a := range ws.GetAuthorizations() {
-				if n := a.GetNamespace() + "/" + a.GetName(); !seenA[n] {
-					seenA[n] = true
-					authzs = append(authzs, a)
-				}
-			}
-			for _, r := range ws.GetRequestAuthentications() {
-				if n := r.GetNamespace() + "/" + r.GetName(); !seenR[n] {
-					seenR[n] = true
-					ras = append(ras, r)
-				}
-			}
-			for _, sp := range svc.GetPorts() {
-				tp := sp.GetTargetPort()
-				for _, p := range w.GetServices()[svcKey].GetPorts() {
-					if p.GetServicePort() == sp.GetServicePort() && p.GetTargetPort() != 0 {
-						tp = p.GetTargetPort()
-					}
-				}
-				if tp != 0 && ports[tp] == "" {
-					ports[tp] = protocol(sp)
-				}
-			}
-		}
-		if len(ports) == 0 {
-			continue
-		}
 		key := workloadPrefix + uid
 		pseudo := &discoveryv1.Service{Name: w.GetWorkloadName(), Namespace: w.GetNamespace()}
-		az := authz.Compile(authzs)
-		an := authn.New(ras, c.keys, authn.Options{})
-		for tp, proto := range ports {
-			c.wlProto[clusterKey{key, tp}] = proto
-			t := &Target{Key: key, Service: pseudo, Port: tp, Protocol: proto, Workload: w,
-				Routes: route.Compile(key, tp, nil, nil), Authz: az, Authn: an}
-			for _, a := range w.GetAddresses() {
-				if ip, ok := addrOf(a); ok {
-					if _, taken := s.byAddr[netip.AddrPortFrom(ip, uint16(tp))]; !taken {
-						s.byAddr[netip.AddrPortFrom(ip, uint16(tp))] = t
-					}
+		base := &Target{Key: key, Service: pseudo, Protocol: "tcp", Workload: w,
+			Authz: az, Authn: an, Limiter: lim, Fault: tp.GetFault(), Policy: tp}
+		ports := c.workloadPorts(w)
+		for port, proto := range ports {
+			c.wlProto[clusterKey{key, port}] = proto
+		}
+		for _, a := range w.GetAddresses() {
+			ip, ok := addrOf(a)
+			if !ok {
+				continue
+			}
+			s.bound[ip] = base
+			for port, proto := range ports {
+				ap := netip.AddrPortFrom(ip, uint16(port))
+				if _, taken := s.byAddr[ap]; taken {
+					continue // a Service VIP (never expected to collide)
 				}
+				t := *base
+				t.Port, t.Protocol = port, proto
+				if t.HTTP() {
+					t.Routes = route.Compile(key, port, nil, nil)
+				}
+				s.byAddr[ap] = &t
 			}
 		}
 	}
 }
 
+// workloadPorts maps the target ports that w's Services declare to their
+// protocol. When Services disagree about one target port, an HTTP-family
+// protocol wins over TCP (a declaration says more than the default), and
+// among those the Service first in name order wins.
+func (c *Catalog) workloadPorts(w *discoveryv1.Workload) map[uint32]string {
+	keys := make([]string, 0, len(w.GetServices()))
+	for k := range w.GetServices() {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	ports := map[uint32]string{}
+	for _, svcKey := range keys {
+		svc := c.services[svcKey]
+		if svc == nil {
+			continue
+		}
+		for _, sp := range svc.GetPorts() {
+			tp := sp.GetTargetPort()
+			for _, p := range w.GetServices()[svcKey].GetPorts() {
+				if p.GetServicePort() == sp.GetServicePort() && p.GetTargetPort() != 0 {
+					tp = p.GetTargetPort()
+				}
+			}
+			if tp == 0 || tp > 65535 {
+				continue
+			}
+			proto := protocol(sp)
+			if prev, ok := ports[tp]; !ok || !httpProtocol(prev) && httpProtocol(proto) {
+				ports[tp] = proto
+			}
+		}
+	}
+	return ports
+}
+
+func httpProtocol(p string) bool {
+	switch p {
+	case "http", "http2", "grpc":
+		return true
+	}
+	return false
+}
+
 // workloadEndpoint is the single endpoint of a directly addressed workload.
+// Its readiness does not matter: traffic addressed to a pod's IP reaches
+// the pod whether or not it is ready, as without a mesh.
 func (c *Catalog) workloadEndpoint(uid string, port uint32) []upstream.Endpoint {
 	w := c.workloads[uid]
-	if w == nil || len(w.GetAddresses()) == 0 || w.GetStatus() != discoveryv1.WorkloadStatus_WORKLOAD_STATUS_HEALTHY {
+	if w == nil || len(w.GetAddresses()) == 0 {
 		return nil
 	}
 	ip, ok := addrOf(w.GetAddresses()[0])
@@ -464,9 +556,68 @@ func (c *Catalog) endpoints(key string, port uint32) []upstream.Endpoint {
 	return out
 }
 
-// Target returns the target for traffic addressed to addr, or nil.
+// Target returns the target for traffic addressed to addr, or nil. It
+// knows only the service ports and the declared ports of bound workloads
+// (everything served at L7); Resolve also knows a bound workload's other
+// ports and says why an address is not served.
 func (c *Catalog) Target(addr netip.AddrPort) *Target {
 	return c.snap.Load().byAddr[netip.AddrPortFrom(addr.Addr().Unmap(), addr.Port())]
+}
+
+// Resolve returns the target for a tunnel addressed to addr: ErrNotSynced
+// before the initial state (or, for a workload bound to this waypoint,
+// before the WaypointGateway) has arrived, ErrNotServed for an address
+// this waypoint does not serve. A bound workload's port that no Service
+// declares is served as TCP.
+func (c *Catalog) Resolve(addr netip.AddrPort) (*Target, error) {
+	s := c.snap.Load()
+	if !s.ready {
+		return nil, ErrNotSynced
+	}
+	addr = netip.AddrPortFrom(addr.Addr().Unmap(), addr.Port())
+	if t := s.byAddr[addr]; t != nil {
+		return t, nil
+	}
+	if base := s.bound[addr.Addr()]; base != nil {
+		if addr.Port() == 0 {
+			return nil, fmt.Errorf("%w: %s: port 0", ErrNotServed, addr)
+		}
+		t := *base
+		t.Port = uint32(addr.Port())
+		return &t, nil
+	}
+	if c.gateway != "" && s.gw == nil {
+		if w := s.byIP[addr.Addr()]; w != nil && w.GetWaypoint().GetGateway() == c.gateway {
+			return nil, fmt.Errorf("%w: no WaypointGateway %s yet for workload %s", ErrNotSynced, c.gateway, addr)
+		}
+	}
+	return nil, fmt.Errorf("%w: %s", ErrNotServed, addr)
+}
+
+// DialTarget opens a raw connection (L4 passthrough) for t: to the
+// addressed workload itself for a workload target (addr is what the client
+// addressed), else to an endpoint of the service picked by its load
+// balancer.
+func (c *Catalog) DialTarget(ctx context.Context, t *Target, addr netip.AddrPort, in *upstream.HashInput) (*upstream.Endpoint, net.Conn, error) {
+	if w := t.Workload; w != nil {
+		ep := endpointOf(w, netip.AddrPortFrom(addr.Addr().Unmap(), uint16(t.Port)))
+		d := t.Policy.GetConnectionPool().GetConnectTimeout().AsDuration()
+		if d <= 0 {
+			d = 10 * time.Second
+		}
+		dctx, cancel := context.WithTimeout(ctx, d)
+		defer cancel()
+		conn, err := c.dial(dctx, &ep)
+		if err != nil {
+			return nil, nil, &upstream.ConnectError{Endpoint: ep.Addr, Err: err}
+		}
+		return &ep, conn, nil
+	}
+	cl, err := c.Cluster(t.Key, t.Port)
+	if err != nil {
+		return nil, nil, err
+	}
+	return cl.DialEndpoint(ctx, in)
 }
 
 // WorkloadByIP returns the workload with address ip, or nil.
@@ -494,7 +645,7 @@ func (c *Catalog) Cluster(key string, port uint32) (*upstream.Cluster, error) {
 			return nil, fmt.Errorf("workload %q is not served on port %d", uid, port)
 		}
 		cl := upstream.New(upstream.Options{Name: fmt.Sprintf("%s:%d", key, port), HTTP2: proto == "http2" || proto == "grpc", Dial: c.dial})
-		cl.Update(c.workloadEndpoint(uid, port), nil)
+		cl.Update(c.workloadEndpoint(uid, port), c.gw.GetTrafficPolicy())
 		c.clusters[k] = cl
 		return cl, nil
 	}
@@ -520,10 +671,15 @@ func (c *Catalog) Cluster(key string, port uint32) (*upstream.Cluster, error) {
 
 // Dump is the admin view of the catalog.
 type Dump struct {
-	Generation uint64                    `json:"generation"`
-	Ready      bool                      `json:"ready"`
-	Targets    []string                  `json:"targets"`
-	Clusters   map[string][]EndpointDump `json:"clusters"`
+	Generation uint64 `json:"generation"`
+	Ready      bool   `json:"ready"`
+	// Gateway is this waypoint's Gateway; GatewayConfig whether its
+	// WaypointGateway has arrived (workload-addressed traffic needs it).
+	Gateway       string                    `json:"gateway"`
+	GatewayConfig bool                      `json:"gateway_config"`
+	BoundIPs      []string                  `json:"bound_workload_ips"`
+	Targets       []string                  `json:"targets"`
+	Clusters      map[string][]EndpointDump `json:"clusters"`
 }
 
 // EndpointDump is one endpoint in a Dump.
@@ -538,11 +694,16 @@ type EndpointDump struct {
 // Snapshot returns the admin view.
 func (c *Catalog) Snapshot() Dump {
 	s := c.snap.Load()
-	d := Dump{Generation: s.generation, Ready: s.ready, Clusters: map[string][]EndpointDump{}}
+	d := Dump{Generation: s.generation, Ready: s.ready, Gateway: c.gateway, GatewayConfig: s.gw != nil,
+		Clusters: map[string][]EndpointDump{}}
 	for a, t := range s.byAddr {
 		d.Targets = append(d.Targets, fmt.Sprintf("%s -> %s:%d (%s)", a, t.Key, t.Port, t.Protocol))
 	}
 	sort.Strings(d.Targets)
+	for ip := range s.bound {
+		d.BoundIPs = append(d.BoundIPs, ip.String())
+	}
+	sort.Strings(d.BoundIPs)
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for _, cl := range c.clusters {
@@ -560,6 +721,10 @@ func (c *Catalog) Snapshot() Dump {
 func (c *Catalog) WaypointServices() map[string]*discoveryv1.WaypointService {
 	return c.snap.Load().waypoints
 }
+
+// WaypointGateway returns this waypoint's WaypointGateway, nil until it
+// arrives (admin dump).
+func (c *Catalog) WaypointGateway() *discoveryv1.WaypointGateway { return c.snap.Load().gw }
 
 // Close releases the pooled upstream connections of every cluster.
 func (c *Catalog) Close() {

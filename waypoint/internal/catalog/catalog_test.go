@@ -1,6 +1,7 @@
 package catalog
 
 import (
+	"errors"
 	"net/http"
 	"net/netip"
 	"testing"
@@ -121,24 +122,67 @@ func TestApplyValidatesAndRemovesByType(t *testing.T) {
 func TestWorkloadAddressedTargets(t *testing.T) {
 	c := New(Options{Gateway: "shop/waypoint"})
 	bound := &discoveryv1.GatewayAddress{Gateway: "shop/waypoint"}
-	w := func(uid string, ip byte, wp *discoveryv1.GatewayAddress, svc string) *discoveryv1.Workload {
+	w := func(uid string, ip byte, wp *discoveryv1.GatewayAddress, svcs ...string) *discoveryv1.Workload {
+		m := map[string]*discoveryv1.PortList{}
+		for _, s := range svcs {
+			m[s] = &discoveryv1.PortList{}
+		}
 		return &discoveryv1.Workload{Uid: uid, Namespace: "shop", Addresses: [][]byte{{10, 1, 0, ip}}, ServiceAccount: uid,
-			Waypoint: wp, TunnelProtocol: discoveryv1.TunnelProtocol_TUNNEL_PROTOCOL_HBONE,
-			Services: map[string]*discoveryv1.PortList{svc: {}}}
+			Waypoint: wp, TunnelProtocol: discoveryv1.TunnelProtocol_TUNNEL_PROTOCOL_HBONE, Services: m}
 	}
-	deny := &discoveryv1.Authorization{Namespace: "shop", Name: "deny-all", Action: discoveryv1.Authorization_ACTION_DENY, Rules: []*discoveryv1.Rule{{}}}
-	if err := c.Update([]proto.Message{
+	svcDeny := &discoveryv1.Authorization{Namespace: "shop", Name: "svc-deny-all", Action: discoveryv1.Authorization_ACTION_DENY, Rules: []*discoveryv1.Rule{{}}}
+	gwDeny := &discoveryv1.Authorization{Namespace: "shop", Name: "gw-deny-admin", Action: discoveryv1.Authorization_ACTION_DENY,
+		Rules: []*discoveryv1.Rule{{To: []*discoveryv1.Operation{{Paths: []string{"/admin*"}}}}}}
+	other := "shop/tcp-other.shop.svc.cluster.local"
+	apply := func(typeURL string, ms ...proto.Message) {
+		t.Helper()
+		if err := c.Apply(typeURL, ms, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	wantErr := func(addr string, want error) {
+		t.Helper()
+		if tg, err := c.Resolve(netip.MustParseAddrPort(addr)); !errors.Is(err, want) {
+			t.Fatalf("Resolve(%s) = %+v, %v; want %v", addr, tg, err, want)
+		}
+	}
+	// Nothing is served before the core types have arrived.
+	apply(discoveryv1.ServiceType,
 		&discoveryv1.Service{Name: "cart", Namespace: "shop", Hostname: "cart.shop.svc.cluster.local", Addresses: [][]byte{{10, 96, 0, 10}},
 			Ports: []*discoveryv1.ServicePort{{ServicePort: 80, TargetPort: 8080, AppProtocol: "http"}}},
-		w("bound", 1, bound, key), w("other-waypoint", 2, &discoveryv1.GatewayAddress{Gateway: "shop/else"}, key),
-		w("unbound", 3, nil, key), w("no-waypoint-service", 4, bound, "shop/nope.shop.svc.cluster.local"),
-		&discoveryv1.WaypointService{Service: key, Authorizations: []*discoveryv1.Authorization{deny}},
-	}, nil); err != nil {
-		t.Fatal(err)
+		// Declares 8080 as TCP: the HTTP declaration of cart wins.
+		&discoveryv1.Service{Name: "tcp-other", Namespace: "shop", Hostname: "tcp-other.shop.svc.cluster.local",
+			Ports: []*discoveryv1.ServicePort{{ServicePort: 1, TargetPort: 8080}, {ServicePort: 5432, TargetPort: 5432}}})
+	apply(discoveryv1.WorkloadType, w("bound", 1, bound, key, other), w("other-waypoint", 2, &discoveryv1.GatewayAddress{Gateway: "shop/else"}, key),
+		w("unbound", 3, nil, key), w("bound-no-service", 4, bound, "shop/nope.shop.svc.cluster.local"))
+	wantErr("10.96.0.10:80", ErrNotSynced)
+	apply(discoveryv1.WaypointServiceType, &discoveryv1.WaypointService{Service: key, Authorizations: []*discoveryv1.Authorization{svcDeny}})
+	if !c.Ready() || c.GatewayReady() {
+		t.Fatalf("ready %v gateway ready %v", c.Ready(), c.GatewayReady())
 	}
-	tg := c.Target(netip.MustParseAddrPort("10.1.0.1:8080"))
-	if tg == nil || tg.Workload.GetUid() != "bound" || tg.Protocol != "http" || tg.Authz.Evaluate(&authz.Attributes{}).Allow {
-		t.Fatalf("bound workload target %+v (must carry the service's policies)", tg)
+	if _, err := c.Resolve(netip.MustParseAddrPort("10.96.0.10:80")); err != nil {
+		t.Fatalf("service traffic without a WaypointGateway: %v", err)
+	}
+	// Bound workloads wait for the WaypointGateway; others are never served.
+	wantErr("10.1.0.1:8080", ErrNotSynced)
+	wantErr("10.1.0.3:8080", ErrNotServed)
+	// Another gateway's resource is ignored.
+	apply(discoveryv1.WaypointGatewayType, &discoveryv1.WaypointGateway{Gateway: "shop/else"})
+	wantErr("10.1.0.1:8080", ErrNotSynced)
+
+	apply(discoveryv1.WaypointGatewayType, &discoveryv1.WaypointGateway{Gateway: "shop/waypoint",
+		Authorizations: []*discoveryv1.Authorization{gwDeny},
+		TrafficPolicy:  &discoveryv1.TrafficPolicy{LocalRateLimit: &discoveryv1.LocalRateLimit{MaxTokens: 1, FillInterval: durationpb.New(time.Hour)}}})
+	tg, err := c.Resolve(netip.MustParseAddrPort("10.1.0.1:8080"))
+	if err != nil || tg.Workload.GetUid() != "bound" || tg.Protocol != "http" || tg.Port != 8080 {
+		t.Fatalf("bound workload target %+v, %v", tg, err)
+	}
+	if c.Target(netip.MustParseAddrPort("10.1.0.1:8080")) != tg {
+		t.Fatal("Target and Resolve disagree")
+	}
+	// The Gateway's policies apply, not the Service's.
+	if !tg.Authz.Evaluate(&authz.Attributes{Path: "/books"}).Allow || tg.Authz.Evaluate(&authz.Attributes{Path: "/admin/x"}).Allow {
+		t.Fatal("workload target does not carry the WaypointGateway's authorization")
 	}
 	m, ok := tg.Routes.Lookup(mustReq(t))
 	if !ok || !m.Rule.Default {
@@ -151,10 +195,31 @@ func TestWorkloadAddressedTargets(t *testing.T) {
 	if eps := cl.Endpoints(); len(eps) != 1 || eps[0].Addr != netip.MustParseAddrPort("10.1.0.1:8080") {
 		t.Fatalf("workload cluster %+v", eps)
 	}
-	for _, a := range []string{"10.1.0.2:8080", "10.1.0.3:8080", "10.1.0.4:8080", "10.1.0.1:9999"} {
-		if c.Target(netip.MustParseAddrPort(a)) != nil {
-			t.Errorf("%s served", a)
+	// Ports no Service declares as HTTP are TCP, on any bound workload.
+	for _, tc := range []struct {
+		addr string
+		port uint32
+	}{{"10.1.0.1:5432", 5432}, {"10.1.0.1:9999", 9999}, {"10.1.0.4:8080", 8080}} {
+		tg, err := c.Resolve(netip.MustParseAddrPort(tc.addr))
+		if err != nil || tg.HTTP() || tg.Port != tc.port || tg.Workload == nil || tg.Authz.Evaluate(&authz.Attributes{L4: true}).Allow {
+			t.Errorf("%s: %+v %v (want TCP under the Gateway's DENY, which at L4 ignores its path)", tc.addr, tg, err)
 		}
+	}
+	// The rate limit bucket is the Gateway's, shared by its workloads.
+	t4, _ := c.Resolve(netip.MustParseAddrPort("10.1.0.4:8080"))
+	if tg.Limiter == nil || t4.Limiter != tg.Limiter {
+		t.Fatal("bound workloads do not share the Gateway's rate limiter")
+	}
+	wantErr("10.1.0.2:8080", ErrNotServed)
+	wantErr("10.1.0.3:8080", ErrNotServed)
+	wantErr("10.9.9.9:80", ErrNotServed)
+	// Removing the WaypointGateway stops workload-addressed traffic again.
+	if err := c.Apply(discoveryv1.WaypointGatewayType, nil, []string{"shop/waypoint"}); err != nil {
+		t.Fatal(err)
+	}
+	wantErr("10.1.0.1:8080", ErrNotSynced)
+	if _, err := c.Cluster(m.Rule.Backends[0].GetService(), m.Rule.Backends[0].GetPort()); err == nil {
+		t.Fatal("workload cluster outlived the WaypointGateway")
 	}
 }
 

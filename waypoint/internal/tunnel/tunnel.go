@@ -1,8 +1,9 @@
 // Package tunnel serves what arrives inside the waypoint's HBONE tunnels:
-// for a service port whose protocol is HTTP, HTTP/2 or gRPC, HTTP/1.1 or h2c
-// (told apart by the HTTP/2 preface) handed to the L7 proxy; for any other
-// protocol an L4 passthrough to a load-balanced endpoint, under L4
-// authorization.
+// for a service port (or a bound workload's port) whose protocol is HTTP,
+// HTTP/2 or gRPC, HTTP/1.1 or h2c (told apart by the HTTP/2 preface) handed
+// to the L7 proxy; for any other protocol an L4 passthrough to a
+// load-balanced endpoint (or to the addressed workload), under L4
+// authorization. Nothing is accepted before the catalog has synced.
 package tunnel
 
 import (
@@ -32,7 +33,8 @@ var (
 	ErrUnknownTarget = errors.New("target is not served by this waypoint")
 	// ErrDenied: L4 authorization refused the connection (401).
 	ErrDenied = errors.New("denied by authorization policy")
-	// ErrUnreachable: no endpoint could be reached for passthrough (503).
+	// ErrUnreachable: no endpoint could be reached for passthrough, or the
+	// discovery state needed to decide has not arrived yet (503).
 	ErrUnreachable = errors.New("no reachable endpoint")
 )
 
@@ -134,9 +136,12 @@ func New(opts Options) *Server {
 // ErrUnreachable). peer is the verified client identity ("spiffe://…"),
 // source the original client address.
 func (s *Server) Accept(ctx context.Context, peer string, source netip.Addr, target netip.AddrPort) (func(net.Conn), error) {
-	t := s.cat.Target(target)
-	if t == nil {
-		return nil, fmt.Errorf("%w: %s", ErrUnknownTarget, target)
+	t, err := s.cat.Resolve(target)
+	switch {
+	case errors.Is(err, catalog.ErrNotSynced):
+		return nil, fmt.Errorf("%w: %w", ErrUnreachable, err)
+	case err != nil:
+		return nil, fmt.Errorf("%w: %w", ErrUnknownTarget, err)
 	}
 	ci := &proxy.ConnInfo{Peer: peer, Source: source, Target: target}
 	if t.HTTP() {
@@ -152,12 +157,8 @@ func (s *Server) Accept(ctx context.Context, peer string, source netip.Addr, tar
 	if d := t.Authz.Evaluate(a); !d.Allow {
 		return nil, fmt.Errorf("%w: %s", ErrDenied, d.Policy)
 	}
-	cl, err := s.cat.Cluster(t.Key, t.Port)
-	if err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrUnreachable, err)
-	}
 	// Connect before answering, so the client learns of failure (503).
-	ep, up, err := cl.DialEndpoint(ctx, &upstream.HashInput{SourceIP: source.String()})
+	ep, up, err := s.cat.DialTarget(ctx, t, target, &upstream.HashInput{SourceIP: source.String()})
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrUnreachable, err)
 	}
