@@ -73,7 +73,9 @@ func Setup(mgr ctrl.Manager, opts Options, log *zap.Logger) error {
 // CacheByObject restricts the manager's cache of Deployments and
 // ServiceAccounts to the ones the deployer makes (merge it into
 // cache.Options.ByObject). Optional: without it every Deployment and
-// ServiceAccount of the cluster is cached.
+// ServiceAccount of the cluster is cached. The deployer also watches
+// ConfigMaps, but only the root certificate one matters: a cache limited to
+// that name (as amesh-controller's is) serves it.
 func CacheByObject() map[client.Object]cache.ByObject {
 	req, err := labels.NewRequirement(labelManagedBy, selection.Equals, []string{managedBy})
 	if err != nil {
@@ -107,6 +109,7 @@ func (d *Deployer) SetupWithManager(mgr ctrl.Manager) error {
 		Owns(sa).
 		Watches(&gwv1.GatewayClass{}, handler.EnqueueRequestsFromMapFunc(d.gatewaysOfClass)).
 		Watches(&gwv1.Gateway{}, handler.EnqueueRequestsFromMapFunc(d.serviceAccountClaimants)).
+		Watches(&corev1.ConfigMap{}, handler.EnqueueRequestsFromMapFunc(d.rootCertWaiters)).
 		Complete(reconcile.Func(d.reconcileGateway))
 	if err != nil {
 		return fmt.Errorf("deployer: gateway controller: %w", err)
@@ -308,6 +311,16 @@ func (d *Deployer) deploy(ctx context.Context, gw *gwv1.Gateway) (observed, erro
 	if dep.Status != nil && dep.Status.AvailableReplicas != nil {
 		o.available = *dep.Status.AvailableReplicas
 	}
+	if o.available < 1 {
+		var cm corev1.ConfigMap
+		err := d.c.Get(ctx, types.NamespacedName{Namespace: gw.Namespace, Name: d.opts.RootCertConfigMap}, &cm)
+		switch {
+		case apierrors.IsNotFound(err):
+			o.missingRootCert = d.opts.RootCertConfigMap
+		case err != nil:
+			return o, fmt.Errorf("deployer: get ConfigMap %s/%s: %w", gw.Namespace, d.opts.RootCertConfigMap, err)
+		}
+	}
 	return o, nil
 }
 
@@ -334,6 +347,26 @@ func (d *Deployer) remove(ctx context.Context, gw *gwv1.Gateway) error {
 		d.log.Info("removed waypoint object", zap.String("gateway", key.String()), zap.String("kind", kindOf(obj)))
 	}
 	return errors.Join(errs...)
+}
+
+// rootCertWaiters enqueues the waypoints of a namespace when its root
+// certificate ConfigMap comes or goes.
+func (d *Deployer) rootCertWaiters(ctx context.Context, o client.Object) []reconcile.Request {
+	if o.GetName() != d.opts.RootCertConfigMap {
+		return nil
+	}
+	var list gwv1.GatewayList
+	if err := d.c.List(ctx, &list, client.InNamespace(o.GetNamespace())); err != nil {
+		d.log.Error("list gateways", zap.String("namespace", o.GetNamespace()), zap.Error(err))
+		return nil
+	}
+	var out []reconcile.Request
+	for i := range list.Items {
+		if string(list.Items[i].Spec.GatewayClassName) == d.opts.Class {
+			out = append(out, reconcile.Request{NamespacedName: client.ObjectKeyFromObject(&list.Items[i])})
+		}
+	}
+	return out
 }
 
 // gatewaysOfClass enqueues every Gateway of a GatewayClass.

@@ -92,6 +92,21 @@ func TestDeployer(t *testing.T) {
 		if c := findCond(gw.Status.Conditions, "Accepted"); c.ObservedGeneration != gw.Generation {
 			t.Errorf("Accepted observedGeneration %d, want %d", c.ObservedGeneration, gw.Generation)
 		}
+		// The namespace has no root certificate yet: the status says why
+		// no pod can start, until the controller publishes it.
+		const hint = "its pods cannot start before the ConfigMap amesh-root-cert exists"
+		if m := findCond(gw.Status.Conditions, "Programmed").Message; !strings.Contains(m, hint) {
+			t.Errorf("Programmed message %q does not explain the missing root certificate", m)
+		}
+		e.create(&corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Namespace: "shop", Name: "amesh-root-cert"},
+			Data: map[string]string{"root-cert.pem": "roots"}})
+		e.eventually("the hint goes with the missing ConfigMap", func() error {
+			c := findCond(e.gateway("shop", "waypoint").Status.Conditions, "Programmed")
+			if strings.Contains(c.Message, hint) || c.Reason != "Pending" {
+				return fmt.Errorf("Programmed %s %q", c.Reason, c.Message)
+			}
+			return nil
+		})
 
 		// What the Deployment controller and kubelet would report once a
 		// waypoint pod is ready.

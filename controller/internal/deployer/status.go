@@ -149,6 +149,9 @@ type observed struct {
 	hostname  string
 	// available and desired replicas of the Deployment.
 	available, desired int32
+	// missingRootCert names the root certificate ConfigMap when it is
+	// not in the waypoint's namespace (its pods cannot start without it).
+	missingRootCert string
 	// forSA is the per-service-account condition, when the Gateway has
 	// the annotation.
 	forSA *cond
@@ -165,8 +168,12 @@ func programmed(v verdict, o observed) cond {
 	case o.clusterIP == "":
 		return cond{typ, false, string(gwv1.GatewayReasonAddressNotAssigned), "waiting for the cluster IP of the waypoint's Service"}
 	case o.available < 1:
-		return cond{typ, false, string(gwv1.GatewayReasonPending),
-			fmt.Sprintf("waiting for the waypoint Deployment: %d of %d replicas available", o.available, o.desired)}
+		msg := fmt.Sprintf("waiting for the waypoint Deployment: %d of %d replicas available", o.available, o.desired)
+		if o.missingRootCert != "" {
+			msg += fmt.Sprintf("; its pods cannot start before the ConfigMap %s exists in the namespace "+
+				"(amesh publishes it in namespaces enrolled with %s=%s)", o.missingRootCert, label.DataplaneMode, label.DataplaneModeAmbient)
+		}
+		return cond{typ, false, string(gwv1.GatewayReasonPending), msg}
 	}
 	return cond{typ, true, string(gwv1.GatewayReasonProgrammed),
 		fmt.Sprintf("the waypoint serves HBONE at %s:%d (%d of %d replicas available)", o.clusterIP, portHBONE, o.available, o.desired)}

@@ -141,7 +141,9 @@ func TestProgrammed(t *testing.T) {
 		{"not accepted", bad, observed{}, false, "Invalid", "not accepted"},
 		{"blocked", ok, observed{conflict: "Service ns/waypoint exists"}, false, "Invalid", "Service ns/waypoint exists"},
 		{"no address", ok, observed{}, false, "AddressNotAssigned", "cluster IP"},
-		{"no replica", ok, observed{clusterIP: "10.0.0.9", desired: 2}, false, "Pending", "0 of 2 replicas"},
+		{"no replica", ok, observed{clusterIP: "10.0.0.9", desired: 2}, false, "Pending", "0 of 2 replicas available"},
+		{"no root certificate", ok, observed{clusterIP: "10.0.0.9", desired: 1, missingRootCert: "amesh-root-cert"}, false, "Pending",
+			"cannot start before the ConfigMap amesh-root-cert exists in the namespace (amesh publishes it in namespaces enrolled with amesh.dev/dataplane-mode=ambient)"},
 		{"serving", ok, observed{clusterIP: "10.0.0.9", desired: 2, available: 1}, true, "Programmed", "10.0.0.9:15008 (1 of 2"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

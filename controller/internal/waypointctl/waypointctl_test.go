@@ -493,7 +493,8 @@ func TestPlugin(t *testing.T) {
 		p := &plugin{t: t, kubeconfig: p.kubeconfig}
 		namespace("slow", map[string]string{"amesh.dev/dataplane-mode": "ambient"})
 		r := p.fails("waypoint slow/waypoint not programmed within 2s", "apply", "-n", "slow", "--wait", "--timeout", "2s")
-		contains(t, "progress", r.out, "waiting for waypoint slow/waypoint: waiting for the waypoint Deployment: 0 of 1 replicas available (Pending)")
+		contains(t, "progress", r.out, "waiting for waypoint slow/waypoint: waiting for the waypoint Deployment: 0 of 1 replicas available; "+
+			"its pods cannot start before the ConfigMap amesh-root-cert exists in the namespace")
 	})
 
 	t.Run("delete", func(t *testing.T) {
