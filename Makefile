@@ -92,6 +92,11 @@ bench: tools ## Run the benchmarks (baselines side by side).
 	  (cd $$m && GOWORK=off $(GO) test -run '^$$' -bench . -benchmem -benchtime $(BENCHTIME) ./...) || exit 1; \
 	done
 
+##@ End to end and demo (root; the local cluster needs no container engine)
+.PHONY: e2e
+e2e: deps kube-bins coredns build cluster-bins ## Run the e2e suite on a fresh local cluster (E2E_RUN=<filter>, E2E_KEEP=1 keeps the cluster).
+	@KUBE_BIN=$(KUBE_BIN) COREDNS=$(COREDNS) BIN=$(BIN) hack/e2e.sh
+
 ##@ Local cluster (root; no container engine needed)
 .PHONY: cluster-up
 cluster-up: deps kube-bins coredns cluster-bins ## Start the local cluster (CLUSTER_NAME, CLUSTER_FLAGS); prints progress and the KUBECONFIG.

@@ -61,7 +61,8 @@ install() {
   [ -f "$kubeconfig" ] || { echo "kind.sh: no kubeconfig $kubeconfig; run up first" >&2; exit 1; }
   step "installing the CRDs (server-side apply)"
   k apply --server-side --force-conflicts -k manifests/crds
-  k kustomize manifests/crds | k wait --for=condition=Established --timeout=120s -f -
+  # (manifests/crds also holds the Gateway API admission policy: wait for CRDs only)
+  k wait --for=condition=Established --timeout=120s crd --all
   step "installing amesh (manifests/overlays/kind)"
   k apply --server-side --force-conflicts -k manifests/overlays/kind
   k -n amesh-system rollout status deployment/amesh-controller --timeout=300s
@@ -77,7 +78,7 @@ e2e() {
   (
     cd e2e
     KUBECONFIG="$kubeconfig" AMESH_E2E_ENV=kind \
-      go test -tags e2e -count=1 -timeout "${E2E_TIMEOUT:-45m}" ${E2E_RUN:+-run "$E2E_RUN"} ./...
+      go test -tags e2e -count=1 -v -timeout "${E2E_TIMEOUT:-45m}" ${E2E_RUN:+-run "$E2E_RUN"} ./suite/...
   )
 }
 
