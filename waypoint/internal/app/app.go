@@ -54,6 +54,7 @@ type App struct {
 	store    *identity.Store
 	hclient  *hbone.Client
 	cat      *catalog.Catalog
+	keys     *authn.KeyCache
 	proxy    *proxy.Proxy
 	tunnel   *tunnel.Server
 	hserver  *hbone.Server
@@ -137,7 +138,8 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (*App, error) {
 	if err != nil {
 		return nil, err
 	}
-	a.cat = catalog.New(catalog.Options{Dial: a.dialEndpoint, Keys: authn.NewKeyCache(authn.Options{}), Logger: log.Named("catalog"), Gateway: cfg.Gateway})
+	a.keys = authn.NewKeyCache(authn.Options{})
+	a.cat = catalog.New(catalog.Options{Dial: a.dialEndpoint, Keys: a.keys, Logger: log.Named("catalog"), Gateway: cfg.Gateway})
 	var access *zap.Logger
 	if cfg.AccessLog {
 		access = accessLogger()
@@ -376,6 +378,7 @@ func (a *App) Run(ctx context.Context) error {
 	run("certificates", bg, a.store.Run)
 	run("discovery", bg, a.xds.Run)
 	run("admin", bg, a.admin.Run)
+	run("jwks", bg, a.keys.Run)
 	// Fetch the waypoint's own certificate now (the store issues on first
 	// use); readiness waits for it.
 	wg.Go(func() {

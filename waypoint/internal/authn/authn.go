@@ -6,12 +6,16 @@ package authn
 
 import (
 	"context"
+	"crypto/sha256"
 	"encoding/base64"
+	"encoding/binary"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net/http"
+	"sort"
 	"strings"
 	"sync"
 	"time"
@@ -19,6 +23,7 @@ import (
 	discoveryv1 "github.com/amesh-dev/amesh/api/discovery/v1"
 	jose "github.com/go-jose/go-jose/v4"
 	"github.com/go-jose/go-jose/v4/jwt"
+	"google.golang.org/protobuf/proto"
 )
 
 // Errors a Result can carry; all mean 401.
@@ -259,6 +264,13 @@ func Challenge(r *http.Request, err error) string {
 
 // KeyCache fetches and caches JWKS documents by URI. Safe for concurrent
 // use; a fetch is shared by concurrent callers.
+//
+// Configure tells it which URIs the RequestAuthentications reference: keys
+// of URIs no longer referenced are dropped, and a URI that is new, or whose
+// rules changed, is fetched again — by Run in the background, so that
+// requests after a RequestAuthentication change neither wait for the fetch
+// nor see keys older than the change (they keep the previous keys until the
+// new ones arrive; without Run, the next request fetches).
 type KeyCache struct {
 	client *http.Client
 	ttl    time.Duration
@@ -266,6 +278,9 @@ type KeyCache struct {
 
 	mu      sync.Mutex
 	entries map[string]*keyEntry
+	prints  map[string]string   // URI → fingerprint of the rules naming it
+	pending map[string]struct{} // URIs for Run to fetch
+	wake    chan struct{}
 }
 
 type keyEntry struct {
@@ -277,7 +292,8 @@ type keyEntry struct {
 
 // NewKeyCache returns a cache using opts.Client, CacheTTL and Now.
 func NewKeyCache(opts Options) *KeyCache {
-	c := &KeyCache{client: opts.Client, ttl: opts.CacheTTL, now: opts.Now, entries: map[string]*keyEntry{}}
+	c := &KeyCache{client: opts.Client, ttl: opts.CacheTTL, now: opts.Now, entries: map[string]*keyEntry{},
+		prints: map[string]string{}, pending: map[string]struct{}{}, wake: make(chan struct{}, 1)}
 	if c.client == nil {
 		c.client = &http.Client{Timeout: 10 * time.Second}
 	}
@@ -298,6 +314,12 @@ const minRefresh = 30 * time.Second
 // fetch is retried on the next call after minRefresh, and a stale good copy
 // is served meanwhile.
 func (c *KeyCache) Get(ctx context.Context, uri string, refresh bool) (*jose.JSONWebKeySet, error) {
+	// The fetch is shared, so it must not die with one caller's request.
+	return c.get(ctx, context.WithoutCancel(ctx), uri, refresh)
+}
+
+// get is Get with the context the fetch runs under.
+func (c *KeyCache) get(ctx, fetchCtx context.Context, uri string, refresh bool) (*jose.JSONWebKeySet, error) {
 	c.mu.Lock()
 	e := c.entries[uri]
 	now := c.now()
@@ -323,7 +345,7 @@ func (c *KeyCache) Get(ctx context.Context, uri string, refresh bool) (*jose.JSO
 	c.entries[uri] = e
 	c.mu.Unlock()
 
-	set, err := c.fetch(ctx, uri)
+	set, err := c.fetch(fetchCtx, uri)
 	c.mu.Lock()
 	e.fetched = c.now()
 	if err != nil && prev != nil && prev.set != nil {
@@ -349,8 +371,7 @@ func wait(ctx context.Context, e *keyEntry) (*jose.JSONWebKeySet, error) {
 }
 
 func (c *KeyCache) fetch(ctx context.Context, uri string) (*jose.JSONWebKeySet, error) {
-	// The fetch is shared, so it must not die with one caller's request.
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, uri, nil)
 	if err != nil {
@@ -373,6 +394,105 @@ func (c *KeyCache) fetch(ctx context.Context, uri string) (*jose.JSONWebKeySet, 
 		return nil, fmt.Errorf("%w: %s: %v", ErrKeysNotFetched, uri, err)
 	}
 	return &set, nil
+}
+
+// Configure declares the JWKS URIs that the configuration references, each
+// with a fingerprint of the JWT rules that name it (see Fingerprints). Keys
+// of URIs not in refs are dropped; a URI that is new or whose fingerprint
+// changed is marked stale (the next Get fetches it, keeping the previous
+// keys if that fails) and queued for Run to fetch at once.
+func (c *KeyCache) Configure(refs map[string]string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for uri := range c.entries {
+		if _, ok := refs[uri]; !ok {
+			delete(c.entries, uri)
+		}
+	}
+	for uri := range c.prints {
+		if _, ok := refs[uri]; !ok {
+			delete(c.prints, uri)
+			delete(c.pending, uri)
+		}
+	}
+	changed := false
+	for uri, fp := range refs {
+		if old, ok := c.prints[uri]; ok && old == fp {
+			continue
+		}
+		c.prints[uri] = fp
+		if e := c.entries[uri]; e != nil {
+			select {
+			case <-e.ready:
+				e.fetched = time.Time{} // stale: refetch, last good keys kept on failure
+			default: // a fetch is in flight: its keys are as current as the change
+			}
+		}
+		c.pending[uri] = struct{}{}
+		changed = true
+	}
+	if changed {
+		select {
+		case c.wake <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// Run fetches the key sets that Configure queued, until ctx ends; a fetch
+// in flight is abandoned then.
+func (c *KeyCache) Run(ctx context.Context) error {
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-c.wake:
+		}
+		c.mu.Lock()
+		uris := make([]string, 0, len(c.pending))
+		for uri := range c.pending {
+			uris = append(uris, uri)
+		}
+		clear(c.pending)
+		c.mu.Unlock()
+		for _, uri := range uris {
+			if ctx.Err() != nil {
+				return nil
+			}
+			// Errors reach the requests that need the keys.
+			_, _ = c.get(ctx, ctx, uri, false)
+		}
+	}
+}
+
+// Fingerprints returns, for each jwks_uri that ras reference (rules with
+// inline keys need no fetch), a fingerprint of the rules that name it, for
+// Configure: it changes when any of them changes.
+func Fingerprints(ras []*discoveryv1.RequestAuthentication) map[string]string {
+	rules := map[string][]string{}
+	for _, ra := range ras {
+		for _, jr := range ra.GetJwtRules() {
+			if jr.GetJwks() != "" || jr.GetJwksUri() == "" {
+				continue
+			}
+			b, err := proto.MarshalOptions{Deterministic: true}.Marshal(jr)
+			if err != nil {
+				b = []byte(jr.String())
+			}
+			rules[jr.GetJwksUri()] = append(rules[jr.GetJwksUri()], string(b))
+		}
+	}
+	out := make(map[string]string, len(rules))
+	for uri, rs := range rules {
+		sort.Strings(rs)
+		h := sha256.New()
+		for _, r := range rs {
+			h.Write(binary.AppendUvarint(nil, uint64(len(r))))
+			h.Write([]byte(r))
+		}
+		out[uri] = hex.EncodeToString(h.Sum(nil))
+	}
+	return out
 }
 
 // PayloadJSON decodes a base64url JWT payload (as written to

@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -193,4 +194,155 @@ func FuzzAuthenticate(f *testing.F) {
 			t.Fatalf("header %q: identity %v err %v", h, id, err)
 		}
 	})
+}
+
+// jwksServer serves key sets by path over TLS and counts fetches per path.
+type jwksServer struct {
+	srv     *httptest.Server
+	mu      sync.Mutex
+	sets    map[string]string
+	fetches map[string]int
+}
+
+func newJWKSServer(t *testing.T) *jwksServer {
+	j := &jwksServer{sets: map[string]string{}, fetches: map[string]int{}}
+	j.srv = httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		j.mu.Lock()
+		defer j.mu.Unlock()
+		j.fetches[r.URL.Path]++
+		set, ok := j.sets[r.URL.Path]
+		if !ok {
+			http.NotFound(w, r)
+			return
+		}
+		_, _ = w.Write([]byte(set))
+	}))
+	t.Cleanup(j.srv.Close)
+	return j
+}
+
+func (j *jwksServer) serve(path, set string) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	j.sets[path] = set
+}
+
+func (j *jwksServer) count(path string) int {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.fetches[path]
+}
+
+// waitCount waits until path was fetched n times.
+func (j *jwksServer) waitCount(t *testing.T, path string, n int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for j.count(path) < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s fetched %d times, want %d", path, j.count(path), n)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	time.Sleep(20 * time.Millisecond)
+	if got := j.count(path); got != n {
+		t.Fatalf("%s fetched %d times, want exactly %d", path, got, n)
+	}
+}
+
+// TestJWKSHotReload: a RequestAuthentication change reaches the fetched
+// keys without waiting for the cache TTL — new URIs are fetched before any
+// request needs them, a changed rule refetches its URI, unchanged rules
+// fetch nothing, and keys of URIs no longer referenced are dropped.
+func TestJWKSHotReload(t *testing.T) {
+	j := newJWKSServer(t)
+	s1, s2 := newSigner(t, "k1"), newSigner(t, "k1") // same kid: only a reload finds s2
+	j.serve("/a", s1.jwks(t))
+	j.serve("/b", s2.jwks(t))
+	keys := NewKeyCache(Options{Client: j.srv.Client(), CacheTTL: time.Hour})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- keys.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+	})
+	ra := func(uri string, aud ...string) []*discoveryv1.RequestAuthentication {
+		return []*discoveryv1.RequestAuthentication{{Namespace: "default", Name: "jwt", JwtRules: []*discoveryv1.JWTRule{{
+			Issuer: issuer, JwksUri: j.srv.URL + uri, Audiences: aud}}}}
+	}
+	claims := jwt.Claims{Issuer: issuer, Subject: "carol", Audience: jwt.Audience{"x"}, Expiry: jwt.NewNumericDate(time.Now().Add(time.Hour))}
+	check := func(ras []*discoveryv1.RequestAuthentication, s *signer, want error) {
+		t.Helper()
+		r := httptest.NewRequest("GET", "http://svc/", nil)
+		r.Header.Set("Authorization", "Bearer "+s.token(t, claims, nil))
+		if _, err := New(ras, keys, Options{}).Authenticate(context.Background(), r); !errors.Is(err, want) {
+			t.Fatalf("authenticate: %v, want %v", err, want)
+		}
+	}
+
+	v1 := ra("/a", "x")
+	keys.Configure(Fingerprints(v1))
+	j.waitCount(t, "/a", 1) // fetched before any request
+	check(v1, s1, nil)
+	check(v1, s2, ErrSignature)
+	keys.Configure(Fingerprints(v1)) // unchanged: nothing fetched
+	j.waitCount(t, "/a", 1)
+
+	// The issuer's keys change and the operator updates the
+	// RequestAuthentication: the same URI is fetched again at once.
+	j.serve("/a", s2.jwks(t))
+	v2 := ra("/a", "x", "y")
+	keys.Configure(Fingerprints(v2))
+	j.waitCount(t, "/a", 2)
+	check(v2, s2, nil)
+	check(v2, s1, ErrSignature)
+
+	// A new URI: fetched ahead, and /a's keys are dropped.
+	v3 := ra("/b", "x")
+	keys.Configure(Fingerprints(v3))
+	j.waitCount(t, "/b", 1)
+	check(v3, s2, nil)
+	keys.mu.Lock()
+	_, kept := keys.entries[j.srv.URL+"/a"]
+	keys.mu.Unlock()
+	if kept {
+		t.Fatal("keys of an unreferenced URI kept")
+	}
+	j.waitCount(t, "/a", 2)
+}
+
+// TestJWKSReloadWithoutRun: without the background fetcher, a changed rule
+// makes the next request refetch.
+func TestJWKSReloadWithoutRun(t *testing.T) {
+	j := newJWKSServer(t)
+	s1, s2 := newSigner(t, "k1"), newSigner(t, "k1")
+	j.serve("/a", s1.jwks(t))
+	keys := NewKeyCache(Options{Client: j.srv.Client(), CacheTTL: time.Hour})
+	uri := j.srv.URL + "/a"
+	ras := []*discoveryv1.RequestAuthentication{{JwtRules: []*discoveryv1.JWTRule{{Issuer: issuer, JwksUri: uri}}}}
+	keys.Configure(Fingerprints(ras))
+	if _, err := keys.Get(context.Background(), uri, false); err != nil {
+		t.Fatal(err)
+	}
+	j.serve("/a", s2.jwks(t))
+	ras[0].JwtRules[0].FromHeaders = []*discoveryv1.JWTHeader{{Name: "x-token"}}
+	keys.Configure(Fingerprints(ras))
+	set, err := keys.Get(context.Background(), uri, false)
+	if err != nil || j.count("/a") != 2 {
+		t.Fatalf("%v, %d fetches", err, j.count("/a"))
+	}
+	if len(set.Keys) != 1 || !set.Keys[0].Key.(*ecdsa.PublicKey).Equal(&s2.key.PublicKey) {
+		t.Fatal("stale keys after the rule changed")
+	}
+	// The endpoint failing on the next change keeps the last good keys.
+	j.mu.Lock()
+	delete(j.sets, "/a") // 404 from now on
+	j.mu.Unlock()
+	ras[0].JwtRules[0].Audiences = []string{"z"}
+	keys.Configure(Fingerprints(ras))
+	if set, err := keys.Get(context.Background(), uri, false); err != nil || !set.Keys[0].Key.(*ecdsa.PublicKey).Equal(&s2.key.PublicKey) || j.count("/a") != 3 {
+		t.Fatalf("failed refetch lost the keys: %v (%d fetches)", err, j.count("/a"))
+	}
 }

@@ -321,6 +321,7 @@ func (c *Catalog) rebuild() {
 		}
 	}
 	c.workloadTargets(s, liveLimiters)
+	c.configureKeys()
 	for k := range c.limiters {
 		if !liveLimiters[k] {
 			delete(c.limiters, k)
@@ -348,6 +349,18 @@ func (c *Catalog) rebuild() {
 
 // workloadPrefix marks the pseudo-service of a workload addressed directly.
 const workloadPrefix = "workload:"
+
+// configureKeys tells the JWKS cache which URIs the RequestAuthentications
+// reference now, so that it drops keys no longer needed and refetches
+// those whose rules changed.
+func (c *Catalog) configureKeys() {
+	var ras []*discoveryv1.RequestAuthentication
+	for _, ws := range c.waypoints {
+		ras = append(ras, ws.GetRequestAuthentications()...)
+	}
+	ras = append(ras, c.gw.GetRequestAuthentications()...)
+	c.keys.Configure(authn.Fingerprints(ras))
+}
 
 // gatewayLimiterKey keys the rate limiter of workload-addressed traffic:
 // one bucket for the Gateway, shared by all workloads bound to it.

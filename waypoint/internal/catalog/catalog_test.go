@@ -1,13 +1,17 @@
 package catalog
 
 import (
+	"context"
 	"errors"
 	"net/http"
+	"net/http/httptest"
 	"net/netip"
+	"sync"
 	"testing"
 	"time"
 
 	discoveryv1 "github.com/amesh-dev/amesh/api/discovery/v1"
+	"github.com/amesh-dev/amesh/waypoint/internal/authn"
 	"github.com/amesh-dev/amesh/waypoint/internal/authz"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
@@ -229,4 +233,68 @@ func mustReq(t *testing.T) *http.Request {
 		t.Fatal(err)
 	}
 	return r
+}
+
+// TestJWKSFollowsRequestAuthentications: the JWKS URIs of the
+// RequestAuthentications in WaypointServices and the WaypointGateway are
+// fetched as soon as they are configured, and again when their rules
+// change, not when unrelated resources change.
+func TestJWKSFollowsRequestAuthentications(t *testing.T) {
+	var mu sync.Mutex
+	fetched := map[string]int{}
+	srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		fetched[r.URL.Path]++
+		mu.Unlock()
+		_, _ = w.Write([]byte(`{"keys":[]}`))
+	}))
+	t.Cleanup(srv.Close)
+	count := func(path string) int {
+		mu.Lock()
+		defer mu.Unlock()
+		return fetched[path]
+	}
+	waitCount := func(path string, n int) {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for count(path) < n {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s fetched %d times, want %d", path, count(path), n)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		time.Sleep(20 * time.Millisecond)
+		if count(path) != n {
+			t.Fatalf("%s fetched %d times, want %d", path, count(path), n)
+		}
+	}
+	keys := authn.NewKeyCache(authn.Options{Client: srv.Client()})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { _ = keys.Run(ctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+	c := New(Options{Keys: keys, Gateway: "shop/waypoint"})
+	ra := func(path, aud string) []*discoveryv1.RequestAuthentication {
+		return []*discoveryv1.RequestAuthentication{{Namespace: "shop", Name: "jwt", JwtRules: []*discoveryv1.JWTRule{{
+			Issuer: "https://issuer.example", JwksUri: srv.URL + path, Audiences: []string{aud}}}}}
+	}
+	if err := c.Update([]proto.Message{
+		&discoveryv1.Service{Name: "cart", Namespace: "shop", Hostname: "cart.shop.svc.cluster.local", Addresses: [][]byte{{10, 96, 0, 10}},
+			Ports: []*discoveryv1.ServicePort{{ServicePort: 80, AppProtocol: "http"}}},
+		&discoveryv1.WaypointService{Service: key, RequestAuthentications: ra("/svc", "a")},
+	}, nil); err != nil {
+		t.Fatal(err)
+	}
+	waitCount("/svc", 1)
+	if err := c.Update([]proto.Message{&discoveryv1.WaypointGateway{Gateway: "shop/waypoint", RequestAuthentications: ra("/gw", "a")},
+		&discoveryv1.Workload{Uid: "w", Addresses: [][]byte{{10, 1, 0, 1}}}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	waitCount("/gw", 1)
+	waitCount("/svc", 1)
+	if err := c.Update([]proto.Message{&discoveryv1.WaypointService{Service: key, RequestAuthentications: ra("/svc", "b")}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	waitCount("/svc", 2)
+	waitCount("/gw", 1)
 }

@@ -100,3 +100,97 @@ func TestGRPCThroughHBONE(t *testing.T) {
 		t.Fatal("RL/FI response flags not recorded")
 	}
 }
+
+// grpcRecord is what a recording gRPC backend saw.
+type grpcRecord struct {
+	service string // the HealthCheckRequest's service field (the body)
+	md      metadata.MD
+}
+
+// recordingGRPC is a health server that records each Check it serves.
+func recordingGRPC(t *testing.T, name string, seen chan<- grpcRecord) http.Handler {
+	gs := grpc.NewServer(grpc.UnaryInterceptor(func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+		md, _ := metadata.FromIncomingContext(ctx)
+		if r, ok := req.(*healthpb.HealthCheckRequest); ok {
+			seen <- grpcRecord{service: r.GetService(), md: md}
+		}
+		return h(ctx, req)
+	}))
+	hs := health.NewServer()
+	hs.SetServingStatus(name, healthpb.HealthCheckResponse_SERVING)
+	healthpb.RegisterHealthServer(gs, hs)
+	t.Cleanup(gs.Stop)
+	return gs
+}
+
+// TestGRPCRouteFilters: a GRPCRoute's RequestHeaderModifier,
+// ResponseHeaderModifier and RequestMirror work on gRPC (HTTP/2 requests
+// whose body length is unknown): the mirror gets the whole request message
+// and the modified headers, and never changes the response.
+func TestGRPCRouteFilters(t *testing.T) {
+	e := newEnv(t)
+	mainSeen, shadowSeen := make(chan grpcRecord, 100), make(chan grpcRecord, 100)
+	e.service("ratings", 9090, "grpc", backend(t, recordingGRPC(t, "ratings", mainSeen)))
+	// The shadow does not know "ratings": it answers NotFound, which must
+	// not reach the client.
+	e.service("ratings-shadow", 9090, "grpc", backend(t, recordingGRPC(t, "other", shadowSeen)))
+	e.waypoint(&discoveryv1.WaypointService{Service: key("ratings"), GrpcRoutes: []*discoveryv1.GRPCRoute{{Namespace: "default", Name: "g",
+		Rules: []*discoveryv1.GRPCRouteRule{{
+			Matches: []*discoveryv1.GRPCRouteMatch{{Method: &discoveryv1.GRPCMethodMatch{Service: "grpc.health.v1.Health"}}},
+			Filters: []*discoveryv1.HTTPFilter{
+				{Kind: &discoveryv1.HTTPFilter_RequestHeaderModifier{RequestHeaderModifier: &discoveryv1.HeaderModifier{
+					Set: []*discoveryv1.Header{{Name: "x-set", Value: "set"}}, Add: []*discoveryv1.Header{{Name: "x-add", Value: "added"}},
+					Remove: []string{"x-secret"}}}},
+				{Kind: &discoveryv1.HTTPFilter_ResponseHeaderModifier{ResponseHeaderModifier: &discoveryv1.HeaderModifier{
+					Set: []*discoveryv1.Header{{Name: "x-served-by", Value: "waypoint"}}}}},
+				{Kind: &discoveryv1.HTTPFilter_RequestMirror{RequestMirror: &discoveryv1.RequestMirror{
+					Backend: &discoveryv1.BackendRef{Service: key("ratings-shadow"), Port: 9090}, Percent: 100}}},
+			},
+			Backends: []*discoveryv1.BackendRef{{Service: key("ratings"), Port: 9090, Weight: 1}},
+		}}}}})
+	hc := grpcClient(t, e.front("ratings", 9090, true))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	const n = 5
+	for i := range n {
+		var hdr metadata.MD
+		octx := metadata.AppendToOutgoingContext(ctx, "x-secret", "s3cret", "x-set", "client", "x-add", "client")
+		r, err := hc.Check(octx, &healthpb.HealthCheckRequest{Service: "ratings"}, grpc.Header(&hdr))
+		if err != nil || r.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+			t.Fatalf("call %d: %v %v (the mirror must not change the response)", i, r, err)
+		}
+		if got := strings.Join(hdr.Get("x-served-by"), ","); got != "waypoint" {
+			t.Fatalf("response header x-served-by %q", got)
+		}
+	}
+	e.proxy.WaitMirrors()
+	check := func(who string, rec grpcRecord) {
+		t.Helper()
+		if rec.service != "ratings" {
+			t.Errorf("%s got request message for %q", who, rec.service)
+		}
+		if got := rec.md.Get("x-set"); len(got) != 1 || got[0] != "set" {
+			t.Errorf("%s x-set %v", who, got)
+		}
+		if got := rec.md.Get("x-add"); len(got) != 2 || got[0] != "client" || got[1] != "added" {
+			t.Errorf("%s x-add %v", who, got)
+		}
+		if got := rec.md.Get("x-secret"); len(got) != 0 {
+			t.Errorf("%s x-secret %v not removed", who, got)
+		}
+	}
+	for i := range n {
+		select {
+		case rec := <-mainSeen:
+			check("backend", rec)
+		default:
+			t.Fatalf("backend saw %d calls, want %d", i, n)
+		}
+		select {
+		case rec := <-shadowSeen:
+			check("mirror", rec)
+		default:
+			t.Fatalf("mirror saw %d calls, want %d", i, n)
+		}
+	}
+}

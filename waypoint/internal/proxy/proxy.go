@@ -98,7 +98,10 @@ type Proxy struct {
 	maxReplay int
 	mirrors   chan struct{}
 	mirrorWG  sync.WaitGroup
-	rp        *httputil.ReverseProxy
+	mirrorMu  sync.Mutex
+	// mirrorsShut is set by WaitMirrors: no mirror starts after it.
+	mirrorsShut bool
+	rp          *httputil.ReverseProxy
 }
 
 // New returns a proxy.
@@ -127,8 +130,14 @@ func New(opts Options) *Proxy {
 	return p
 }
 
-// WaitMirrors waits for in-flight mirrored requests (drain).
-func (p *Proxy) WaitMirrors() { p.mirrorWG.Wait() }
+// WaitMirrors waits for in-flight mirrored requests (drain); mirrors that
+// would start afterwards are dropped.
+func (p *Proxy) WaitMirrors() {
+	p.mirrorMu.Lock()
+	p.mirrorsShut = true
+	p.mirrorMu.Unlock()
+	p.mirrorWG.Wait()
+}
 
 type bufferPool struct{}
 
@@ -641,23 +650,21 @@ func (p *Proxy) grpcLocal(w http.ResponseWriter, _ *exchange, status int, msg st
 	w.WriteHeader(http.StatusOK)
 }
 
-// mirror sends fire-and-forget copies of r. Bodies larger than the replay
-// limit are not mirrored.
+// mirror sends fire-and-forget copies of r. A body of known length is read
+// first (it is small: at most the replay limit) and shared; a body of
+// unknown length (gRPC, chunked uploads) is mirrored once the main request
+// has read all of it, if it fits the replay limit. Larger bodies, and bodies
+// the upstream never reads to the end, are not mirrored.
 func (p *Proxy) mirror(r *http.Request, ex *exchange, ms []*discoveryv1.RequestMirror) {
-	var body []byte
-	if r.Body != nil && r.Body != http.NoBody {
-		if r.ContentLength < 0 || r.ContentLength > int64(p.maxReplay) {
-			return
-		}
-		// Read the (small, known-size) body once; the main request and the
-		// mirrors then use copies.
-		b, err := io.ReadAll(io.LimitReader(ex.body.view(), int64(p.maxReplay)+1))
-		if err != nil || len(b) > p.maxReplay {
-			return
-		}
-		body = b
-		ex.body = newReplay(io.NopCloser(bytes.NewReader(b)), p.maxReplay)
+	hasBody := r.Body != nil && r.Body != http.NoBody
+	if hasBody && r.ContentLength > int64(p.maxReplay) {
+		return
 	}
+	type target struct {
+		req *http.Request
+		cl  *upstream.Cluster
+	}
+	var targets []target
 	for _, m := range ms {
 		if pct := m.GetPercent(); pct < 100 && rand.Float64()*100 >= pct {
 			continue
@@ -667,38 +674,76 @@ func (p *Proxy) mirror(r *http.Request, ex *exchange, ms []*discoveryv1.RequestM
 		if err != nil {
 			continue
 		}
-		select {
-		case p.mirrors <- struct{}{}:
-		default:
-			continue // too many in flight: drop
-		}
 		req := r.Clone(context.WithoutCancel(r.Context()))
 		req.RequestURI = ""
-		if body != nil {
-			req.Body = io.NopCloser(bytes.NewReader(body))
-		} else {
-			req.Body = http.NoBody
-		}
-		req.Header = r.Header.Clone()
 		req.Host = r.Host
-		hash := ex.hash
-		p.mirrorWG.Go(func() {
-			defer func() { <-p.mirrors }()
-			ctx, cancel := context.WithTimeout(req.Context(), 30*time.Second)
-			defer cancel()
-			req = req.WithContext(ctx)
-			ep, err := cl.Pick(&hash, nil)
-			if err != nil {
-				return
-			}
-			resp, err := cl.RoundTrip(req, ep)
-			if err != nil {
-				return
-			}
-			_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 1<<20))
-			resp.Body.Close()
-		})
+		req.Body = http.NoBody
+		targets = append(targets, target{req, cl})
 	}
+	if len(targets) == 0 {
+		return
+	}
+	hash := ex.hash
+	launch := func(body []byte) {
+		for _, tg := range targets {
+			if body != nil {
+				tg.req.Body = io.NopCloser(bytes.NewReader(body))
+				tg.req.ContentLength = int64(len(body))
+				tg.req.TransferEncoding = nil
+			}
+			p.sendMirror(tg.req, tg.cl, hash)
+		}
+	}
+	switch {
+	case !hasBody:
+		launch(nil)
+	case r.ContentLength < 0:
+		ex.body.onEOF(launch)
+	default:
+		// Read the (small, known-size) body once; the main request and the
+		// mirrors then use copies.
+		b, err := io.ReadAll(io.LimitReader(ex.body.view(), int64(p.maxReplay)+1))
+		if err != nil || len(b) > p.maxReplay {
+			return
+		}
+		ex.body = newReplay(io.NopCloser(bytes.NewReader(b)), p.maxReplay)
+		launch(b)
+	}
+}
+
+// sendMirror sends one mirrored request in the background, unless too many
+// are in flight already (then it is dropped).
+func (p *Proxy) sendMirror(req *http.Request, cl *upstream.Cluster, hash upstream.HashInput) {
+	select {
+	case p.mirrors <- struct{}{}:
+	default:
+		return
+	}
+	p.mirrorMu.Lock()
+	if p.mirrorsShut {
+		p.mirrorMu.Unlock()
+		<-p.mirrors
+		return
+	}
+	p.mirrorWG.Add(1)
+	p.mirrorMu.Unlock()
+	go func() {
+		defer p.mirrorWG.Done()
+		defer func() { <-p.mirrors }()
+		ctx, cancel := context.WithTimeout(req.Context(), 30*time.Second)
+		defer cancel()
+		req := req.WithContext(ctx)
+		ep, err := cl.Pick(&hash, nil)
+		if err != nil {
+			return
+		}
+		resp, err := cl.RoundTrip(req, ep)
+		if err != nil {
+			return
+		}
+		_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 1<<20))
+		resp.Body.Close()
+	}()
 }
 
 // recorder captures the status and body size written to the client.

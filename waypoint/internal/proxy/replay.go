@@ -24,6 +24,17 @@ type replay struct {
 	srcErr   error
 	cur      *replayView
 	read     int64 // bytes taken from src, for telemetry
+	// eofFn is called once, with the whole body, when src ends within
+	// limit (to mirror a body of unknown length).
+	eofFn func(body []byte)
+}
+
+// onEOF arranges for f to get the whole body once it has been read, if it
+// fits the limit. Set it before the first read.
+func (r *replay) onEOF(f func(body []byte)) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.eofFn = f
 }
 
 func newReplay(src io.ReadCloser, limit int) *replay { return &replay{src: src, limit: limit} }
@@ -87,6 +98,11 @@ func (v *replayView) Read(p []byte) (int, error) {
 	}
 	if err == io.EOF {
 		r.eof = true
+		if f := r.eofFn; f != nil && !r.overflow {
+			r.eofFn = nil
+			// buf no longer changes once the body has ended.
+			f(r.buf)
+		}
 	} else if err != nil {
 		r.srcErr = err
 	}

@@ -58,10 +58,15 @@ type Cluster struct {
 	dial  Dialer
 	now   func() time.Time
 
-	cur       atomic.Pointer[snapshot]
-	mu        sync.Mutex // guards states and updates
-	states    map[netip.AddrPort]*epState
-	transport *http.Transport
+	cur    atomic.Pointer[snapshot]
+	mu     sync.Mutex // guards states, updates and retired
+	states map[netip.AddrPort]*epState
+	// transport pools the connections. Its settings are fixed once it is
+	// in use, so a change of idle timeout swaps in a new one; the retired
+	// ones keep serving requests in flight until their connections idle.
+	transport atomic.Pointer[http.Transport]
+	idle      time.Duration
+	retired   []*http.Transport
 
 	requests, pending, retries atomic.Int64
 	connMu                     sync.Mutex
@@ -101,32 +106,48 @@ func limitsOf(cb *discoveryv1.CircuitBreaker) limits {
 	return l
 }
 
+// DefaultIdleTimeout closes upstream connections idle this long when the
+// traffic policy sets no idle_timeout.
+const DefaultIdleTimeout = 60 * time.Second
+
+// maxRetired bounds the transports kept after idle-timeout changes; older
+// ones have their idle connections closed and are forgotten (their busy
+// connections close when they next go idle).
+const maxRetired = 4
+
 // New returns a cluster with no endpoints.
 func New(opts Options) *Cluster {
 	c := &Cluster{name: opts.Name, http2: opts.HTTP2, dial: opts.Dial, now: opts.Now,
-		states: map[netip.AddrPort]*epState{}, connFreed: make(chan struct{})}
+		states: map[netip.AddrPort]*epState{}, connFreed: make(chan struct{}), idle: DefaultIdleTimeout}
 	if c.now == nil {
 		c.now = time.Now
 	}
+	c.transport.Store(c.newTransport(c.idle))
+	c.cur.Store(&snapshot{byAddr: map[string]*Endpoint{}, lb: &roundRobin{}, limits: limitsOf(nil), connect: 10 * time.Second})
+	return c
+}
+
+// newTransport returns a transport whose connections close after idle
+// without requests. For HTTP/2 the timeout is fixed when a connection is
+// made, for HTTP/1.1 whenever it returns to the pool.
+func (c *Cluster) newTransport(idle time.Duration) *http.Transport {
 	t := &http.Transport{
 		DialContext:           c.dialContext,
 		MaxIdleConnsPerHost:   256,
-		IdleConnTimeout:       60 * time.Second,
+		IdleConnTimeout:       idle,
 		ResponseHeaderTimeout: 0,
 		DisableCompression:    true,
 		ForceAttemptHTTP2:     false,
 	}
 	var p http.Protocols
-	if opts.HTTP2 {
+	if c.http2 {
 		p.SetUnencryptedHTTP2(true)
 		t.HTTP2 = &http.HTTP2Config{MaxConcurrentStreams: 1000, PingTimeout: 15 * time.Second, SendPingTimeout: 30 * time.Second}
 	} else {
 		p.SetHTTP1(true)
 	}
 	t.Protocols = &p
-	c.transport = t
-	c.cur.Store(&snapshot{byAddr: map[string]*Endpoint{}, lb: &roundRobin{}, limits: limitsOf(nil), connect: 10 * time.Second})
-	return c
+	return t
 }
 
 // Name is the cluster's telemetry name.
@@ -164,12 +185,32 @@ func (c *Cluster) Update(eps []Endpoint, tp *discoveryv1.TrafficPolicy) {
 		s.byAddr[e.Addr.String()] = &e
 	}
 	c.states = states
-	if idle := tp.GetConnectionPool().GetIdleTimeout().AsDuration(); idle > 0 {
-		c.transport.IdleConnTimeout = idle
+	idle := tp.GetConnectionPool().GetIdleTimeout().AsDuration()
+	if idle <= 0 {
+		idle = DefaultIdleTimeout
+	}
+	if idle != c.idle {
+		// Idle connections of the old transport close now; busy ones
+		// finish their requests there.
+		c.idle = idle
+		old := c.transport.Swap(c.newTransport(idle))
+		c.retired = append(c.retired, old)
+		if len(c.retired) > maxRetired {
+			c.retired[0].CloseIdleConnections()
+			c.retired = c.retired[1:]
+		}
 	}
 	c.cur.Store(s)
-	c.transport.CloseIdleConnections() // drop connections to removed endpoints
+	// Drop connections to removed endpoints (and the retired transports'
+	// connections that went idle since).
+	c.transport.Load().CloseIdleConnections()
+	for _, t := range c.retired {
+		t.CloseIdleConnections()
+	}
 }
+
+// IdleTimeout is the idle timeout of new upstream connections.
+func (c *Cluster) IdleTimeout() time.Duration { return c.transport.Load().IdleConnTimeout }
 
 // Endpoints returns the current endpoints (for admin dumps).
 func (c *Cluster) Endpoints() []*Endpoint { return c.cur.Load().all }
@@ -273,7 +314,7 @@ func (c *Cluster) RoundTrip(req *http.Request, ep *Endpoint) (*http.Response, er
 		}
 	}}
 	req = req.WithContext(httptrace.WithClientTrace(req.Context(), trace))
-	resp, err := c.transport.RoundTrip(req)
+	resp, err := c.transport.Load().RoundTrip(req)
 	if gotConn.CompareAndSwap(false, true) {
 		c.pending.Add(-1)
 	}
@@ -375,7 +416,14 @@ func (t *trackedConn) CloseWrite() error {
 }
 
 // Close releases pooled connections.
-func (c *Cluster) Close() { c.transport.CloseIdleConnections() }
+func (c *Cluster) Close() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.transport.Load().CloseIdleConnections()
+	for _, t := range c.retired {
+		t.CloseIdleConnections()
+	}
+}
 
 // Overflows counts circuit-breaker rejections.
 func (c *Cluster) Overflows() int64 { return c.overflows.Load() }

@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -397,5 +398,86 @@ func TestCircuitBreakerPendingAndRetries(t *testing.T) {
 	r2()
 	if c.Overflows() != 2 {
 		t.Fatalf("overflows = %d, want 2", c.Overflows())
+	}
+}
+
+// TestIdleTimeout: connection_pool.idle_timeout closes idle upstream
+// connections, for HTTP/2 (whose timeout is fixed when the connection is
+// made) as for HTTP/1.1; a changed timeout applies to new connections and
+// closes the idle ones made under the old setting.
+func TestIdleTimeout(t *testing.T) {
+	for _, h2 := range []bool{false, true} {
+		t.Run(map[bool]string{false: "http1", true: "h2c"}[h2], func(t *testing.T) {
+			var proto atomic.Value
+			srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				proto.Store(r.Proto)
+			}))
+			var p http.Protocols
+			p.SetHTTP1(true)
+			p.SetUnencryptedHTTP2(true)
+			srv.Config.Protocols = &p
+			srv.Start()
+			t.Cleanup(srv.Close)
+			ep := Endpoint{Addr: netip.MustParseAddrPort(srv.Listener.Addr().String())}
+			c := New(Options{Name: "x", HTTP2: h2, Dial: tcpDial})
+			defer c.Close()
+			policy := func(idle time.Duration) *discoveryv1.TrafficPolicy {
+				if idle == 0 {
+					return nil
+				}
+				return &discoveryv1.TrafficPolicy{ConnectionPool: &discoveryv1.ConnectionPool{IdleTimeout: durationpb.New(idle)}}
+			}
+			get := func() {
+				t.Helper()
+				e, _ := c.Pick(&HashInput{}, nil)
+				req, _ := http.NewRequest("GET", "http://svc/", nil)
+				resp, err := c.RoundTrip(req, e)
+				if err != nil {
+					t.Fatal(err)
+				}
+				_, _ = io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if want := map[bool]string{false: "HTTP/1.1", true: "HTTP/2.0"}[h2]; proto.Load() != want {
+					t.Fatalf("backend saw %v, want %s", proto.Load(), want)
+				}
+			}
+			waitConns := func(want int64, within time.Duration) time.Duration {
+				t.Helper()
+				start := time.Now()
+				for c.Conns() != want {
+					if time.Since(start) > within {
+						t.Fatalf("%d connections after %v, want %d", c.Conns(), within, want)
+					}
+					time.Sleep(10 * time.Millisecond)
+				}
+				return time.Since(start)
+			}
+
+			c.Update([]Endpoint{ep}, policy(200*time.Millisecond))
+			get()
+			if c.Conns() != 1 {
+				t.Fatalf("%d connections after a request", c.Conns())
+			}
+			if d := waitConns(0, 5*time.Second); d < 100*time.Millisecond {
+				t.Fatalf("idle connection closed after %v, before its 200ms timeout", d)
+			}
+			// Back to the default (60 s): the connection stays.
+			c.Update([]Endpoint{ep}, policy(0))
+			if c.IdleTimeout() != DefaultIdleTimeout {
+				t.Fatalf("idle timeout %v", c.IdleTimeout())
+			}
+			get()
+			time.Sleep(500 * time.Millisecond)
+			if c.Conns() != 1 {
+				t.Fatalf("%d connections 500ms after a request under the default timeout", c.Conns())
+			}
+			// A shorter timeout closes the idle connection of the old
+			// setting and applies to the next one.
+			c.Update([]Endpoint{ep}, policy(150*time.Millisecond))
+			waitConns(0, time.Second)
+			get()
+			waitConns(1, 0)
+			waitConns(0, 5*time.Second)
+		})
 	}
 }
