@@ -22,8 +22,8 @@ import (
 	"github.com/amesh-dev/amesh/controller/internal/translate"
 )
 
-// ScopeGateway is the Scope prefix of WaypointService resources:
-// "gateway/<namespace>/<name>".
+// ScopeGateway is the Scope prefix of WaypointService and WaypointGateway
+// resources: "gateway/<namespace>/<name>".
 const ScopeGateway = "gateway/"
 
 // Publisher receives resources (xds.Server): the full state of a type, or
@@ -278,6 +278,12 @@ func Publish(p Publisher, prev *published, out *translate.Output) error {
 			func(i int) proto.Message { return out.WaypointServices[i] },
 			func(i int) string { return out.WaypointServices[i].Service },
 			func(i int) string { return ScopeGateway + out.WaypointServices[i].Gateway }},
+		// Set even when empty: the server answers a type only after its
+		// first state, and waypoints wait for this one to be synced.
+		{pb.WaypointGatewayType, len(out.WaypointGateways),
+			func(i int) proto.Message { return out.WaypointGateways[i] },
+			func(i int) string { return out.WaypointGateways[i].Gateway },
+			func(i int) string { return ScopeGateway + out.WaypointGateways[i].Gateway }},
 	}
 	var errs []error
 	for _, s := range sets {

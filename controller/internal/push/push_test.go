@@ -53,8 +53,13 @@ func TestPublishIncremental(t *testing.T) {
 	if err := Publish(rec, prev, out); err != nil {
 		t.Fatal(err)
 	}
-	if len(rec.calls) != 5 {
+	if len(rec.calls) != 6 {
 		t.Fatalf("first publication: %d calls, want a Set per type: %+v", len(rec.calls), rec.calls)
+	}
+	// Even a type with nothing in it is Set: the server answers a type
+	// only once it has a state, and waypoints wait for WaypointGateway.
+	if !slices.ContainsFunc(rec.calls, func(c call) bool { return c.typeURL == pb.WaypointGatewayType && len(c.names) == 0 }) {
+		t.Errorf("no empty Set of WaypointGateway: %+v", rec.calls)
 	}
 	for _, c := range rec.calls {
 		if c.op != "set" {
@@ -86,8 +91,8 @@ func TestPublishIncremental(t *testing.T) {
 	}
 }
 
-// TestSubscriberVisibility: ztunnel sees no WaypointService; a waypoint
-// sees only those of its Gateway; everything else is visible to both.
+// TestSubscriberVisibility: ztunnel sees no WaypointService or
+// WaypointGateway; a waypoint sees only those of its Gateway; everything else is visible to both.
 func TestSubscriberVisibility(t *testing.T) {
 	zt := NewSubscriber("ztunnel/node-a/zt", "")
 	wp := NewSubscriber("waypoint/ns/wp/pod", "ns/wp")
@@ -103,6 +108,9 @@ func TestSubscriberVisibility(t *testing.T) {
 		{zt, pb.WaypointServiceType, mine, false},
 		{wp, pb.WaypointServiceType, mine, true},
 		{wp, pb.WaypointServiceType, other, false},
+		{zt, pb.WaypointGatewayType, mine, false},
+		{wp, pb.WaypointGatewayType, mine, true},
+		{wp, pb.WaypointGatewayType, other, false},
 		{wp, pb.ServiceType, &xds.Resource{Name: "s"}, true},
 		{wp, pb.AuthorizationType, &xds.Resource{Name: "a"}, true},
 	} {

@@ -7,7 +7,8 @@ import (
 
 // Subscriber is what one data-plane client may see: every workload,
 // service, authorization and trust bundle; a waypoint also the
-// WaypointService resources of the services it serves.
+// WaypointService resources of the services it serves and its own
+// WaypointGateway.
 type Subscriber struct {
 	id string
 	// scope is ScopeGateway+"<ns>/<name>" for a waypoint, "" for ztunnel.
@@ -29,7 +30,8 @@ func (s *Subscriber) ID() string { return s.id }
 
 // Visible implements xds.Subscriber.
 func (s *Subscriber) Visible(typeURL string, r *xds.Resource) bool {
-	if typeURL == pb.WaypointServiceType {
+	switch typeURL {
+	case pb.WaypointServiceType, pb.WaypointGatewayType:
 		return s.scope != "" && r.Scope == s.scope
 	}
 	return true

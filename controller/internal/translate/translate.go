@@ -91,6 +91,8 @@ type Output struct {
 	Authorizations   []*pb.Authorization
 	TrustBundles     []*pb.TrustBundle
 	WaypointServices []*pb.WaypointService
+	// WaypointGateways has exactly one entry per waypoint Gateway.
+	WaypointGateways []*pb.WaypointGateway
 	// Statuses is the status every amesh policy of the input should have.
 	Statuses []Status
 	// RootCertNamespaces are the namespaces that need the root certificate
@@ -167,6 +169,7 @@ func (tr *Translator) Translate(in *Input) *Output {
 		Services:         t.outServices,
 		Authorizations:   t.outAuthorizations,
 		WaypointServices: t.outWaypointServices,
+		WaypointGateways: t.outWaypointGateways,
 		TrustBundles:     t.outTrustBundles,
 	}
 	results := make([]*podResult, 0, len(in.Pods))
@@ -326,6 +329,10 @@ type translator struct {
 	wpAuthz        map[string][]*pb.Authorization
 	wpRequestAuthn map[string][]*pb.RequestAuthentication
 	wpTraffic      map[string]*pb.TrafficPolicy
+	// Per waypoint Gateway ("<ns>/<name>"): the policies targeting it.
+	gwAuthz        map[string][]*pb.Authorization
+	gwRequestAuthn map[string][]*pb.RequestAuthentication
+	gwTraffic      map[string]*pb.TrafficPolicy
 	// status accumulates conditions per "<kind>/<ns>/<name>" (all but
 	// those that depend on pods).
 	status map[string]*Status
@@ -334,6 +341,7 @@ type translator struct {
 	outServices         []*pb.Service
 	outAuthorizations   []*pb.Authorization
 	outWaypointServices []*pb.WaypointService
+	outWaypointGateways []*pb.WaypointGateway
 	outTrustBundles     []*pb.TrustBundle
 	outEndpoints        []*pb.Workload
 	outStatuses         []Status
@@ -362,6 +370,9 @@ func newTranslator(cfg Config, full *Input) *translator {
 		wpAuthz:          map[string][]*pb.Authorization{},
 		wpRequestAuthn:   map[string][]*pb.RequestAuthentication{},
 		wpTraffic:        map[string]*pb.TrafficPolicy{},
+		gwAuthz:          map[string][]*pb.Authorization{},
+		gwRequestAuthn:   map[string][]*pb.RequestAuthentication{},
+		gwTraffic:        map[string]*pb.TrafficPolicy{},
 		status:           map[string]*Status{},
 	}
 	for _, ns := range in.Namespaces {
@@ -394,6 +405,7 @@ func (t *translator) prepare() {
 	t.pa = t.indexPeerAuthentications()
 	t.outEndpoints = t.endpointWorkloads()
 	t.outWaypointServices = t.waypointServices(t.outServices)
+	t.outWaypointGateways = t.waypointGateways()
 	t.outTrustBundles = []*pb.TrustBundle{{
 		TrustDomain: t.cfg.TrustDomain,
 		RootsPem:    slices.Clone(t.in.RootCertificates),

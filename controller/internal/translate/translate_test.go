@@ -230,6 +230,7 @@ func render(t testing.TB, out *Output) []byte {
 		"authorizations":     msgs(toMsgs(out.Authorizations)...),
 		"trustBundles":       msgs(toMsgs(out.TrustBundles)...),
 		"waypointServices":   msgs(toMsgs(out.WaypointServices)...),
+		"waypointGateways":   msgs(toMsgs(out.WaypointGateways)...),
 		"statuses":           out.Statuses,
 		"rootCertNamespaces": out.RootCertNamespaces,
 	}

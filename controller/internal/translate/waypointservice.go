@@ -3,6 +3,7 @@ package translate
 import (
 	"cmp"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 	"time"
@@ -15,55 +16,91 @@ import (
 	trafficv1alpha1 "github.com/amesh-dev/amesh/controller/apis/traffic/v1alpha1"
 )
 
-// targets resolves policy targetRefs to the bound services they reach:
-// a Service bound to a waypoint, or every service bound to a waypoint
-// Gateway. unresolved describes the references that reach nothing.
-func (t *translator) targets(ns string, refs []v1alpha1.PolicyTargetReference) (services []string, gatewayLevel map[string]bool, unresolved []string) {
-	gatewayLevel = map[string]bool{}
+// targetSet is what a policy's targetRefs reach.
+type targetSet struct {
+	// services are the bound services (resource names) whose waypoint
+	// enforces the policy.
+	services []string
+	// gatewayLevel marks the services reached through a Gateway reference.
+	gatewayLevel map[string]bool
+	// gateways are the waypoint Gateways ("<ns>/<name>") targeted
+	// directly: their WaypointGateway carries the policy.
+	gateways []string
+	// unresolved describes the references that reach nothing.
+	unresolved []string
+}
+
+// targets resolves policy targetRefs: a Service bound to a waypoint, or a
+// waypoint Gateway (every service bound to it, and the workloads it serves
+// through its WaypointGateway).
+func (t *translator) targets(ns string, refs []v1alpha1.PolicyTargetReference) targetSet {
+	ts := targetSet{gatewayLevel: map[string]bool{}}
 	for _, r := range refs {
 		switch {
 		case r.Group == "gateway.networking.k8s.io" && r.Kind == "Gateway":
 			w := t.waypoints[ns+"/"+r.Name]
 			if w == nil {
-				unresolved = append(unresolved, fmt.Sprintf("Gateway %s is not a waypoint (class %s)", r.Name, t.cfg.WaypointClass))
+				ts.unresolved = append(ts.unresolved, fmt.Sprintf("Gateway %s is not a waypoint (class %s)", r.Name, t.cfg.WaypointClass))
 				continue
 			}
+			ts.gateways = append(ts.gateways, w.key())
 			for svc, sw := range t.serviceWaypoints {
 				if sw == w {
-					services = append(services, svc)
-					gatewayLevel[svc] = true
+					ts.services = append(ts.services, svc)
+					ts.gatewayLevel[svc] = true
 				}
 			}
 		case r.Group == "" && r.Kind == "Service":
 			key := t.serviceKey(ns, r.Name)
 			switch {
 			case t.svcByName[ns+"/"+r.Name] == nil:
-				unresolved = append(unresolved, fmt.Sprintf("Service %s not found", r.Name))
+				ts.unresolved = append(ts.unresolved, fmt.Sprintf("Service %s not found", r.Name))
 			case t.serviceWaypoints[key] == nil:
-				unresolved = append(unresolved, fmt.Sprintf("Service %s is not bound to a waypoint that serves services", r.Name))
+				ts.unresolved = append(ts.unresolved, fmt.Sprintf("Service %s is not bound to a waypoint that serves services", r.Name))
 			default:
-				services = append(services, key)
+				ts.services = append(ts.services, key)
 			}
 		default:
-			unresolved = append(unresolved, fmt.Sprintf("unsupported target %s/%s %s", r.Group, r.Kind, r.Name))
+			ts.unresolved = append(ts.unresolved, fmt.Sprintf("unsupported target %s/%s %s", r.Group, r.Kind, r.Name))
 		}
 	}
-	slices.Sort(services)
-	return slices.Compact(services), gatewayLevel, unresolved
+	slices.Sort(ts.services)
+	ts.services = slices.Compact(ts.services)
+	slices.Sort(ts.gateways)
+	ts.gateways = slices.Compact(ts.gateways)
+	return ts
 }
 
-// waypointCondition reports where a targetRefs policy is enforced.
-func (t *translator) waypointCondition(kind string, meta metav1.ObjectMeta, services, unresolved []string) {
+// waypointCondition reports where a targetRefs policy is enforced: by
+// which waypoint Gateways (for their services and the workloads bound to
+// them) and for which services.
+func (t *translator) waypointCondition(kind string, meta metav1.ObjectMeta, ts targetSet) {
+	var where []string
+	for _, g := range ts.gateways {
+		where = append(where, "waypoint "+g+" (for every service and workload it serves)")
+	}
+	var direct []string
+	for _, s := range ts.services {
+		if !ts.gatewayLevel[s] {
+			direct = append(direct, fmt.Sprintf("%s (waypoint %s)", s, t.serviceWaypoints[s].key()))
+		}
+	}
+	if len(direct) > 0 {
+		where = append(where, "service "+strings.Join(direct, ", "))
+	}
 	switch {
-	case len(unresolved) > 0:
+	case len(ts.unresolved) > 0 && len(where) > 0:
 		t.setCondition(kind, meta, condition(v1alpha1.ConditionWaypointAccepted, false, v1alpha1.ReasonTargetNotFound,
-			strings.Join(unresolved, "; ")))
-	case len(services) == 0:
+			strings.Join(ts.unresolved, "; ")+"; enforced only by "+strings.Join(where, "; ")))
+	case len(ts.unresolved) > 0:
 		t.setCondition(kind, meta, condition(v1alpha1.ConditionWaypointAccepted, false, v1alpha1.ReasonTargetNotFound,
-			"the targeted waypoints serve no service"))
+			strings.Join(ts.unresolved, "; ")))
+	case len(where) == 0:
+		t.setCondition(kind, meta, condition(v1alpha1.ConditionWaypointAccepted, false, v1alpha1.ReasonTargetNotFound,
+			"the policy has no targets"))
 	default:
 		t.setCondition(kind, meta, condition(v1alpha1.ConditionWaypointAccepted, true, v1alpha1.ReasonEnforced,
-			"enforced by waypoints for "+strings.Join(services, ", ")))
+			"enforced by "+strings.Join(where, "; ")))
 	}
 }
 
@@ -71,12 +108,15 @@ func (t *translator) waypointCondition(kind string, meta metav1.ObjectMeta, serv
 // for the services it reaches.
 func (t *translator) waypointAuthorization(ap *v1alpha1.AuthorizationPolicy) {
 	a, res := t.translateAuthorization(ap, false)
-	services, _, unresolved := t.targets(ap.Namespace, ap.Spec.TargetRefs)
-	for _, s := range services {
+	ts := t.targets(ap.Namespace, ap.Spec.TargetRefs)
+	for _, s := range ts.services {
 		t.wpAuthz[s] = append(t.wpAuthz[s], a)
 	}
+	for _, g := range ts.gateways {
+		t.gwAuthz[g] = append(t.gwAuthz[g], a)
+	}
 	t.acceptedCondition(v1alpha1.ConditionAccepted, ap, res)
-	t.waypointCondition(KindAuthorizationPolicy, ap.ObjectMeta, services, unresolved)
+	t.waypointCondition(KindAuthorizationPolicy, ap.ObjectMeta, ts)
 }
 
 // requestAuthentications records targetRefs RequestAuthentications for the
@@ -109,11 +149,14 @@ func (t *translator) requestAuthentications() {
 			}
 			r.JwtRules = append(r.JwtRules, jr)
 		}
-		services, _, unresolved := t.targets(ra.Namespace, ra.Spec.TargetRefs)
-		for _, s := range services {
+		ts := t.targets(ra.Namespace, ra.Spec.TargetRefs)
+		for _, s := range ts.services {
 			t.wpRequestAuthn[s] = append(t.wpRequestAuthn[s], r)
 		}
-		t.waypointCondition(KindRequestAuthentication, ra.ObjectMeta, services, unresolved)
+		for _, g := range ts.gateways {
+			t.gwRequestAuthn[g] = append(t.gwRequestAuthn[g], r)
+		}
+		t.waypointCondition(KindRequestAuthentication, ra.ObjectMeta, ts)
 	}
 }
 
@@ -133,13 +176,16 @@ func (t *translator) backendTrafficPolicies() {
 		for i, r := range p.Spec.TargetRefs {
 			refs[i] = v1alpha1.PolicyTargetReference{Group: r.Group, Kind: r.Kind, Name: r.Name}
 		}
-		services, gw, unresolved := t.targets(p.Namespace, refs)
-		for _, s := range services {
+		ts := t.targets(p.Namespace, refs)
+		for _, s := range ts.services {
 			level := serviceLevel
-			if gw[s] {
+			if ts.gatewayLevel[s] {
 				level = gatewayLevel
 			}
 			level[s] = mergeTraffic(level[s], tp)
+		}
+		for _, g := range ts.gateways {
+			t.gwTraffic[g] = mergeTraffic(t.gwTraffic[g], tp)
 		}
 		if len(bad) > 0 {
 			t.setCondition(KindBackendTrafficPolicy, p.ObjectMeta, condition(v1alpha1.ConditionAccepted, false,
@@ -148,7 +194,7 @@ func (t *translator) backendTrafficPolicies() {
 			t.setCondition(KindBackendTrafficPolicy, p.ObjectMeta, condition(v1alpha1.ConditionAccepted, true,
 				v1alpha1.ReasonAccepted, "the policy is valid"))
 		}
-		t.waypointCondition(KindBackendTrafficPolicy, p.ObjectMeta, services, unresolved)
+		t.waypointCondition(KindBackendTrafficPolicy, p.ObjectMeta, ts)
 	}
 	for s, tp := range gatewayLevel {
 		t.wpTraffic[s] = tp
@@ -321,6 +367,28 @@ func (t *translator) waypointServices(services []*pb.Service) []*pb.WaypointServ
 			return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name))
 		})
 		out = append(out, ws)
+	}
+	return out
+}
+
+// waypointGateways builds one WaypointGateway per waypoint Gateway, empty
+// when no policy targets it: a waypoint that has synced always has its own.
+func (t *translator) waypointGateways() []*pb.WaypointGateway {
+	out := make([]*pb.WaypointGateway, 0, len(t.waypoints))
+	for _, key := range slices.Sorted(maps.Keys(t.waypoints)) {
+		g := &pb.WaypointGateway{
+			Gateway:                key,
+			Authorizations:         slices.Clone(t.gwAuthz[key]),
+			RequestAuthentications: slices.Clone(t.gwRequestAuthn[key]),
+			TrafficPolicy:          t.gwTraffic[key],
+		}
+		slices.SortFunc(g.Authorizations, func(a, b *pb.Authorization) int {
+			return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name))
+		})
+		slices.SortFunc(g.RequestAuthentications, func(a, b *pb.RequestAuthentication) int {
+			return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name))
+		})
+		out = append(out, g)
 	}
 	return out
 }
