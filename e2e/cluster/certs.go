@@ -37,6 +37,14 @@ func (c *Config) writePKI() error {
 	if err := etcdCA.Write(dir, "etcd-ca"); err != nil {
 		return err
 	}
+	// The aggregation layer's front proxy (requestheader authentication).
+	frontCA, err := pki.NewCA(c.Name + "-front-proxy-ca")
+	if err != nil {
+		return err
+	}
+	if err := frontCA.Write(dir, "front-proxy-ca"); err != nil {
+		return err
+	}
 	if err := pki.WriteSigningKey(dir, "sa"); err != nil {
 		return err
 	}
@@ -56,6 +64,7 @@ func (c *Config) writePKI() error {
 		{etcdCA, "apiserver-etcd-client", pki.Request{CommonName: "kube-apiserver-etcd-client", Usage: pki.Client}},
 		{etcdCA, "etcd-server", pki.Request{CommonName: "etcd", DNSNames: []string{"localhost"}, IPs: []net.IP{loop}, Usage: pki.Server | pki.Client}},
 		{etcdCA, "etcd-healthcheck-client", pki.Request{CommonName: "kube-etcd-healthcheck-client", Usage: pki.Client}},
+		{frontCA, "front-proxy-client", pki.Request{CommonName: "front-proxy-client", Usage: pki.Client}},
 	}
 	for _, i := range issue {
 		p, err := i.ca.Issue(i.req)

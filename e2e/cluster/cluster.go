@@ -188,6 +188,8 @@ func (c *Cluster) Run(ctx context.Context, ready func(Info)) (err error) {
 	if err != nil {
 		return fmt.Errorf("server version: %w", err)
 	}
+	// The controller manager exits if it starts before the apiserver has
+	// bootstrapped RBAC: start it (and the scheduler) once /readyz passes.
 	c.step("kube-apiserver %s ready; starting kube-controller-manager and kube-scheduler", ver.GitVersion)
 	c.addProc("kube-controller-manager", c.command(filepath.Join(c.cfg.KubeBinDir, "kube-controller-manager"), c.controllerManagerArgs(kcmPort)...))
 	c.addProc("kube-scheduler", c.command(filepath.Join(c.cfg.KubeBinDir, "kube-scheduler"), c.schedulerArgs(schedPort)...))

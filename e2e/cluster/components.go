@@ -73,6 +73,14 @@ func (c *Cluster) apiserverArgs(etcdPort int) []string {
 		"--profiling=false",
 		"--event-ttl=1h",
 		"--endpoint-reconciler-type=lease",
+		"--requestheader-client-ca-file=" + filepath.Join(p, "front-proxy-ca.crt"),
+		"--requestheader-allowed-names=front-proxy-client",
+		"--requestheader-username-headers=X-Remote-User",
+		"--requestheader-group-headers=X-Remote-Group",
+		"--requestheader-extra-headers-prefix=X-Remote-Extra-",
+		"--proxy-client-cert-file=" + filepath.Join(p, "front-proxy-client.crt"),
+		"--proxy-client-key-file=" + filepath.Join(p, "front-proxy-client.key"),
+		"--enable-aggregator-routing=true",
 	}
 }
 

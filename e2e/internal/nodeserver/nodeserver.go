@@ -1,7 +1,9 @@
 // Package nodeserver is the node agent's kubelet API: the HTTPS endpoint the
 // kube-apiserver calls for `kubectl logs`, `kubectl exec` and
 // `kubectl port-forward`. Callers must present a client certificate signed
-// by the cluster CA (the apiserver's kubelet-client certificate).
+// by the cluster CA whose subject is one of Config.AllowedUsers (the
+// apiserver's kubelet-client identity) or in the system:masters group; the
+// kubelet's SubjectAccessReview-based authorization is not reproduced.
 package nodeserver
 
 import (
@@ -16,6 +18,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -46,6 +49,9 @@ type Config struct {
 	CertFile string
 	KeyFile  string
 	ClientCA string
+	// AllowedUsers are the certificate common names allowed in (default
+	// kube-apiserver-kubelet-client); system:masters is always allowed.
+	AllowedUsers []string
 }
 
 // Server is the kubelet API server.
@@ -75,7 +81,7 @@ func (s *Server) Run(ctx context.Context) error {
 		return fmt.Errorf("load serving certificate: %w", err)
 	}
 	srv := &http.Server{
-		Handler:           s.Handler(),
+		Handler:           s.authorize(s.Handler()),
 		ReadHeaderTimeout: 10 * time.Second,
 		TLSConfig: &tls.Config{
 			Certificates: []tls.Certificate{cert},
@@ -118,6 +124,27 @@ func (s *Server) Handler() http.Handler {
 		mux.HandleFunc(m+" /portForward/{ns}/{pod}/{uid}", s.portForward)
 	}
 	return mux
+}
+
+// authorize admits only the configured client identities.
+func (s *Server) authorize(next http.Handler) http.Handler {
+	allowed := s.cfg.AllowedUsers
+	if len(allowed) == 0 {
+		allowed = []string{"kube-apiserver-kubelet-client"}
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.TLS == nil || len(r.TLS.PeerCertificates) == 0 {
+			http.Error(w, "client certificate required", http.StatusUnauthorized)
+			return
+		}
+		subj := r.TLS.PeerCertificates[0].Subject
+		if !slices.Contains(allowed, subj.CommonName) && !slices.Contains(subj.Organization, "system:masters") {
+			s.log.Warn("kubelet API access denied", zap.String("user", subj.CommonName), zap.String("path", r.URL.Path))
+			http.Error(w, "forbidden: "+subj.CommonName+" may not use the kubelet API", http.StatusForbidden)
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
 }
 
 func httpError(w http.ResponseWriter, err error) {

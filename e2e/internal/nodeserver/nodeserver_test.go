@@ -1,10 +1,17 @@
 package nodeserver
 
 import (
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"go.uber.org/zap"
 )
 
 func TestLastLines(t *testing.T) {
@@ -39,4 +46,34 @@ func TestLastLines(t *testing.T) {
 	if got, _ := LastLines(p, 1); got != "no newline at end" {
 		t.Errorf("unterminated last line: %q", got)
 	}
+}
+
+func TestAuthorize(t *testing.T) {
+	s := New(Config{}, nil, zap.NewNop())
+	h := s.authorize(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { w.WriteHeader(http.StatusTeapot) }))
+	tests := []struct {
+		name string
+		tls  *tls.ConnectionState
+		want int
+	}{
+		{"no TLS", nil, http.StatusUnauthorized},
+		{"no certificate", &tls.ConnectionState{}, http.StatusUnauthorized},
+		{"apiserver", state("kube-apiserver-kubelet-client"), http.StatusTeapot},
+		{"cluster admin", state("kubernetes-admin", "system:masters"), http.StatusTeapot},
+		{"another node", state("system:node:n2", "system:nodes"), http.StatusForbidden},
+		{"kube-proxy", state("system:kube-proxy"), http.StatusForbidden},
+	}
+	for _, tt := range tests {
+		r := httptest.NewRequest(http.MethodGet, "/containerLogs/ns/p/c", nil)
+		r.TLS = tt.tls
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, r)
+		if w.Code != tt.want {
+			t.Errorf("%s: HTTP %d, want %d", tt.name, w.Code, tt.want)
+		}
+	}
+}
+
+func state(cn string, orgs ...string) *tls.ConnectionState {
+	return &tls.ConnectionState{PeerCertificates: []*x509.Certificate{{Subject: pkix.Name{CommonName: cn, Organization: orgs}}}}
 }
