@@ -33,6 +33,7 @@ func main() {
 
 func run() error {
 	cfg := app.Default()
+	cfg.ApplyEnv(os.Getenv)
 	fs := flag.NewFlagSet("amesh-controller", flag.ContinueOnError)
 	cfg.AddFlags(fs)
 	level := zapcore.InfoLevel

@@ -10,6 +10,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/http"
 	"strings"
@@ -49,6 +50,7 @@ import (
 	trafficv1alpha1 "github.com/amesh-dev/amesh/controller/apis/traffic/v1alpha1"
 	"github.com/amesh-dev/amesh/controller/internal/auth"
 	"github.com/amesh-dev/amesh/controller/internal/casecret"
+	"github.com/amesh-dev/amesh/controller/internal/deployer"
 	"github.com/amesh-dev/amesh/controller/internal/push"
 	"github.com/amesh-dev/amesh/controller/internal/rootcert"
 	policystatus "github.com/amesh-dev/amesh/controller/internal/status"
@@ -144,6 +146,15 @@ func (a *App) Run(ctx context.Context) error {
 	m := newMetrics(reg)
 
 	shutdown := cfg.ShutdownTimeout
+	byObject := map[client.Object]cache.ByObject{
+		&corev1.Secret{}: {
+			Namespaces: map[string]cache.Config{cfg.Namespace: {}},
+			Field:      fields.OneTermEqualSelector("metadata.name", cfg.CASecret),
+		},
+		&corev1.ConfigMap{}: {Field: fields.OneTermEqualSelector("metadata.name", cfg.RootCertConfigMap)},
+	}
+	// Only the Deployments and ServiceAccounts the deployer makes.
+	maps.Copy(byObject, deployer.CacheByObject())
 	mgr, err := ctrl.NewManager(a.rest, manager.Options{
 		Scheme:                        scheme,
 		Logger:                        zapr.NewLogger(a.log.Named("manager")),
@@ -156,13 +167,7 @@ func (a *App) Run(ctx context.Context) error {
 		GracefulShutdownTimeout:       &shutdown,
 		Cache: cache.Options{
 			DefaultTransform: cache.TransformStripManagedFields(),
-			ByObject: map[client.Object]cache.ByObject{
-				&corev1.Secret{}: {
-					Namespaces: map[string]cache.Config{cfg.Namespace: {}},
-					Field:      fields.OneTermEqualSelector("metadata.name", cfg.CASecret),
-				},
-				&corev1.ConfigMap{}: {Field: fields.OneTermEqualSelector("metadata.name", cfg.RootCertConfigMap)},
-			},
+			ByObject:         byObject,
 		},
 	})
 	if err != nil {
@@ -170,6 +175,12 @@ func (a *App) Run(ctx context.Context) error {
 	}
 	if err := auth.IndexPods(ctx, mgr.GetFieldIndexer()); err != nil {
 		return fmt.Errorf("app: index pods: %w", err)
+	}
+	if cfg.DeployWaypoints {
+		// Its controllers run on the elected leader only.
+		if err := deployer.Setup(mgr, cfg.waypointOptions(), a.log.Named("deployer")); err != nil {
+			return fmt.Errorf("app: %w", err)
+		}
 	}
 
 	kc, err := kubernetes.NewForConfig(a.rest)

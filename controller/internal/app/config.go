@@ -15,6 +15,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"k8s.io/apimachinery/pkg/util/validation"
 
+	"github.com/amesh-dev/amesh/controller/internal/deployer"
 	"github.com/amesh-dev/amesh/controller/internal/label"
 )
 
@@ -71,6 +72,20 @@ type Config struct {
 	TokenCacheTTL time.Duration
 	// ShutdownTimeout bounds the graceful stop of the servers.
 	ShutdownTimeout time.Duration
+
+	// DeployWaypoints runs the waypoint deployer (leader only): each
+	// Gateway of WaypointClass becomes a ServiceAccount, Deployment and
+	// Service.
+	DeployWaypoints bool
+	// WaypointController is the controller's address as waypoints dial it
+	// (host:port); empty: <ServiceName>.<Namespace>.svc and the port of
+	// GRPCAddr.
+	WaypointController string
+	// Waypoint holds the deployer's waypoint-only settings (image,
+	// resources, drain); the settings it shares with the controller (trust
+	// domain, cluster domain and ID, class, root ConfigMap, token audience,
+	// controller address) are taken from the fields above.
+	Waypoint deployer.Options
 }
 
 // Default returns the production defaults (DESIGN.md §2, §3).
@@ -97,7 +112,43 @@ func Default() Config {
 		MaxDebounce:           100 * time.Millisecond,
 		TokenCacheTTL:         time.Minute,
 		ShutdownTimeout:       10 * time.Second,
+		DeployWaypoints:       true,
+		Waypoint:              deployer.DefaultOptions(),
 	}
+}
+
+// ApplyEnv takes settings from the environment before flags override them:
+// WAYPOINT_IMAGE (the manifests set it) is the waypoint image.
+func (c *Config) ApplyEnv(getenv func(string) string) {
+	if v := getenv("WAYPOINT_IMAGE"); v != "" {
+		c.Waypoint.Image = v
+	}
+}
+
+// waypointOptions are the deployer's options: the waypoint-only settings
+// with the shared ones filled in from the controller's own.
+func (c Config) waypointOptions() deployer.Options {
+	o := c.Waypoint
+	o.Class = c.WaypointClass
+	o.TrustDomain = c.TrustDomain
+	o.ClusterDomain = c.ClusterDomain
+	o.ClusterID = c.ClusterID
+	o.RootCertConfigMap = c.RootCertConfigMap
+	o.TokenAudience = c.TokenAudience
+	svc := c.ServiceName + "." + c.Namespace + ".svc"
+	o.Controller = c.WaypointController
+	if o.Controller == "" {
+		port := "15012"
+		if _, p, err := net.SplitHostPort(c.GRPCAddr); err == nil && p != "" && p != "0" {
+			port = p
+		}
+		o.Controller = net.JoinHostPort(svc, port)
+	}
+	if o.ControllerServerName == "" {
+		// The serving certificate always names <svc>.<ns>.svc.
+		o.ControllerServerName = svc
+	}
+	return o
 }
 
 // AddFlags binds the configuration to command-line flags.
@@ -128,6 +179,10 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.DurationVar(&c.MaxDebounce, "max-debounce", c.MaxDebounce, "longest a burst of changes may delay a translation")
 	fs.DurationVar(&c.TokenCacheTTL, "token-cache-ttl", c.TokenCacheTTL, "how long a token review is reused")
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", c.ShutdownTimeout, "graceful stop deadline")
+	fs.BoolVar(&c.DeployWaypoints, "deploy-waypoints", c.DeployWaypoints, "deploy a waypoint for each Gateway of the waypoint class (leader only)")
+	fs.StringVar(&c.WaypointController, "waypoint-controller-address", c.WaypointController,
+		"the controller's address as waypoints dial it (default <service-name>.<namespace>.svc:<grpc port>)")
+	c.Waypoint.AddFlags(fs)
 }
 
 // Validate reports every invalid setting.
@@ -188,6 +243,11 @@ func (c Config) Validate() error {
 	}
 	if c.RootTTL <= c.CertTTL {
 		errs = append(errs, fmt.Errorf("root ttl %v must exceed cert ttl %v", c.RootTTL, c.CertTTL))
+	}
+	if c.DeployWaypoints {
+		if err := c.waypointOptions().Validate(); err != nil {
+			errs = append(errs, fmt.Errorf("waypoint deployer: %w", err))
+		}
 	}
 	return errors.Join(errs...)
 }

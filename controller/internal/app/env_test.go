@@ -6,7 +6,6 @@ import (
 	"crypto/x509"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -28,13 +27,13 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"sigs.k8s.io/controller-runtime/pkg/client"
-	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
 	"github.com/amesh-dev/amesh/api/bearer"
 	"github.com/amesh-dev/amesh/api/ca"
 	pb "github.com/amesh-dev/amesh/api/discovery/v1"
 	"github.com/amesh-dev/amesh/api/xds"
 	"github.com/amesh-dev/amesh/controller/internal/app"
+	"github.com/amesh-dev/amesh/controller/internal/kubetest"
 )
 
 // env is a real kube-apiserver + etcd (envtest) with the amesh and
@@ -56,33 +55,11 @@ type env struct {
 // ephemeral ports).
 func startEnv(t *testing.T, mutate func(*app.Config)) *env {
 	t.Helper()
-	if os.Getenv("KUBEBUILDER_ASSETS") == "" {
-		t.Skip("KUBEBUILDER_ASSETS is unset: needs the kube-apiserver and etcd binaries (make kube-bins; make unit sets it)")
-	}
-	gw := gatewayCRDs(t)
-	te := &envtest.Environment{
-		CRDDirectoryPaths: []string{
-			filepath.Join("..", "..", "..", "manifests", "base", "crds"),
-			filepath.Join(gw, "gateway.networking.k8s.io_gatewayclasses.yaml"),
-			filepath.Join(gw, "gateway.networking.k8s.io_gateways.yaml"),
-			filepath.Join(gw, "gateway.networking.k8s.io_httproutes.yaml"),
-			filepath.Join(gw, "gateway.networking.k8s.io_grpcroutes.yaml"),
-			filepath.Join(gw, "gateway.networking.k8s.io_referencegrants.yaml"),
-		},
-		ErrorIfCRDPathMissing: true,
-	}
-	cfg, err := te.Start()
-	if err != nil {
-		// A failed start (say, a CRD the apiserver refuses) leaves the
-		// control plane running.
-		_ = te.Stop()
-		t.Fatalf("start envtest: %v", err)
-	}
-	t.Cleanup(func() {
-		if err := te.Stop(); err != nil {
-			t.Errorf("stop envtest: %v", err)
-		}
-	})
+	// The apiserver, etcd and CRDs as the manifests install them (the
+	// Gateway API's experimental channel); stopped when the test ends, even
+	// when it fails or the binary is interrupted.
+	k := kubetest.Start(t, kubetest.Options{})
+	cfg := k.Config
 	scheme, err := app.Scheme()
 	if err != nil {
 		t.Fatal(err)
@@ -190,17 +167,6 @@ func (e *env) applyFile(path string) {
 		}
 		e.create(obj.(client.Object))
 	}
-}
-
-// gatewayCRDs is the directory of the pinned Gateway API's standard CRDs
-// (from the module cache).
-func gatewayCRDs(t *testing.T) string {
-	t.Helper()
-	out, err := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", "sigs.k8s.io/gateway-api").Output()
-	if err != nil {
-		t.Fatalf("locate sigs.k8s.io/gateway-api: %v", err)
-	}
-	return filepath.Join(strings.TrimSpace(string(out)), "config", "crd", "standard")
 }
 
 func (e *env) create(o client.Object) {
