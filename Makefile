@@ -93,6 +93,13 @@ bench: tools ## Run the benchmarks (baselines side by side).
 	done
 
 ##@ End to end and demo (root; the local cluster needs no container engine)
+.PHONY: demo
+demo: build cluster-up ## The README's first command: local cluster, amesh, sample, waypoint, canary; prints identities, split, metrics. Leaves it running.
+	@$(BIN)/amesh-demo -cluster $(CLUSTER_NAME) -kubectl-waypoint $(BIN)/kubectl-waypoint
+
+.PHONY: demo-down
+demo-down: cluster-down ## Remove the demo: stop the local cluster and everything in it.
+
 .PHONY: e2e
 e2e: deps kube-bins coredns build cluster-bins ## Run the e2e suite on a fresh local cluster (E2E_RUN=<filter>, E2E_KEEP=1 keeps the cluster).
 	@KUBE_BIN=$(KUBE_BIN) COREDNS=$(COREDNS) BIN=$(BIN) hack/e2e.sh
