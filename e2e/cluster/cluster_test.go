@@ -95,6 +95,7 @@ func TestLocalCluster(t *testing.T) {
 	t.Run("ProjectedTokenAuthenticates", e.projectedToken)
 	t.Run("ScaleDownTerminatesGracefully", e.scaleDown)
 	t.Run("ProbesRestartsAndTermination", e.probesAndRestarts)
+	t.Run("AttachWithStdin", e.attach)
 	t.Run("NodeAgentCrashRecovers", e.agentCrash)
 	t.Run("TeardownLeavesNothing", func(t *testing.T) {
 		mnt, err := cgroup.Mount()
@@ -906,6 +907,55 @@ func (e *env) agentCrash(t *testing.T) {
 		}
 		if got != want {
 			return fmt.Errorf("node %s has %d pod veths, want %d:\n%s", node, got, want, out)
+		}
+		return nil
+	})
+}
+
+// attach feeds a container's stdin and reads its output through the
+// apiserver (kubectl attach / kubectl run -i).
+func (e *env) attach(t *testing.T) {
+	ctx := ctxT(t, time.Minute)
+	if _, err := e.client.CoreV1().Pods(e.ns).Create(ctx, &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "reader", Namespace: e.ns},
+		Spec: corev1.PodSpec{
+			RestartPolicy: corev1.RestartPolicyNever,
+			Containers: []corev1.Container{{Name: "main", Image: "debian:12", Stdin: true, StdinOnce: true,
+				Command: []string{"sh", "-c", "read line; echo got $line; cat; echo eof"}}},
+		},
+	}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 30*time.Second, "reader running", func() error {
+		p, err := e.client.CoreV1().Pods(e.ns).Get(ctx, "reader", metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		if p.Status.Phase != corev1.PodRunning {
+			return fmt.Errorf("phase %s", p.Status.Phase)
+		}
+		return nil
+	})
+	req := e.client.CoreV1().RESTClient().Post().Resource("pods").Namespace(e.ns).Name("reader").SubResource("attach").
+		VersionedParams(&corev1.PodAttachOptions{Container: "main", Stdin: true, Stdout: true, Stderr: true}, scheme.ParameterCodec)
+	ex, err := remotecommand.NewWebSocketExecutor(e.rc, "GET", req.URL().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	if err := ex.StreamWithContext(ctx, remotecommand.StreamOptions{Stdin: strings.NewReader("hello\nmore\n"), Stdout: &out}); err != nil {
+		t.Fatalf("attach: %v (output %q)", err, out.String())
+	}
+	if got, want := out.String(), "got hello\nmore\neof\n"; got != want {
+		t.Errorf("attach output %q, want %q (stdin closed after the session: stdinOnce)", got, want)
+	}
+	eventually(t, 30*time.Second, "reader succeeded", func() error {
+		p, err := e.client.CoreV1().Pods(e.ns).Get(ctx, "reader", metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		if p.Status.Phase != corev1.PodSucceeded {
+			return fmt.Errorf("phase %s", p.Status.Phase)
 		}
 		return nil
 	})

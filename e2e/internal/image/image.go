@@ -46,12 +46,22 @@ func Load(file string) (Table, error) {
 	if err != nil {
 		return Table{}, fmt.Errorf("read image table: %w", err)
 	}
+	t, err := Parse(raw)
+	if err != nil {
+		return Table{}, fmt.Errorf("image table %s: %w", file, err)
+	}
+	return t, nil
+}
+
+// Parse decodes and validates a YAML or JSON table; unknown fields are
+// errors.
+func Parse(raw []byte) (Table, error) {
 	var t Table
 	if err := yaml.UnmarshalStrict(raw, &t); err != nil {
-		return Table{}, fmt.Errorf("parse image table %s: %w", file, err)
+		return Table{}, fmt.Errorf("parse: %w", err)
 	}
 	if err := t.Validate(); err != nil {
-		return Table{}, fmt.Errorf("image table %s: %w", file, err)
+		return Table{}, err
 	}
 	return t, nil
 }
@@ -60,8 +70,12 @@ func Load(file string) (Table, error) {
 func (t Table) Validate() error {
 	var errs []error
 	for i, e := range t.Entries {
-		if e.Pattern == "" {
+		switch {
+		case e.Pattern == "":
 			errs = append(errs, fmt.Errorf("entry %d: no image pattern", i))
+		case !strings.HasSuffix(e.Pattern, "*") && Normalize(e.Pattern) != e.Pattern:
+			// References are matched with their tag ("latest" by default).
+			errs = append(errs, fmt.Errorf("entry %d: pattern %q needs a tag (name:tag or name:*) or a trailing *", i, e.Pattern))
 		}
 		for in, host := range e.Files {
 			if !filepath.IsAbs(in) || !filepath.IsAbs(host) {

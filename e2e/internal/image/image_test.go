@@ -102,6 +102,7 @@ func TestLoad(t *testing.T) {
 		"relative file":     "images:\n- image: x\n  files: {app: /bin/true}\n",
 		"no pattern":        "images:\n- entrypoint: [/a]\n",
 		"not a table":       "- 1\n- 2\n",
+		"pattern sans tag":  "images:\n- image: busybox\n",
 		"relative host dir": "images:\n- image: x\n  files: {/app: bin/true}\n",
 	} {
 		if _, err := Load(write(body)); err == nil {
@@ -126,5 +127,27 @@ func FuzzMatch(f *testing.F) {
 			t.Fatalf("Match(%q, %q) ignored the literal prefix", pattern, name)
 		}
 		_ = Normalize(name)
+	})
+}
+
+func FuzzParse(f *testing.F) {
+	f.Add([]byte("images:\n- image: \"*/x:*\"\n  entrypoint: [/x]\n  files: {/x: /bin/true}\n"))
+	f.Add([]byte(`{"images":[{"image":"a:1","cmd":["sh"]}]}`))
+	f.Add([]byte("images: [{image: '', files: {a: b}}]"))
+	f.Fuzz(func(t *testing.T, raw []byte) {
+		tab, err := Parse(raw)
+		if err != nil {
+			return
+		}
+		if err := tab.Validate(); err != nil {
+			t.Fatalf("Parse accepted an invalid table: %v", err)
+		}
+		for _, e := range tab.Entries {
+			got, err := tab.Resolve(e.Pattern)
+			if err != nil && !strings.Contains(e.Pattern, "*") {
+				t.Fatalf("entry %q does not resolve its own name: %v", e.Pattern, err)
+			}
+			_ = got
+		}
 	})
 }

@@ -51,6 +51,9 @@ type ctr struct {
 	startErr    string
 	waitReason  string
 
+	// stdin feeds the container's standard input (spec.stdin); nil when
+	// the container has none or it was closed (stdinOnce).
+	stdin       *os.File
 	cgroup      string
 	logPath     string
 	prevLogPath string
@@ -339,10 +342,26 @@ func (w *worker) startContainer(ctx context.Context, c *ctr) error {
 	}
 	defer cgf.Close()
 
-	cmd, err := sandbox.Start(spec, sandbox.Options{
+	var stdinR, stdinW *os.File
+	if c.spec.Stdin {
+		if stdinR, stdinW, err = os.Pipe(); err != nil {
+			return fmt.Errorf("stdin pipe: %w", err)
+		}
+	}
+	opts := sandbox.Options{
 		Helper: a.cfg.Helper, Stdout: logf, Stderr: logf, Cgroup: cgf, NewIPC: true, Pdeathsig: syscall.SIGKILL, Spawner: a.spawner,
-	})
+	}
+	if stdinR != nil {
+		opts.Stdin = stdinR
+	}
+	cmd, err := sandbox.Start(spec, opts)
+	if stdinR != nil {
+		stdinR.Close()
+	}
 	if err != nil {
+		if stdinW != nil {
+			stdinW.Close()
+		}
 		c.waitReason = "RunContainerError"
 		if errors.Is(err, sandbox.ErrInit) {
 			c.waitReason = "CreateContainerError"
@@ -351,6 +370,7 @@ func (w *worker) startContainer(ctx context.Context, c *ctr) error {
 	}
 	c.gen++
 	c.cmd = cmd
+	c.stdin = stdinW
 	c.id = "amesh://" + newID()
 	c.running, c.stopping, c.killed = true, false, false
 	c.startedAt = time.Now()

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"os/exec"
 	"runtime"
 	"strconv"
@@ -438,4 +439,80 @@ func dialIn(ctx context.Context, path, addr string) (net.Conn, error) {
 	}()
 	r := <-res
 	return r.c, r.err
+}
+
+// AttachContainer implements remotecommand.Attacher: it feeds in to the
+// container's stdin (when it has one; closing it after the session for
+// stdinOnce) and streams the container's output, from the start of its
+// current log, until the container exits or the client goes away. The
+// container has no terminal; tty requests get plain streams.
+func (a *Agent) AttachContainer(ctx context.Context, _ string, uid string, container string, in io.Reader, out, errw io.WriteCloser, _ bool, _ <-chan remotecommand.TerminalSize) error {
+	w := a.worker(types.UID(uid))
+	if w == nil {
+		return fmt.Errorf("pod %s: %w", uid, nodeserver.ErrNotFound)
+	}
+	w.mu.Lock()
+	c := w.ctrs[container]
+	if c == nil {
+		w.mu.Unlock()
+		return fmt.Errorf("container %q: %w", container, nodeserver.ErrNotFound)
+	}
+	gen, logPath, stdin, once := c.gen, c.logPath, c.stdin, c.spec.StdinOnce
+	running := c.running
+	w.mu.Unlock()
+	if !running {
+		return fmt.Errorf("container %q is not running", container)
+	}
+	if in != nil && stdin != nil {
+		go func() {
+			_, _ = io.Copy(stdin, in)
+			if once {
+				w.mu.Lock()
+				if c.gen == gen && c.stdin == stdin {
+					c.stdin.Close()
+					c.stdin = nil
+				}
+				w.mu.Unlock()
+			}
+		}()
+	}
+	if out == nil {
+		out = errw
+	}
+	if out == nil {
+		<-ctx.Done()
+		return nil
+	}
+	f, err := os.Open(logPath)
+	if err != nil {
+		return fmt.Errorf("open container output: %w", err)
+	}
+	defer f.Close()
+	buf := make([]byte, 32<<10)
+	for {
+		for {
+			n, rerr := f.Read(buf)
+			if n > 0 {
+				if _, err := out.Write(buf[:n]); err != nil {
+					return nil
+				}
+			}
+			if rerr != nil {
+				break
+			}
+		}
+		w.mu.Lock()
+		done := c.gen != gen || !c.running
+		w.mu.Unlock()
+		if done {
+			// Drain what the container wrote before it exited.
+			_, _ = io.CopyBuffer(out, f, buf)
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
 }

@@ -206,6 +206,10 @@ func (w *worker) exited(c *ctr, st exitStatus) {
 		c.probeCancel = nil
 	}
 	_ = cgroup.Remove(c.cgroup, 10*time.Second)
+	if c.stdin != nil {
+		c.stdin.Close()
+		c.stdin = nil
+	}
 	code := st.code
 	if st.signal != 0 {
 		code = 128 + int32(st.signal)

@@ -37,6 +37,7 @@ type Runtime interface {
 	// (defaulting to the first one when container is empty).
 	Resolve(namespace, pod, container string) (uid, name string, err error)
 	remotecommand.Executor
+	remotecommand.Attacher
 	portforward.PortForwarder
 }
 
@@ -120,6 +121,8 @@ func (s *Server) Handler() http.Handler {
 	for _, m := range []string{"GET", "POST"} {
 		mux.HandleFunc(m+" /exec/{ns}/{pod}/{container}", s.exec)
 		mux.HandleFunc(m+" /exec/{ns}/{pod}/{uid}/{container}", s.exec)
+		mux.HandleFunc(m+" /attach/{ns}/{pod}/{container}", s.attach)
+		mux.HandleFunc(m+" /attach/{ns}/{pod}/{uid}/{container}", s.attach)
 		mux.HandleFunc(m+" /portForward/{ns}/{pod}", s.portForward)
 		mux.HandleFunc(m+" /portForward/{ns}/{pod}/{uid}", s.portForward)
 	}
@@ -306,6 +309,21 @@ func (s *Server) exec(w http.ResponseWriter, r *http.Request) {
 	}
 	s.log.Info("exec", zap.String("pod", ns+"/"+pod), zap.String("container", ctr), zap.Strings("command", cmd))
 	remotecommand.ServeExec(w, r, s.rt, ns+"/"+pod, uid, ctr, cmd, opts, 4*time.Hour, remotecommand.DefaultStreamCreationTimeout, remotecommand.SupportedStreamingProtocols)
+}
+
+func (s *Server) attach(w http.ResponseWriter, r *http.Request) {
+	ns, pod := r.PathValue("ns"), r.PathValue("pod")
+	uid, ctr, err := s.rt.Resolve(ns, pod, r.PathValue("container"))
+	if err != nil {
+		httpError(w, err)
+		return
+	}
+	opts, err := remotecommand.NewOptions(r)
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
+	remotecommand.ServeAttach(w, r, s.rt, ns+"/"+pod, uid, ctr, opts, 4*time.Hour, remotecommand.DefaultStreamCreationTimeout, remotecommand.SupportedStreamingProtocols)
 }
 
 func (s *Server) portForward(w http.ResponseWriter, r *http.Request) {
