@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"net"
 	"net/url"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -52,74 +54,14 @@ func TestEnrolledTrafficIsMutualTLS(t *testing.T) {
 	if err := mesh.WaitRedirection(ctx, c, p.ns, "", "enabled", time.Minute); err != nil {
 		t.Fatal(err)
 	}
-	clientPod, serverPod := pod(t, p.ns, p.client), pod(t, p.ns, p.server)
-	tool, err := mesh.CaptureNode(ctx, c, p.ns, serverPod.Spec.NodeName)
-	if err != nil {
-		t.Fatal(err)
-	}
-	d := driver(t, p.ns, p.client)
-	filter := fmt.Sprintf("tcp and host %s and host %s", clientPod.Status.PodIP, serverPod.Status.PodIP)
-	capture, err := mesh.StartCapture(ctx, c, p.ns, tool, filter, 2*time.Minute)
-	if err != nil {
-		t.Fatal(err)
-	}
-	marker := "amesh-marker-" + randSuffix() + randSuffix()
 	start := time.Now()
-	res, err := d.Run(ctx, url.Values{
-		"url": {p.url("/echo?" + marker)}, "n": {"20"}, "newconn": {"true"},
-		"h": {"x-amesh-echo: true", "x-marker: " + marker}, "field": {"peer.remoteAddr"},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	segs, err := capture.Stop(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if res.OK != 20 {
-		t.Fatalf("requests through the mesh: %+v", res)
-	}
-
-	// On the wire: only TLS, only to 15008, never the marker.
-	conns := wire.Conns(segs)
-	if len(conns) == 0 {
-		t.Fatalf("captured nothing between %s and %s (tcpdump: %s)", clientPod.Status.PodIP, serverPod.Status.PodIP, capture.Stderr())
-	}
-	records := 0
-	for _, cn := range conns {
-		if cn.Server.Port() != mesh.PortHBONE {
-			t.Errorf("connection %s → %s is not to the HBONE port %d", cn.Client, cn.Server, mesh.PortHBONE)
-		}
-		for dir, b := range map[string][]byte{"up": cn.Up, "down": cn.Down} {
-			if bytes.Contains(b, []byte(marker)) {
-				t.Errorf("connection %s → %s (%s): the marker is in clear text", cn.Client, cn.Server, dir)
-			}
-			n, err := wire.TLSRecords(b)
-			if err != nil {
-				t.Errorf("connection %s → %s (%s): not TLS: %v", cn.Client, cn.Server, dir, err)
-			}
-			records += n
-		}
-	}
-	if records == 0 {
-		t.Errorf("no TLS records in %d connections", len(conns))
-	}
-	t.Logf("wire: %d connections, %d TLS records, all to :%d", len(conns), records, mesh.PortHBONE)
-
-	// The server saw the client pod's address (ztunnel keeps the source IP).
-	peers := res.Fields["peer.remoteAddr"]
-	if len(peers) == 0 {
-		t.Errorf("no peer addresses in the answers: %+v", res)
-	}
-	for addr := range peers {
-		if host, _, _ := net.SplitHostPort(addr); host != clientPod.Status.PodIP {
-			t.Errorf("server saw client address %s, want the client pod's %s", addr, clientPod.Status.PodIP)
-		}
-	}
+	w := loadWithCapture(t, p, 20)
+	w.assertMTLS(t)
+	t.Logf("wire: %d connections, all TLS to :%d", len(w.conns), mesh.PortHBONE)
 
 	// Metrics: both ztunnels count the connection with both identities.
 	clientID, serverID := mesh.Identity(p.ns, "client"), mesh.Identity(p.ns, "server")
-	err = kube.Poll(ctx, time.Second, 30*time.Second, func(ctx2 context.Context) (bool, error) {
+	err := kube.Poll(ctx, time.Second, 30*time.Second, func(ctx2 context.Context) (bool, error) {
 		ms, err := mesh.ScrapeAll(ctx2, c, mesh.SystemNamespace, "app=ztunnel", mesh.PortMetrics)
 		if err != nil {
 			return false, err
@@ -166,4 +108,149 @@ func TestEnrolledTrafficIsMutualTLS(t *testing.T) {
 	if err != nil {
 		t.Error(err)
 	}
+}
+
+// wireResult is what a load with a capture saw.
+type wireResult struct {
+	conns   []*wire.Conn
+	marker  string
+	peers   map[string]int64
+	ok      int64
+	records int
+}
+
+// loadWithCapture sends n requests (a new connection each) from the
+// client to the server's /echo carrying a marker, with tcpdump running on
+// the server's node, and returns what the wire and the server saw.
+func loadWithCapture(t *testing.T, p pair, n int) wireResult {
+	t.Helper()
+	ctx := ctxFor(t, 2*time.Minute)
+	c := shared.c
+	clientPod, serverPod := pod(t, p.ns, p.client), pod(t, p.ns, p.server)
+	tool, err := mesh.CaptureNode(ctx, c, p.ns, serverPod.Spec.NodeName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := driver(t, p.ns, p.client)
+	filter := fmt.Sprintf("tcp and host %s and host %s", clientPod.Status.PodIP, serverPod.Status.PodIP)
+	capture, err := mesh.StartCapture(ctx, c, p.ns, tool, filter, 2*time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	marker := "amesh-marker-" + randSuffix() + randSuffix()
+	res, err := d.Run(ctx, url.Values{
+		"url": {p.url("/echo?" + marker)}, "n": {fmt.Sprint(n)}, "newconn": {"true"},
+		"h": {"x-marker: " + marker}, "field": {"peer.remoteAddr"},
+	})
+	segs, cerr := capture.Stop(ctx)
+	if dir := os.Getenv("AMESH_E2E_PCAP_DIR"); dir != "" {
+		f := filepath.Join(dir, t.Name()+"-"+randSuffix()+".pcap")
+		if err := os.WriteFile(f, capture.Pcap(), 0o644); err == nil {
+			t.Logf("capture saved in %s (%d segments; tcpdump: %s)", f, len(segs), capture.Stderr())
+		}
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cerr != nil {
+		t.Fatal(cerr)
+	}
+	if res.OK != int64(n) {
+		t.Fatalf("%d of %d requests OK: codes %v, errors %v", res.OK, n, res.Codes, res.Errors)
+	}
+	w := wireResult{conns: wire.Conns(segs), marker: marker, peers: res.Fields["peer.remoteAddr"], ok: res.OK}
+	if len(w.conns) == 0 {
+		t.Fatalf("captured nothing between %s and %s (tcpdump: %s)", clientPod.Status.PodIP, serverPod.Status.PodIP, capture.Stderr())
+	}
+	for addr := range w.peers {
+		if host, _, _ := net.SplitHostPort(addr); host != clientPod.Status.PodIP {
+			t.Errorf("server saw client address %s, want the client pod's %s", addr, clientPod.Status.PodIP)
+		}
+	}
+	return w
+}
+
+// assertMTLS fails unless every captured connection is TLS to the HBONE
+// port and the marker never shows.
+func (w wireResult) assertMTLS(t *testing.T) {
+	t.Helper()
+	for _, cn := range w.conns {
+		if cn.Server.Port() != mesh.PortHBONE {
+			t.Errorf("connection %s → %s is not to the HBONE port %d", cn.Client, cn.Server, mesh.PortHBONE)
+		}
+		for dir, b := range map[string][]byte{"up": cn.Up, "down": cn.Down} {
+			if bytes.Contains(b, []byte(w.marker)) {
+				t.Errorf("connection %s → %s (%s): the marker is in clear text", cn.Client, cn.Server, dir)
+			}
+			n, err := wire.TLSRecords(b)
+			if err != nil {
+				t.Errorf("connection %s → %s (%s, %d segments, SYN seen %t, gaps %t): not TLS: %v", cn.Client, cn.Server, dir, cn.Segments, cn.Handshake, cn.Gaps, err)
+			}
+			w.records += n
+		}
+	}
+	if w.records == 0 {
+		t.Errorf("no TLS records in %d connections", len(w.conns))
+	}
+}
+
+// assertDirect fails unless the traffic went straight to the app port in
+// clear text (no mesh in the path).
+func (w wireResult) assertDirect(t *testing.T) {
+	t.Helper()
+	plain := 0
+	for _, cn := range w.conns {
+		if cn.Server.Port() == mesh.PortHBONE {
+			t.Errorf("connection %s → %s goes to the HBONE port: still in the mesh", cn.Client, cn.Server)
+		}
+		if cn.Server.Port() == mesh.PortApp && bytes.Contains(cn.Up, []byte(w.marker)) {
+			plain++
+		}
+	}
+	if plain == 0 {
+		t.Errorf("no plaintext connection to :%d carrying the marker among %d connections", mesh.PortApp, len(w.conns))
+	}
+}
+
+// TestEnrolRunningPodsAndUnenrol: pods that run before their namespace is
+// labelled are redirected once it is (same pods, no restart: the node
+// agent enrols them and annotates them), and removing the label restores
+// direct plaintext traffic.
+func TestEnrolRunningPodsAndUnenrol(t *testing.T) {
+	p := newPair(t, "relabel", false)
+	ctx := ctxFor(t, 5*time.Minute)
+	c := shared.c
+	before := map[string]string{}
+	for _, w := range []mesh.Workload{p.client, p.server} {
+		pd := pod(t, p.ns, w)
+		before[w.Name] = string(pd.UID)
+		if a := pd.Annotations[mesh.AnnotRedirection]; a != "" {
+			t.Fatalf("pod %s of an unlabelled namespace has %s=%q", pd.Name, mesh.AnnotRedirection, a)
+		}
+	}
+	t.Log("before labelling: direct")
+	loadWithCapture(t, p, 5).assertDirect(t)
+
+	if err := mesh.Enrol(ctx, c, p.ns, true); err != nil {
+		t.Fatal(err)
+	}
+	if err := mesh.WaitRedirection(ctx, c, p.ns, "", "enabled", time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	for _, w := range []mesh.Workload{p.client, p.server} {
+		if uid := string(pod(t, p.ns, w).UID); uid != before[w.Name] {
+			t.Errorf("%s was restarted by enrolment (uid %s → %s)", w.Name, before[w.Name], uid)
+		}
+	}
+	t.Log("after labelling: mTLS")
+	loadWithCapture(t, p, 10).assertMTLS(t)
+
+	if err := mesh.Enrol(ctx, c, p.ns, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := mesh.WaitRedirection(ctx, c, p.ns, "", "", time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	t.Log("after un-labelling: direct again")
+	loadWithCapture(t, p, 5).assertDirect(t)
 }

@@ -129,14 +129,18 @@ func (c *Client) DeleteYAML(ctx context.Context, doc string, args ...any) error 
 func Poll(ctx context.Context, interval, timeout time.Duration, cond func(ctx context.Context) (bool, error)) error {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
+	var last error
 	for {
 		ok, err := cond(ctx)
 		if ok {
 			return nil
 		}
+		if err != nil && (ctx.Err() == nil || last == nil) {
+			last = err
+		}
 		if ctx.Err() != nil {
-			if err != nil {
-				return fmt.Errorf("after %s: %w", timeout, err)
+			if last != nil {
+				return fmt.Errorf("after %s: %w", timeout, last)
 			}
 			return fmt.Errorf("not done after %s: %w", timeout, ctx.Err())
 		}

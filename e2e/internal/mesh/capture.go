@@ -19,6 +19,7 @@ type Capture struct {
 	c        *kube.Client
 	ns, pod  string
 	pid      int
+	file     string
 	mu       sync.Mutex
 	out      bytes.Buffer
 	errOut   *watchWriter
@@ -49,6 +50,7 @@ func CaptureNode(ctx context.Context, c *kube.Client, ns, node string) (string, 
 var (
 	pidRE       = regexp.MustCompile(`capture-pid (\d+)`)
 	listeningRE = regexp.MustCompile(`listening on`)
+	droppedRE   = regexp.MustCompile(`(\d+) packets dropped by kernel`)
 )
 
 // StartCapture starts tcpdump on every interface of the tool pod's node
@@ -59,8 +61,11 @@ func StartCapture(ctx context.Context, c *kube.Client, ns, toolPod, filter strin
 	cp := &Capture{c: c, ns: ns, pod: toolPod, errOut: newWatchWriter(), done: make(chan error, 1), cancel: cancel}
 	// The shell reports its PID (exec keeps it for timeout, which passes
 	// SIGINT on to tcpdump), so that Stop signals exactly this capture.
-	script := fmt.Sprintf("echo capture-pid $$ >&2; exec timeout -s INT %d tcpdump -i any -y LINUX_SLL --immediate-mode -nn -U -s 0 -w - %s",
-		int(max.Seconds()), shellQuote(filter))
+	// tcpdump writes to a file in the tool pod (streaming through exec
+	// is too slow for bursts: the kernel would drop packets), read by Stop.
+	cp.file = "/tmp/amesh-capture-" + strconv.FormatInt(time.Now().UnixNano(), 36) + ".pcap"
+	script := fmt.Sprintf("echo capture-pid $$ >&2; exec timeout -s INT %d tcpdump -i any -y LINUX_SLL -B 32768 -nn -s 0 -w %s %s",
+		int(max.Seconds()), cp.file, shellQuote(filter))
 	go func() {
 		cp.done <- c.ExecStream(cctx, ns, toolPod, "", []string{"sh", "-c", script}, lockedWriter{&cp.mu, &cp.out}, cp.errOut)
 	}()
@@ -86,8 +91,10 @@ func StartCapture(ctx context.Context, c *kube.Client, ns, toolPod, filter strin
 func (cp *Capture) Stop(ctx context.Context) ([]wire.Segment, error) {
 	cp.stopOnce.Do(func() {
 		defer cp.cancel()
-		// Give the last packets a moment to be written.
-		time.Sleep(300 * time.Millisecond)
+		// libpcap hands packets over in blocks retired after at most 1s
+		// (no immediate mode: one packet per block would overflow the ring
+		// whenever tcpdump is scheduled late): wait for the last block.
+		time.Sleep(1500 * time.Millisecond)
 		if _, err := cp.c.Exec(ctx, cp.ns, cp.pod, "", []string{"kill", "-INT", strconv.Itoa(cp.pid)}, nil); err != nil {
 			cp.stopErr = fmt.Errorf("stop tcpdump: %w", err)
 			return
@@ -98,11 +105,29 @@ func (cp *Capture) Stop(ctx context.Context) ([]wire.Segment, error) {
 			cp.stopErr = fmt.Errorf("tcpdump on %s/%s did not stop", cp.ns, cp.pod)
 			return
 		}
+		if m := droppedRE.FindStringSubmatch(cp.errOut.String()); m == nil || m[1] != "0" {
+			cp.stopErr = fmt.Errorf("tcpdump lost packets (the capture would be incomplete): %s", cp.errOut.String())
+			return
+		}
+		raw, err := cp.c.Exec(ctx, cp.ns, cp.pod, "", []string{"sh", "-c", "cat " + cp.file + " && rm -f " + cp.file}, nil)
+		if err != nil {
+			cp.stopErr = fmt.Errorf("read the capture: %w", err)
+			return
+		}
 		cp.mu.Lock()
 		defer cp.mu.Unlock()
+		cp.out.Reset()
+		cp.out.WriteString(raw)
 		cp.segments, cp.stopErr = wire.Read(bytes.NewReader(cp.out.Bytes()))
 	})
 	return cp.segments, cp.stopErr
+}
+
+// Pcap is the raw capture (after Stop).
+func (cp *Capture) Pcap() []byte {
+	cp.mu.Lock()
+	defer cp.mu.Unlock()
+	return bytes.Clone(cp.out.Bytes())
 }
 
 // Stderr is what tcpdump said.

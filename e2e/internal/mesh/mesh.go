@@ -139,7 +139,7 @@ func Enrol(ctx context.Context, c *kube.Client, ns string, enrol bool) error {
 
 // WaitRedirection waits until every pod matching selector carries the
 // redirection annotation with the given state ("enabled"), or none at all
-// when state is "".
+// when state is "". Pods that opt out (dataplane-mode none) are skipped.
 func WaitRedirection(ctx context.Context, c *kube.Client, ns, selector, state string, timeout time.Duration) error {
 	return kube.Poll(ctx, 500*time.Millisecond, timeout, func(ctx context.Context) (bool, error) {
 		pods, err := c.Pods(ctx, ns, selector)
@@ -151,6 +151,9 @@ func WaitRedirection(ctx context.Context, c *kube.Client, ns, selector, state st
 		}
 		var bad []string
 		for _, p := range pods {
+			if p.Labels[LabelDataplaneMode] == ModeNone {
+				continue
+			}
 			if got := p.Annotations[AnnotRedirection]; got != state {
 				bad = append(bad, fmt.Sprintf("%s=%q", p.Name, got))
 			}

@@ -79,6 +79,8 @@ type Conn struct {
 	Gaps bool
 	// Segments counts the distinct segments.
 	Segments int
+	// Handshake is set when the capture saw the connection's SYN.
+	Handshake bool
 }
 
 type connKey struct{ a, b netip.AddrPort }
@@ -131,6 +133,7 @@ func Conns(segs []Segment) []*Conn {
 		}
 		if s.SYN {
 			h.isn, h.known = s.Seq+1, true
+			st.c.Handshake = true
 		}
 		if len(s.Payload) > 0 {
 			if old, ok := h.parts[s.Seq]; !ok || len(old) < len(s.Payload) {
