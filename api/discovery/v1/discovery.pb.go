@@ -1859,7 +1859,9 @@ type HTTPRouteRule struct {
 	BackendRequestTimeout *durationpb.Duration `protobuf:"bytes,6,opt,name=backend_request_timeout,json=backendRequestTimeout,proto3" json:"backend_request_timeout,omitempty"`
 	Retry                 *RetryPolicy         `protobuf:"bytes,7,opt,name=retry,proto3" json:"retry,omitempty"`
 	// Set when a backend reference could not be resolved: requests matching
-	// this rule for those backends get 500.
+	// this rule for those backends get 500. A rule with a filter the waypoint
+	// cannot apply (an ExtensionRef) has invalid_backends set and neither
+	// filters nor backends: all its requests get 500.
 	InvalidBackends bool `protobuf:"varint,8,opt,name=invalid_backends,json=invalidBackends,proto3" json:"invalid_backends,omitempty"`
 	unknownFields   protoimpl.UnknownFields
 	sizeCache       protoimpl.SizeCache
@@ -2705,7 +2707,12 @@ func (x *RequestMirror) GetPercent() float64 {
 // BackendRef is a weighted reference to a Service port.
 type BackendRef struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Service resource name "<namespace>/<hostname>".
+	// Service resource name "<namespace>/<hostname>". Empty for a reference
+	// the controller could not resolve (backend not found, a kind other than
+	// Service, cross-namespace without a ReferenceGrant, or a filter the
+	// waypoint cannot apply); it keeps its weight, and the waypoint answers 500
+	// for the share of requests it would have received (the rule then has
+	// invalid_backends set), as the Gateway API specifies.
 	Service       string        `protobuf:"bytes,1,opt,name=service,proto3" json:"service,omitempty"`
 	Port          uint32        `protobuf:"varint,2,opt,name=port,proto3" json:"port,omitempty"`
 	Weight        uint32        `protobuf:"varint,3,opt,name=weight,proto3" json:"weight,omitempty"`

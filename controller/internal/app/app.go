@@ -27,13 +27,18 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/status"
+	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/selection"
 	"k8s.io/client-go/kubernetes"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
 	toolscache "k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/tools/events"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -41,6 +46,7 @@ import (
 	crmetrics "sigs.k8s.io/controller-runtime/pkg/metrics"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+	gwv1beta1 "sigs.k8s.io/gateway-api/apis/v1beta1"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 
@@ -51,6 +57,7 @@ import (
 	"github.com/amesh-dev/amesh/controller/internal/auth"
 	"github.com/amesh-dev/amesh/controller/internal/casecret"
 	"github.com/amesh-dev/amesh/controller/internal/deployer"
+	"github.com/amesh-dev/amesh/controller/internal/label"
 	"github.com/amesh-dev/amesh/controller/internal/push"
 	"github.com/amesh-dev/amesh/controller/internal/rootcert"
 	policystatus "github.com/amesh-dev/amesh/controller/internal/status"
@@ -100,7 +107,7 @@ func deref(p *string) string {
 func Scheme() (*runtime.Scheme, error) {
 	s := runtime.NewScheme()
 	for _, add := range []func(*runtime.Scheme) error{
-		clientgoscheme.AddToScheme, gwv1.Install, securityv1alpha1.AddToScheme, trafficv1alpha1.AddToScheme,
+		clientgoscheme.AddToScheme, gwv1.Install, gwv1beta1.Install, securityv1alpha1.AddToScheme, trafficv1alpha1.AddToScheme,
 	} {
 		if err := add(s); err != nil {
 			return nil, err
@@ -153,8 +160,15 @@ func (a *App) Run(ctx context.Context) error {
 		},
 		&corev1.ConfigMap{}: {Field: fields.OneTermEqualSelector("metadata.name", cfg.RootCertConfigMap)},
 	}
-	// Only the Deployments and ServiceAccounts the deployer makes.
+	// Only the Deployments and ServiceAccounts the deployer makes, and
+	// the ReplicaSets of waypoints (the translator and the authorizer
+	// check that a waypoint pod is its Gateway's).
 	maps.Copy(byObject, deployer.CacheByObject())
+	waypointRS, err := labels.NewRequirement(label.GatewayName, selection.Exists, nil)
+	if err != nil {
+		return fmt.Errorf("app: %w", err)
+	}
+	byObject[&appsv1.ReplicaSet{}] = cache.ByObject{Label: labels.NewSelector().Add(*waypointRS)}
 	mgr, err := ctrl.NewManager(a.rest, manager.Options{
 		Scheme:                        scheme,
 		Logger:                        zapr.NewLogger(a.log.Named("manager")),
@@ -222,11 +236,13 @@ func (a *App) Run(ctx context.Context) error {
 	})
 
 	w := &writers{
-		status: policystatus.NewWriter(mgr.GetClient()),
-		roots:  rootcert.NewPublisher(mgr.GetClient(), cfg.RootCertConfigMap),
-		keys:   keys,
-		log:    a.log.Named("writer"),
-		notify: make(chan struct{}, 1),
+		status:   policystatus.NewWriter(mgr.GetClient()),
+		events:   mgr.GetEventRecorder("amesh-controller"),
+		reported: map[string]string{},
+		roots:    rootcert.NewPublisher(mgr.GetClient(), cfg.RootCertConfigMap),
+		keys:     keys,
+		log:      a.log.Named("writer"),
+		notify:   make(chan struct{}, 1),
 	}
 	loop := push.New(push.Options{
 		Informers: mgr.GetCache(),
@@ -554,14 +570,18 @@ func (c *caWatcher) Start(ctx context.Context) error {
 	}
 }
 
-// writers are the leader-only writers: policy status and root
+// writers are the leader-only writers: policy and route status and root
 // ConfigMaps, fed with the latest translation.
 type writers struct {
 	status *policystatus.Writer
-	roots  *rootcert.Publisher
-	keys   *keyring
-	log    *zap.Logger
-	notify chan struct{}
+	events events.EventRecorder
+	// reported maps the binding problems already reported as events
+	// ("<kind>/<ns>/<name>/<uid>") to their message.
+	reported map[string]string
+	roots    *rootcert.Publisher
+	keys     *keyring
+	log      *zap.Logger
+	notify   chan struct{}
 
 	mu     sync.Mutex
 	latest *translate.Output
@@ -607,6 +627,17 @@ func (w *writers) Start(ctx context.Context) error {
 		} else if n > 0 {
 			w.log.Debug("policy status written", zap.Int("objects", n))
 		}
+		if n, err := w.status.WriteRoutes(ctx, label.WaypointController, out.RouteStatuses); err != nil {
+			errs = append(errs, err)
+		} else if n > 0 {
+			w.log.Debug("route status written", zap.Int("objects", n))
+		}
+		if n, err := w.status.WriteServices(ctx, fieldOwner, out.ServiceStatuses); err != nil {
+			errs = append(errs, err)
+		} else if n > 0 {
+			w.log.Debug("service waypoint binding status written", zap.Int("objects", n))
+		}
+		w.report(out.BindingProblems)
 		if n, err := w.roots.Sync(ctx, out.RootCertNamespaces, w.keys.rootsPEM()); err != nil {
 			errs = append(errs, err)
 		} else if n > 0 {
@@ -615,6 +646,42 @@ func (w *writers) Start(ctx context.Context) error {
 		if err := errors.Join(errs...); err != nil && ctx.Err() == nil {
 			w.log.Warn("writes failed; retrying", zap.Error(err))
 			retry.Reset(2 * time.Second)
+		}
+	}
+}
+
+// fieldOwner is the server-side apply field manager of the controller's
+// status writes.
+const fieldOwner = "amesh-controller"
+
+// report emits a Warning event for each binding problem of a pod or
+// namespace not reported yet (or whose message changed).
+func (w *writers) report(problems []translate.BindingProblem) {
+	seen := make(map[string]bool, len(problems))
+	for _, p := range problems {
+		key := p.Kind + "/" + p.Namespace + "/" + p.Name + "/" + string(p.UID)
+		seen[key] = true
+		if msg, ok := w.reported[key]; ok && msg == p.Message {
+			continue
+		}
+		meta := metav1.ObjectMeta{Name: p.Name, Namespace: p.Namespace, UID: p.UID}
+		var obj runtime.Object
+		switch p.Kind {
+		case "Pod":
+			obj = &corev1.Pod{TypeMeta: metav1.TypeMeta{APIVersion: "v1", Kind: "Pod"}, ObjectMeta: meta}
+		case "Namespace":
+			obj = &corev1.Namespace{TypeMeta: metav1.TypeMeta{APIVersion: "v1", Kind: "Namespace"}, ObjectMeta: meta}
+		default:
+			continue
+		}
+		w.reported[key] = p.Message
+		w.events.Eventf(obj, nil, corev1.EventTypeWarning, p.Reason, "BindWaypoint", "%s", p.Message)
+		w.log.Info("waypoint binding problem", zap.String("kind", p.Kind), zap.String("namespace", p.Namespace),
+			zap.String("name", p.Name), zap.String("reason", p.Reason), zap.String("message", p.Message))
+	}
+	for k := range w.reported {
+		if !seen[k] {
+			delete(w.reported, k)
 		}
 	}
 }

@@ -158,18 +158,46 @@ func TestDiscovery(t *testing.T) {
 		return s != nil && s.Waypoint.GetGateway() == "shop/waypoint"
 	}, func() string { return "service " + describe(m.get(pb.ServiceType, svcKey)) })
 	t.Logf("waypoint binding pushed in %v", d)
-	e.serviceAccount("shop", "waypoint")
-	wpPod := e.pod("shop", "waypoint-1", "waypoint", "node-a", "10.1.1.9",
-		map[string]string{"gateway.networking.k8s.io/gateway-name": "waypoint", "amesh.dev/dataplane-mode": "none"}, nil)
+	// The deployer's Deployment runs the waypoint pod (its ServiceAccount
+	// is the deployer's too).
+	wpPod := e.waypointPod("shop", "waypoint", "waypoint-1", "node-a", "10.1.1.9")
 	wm := e.subscribe(e.token("shop", "waypoint", wpPod, "amesh"), map[string]string{
 		"kind": "waypoint", "namespace": "shop", "pod": "waypoint-1", "gateway": "shop/waypoint",
 	})
 	within(t, 10*time.Second, wm, func() bool {
 		ws, _ := wm.get(pb.WaypointServiceType, svcKey).(*pb.WaypointService)
-		return ws != nil && ws.Gateway == "shop/waypoint"
-	}, func() string { return "waypoint has " + strings.Join(wm.names(pb.WaypointServiceType), ",") })
+		wg, _ := wm.get(pb.WaypointGatewayType, "shop/waypoint").(*pb.WaypointGateway)
+		return ws != nil && ws.Gateway == "shop/waypoint" && wg != nil
+	}, func() string {
+		return "waypoint has " + strings.Join(wm.names(pb.WaypointServiceType), ",") + " and " + strings.Join(wm.names(pb.WaypointGatewayType), ",")
+	})
 	if n := m.names(pb.WaypointServiceType); len(n) != 0 {
 		t.Errorf("ztunnel sees WaypointServices %v", n)
+	}
+	if n := m.names(pb.WaypointGatewayType); len(n) != 0 {
+		t.Errorf("ztunnel sees WaypointGateways %v", n)
+	}
+	// The waypoint pod is one to ztunnel: HBONE natively, implementing the
+	// Gateway. A pod that only carries the Gateway's label is not, and is
+	// no endpoint of the waypoint's Service.
+	impostor := e.pod("shop", "impostor", "waypoint", "node-a", "10.1.1.10",
+		map[string]string{"gateway.networking.k8s.io/gateway-name": "waypoint", "amesh.dev/dataplane-mode": "none"}, nil)
+	within(t, pushDeadline, m, func() bool {
+		w, _ := m.get(pb.WorkloadType, string(wpPod.UID)).(*pb.Workload)
+		i, _ := m.get(pb.WorkloadType, string(impostor.UID)).(*pb.Workload)
+		return w != nil && w.WaypointForGateway == "shop/waypoint" && w.Services["shop/waypoint.shop.svc.cluster.local"] != nil &&
+			i != nil && i.WaypointForGateway == "" && len(i.Services) == 0
+	}, func() string {
+		return "waypoint " + describe(m.get(pb.WorkloadType, string(wpPod.UID))) + "; impostor " + describe(m.get(pb.WorkloadType, string(impostor.UID)))
+	})
+	// Nor does it read the waypoint's configuration.
+	im := e.subscribe(e.token("shop", "waypoint", impostor, "amesh"), map[string]string{
+		"kind": "waypoint", "namespace": "shop", "pod": "impostor", "gateway": "shop/waypoint",
+	})
+	select {
+	case <-im.client.Synced():
+		t.Fatal("a pod with only the waypoint's label got discovery resources")
+	case <-time.After(500 * time.Millisecond):
 	}
 
 	// Health, readiness and the discovery metrics.
@@ -225,20 +253,17 @@ func TestCertificates(t *testing.T) {
 	e.create(&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "shop", Labels: map[string]string{
 		"amesh.dev/dataplane-mode": "ambient",
 	}}})
-	for _, sa := range []string{"web", "db", "stranger", "waypoint"} {
+	for _, sa := range []string{"web", "db", "stranger"} {
 		e.serviceAccount("shop", sa)
 	}
 	e.pod("shop", "web-1", "web", "node-a", "10.2.1.1", map[string]string{"app": "web"}, nil)
 	e.pod("shop", "db-1", "db", "node-b", "10.2.2.1", map[string]string{"app": "db"}, nil)
 	stranger := e.pod("shop", "stranger-1", "stranger", "node-a", "10.2.1.2", nil, nil)
-	e.create(&gwv1.Gateway{
-		ObjectMeta: metav1.ObjectMeta{Namespace: "shop", Name: "waypoint"},
-		Spec: gwv1.GatewaySpec{
-			GatewayClassName: "amesh-waypoint",
-			Listeners:        []gwv1.Listener{{Name: "mesh", Port: 15008, Protocol: "HBONE"}},
-		},
-	})
-	wp := e.pod("shop", "waypoint-1", "waypoint", "node-a", "10.2.1.9",
+	e.waypointGateway("shop", "waypoint", nil, nil)
+	wp := e.waypointPod("shop", "waypoint", "waypoint-1", "node-a", "10.2.1.9")
+	// Runs as the waypoint's service account and carries its label, but
+	// no Deployment of the Gateway owns it.
+	impostor := e.pod("shop", "impostor", "waypoint", "node-a", "10.2.1.10",
 		map[string]string{"gateway.networking.k8s.io/gateway-name": "waypoint"}, nil)
 
 	ztTok := e.token("amesh-system", "ztunnel", ztA, "amesh")
@@ -262,6 +287,8 @@ func TestCertificates(t *testing.T) {
 		{"garbage token", "not-a-token", "spiffe://cluster.local/ns/shop/sa/web", codes.Unauthenticated},
 		{"waypoint, own identity", e.token("shop", "waypoint", wp, "amesh"), "spiffe://cluster.local/ns/shop/sa/waypoint", codes.OK},
 		{"waypoint, another identity", e.token("shop", "waypoint", wp, "amesh"), "spiffe://cluster.local/ns/shop/sa/web", codes.PermissionDenied},
+		{"pod with only the waypoint's label", e.token("shop", "waypoint", impostor, "amesh"),
+			"spiffe://cluster.local/ns/shop/sa/waypoint", codes.PermissionDenied},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			id, err := spiffeid.FromString(tc.identity)
@@ -315,7 +342,7 @@ func TestCertificates(t *testing.T) {
 	}
 	for _, want := range []string{
 		`amesh_ca_certificates_issued_total 2`,
-		`amesh_ca_certificates_refused_total{code="PermissionDenied"} 5`,
+		`amesh_ca_certificates_refused_total{code="PermissionDenied"} 6`,
 		`amesh_ca_certificates_refused_total{code="Unauthenticated"} 3`,
 		`amesh_ca_certificates_refused_total{code="InvalidArgument"} 1`,
 		`amesh_xds_clients_refused_total{code="PermissionDenied"}`,

@@ -19,6 +19,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/structpb"
+	appsv1 "k8s.io/api/apps/v1"
 	authnv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -27,6 +28,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	"github.com/amesh-dev/amesh/api/bearer"
 	"github.com/amesh-dev/amesh/api/ca"
@@ -74,8 +76,10 @@ func startEnv(t *testing.T, mutate func(*app.Config)) *env {
 	}
 	e := &env{t: t, rest: cfg, c: c, kc: kc}
 	e.create(&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "amesh-system"}})
-	// The controller runs with the permissions the manifests grant it.
+	// The controller runs with the permissions the manifests grant it,
+	// and the waypoint GatewayClass is installed as the manifests do.
 	e.applyFile(filepath.Join("..", "..", "..", "manifests", "base", "rbac.yaml"))
+	e.applyFile(filepath.Join("..", "..", "..", "manifests", "base", "gatewayclass.yaml"))
 	e.app = e.startApp(mutate)
 	var sec corev1.Secret
 	e.get("amesh-system", "amesh-ca", &sec)
@@ -187,7 +191,7 @@ func (e *env) get(ns, name string, o client.Object) {
 // would report it.
 func (e *env) pod(ns, name, sa, node, ip string, labels, annotations map[string]string) *corev1.Pod {
 	e.t.Helper()
-	p := &corev1.Pod{
+	return e.createPod(&corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name, Labels: labels, Annotations: annotations},
 		Spec: corev1.PodSpec{
 			NodeName:           node,
@@ -196,7 +200,12 @@ func (e *env) pod(ns, name, sa, node, ip string, labels, annotations map[string]
 				{Name: "http", ContainerPort: 8080},
 			}}},
 		},
-	}
+	}, ip)
+}
+
+// createPod creates p and reports it running and ready with ip.
+func (e *env) createPod(p *corev1.Pod, ip string) *corev1.Pod {
+	e.t.Helper()
 	e.create(p)
 	p.Status = corev1.PodStatus{
 		Phase:      corev1.PodRunning,
@@ -205,9 +214,59 @@ func (e *env) pod(ns, name, sa, node, ip string, labels, annotations map[string]
 		Conditions: []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionTrue}},
 	}
 	if err := e.c.Status().Update(context.Background(), p); err != nil {
-		e.t.Fatalf("pod status %s/%s: %v", ns, name, err)
+		e.t.Fatalf("pod status %s/%s: %v", p.Namespace, p.Name, err)
 	}
 	return p
+}
+
+// waypointPod runs a pod of waypoint Gateway ns/gw as its Deployment
+// would (envtest has no controller-manager): it waits for the deployer's
+// Deployment, creates a ReplicaSet that Deployment controls and a pod that
+// ReplicaSet controls, with the pod template's labels and service account.
+func (e *env) waypointPod(ns, gw, name, node, ip string) *corev1.Pod {
+	e.t.Helper()
+	var dep appsv1.Deployment
+	within(e.t, 20*time.Second, nil, func() bool {
+		return e.c.Get(context.Background(), types.NamespacedName{Namespace: ns, Name: gw}, &dep) == nil
+	}, func() string { return "no waypoint Deployment " + ns + "/" + gw })
+	controller := true
+	rs := &appsv1.ReplicaSet{
+		ObjectMeta: metav1.ObjectMeta{
+			Namespace: ns, Name: name + "-rs", Labels: dep.Spec.Template.Labels,
+			OwnerReferences: []metav1.OwnerReference{{
+				APIVersion: "apps/v1", Kind: "Deployment", Name: dep.Name, UID: dep.UID, Controller: &controller,
+			}},
+		},
+		Spec: appsv1.ReplicaSetSpec{Selector: dep.Spec.Selector, Template: dep.Spec.Template},
+	}
+	e.create(rs)
+	return e.createPod(&corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{
+			Namespace: ns, Name: name, Labels: dep.Spec.Template.Labels,
+			OwnerReferences: []metav1.OwnerReference{{
+				APIVersion: "apps/v1", Kind: "ReplicaSet", Name: rs.Name, UID: rs.UID, Controller: &controller,
+			}},
+		},
+		Spec: corev1.PodSpec{
+			NodeName:           node,
+			ServiceAccountName: dep.Spec.Template.Spec.ServiceAccountName,
+			Containers:         []corev1.Container{{Name: "waypoint", Image: "waypoint"}},
+		},
+	}, ip)
+}
+
+// waypointGateway creates a waypoint Gateway.
+func (e *env) waypointGateway(ns, name string, labels, annotations map[string]string) *gwv1.Gateway {
+	e.t.Helper()
+	gw := &gwv1.Gateway{
+		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name, Labels: labels, Annotations: annotations},
+		Spec: gwv1.GatewaySpec{
+			GatewayClassName: "amesh-waypoint",
+			Listeners:        []gwv1.Listener{{Name: "mesh", Port: 15008, Protocol: "HBONE"}},
+		},
+	}
+	e.create(gw)
+	return gw
 }
 
 func (e *env) serviceAccount(ns, name string) {
@@ -313,7 +372,7 @@ func (m *mirror) names(typeURL string) []string {
 	return out
 }
 
-var allTypes = []string{pb.WorkloadType, pb.ServiceType, pb.AuthorizationType, pb.TrustBundleType, pb.WaypointServiceType}
+var allTypes = []string{pb.WorkloadType, pb.ServiceType, pb.AuthorizationType, pb.TrustBundleType, pb.WaypointServiceType, pb.WaypointGatewayType}
 
 // subscribe runs a real xDS client (api/xds) with token and the node
 // metadata a data-plane component sends.

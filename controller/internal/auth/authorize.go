@@ -6,8 +6,10 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc/codes"
+	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
@@ -147,7 +149,69 @@ func (a *Authorizer) Identify(ctx context.Context) (*Role, error) {
 	if g == nil || string(g.Spec.GatewayClassName) != a.opts.WaypointClass {
 		return nil, errorf(codes.PermissionDenied, "%s: Gateway %s/%s is not a waypoint (class %s)", c, c.Namespace, gw, a.opts.WaypointClass)
 	}
+	if err := a.waypointOwned(ctx, c, pod, g); err != nil {
+		return nil, err
+	}
 	return &Role{Kind: Waypoint, Caller: c, Gateway: c.Namespace + "/" + gw}, nil
+}
+
+// waypointOwned checks that pod is one of the Gateway's waypoint pods: its
+// controller is a ReplicaSet whose controller is the Deployment named after
+// the Gateway (the deployer's), which the Gateway controls. A pod that only
+// carries the Gateway's label does not read the waypoint's configuration.
+func (a *Authorizer) waypointOwned(ctx context.Context, c *Caller, pod *corev1.Pod, gw *gwv1.Gateway) error {
+	deny := func(why string) error {
+		return errorf(codes.PermissionDenied, "%s: pod %s/%s is not a pod of waypoint %s/%s: %s", c, pod.Namespace, pod.Name, gw.Namespace, gw.Name, why)
+	}
+	rsRef := metav1.GetControllerOfNoCopy(pod)
+	if rsRef == nil || rsRef.Kind != "ReplicaSet" {
+		return deny("it is not controlled by a ReplicaSet")
+	}
+	var rs appsv1.ReplicaSet
+	found, err := getObject(ctx, a.cache, a.api, pod.Namespace, rsRef.Name, rsRef.UID, &rs)
+	if err != nil {
+		return err
+	}
+	if !found {
+		return deny("its ReplicaSet " + rsRef.Name + " was not found")
+	}
+	depRef := metav1.GetControllerOfNoCopy(&rs)
+	if depRef == nil || depRef.Kind != "Deployment" || depRef.Name != gw.Name {
+		return deny("its ReplicaSet " + rs.Name + " is not controlled by the Deployment " + gw.Name)
+	}
+	var dep appsv1.Deployment
+	found, err = getObject(ctx, a.cache, a.api, pod.Namespace, depRef.Name, depRef.UID, &dep)
+	if err != nil {
+		return err
+	}
+	if !found {
+		return deny("its Deployment " + depRef.Name + " was not found")
+	}
+	if ref := metav1.GetControllerOfNoCopy(&dep); ref == nil || ref.Kind != "Gateway" || ref.UID != gw.UID {
+		return deny("the Deployment " + dep.Name + " is not controlled by the Gateway")
+	}
+	return nil
+}
+
+// getObject reads ns/name into obj from the cache, else from the
+// apiserver, and reports whether it exists with the given UID.
+func getObject(ctx context.Context, cache, api client.Reader, ns, name string, uid types.UID, obj client.Object) (bool, error) {
+	for _, r := range []client.Reader{cache, api} {
+		if r == nil {
+			continue
+		}
+		err := r.Get(ctx, types.NamespacedName{Namespace: ns, Name: name}, obj)
+		switch {
+		case apierrors.IsNotFound(err):
+			continue
+		case err != nil:
+			return false, errorf(codes.Unavailable, "get %T %s/%s: %v", obj, ns, name, err)
+		case obj.GetUID() != uid:
+			continue // another object of the same name: ask the apiserver
+		}
+		return true, nil
+	}
+	return false, nil
 }
 
 // callerPod returns the pod a token is bound to, checking its UID.

@@ -3,11 +3,14 @@ package push
 import (
 	"sync"
 
+	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	k8sdisc "k8s.io/api/discovery/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
 	toolscache "k8s.io/client-go/tools/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+	gwv1beta1 "sigs.k8s.io/gateway-api/apis/v1beta1"
 
 	securityv1alpha1 "github.com/amesh-dev/amesh/controller/apis/security/v1alpha1"
 	trafficv1alpha1 "github.com/amesh-dev/amesh/controller/apis/traffic/v1alpha1"
@@ -24,8 +27,11 @@ type store struct {
 func newStore() *store { return &store{objs: map[string]map[string]client.Object{}} }
 
 // kinds lists what is watched: a prototype object per kind, and whether an
-// update matters only when metadata.generation changes (spec-only objects
-// whose status the controller writes itself).
+// update matters only when metadata.generation, the deletion timestamp or
+// the owner references change (objects whose status is written by the
+// controller itself or changes often without mattering). ReplicaSets and
+// Deployments are those of waypoints only (the cache is restricted to
+// them): they chain a waypoint's pods to its Gateway.
 func kinds() []struct {
 	obj          client.Object
 	generational bool
@@ -41,6 +47,9 @@ func kinds() []struct {
 		{&gwv1.Gateway{}, false},
 		{&gwv1.HTTPRoute{}, true},
 		{&gwv1.GRPCRoute{}, true},
+		{&gwv1beta1.ReferenceGrant{}, true},
+		{&appsv1.ReplicaSet{}, true},
+		{&appsv1.Deployment{}, true},
 		{&securityv1alpha1.AuthorizationPolicy{}, true},
 		{&securityv1alpha1.PeerAuthentication{}, true},
 		{&securityv1alpha1.RequestAuthentication{}, true},
@@ -64,6 +73,12 @@ func kindOf(o client.Object) string {
 		return "HTTPRoute"
 	case *gwv1.GRPCRoute:
 		return "GRPCRoute"
+	case *gwv1beta1.ReferenceGrant:
+		return "ReferenceGrant"
+	case *appsv1.ReplicaSet:
+		return "ReplicaSet"
+	case *appsv1.Deployment:
+		return "Deployment"
 	case *securityv1alpha1.AuthorizationPolicy:
 		return "AuthorizationPolicy"
 	case *securityv1alpha1.PeerAuthentication:
@@ -112,7 +127,8 @@ func (s *store) handler(generational bool, changed func()) toolscache.ResourceEv
 			s.put(o)
 			if old, ok := oldObj.(client.Object); ok && generational &&
 				old.GetGeneration() == o.GetGeneration() &&
-				old.GetDeletionTimestamp().Equal(o.GetDeletionTimestamp()) {
+				old.GetDeletionTimestamp().Equal(o.GetDeletionTimestamp()) &&
+				equality.Semantic.DeepEqual(old.GetOwnerReferences(), o.GetOwnerReferences()) {
 				return // a status or metadata-only change
 			}
 			changed()
@@ -155,6 +171,15 @@ func (s *store) snapshot(roots []string) *translate.Input {
 	}
 	for _, o := range s.objs["GRPCRoute"] {
 		in.GRPCRoutes = append(in.GRPCRoutes, o.(*gwv1.GRPCRoute))
+	}
+	for _, o := range s.objs["ReferenceGrant"] {
+		in.ReferenceGrants = append(in.ReferenceGrants, o.(*gwv1beta1.ReferenceGrant))
+	}
+	for _, o := range s.objs["ReplicaSet"] {
+		in.ReplicaSets = append(in.ReplicaSets, o.(*appsv1.ReplicaSet))
+	}
+	for _, o := range s.objs["Deployment"] {
+		in.Deployments = append(in.Deployments, o.(*appsv1.Deployment))
 	}
 	for _, o := range s.objs["AuthorizationPolicy"] {
 		in.AuthorizationPolicies = append(in.AuthorizationPolicies, o.(*securityv1alpha1.AuthorizationPolicy))

@@ -1,6 +1,8 @@
-// Package status writes the translator's policy statuses (conditions and
-// observedGeneration) to the amesh policy objects, touching only those whose
-// status differs.
+// Package status writes the translator's statuses back: conditions and
+// observedGeneration of the amesh policies, amesh's parent entries of
+// HTTPRoute and GRPCRoute status, and the WaypointBound condition of
+// Services — touching only objects whose status differs, and only the
+// parts amesh owns.
 package status
 
 import (
@@ -9,10 +11,13 @@ import (
 	"fmt"
 	"slices"
 
+	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
+	corev1ac "k8s.io/client-go/applyconfigurations/core/v1"
+	metav1ac "k8s.io/client-go/applyconfigurations/meta/v1"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	securityv1alpha1 "github.com/amesh-dev/amesh/controller/apis/security/v1alpha1"
@@ -111,4 +116,42 @@ func apply(st policyStatus, d translate.Status) bool {
 		}
 	}
 	return changed
+}
+
+// WriteServices applies the Services' WaypointBound condition by
+// server-side apply under fieldOwner: it owns only that condition of the
+// Service's status, so other writers' conditions are left alone, and
+// applying none removes it. The transition time is kept when the
+// condition's status did not change.
+func (w *Writer) WriteServices(ctx context.Context, fieldOwner string, desired []translate.Status) (patched int, err error) {
+	var errs []error
+	for _, d := range desired {
+		key := types.NamespacedName{Namespace: d.Namespace, Name: d.Name}
+		var svc corev1.Service
+		if err := w.c.Get(ctx, key, &svc); err != nil {
+			if !apierrors.IsNotFound(err) {
+				errs = append(errs, fmt.Errorf("status: get Service %s: %w", key, err))
+			}
+			continue
+		}
+		st := corev1ac.ServiceStatus()
+		for _, c := range d.Conditions {
+			ltt := metav1.Now()
+			if old := meta.FindStatusCondition(svc.Status.Conditions, c.Type); old != nil && old.Status == c.Status {
+				ltt = old.LastTransitionTime
+			}
+			st.WithConditions(metav1ac.Condition().
+				WithType(c.Type).WithStatus(c.Status).WithReason(c.Reason).WithMessage(c.Message).
+				WithObservedGeneration(c.ObservedGeneration).WithLastTransitionTime(ltt))
+		}
+		ac := corev1ac.Service(d.Name, d.Namespace).WithStatus(st)
+		if err := w.c.Status().Apply(ctx, ac, client.FieldOwner(fieldOwner), client.ForceOwnership); err != nil {
+			if !apierrors.IsNotFound(err) {
+				errs = append(errs, fmt.Errorf("status: apply Service %s: %w", key, err))
+			}
+			continue
+		}
+		patched++
+	}
+	return patched, errors.Join(errs...)
 }

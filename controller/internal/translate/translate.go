@@ -13,10 +13,13 @@ import (
 	"slices"
 
 	pb "github.com/amesh-dev/amesh/api/discovery/v1"
+	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	k8sdisc "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+	gwv1beta1 "sigs.k8s.io/gateway-api/apis/v1beta1"
 
 	"github.com/amesh-dev/amesh/controller/apis/security/v1alpha1"
 	trafficv1alpha1 "github.com/amesh-dev/amesh/controller/apis/traffic/v1alpha1"
@@ -67,13 +70,18 @@ func (c Config) Validate() error {
 // Input is a snapshot of the watched objects. The translator never modifies
 // them; order does not matter.
 type Input struct {
-	Namespaces             []*corev1.Namespace
-	Pods                   []*corev1.Pod
-	Services               []*corev1.Service
-	EndpointSlices         []*k8sdisc.EndpointSlice
-	Gateways               []*gwv1.Gateway
-	HTTPRoutes             []*gwv1.HTTPRoute
-	GRPCRoutes             []*gwv1.GRPCRoute
+	Namespaces      []*corev1.Namespace
+	Pods            []*corev1.Pod
+	Services        []*corev1.Service
+	EndpointSlices  []*k8sdisc.EndpointSlice
+	Gateways        []*gwv1.Gateway
+	HTTPRoutes      []*gwv1.HTTPRoute
+	GRPCRoutes      []*gwv1.GRPCRoute
+	ReferenceGrants []*gwv1beta1.ReferenceGrant
+	// ReplicaSets and Deployments of waypoints: a pod is a waypoint only
+	// when one of these chains it to its Gateway. Others may be left out.
+	ReplicaSets            []*appsv1.ReplicaSet
+	Deployments            []*appsv1.Deployment
 	AuthorizationPolicies  []*v1alpha1.AuthorizationPolicy
 	PeerAuthentications    []*v1alpha1.PeerAuthentication
 	RequestAuthentications []*v1alpha1.RequestAuthentication
@@ -95,6 +103,15 @@ type Output struct {
 	WaypointGateways []*pb.WaypointGateway
 	// Statuses is the status every amesh policy of the input should have.
 	Statuses []Status
+	// RouteStatuses has one entry per HTTPRoute and GRPCRoute: the parent
+	// statuses amesh owns.
+	RouteStatuses []RouteStatus
+	// ServiceStatuses are the Services whose WaypointBound condition must
+	// change: set (one condition) or removed (none).
+	ServiceStatuses []Status
+	// BindingProblems are use-waypoint labels of pods and namespaces that
+	// bind to nothing.
+	BindingProblems []BindingProblem
 	// RootCertNamespaces are the namespaces that need the root certificate
 	// ConfigMap: the enrolled ones and the root namespace.
 	RootCertNamespaces []string
@@ -230,6 +247,9 @@ func (tr *Translator) Translate(in *Input) *Output {
 	}
 	tr.sorted = out.Workloads
 	out.Statuses = t.statuses(results)
+	out.RouteStatuses = t.outRouteStatuses
+	out.ServiceStatuses = t.outServiceStatuses
+	out.BindingProblems = t.bindingProblems(results)
 	out.RootCertNamespaces = t.rootCertNamespaces(results)
 	return out
 }
@@ -237,7 +257,7 @@ func (tr *Translator) Translate(in *Input) *Output {
 // nonPodObjects is the set of every input object except pods.
 func nonPodObjects(in *Input) map[any]struct{} {
 	n := len(in.Namespaces) + len(in.Services) + len(in.EndpointSlices) + len(in.Gateways) +
-		len(in.HTTPRoutes) + len(in.GRPCRoutes) + len(in.AuthorizationPolicies) + len(in.PeerAuthentications) +
+		len(in.HTTPRoutes) + len(in.GRPCRoutes) + len(in.ReferenceGrants) + len(in.ReplicaSets) + len(in.Deployments) + len(in.AuthorizationPolicies) + len(in.PeerAuthentications) +
 		len(in.RequestAuthentications) + len(in.BackendTrafficPolicies)
 	set := make(map[any]struct{}, n)
 	add := func(o any) { set[o] = struct{}{} }
@@ -257,6 +277,15 @@ func nonPodObjects(in *Input) map[any]struct{} {
 		add(o)
 	}
 	for _, o := range in.GRPCRoutes {
+		add(o)
+	}
+	for _, o := range in.ReferenceGrants {
+		add(o)
+	}
+	for _, o := range in.ReplicaSets {
+		add(o)
+	}
+	for _, o := range in.Deployments {
 		add(o)
 	}
 	for _, o := range in.AuthorizationPolicies {
@@ -298,6 +327,8 @@ type podResult struct {
 	// enrolledByLabel: the pod opted in with its own label.
 	enrolledByLabel bool
 	namespace       string
+	// problem is the pod's broken use-waypoint label, if any.
+	problem *BindingProblem
 }
 
 // translator holds the translation of the non-pod inputs and the indexes
@@ -311,6 +342,11 @@ type translator struct {
 	svcByName   map[string]*corev1.Service
 	svcSelector map[string]map[string][]*corev1.Service
 	waypoints   map[string]*waypoint
+	// gateways holds every Gateway by "<ns>/<name>".
+	gateways map[string]*gwv1.Gateway
+	// ReplicaSets and Deployments by UID.
+	replicaSets map[types.UID]*appsv1.ReplicaSet
+	deployments map[types.UID]*appsv1.Deployment
 	// perSA maps "<ns>/<sa>" to the waypoints claiming it, oldest first.
 	perSA map[string][]*waypoint
 	// serviceWaypoints maps a bound service's resource name to its waypoint.
@@ -333,6 +369,11 @@ type translator struct {
 	gwAuthz        map[string][]*pb.Authorization
 	gwRequestAuthn map[string][]*pb.RequestAuthentication
 	gwTraffic      map[string]*pb.TrafficPolicy
+	// Per bound service: the routes attached to it and the services
+	// they send to.
+	wpHTTPRoutes  map[string][]*pb.HTTPRoute
+	wpGRPCRoutes  map[string][]*pb.GRPCRoute
+	routeBackends map[string][]string
 	// status accumulates conditions per "<kind>/<ns>/<name>" (all but
 	// those that depend on pods).
 	status map[string]*Status
@@ -345,6 +386,10 @@ type translator struct {
 	outTrustBundles     []*pb.TrustBundle
 	outEndpoints        []*pb.Workload
 	outStatuses         []Status
+	outRouteStatuses    []RouteStatus
+	outServiceStatuses  []Status
+	// outNamespaceProblems are the namespaces' binding problems.
+	outNamespaceProblems []BindingProblem
 }
 
 type apSelector struct {
@@ -362,6 +407,9 @@ func newTranslator(cfg Config, full *Input) *translator {
 		svcByName:        make(map[string]*corev1.Service, len(in.Services)),
 		svcSelector:      map[string]map[string][]*corev1.Service{},
 		waypoints:        map[string]*waypoint{},
+		gateways:         make(map[string]*gwv1.Gateway, len(in.Gateways)),
+		replicaSets:      make(map[types.UID]*appsv1.ReplicaSet, len(in.ReplicaSets)),
+		deployments:      make(map[types.UID]*appsv1.Deployment, len(in.Deployments)),
 		perSA:            map[string][]*waypoint{},
 		serviceWaypoints: map[string]*waypoint{},
 		apSelectors:      map[string]map[string][]apSelector{},
@@ -373,10 +421,22 @@ func newTranslator(cfg Config, full *Input) *translator {
 		gwAuthz:          map[string][]*pb.Authorization{},
 		gwRequestAuthn:   map[string][]*pb.RequestAuthentication{},
 		gwTraffic:        map[string]*pb.TrafficPolicy{},
+		wpHTTPRoutes:     map[string][]*pb.HTTPRoute{},
+		wpGRPCRoutes:     map[string][]*pb.GRPCRoute{},
+		routeBackends:    map[string][]string{},
 		status:           map[string]*Status{},
 	}
 	for _, ns := range in.Namespaces {
 		t.namespaces[ns.Name] = ns
+	}
+	for _, g := range in.Gateways {
+		t.gateways[g.Namespace+"/"+g.Name] = g
+	}
+	for _, rs := range in.ReplicaSets {
+		t.replicaSets[rs.UID] = rs
+	}
+	for _, d := range in.Deployments {
+		t.deployments[d.UID] = d
 	}
 	for _, s := range in.Services {
 		t.svcByName[s.Namespace+"/"+s.Name] = s
@@ -404,6 +464,7 @@ func (t *translator) prepare() {
 	t.outAuthorizations = t.authorizations()
 	t.pa = t.indexPeerAuthentications()
 	t.outEndpoints = t.endpointWorkloads()
+	t.routes()
 	t.outWaypointServices = t.waypointServices(t.outServices)
 	t.outWaypointGateways = t.waypointGateways()
 	t.outTrustBundles = []*pb.TrustBundle{{
@@ -411,6 +472,8 @@ func (t *translator) prepare() {
 		RootsPem:    slices.Clone(t.in.RootCertificates),
 	}}
 	t.outStatuses = t.contextStatuses()
+	t.outServiceStatuses = t.serviceStatuses()
+	t.outNamespaceProblems = t.namespaceProblems()
 }
 
 // hostname is the Service's DNS name.

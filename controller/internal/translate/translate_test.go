@@ -19,12 +19,14 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
+	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	k8sdisc "k8s.io/api/discovery/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/serializer"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+	gwv1beta1 "sigs.k8s.io/gateway-api/apis/v1beta1"
 	"sigs.k8s.io/yaml"
 
 	"github.com/amesh-dev/amesh/controller/apis/security/v1alpha1"
@@ -122,6 +124,11 @@ func shuffleInput(r *rand.Rand, in *Input) {
 		in.EndpointSlices[i], in.EndpointSlices[j] = in.EndpointSlices[j], in.EndpointSlices[i]
 	})
 	shuffle(len(in.Gateways), func(i, j int) { in.Gateways[i], in.Gateways[j] = in.Gateways[j], in.Gateways[i] })
+	shuffle(len(in.HTTPRoutes), func(i, j int) { in.HTTPRoutes[i], in.HTTPRoutes[j] = in.HTTPRoutes[j], in.HTTPRoutes[i] })
+	shuffle(len(in.GRPCRoutes), func(i, j int) { in.GRPCRoutes[i], in.GRPCRoutes[j] = in.GRPCRoutes[j], in.GRPCRoutes[i] })
+	shuffle(len(in.ReferenceGrants), func(i, j int) {
+		in.ReferenceGrants[i], in.ReferenceGrants[j] = in.ReferenceGrants[j], in.ReferenceGrants[i]
+	})
 	shuffle(len(in.AuthorizationPolicies), func(i, j int) {
 		in.AuthorizationPolicies[i], in.AuthorizationPolicies[j] = in.AuthorizationPolicies[j], in.AuthorizationPolicies[i]
 	})
@@ -140,7 +147,7 @@ func testScheme(t testing.TB) *runtime.Scheme {
 	t.Helper()
 	s := runtime.NewScheme()
 	for _, add := range []func(*runtime.Scheme) error{
-		corev1.AddToScheme, k8sdisc.AddToScheme, gwv1.Install, v1alpha1.AddToScheme, trafficv1alpha1.AddToScheme,
+		corev1.AddToScheme, appsv1.AddToScheme, k8sdisc.AddToScheme, gwv1.Install, gwv1beta1.Install, v1alpha1.AddToScheme, trafficv1alpha1.AddToScheme,
 	} {
 		if err := add(s); err != nil {
 			t.Fatal(err)
@@ -190,6 +197,12 @@ func loadInput(t testing.TB, path string) *Input {
 			in.HTTPRoutes = append(in.HTTPRoutes, o)
 		case *gwv1.GRPCRoute:
 			in.GRPCRoutes = append(in.GRPCRoutes, o)
+		case *gwv1beta1.ReferenceGrant:
+			in.ReferenceGrants = append(in.ReferenceGrants, o)
+		case *appsv1.ReplicaSet:
+			in.ReplicaSets = append(in.ReplicaSets, o)
+		case *appsv1.Deployment:
+			in.Deployments = append(in.Deployments, o)
 		case *v1alpha1.AuthorizationPolicy:
 			in.AuthorizationPolicies = append(in.AuthorizationPolicies, o)
 		case *v1alpha1.PeerAuthentication:
@@ -232,6 +245,9 @@ func render(t testing.TB, out *Output) []byte {
 		"waypointServices":   msgs(toMsgs(out.WaypointServices)...),
 		"waypointGateways":   msgs(toMsgs(out.WaypointGateways)...),
 		"statuses":           out.Statuses,
+		"routeStatuses":      out.RouteStatuses,
+		"serviceStatuses":    out.ServiceStatuses,
+		"bindingProblems":    out.BindingProblems,
 		"rootCertNamespaces": out.RootCertNamespaces,
 	}
 	b, err := yaml.Marshal(doc)

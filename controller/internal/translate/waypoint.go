@@ -6,6 +6,8 @@ import (
 
 	pb "github.com/amesh-dev/amesh/api/discovery/v1"
 	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	"github.com/amesh-dev/amesh/controller/internal/label"
@@ -52,7 +54,9 @@ func (t *translator) indexWaypoints() {
 			HbonePort: label.HBONEPort,
 			Gateway:   w.key(),
 		}
-		if svc := t.svcByName[gw.Namespace+"/"+gw.Name]; svc != nil {
+		// The address is that of the deployer's Service (named after the
+		// Gateway and owned by it), else the one in the Gateway status.
+		if svc := t.svcByName[gw.Namespace+"/"+gw.Name]; svc != nil && ownedBy(svc, "Gateway", gw.UID) {
 			if a := parseIP(svc.Spec.ClusterIP); a != nil {
 				w.address.Address = a
 			}
@@ -114,22 +118,59 @@ func (t *translator) bindingFor(labels map[string]string, ns string) binding {
 }
 
 // isWaypointService reports whether svc is the Service of a waypoint (which
-// must never be bound to a waypoint itself).
+// must never be bound to a waypoint itself): one a waypoint Gateway
+// controls, named after it or labelled with its name.
 func (t *translator) isWaypointService(svc *corev1.Service) bool {
-	if t.waypoints[svc.Namespace+"/"+svc.Name] != nil {
-		return true
-	}
-	gw := svc.Labels[label.GatewayName]
-	return gw != "" && t.waypoints[svc.Namespace+"/"+gw] != nil
+	return t.serviceOfWaypoint(svc) != nil
 }
 
-// waypointPod returns the waypoint a pod implements, if any.
+// serviceOfWaypoint returns the waypoint whose Service svc is, if any.
+func (t *translator) serviceOfWaypoint(svc *corev1.Service) *waypoint {
+	for _, gw := range []string{svc.Name, svc.Labels[label.GatewayName]} {
+		if w := t.waypoints[svc.Namespace+"/"+gw]; w != nil && ownedBy(svc, "Gateway", w.gw.UID) {
+			return w
+		}
+	}
+	return nil
+}
+
+// waypointPod returns the waypoint a pod implements, if any: the pod
+// carries the gateway-name label of a waypoint Gateway and is controlled,
+// through its ReplicaSet and the Deployment named after the Gateway (the
+// deployer's), by that Gateway. A pod that merely carries the label is an
+// ordinary workload: labelling itself must not make a pod a waypoint.
 func (t *translator) waypointPod(pod *corev1.Pod) *waypoint {
 	gw := pod.Labels[label.GatewayName]
 	if gw == "" {
 		return nil
 	}
-	return t.waypoints[pod.Namespace+"/"+gw]
+	w := t.waypoints[pod.Namespace+"/"+gw]
+	if w == nil {
+		return nil
+	}
+	rsRef := metav1.GetControllerOfNoCopy(pod)
+	if rsRef == nil || rsRef.Kind != "ReplicaSet" {
+		return nil
+	}
+	rs := t.replicaSets[rsRef.UID]
+	if rs == nil || rs.Namespace != pod.Namespace || rs.Name != rsRef.Name {
+		return nil
+	}
+	depRef := metav1.GetControllerOfNoCopy(rs)
+	if depRef == nil || depRef.Kind != "Deployment" || depRef.Name != w.gw.Name {
+		return nil
+	}
+	dep := t.deployments[depRef.UID]
+	if dep == nil || dep.Namespace != pod.Namespace || dep.Name != w.gw.Name || !ownedBy(dep, "Gateway", w.gw.UID) {
+		return nil
+	}
+	return w
+}
+
+// ownedBy reports whether obj's controller is the object of kind and uid.
+func ownedBy(obj metav1.Object, kind string, uid types.UID) bool {
+	ref := metav1.GetControllerOfNoCopy(obj)
+	return ref != nil && ref.Kind == kind && uid != "" && ref.UID == uid
 }
 
 // serviceWaypoint returns the waypoint that traffic to svc goes through.

@@ -356,9 +356,26 @@ func (t *translator) waypointServices(services []*pb.Service) []*pb.WaypointServ
 		ws := &pb.WaypointService{
 			Service:                key,
 			Gateway:                w.key(),
+			HttpRoutes:             t.wpHTTPRoutes[key],
+			GrpcRoutes:             t.wpGRPCRoutes[key],
 			Authorizations:         t.wpAuthz[key],
 			RequestAuthentications: t.wpRequestAuthn[key],
 			TrafficPolicy:          t.wpTraffic[key],
+		}
+		slices.SortFunc(ws.HttpRoutes, func(a, b *pb.HTTPRoute) int {
+			return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name))
+		})
+		slices.SortFunc(ws.GrpcRoutes, func(a, b *pb.GRPCRoute) int {
+			return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name))
+		})
+		// Traffic policies of the other services the routes send to.
+		for _, b := range t.routeBackends[key] {
+			if tp := t.wpTraffic[b]; tp != nil && b != key {
+				if ws.BackendPolicies == nil {
+					ws.BackendPolicies = map[string]*pb.TrafficPolicy{}
+				}
+				ws.BackendPolicies[b] = tp
+			}
 		}
 		slices.SortFunc(ws.Authorizations, func(a, b *pb.Authorization) int {
 			return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name))

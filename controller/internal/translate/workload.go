@@ -21,6 +21,9 @@ func (t *translator) pod(pod *corev1.Pod) *podResult {
 		namespace:       pod.Namespace,
 		enrolledByLabel: pod.Labels[label.DataplaneMode] == label.DataplaneModeAmbient,
 	}
+	if pod.Status.Phase != corev1.PodSucceeded && pod.Status.Phase != corev1.PodFailed && pod.DeletionTimestamp == nil {
+		res.problem = t.podProblem(pod)
+	}
 	if pod.Spec.HostNetwork || pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed {
 		return res
 	}
@@ -111,6 +114,11 @@ func (t *translator) podServices(pod *corev1.Pod) map[string]*pb.PortList {
 	for k, v := range pod.Labels {
 		for _, s := range idx[k+"="+v] {
 			if !selects(s.Spec.Selector, pod.Labels) {
+				continue
+			}
+			// A waypoint's Service has only that waypoint's own pods as
+			// endpoints, never pods that merely carry its labels.
+			if w := t.serviceOfWaypoint(s); w != nil && t.waypointPod(pod) != w {
 				continue
 			}
 			var pl pb.PortList
