@@ -182,7 +182,7 @@ func (w wireResult) assertMTLS(t *testing.T) {
 			if bytes.Contains(b, []byte(w.marker)) {
 				t.Errorf("connection %s → %s (%s): the marker is in clear text", cn.Client, cn.Server, dir)
 			}
-			n, err := wire.TLSRecords(b)
+			n, err := wire.TLSConn(cn, b)
 			if err != nil {
 				t.Errorf("connection %s → %s (%s, %d segments, SYN seen %t, gaps %t): not TLS: %v", cn.Client, cn.Server, dir, cn.Segments, cn.Handshake, cn.Gaps, err)
 			}

@@ -202,11 +202,44 @@ const (
 	maxRecord           = 1<<14 + 2048
 )
 
-// TLSRecords walks a byte stream as a sequence of TLS records and returns
-// how many complete records it holds. It fails at the first byte that
-// cannot start a record; a record cut off at the end of the stream is not
-// an error (the capture ended). The first record must be a handshake.
-func TLSRecords(stream []byte) (int, error) {
+// TLSRecords walks a byte stream captured from its first byte as a
+// sequence of TLS records and returns how many complete records it holds.
+// It fails at the first byte that cannot start a record; a record cut off
+// at the end of the stream is not an error (the capture ended). The first
+// record must be a handshake.
+func TLSRecords(stream []byte) (int, error) { return tlsRecords(stream, true) }
+
+// TLSRecordsMidstream is TLSRecords for a stream whose beginning was not
+// captured (the connection predates the capture): it looks for the first
+// offset, within one maximal record, from which the rest of the stream
+// is an unbroken chain of records, and counts them from there.
+func TLSRecordsMidstream(stream []byte) (int, error) {
+	var first error
+	for off := 0; off < len(stream) && off <= maxRecord+5; off++ {
+		n, err := tlsRecords(stream[off:], false)
+		if err == nil && n > 0 {
+			return n, nil
+		}
+		if first == nil {
+			first = err
+		}
+	}
+	if len(stream) == 0 {
+		return 0, nil
+	}
+	return 0, fmt.Errorf("no offset from which the stream is a chain of TLS records (at 0: %v)", first)
+}
+
+// TLSConn checks a Conn's stream as TLSRecords does, or as
+// TLSRecordsMidstream when the capture missed the connection's start.
+func TLSConn(c *Conn, stream []byte) (int, error) {
+	if c.Handshake {
+		return TLSRecords(stream)
+	}
+	return TLSRecordsMidstream(stream)
+}
+
+func tlsRecords(stream []byte, fromStart bool) (int, error) {
 	n := 0
 	for off := 0; off < len(stream); {
 		if len(stream)-off < 5 {
@@ -217,7 +250,7 @@ func TLSRecords(stream []byte) (int, error) {
 		if typ < recChangeCipherSpec || typ > recApplicationData || major != 3 || stream[off+2] > 4 || length == 0 || length > maxRecord {
 			return n, fmt.Errorf("offset %d: % x… is not a TLS record header", off, stream[off:min(off+8, len(stream))])
 		}
-		if n == 0 && typ != recHandshake {
+		if fromStart && n == 0 && typ != recHandshake {
 			return n, fmt.Errorf("stream starts with TLS record type %d, want a handshake", typ)
 		}
 		n++
