@@ -253,6 +253,9 @@ func tlsRecords(stream []byte, fromStart bool) (int, error) {
 		if fromStart && n == 0 && typ != recHandshake {
 			return n, fmt.Errorf("stream starts with TLS record type %d, want a handshake", typ)
 		}
+		if off+5+length > len(stream) {
+			return n, nil // cut off by the end of the capture
+		}
 		n++
 		off += 5 + length
 	}
