@@ -45,11 +45,13 @@ type ctr struct {
 	everStarted bool
 	nextStart   time.Time
 	backoff     time.Duration
-	ready       bool
-	started     bool
-	probeCancel context.CancelFunc
-	startErr    string
-	waitReason  string
+	// startBackoff spaces retries of a container that could not start.
+	startBackoff time.Duration
+	ready        bool
+	started      bool
+	probeCancel  context.CancelFunc
+	startErr     string
+	waitReason   string
 
 	// stdin feeds the container's standard input (spec.stdin); nil when
 	// the container has none or it was closed (stdinOnce).

@@ -80,6 +80,12 @@ type worker struct {
 	vols      map[string]volume.Mounted
 	volsAt    time.Time
 	volErr    string
+	volFail   time.Time // when volume setup started failing
+	volRetry  time.Time
+	volBack   time.Duration
+	// wake fires the loop for retries sooner than its tick, at wakeAt.
+	wake      *time.Timer
+	wakeAt    time.Time
 	finished  bool // terminal: containers stopped, sandbox torn down
 	startTime metav1.Time
 	conds     map[corev1.PodConditionType]corev1.PodCondition
@@ -146,6 +152,8 @@ func (w *worker) run(ctx context.Context) {
 	}()
 	tick := time.NewTicker(500 * time.Millisecond)
 	defer tick.Stop()
+	w.wake = time.NewTimer(time.Hour)
+	defer w.wake.Stop()
 	for {
 		select {
 		case p := <-w.podCh:
@@ -155,6 +163,8 @@ func (w *worker) run(ctx context.Context) {
 		case ev := <-w.evCh:
 			w.handle(ev)
 		case <-tick.C:
+		case <-w.wake.C:
+			w.wakeAt = time.Time{}
 		case <-ctx.Done():
 			w.shutdown()
 			return
@@ -237,7 +247,7 @@ func (w *worker) exited(c *ctr, st exitStatus) {
 	} else {
 		c.backoff = min(c.backoff*2, time.Duration(w.a.cfg.MaxRestartBackoff))
 	}
-	c.nextStart = st.at.Add(c.backoff)
+	w.retryAt(&c.nextStart, c.backoff)
 	w.log.Info("container exited", zap.String("container", c.spec.Name), zap.Int32("exitCode", code),
 		zap.String("signal", sigName(st.signal)), zap.Bool("stopping", c.stopping), zap.Bool("killed", c.killed), zap.Duration("ran", ran))
 	c.stopping, c.killed = false, false
@@ -341,22 +351,34 @@ func (w *worker) sync(ctx context.Context) bool {
 		w.pushStatus(ctx)
 		return false
 	}
+	if w.vols == nil && time.Now().Before(w.volRetry) {
+		w.pushStatus(ctx)
+		return false
+	}
 	if w.vols == nil || time.Since(w.volsAt) > 30*time.Second {
 		vols, err := w.a.vols.Setup(ctx, w.pod)
-		w.volsAt = time.Now()
+		now := time.Now()
+		w.volsAt = now
 		if err != nil {
-			if w.volErr != err.Error() {
+			if w.volFail.IsZero() {
+				w.volFail = now
+			}
+			// The Node authorizer learns that a pod is bound to this node
+			// a moment after the agent does, so the first attempts may be
+			// forbidden: retry quickly, and report only what persists.
+			if now.Sub(w.volFail) > 2*time.Second && w.volErr != err.Error() {
 				w.a.recorder.Eventf(w.pod, corev1.EventTypeWarning, "FailedMount", "%v", err)
 				w.log.Warn("volumes", zap.Error(err))
+				w.volErr = err.Error()
 			}
-			w.volErr = err.Error()
 			if w.vols == nil {
-				w.volsAt = time.Now().Add(-25 * time.Second) // retry in ~5s
+				w.volBack = min(max(2*w.volBack, 100*time.Millisecond), 5*time.Second)
+				w.retryAt(&w.volRetry, w.volBack)
 				w.pushStatus(ctx)
 				return false
 			}
 		} else {
-			w.vols, w.volErr = vols, ""
+			w.vols, w.volErr, w.volFail, w.volBack = vols, "", time.Time{}, 0
 		}
 	}
 	if w.sb == nil {
@@ -382,6 +404,16 @@ func (w *worker) sync(ctx context.Context) bool {
 	return false
 }
 
+// retryAt sets *at to now+d and makes sure the loop runs then.
+func (w *worker) retryAt(at *time.Time, d time.Duration) {
+	*at = time.Now().Add(d)
+	if w.wake == nil || (!w.wakeAt.IsZero() && !at.Before(w.wakeAt)) {
+		return
+	}
+	w.wakeAt = *at
+	w.wake.Reset(d)
+}
+
 // runContainers starts init containers in order, then the app containers,
 // and restarts exited ones per policy.
 func (w *worker) runContainers(ctx context.Context) {
@@ -405,7 +437,7 @@ func (w *worker) runContainers(ctx context.Context) {
 		case c.stopping:
 			return
 		}
-		if c.term != nil && now.Before(c.nextStart) {
+		if (c.term != nil || c.startErr != "") && now.Before(c.nextStart) {
 			return
 		}
 		w.start(ctx, c)
@@ -443,15 +475,13 @@ func (w *worker) start(ctx context.Context, c *ctr) {
 			w.log.Warn("start container", zap.String("container", c.spec.Name), zap.Error(err))
 		}
 		c.startErr = err.Error()
-		if c.backoff == 0 {
-			c.backoff = time.Duration(w.a.cfg.RestartBackoff)
-		} else {
-			c.backoff = min(c.backoff*2, time.Duration(w.a.cfg.MaxRestartBackoff))
-		}
-		c.nextStart = time.Now().Add(c.backoff)
+		// Start failures (a missing image, a configMap the Node authorizer
+		// does not let this node read yet) are retried sooner than crashes.
+		c.startBackoff = min(max(2*c.startBackoff, 250*time.Millisecond), time.Duration(w.a.cfg.RestartBackoff))
+		w.retryAt(&c.nextStart, c.startBackoff)
 		return
 	}
-	c.startErr, c.waitReason = "", ""
+	c.startErr, c.waitReason, c.startBackoff = "", "", 0
 	c.everStarted = true
 	w.a.recorder.Eventf(w.pod, corev1.EventTypeNormal, "Started", "Started container %s", c.spec.Name)
 }
