@@ -3,6 +3,7 @@ module github.com/amesh-dev/amesh/e2e
 go 1.26.0
 
 require (
+	github.com/go-jose/go-jose/v4 v4.1.9
 	github.com/google/gopacket v1.1.19
 	go.uber.org/zap v1.28.0
 	golang.org/x/time v0.15.0

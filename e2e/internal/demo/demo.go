@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net/url"
 	"os"
 	"os/exec"
@@ -463,16 +464,8 @@ func (d *Demo) applyRoute(ctx context.Context, file string) error {
 	if err := d.c.Apply(ctx, objs...); err != nil {
 		return err
 	}
-	// Wait until the route is Accepted by its parent (the controller
-	// reports it once the waypoint serves the route).
-	err = kube.Poll(ctx, time.Second, 30*time.Second, func(ctx context.Context) (bool, error) {
-		u, err := d.c.Dynamic.Resource(httpRoutes).Namespace(ns).Get(ctx, "reviews", metav1.GetOptions{})
-		if err != nil {
-			return false, err
-		}
-		return routeAccepted(u.Object, u.GetGeneration())
-	})
-	if err != nil {
+	// The controller reports the route Accepted once the waypoint serves it.
+	if err := mesh.WaitRouteAccepted(ctx, d.c, ns, "reviews", 30*time.Second); err != nil {
 		d.problem("route %s not reported Accepted: %v", file, err)
 	}
 	return nil
@@ -489,7 +482,7 @@ func (d *Demo) canary(ctx context.Context, drv *mesh.Driver, page string) {
 	v2 := r.Fields["reviews.servedBy.version"]["v2"]
 	share := float64(v2) / float64(max(r.OK, 1))
 	// 10% of n requests: 3 standard deviations of a binomial.
-	sd := 3 * sqrt(0.1*0.9/float64(max(r.OK, 1)))
+	sd := 3 * math.Sqrt(0.1*0.9/float64(max(r.OK, 1)))
 	if r.OK != int64(n) || share < 0.1-sd || share > 0.1+sd {
 		d.problem("measured split %.1f%% to v2, want 10%% ± %.1f%% with every request OK", 100*share, 100*sd)
 	} else {

@@ -37,6 +37,9 @@ type Workload struct {
 	Node string
 	// Service creates a ClusterIP Service named App on port 9080.
 	Service bool
+	// VersionService creates a Service named App-Version selecting only
+	// this version (a route's backend).
+	VersionService bool
 	// PodLabels are added to the pod template's labels.
 	PodLabels map[string]string
 	// Env adds environment variables (test knobs: FAIL, DELAY, …).
@@ -135,6 +138,18 @@ func (w Workload) Objects(ns string) ([]*unstructured.Unstructured, error) {
 			ObjectMeta: metav1.ObjectMeta{Name: w.App, Namespace: ns, Labels: map[string]string{"app": w.App}},
 			Spec: corev1.ServiceSpec{
 				Selector: map[string]string{"app": w.App},
+				Ports: []corev1.ServicePort{{
+					Name: "http", Port: PortApp, TargetPort: intstr.FromInt32(PortApp), AppProtocol: ptr.To("http"),
+				}},
+			},
+		})
+	}
+	if w.VersionService {
+		objs = append(objs, &corev1.Service{
+			TypeMeta:   metav1.TypeMeta{APIVersion: "v1", Kind: "Service"},
+			ObjectMeta: metav1.ObjectMeta{Name: w.App + "-" + w.Version, Namespace: ns, Labels: labels},
+			Spec: corev1.ServiceSpec{
+				Selector: labels,
 				Ports: []corev1.ServicePort{{
 					Name: "http", Port: PortApp, TargetPort: intstr.FromInt32(PortApp), AppProtocol: ptr.To("http"),
 				}},
