@@ -62,6 +62,8 @@ type App struct {
 	admin    *admin.Server
 	tracer   *telemetry.Tracer
 	draining atomic.Bool
+	// stopAccess flushes the buffered access log.
+	stopAccess func() error
 	// gatewaySeen: whether the WaypointGateway was there at the last
 	// delta (xDS goroutine only; for logging its arrival and loss).
 	gatewaySeen, gatewayLogged bool
@@ -141,8 +143,9 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (*App, error) {
 	a.keys = authn.NewKeyCache(authn.Options{})
 	a.cat = catalog.New(catalog.Options{Dial: a.dialEndpoint, Keys: a.keys, Logger: log.Named("catalog"), Gateway: cfg.Gateway})
 	var access *zap.Logger
+	a.stopAccess = func() error { return nil }
 	if cfg.AccessLog {
-		access = accessLogger()
+		access, a.stopAccess = telemetry.NewAccessLog(os.Stdout)
 	}
 	a.proxy = proxy.New(proxy.Options{Catalog: a.cat, Metrics: metrics, Tracer: a.tracer, AccessLog: access,
 		Logger: log.Named("proxy"), ClusterID: cfg.ClusterID})
@@ -207,19 +210,6 @@ func protoMap[M proto.Message](m map[string]M) map[string]proto.Message {
 		out[k] = v
 	}
 	return out
-}
-
-func accessLogger() *zap.Logger {
-	zc := zap.NewProductionConfig()
-	zc.OutputPaths = []string{"stdout"}
-	zc.Sampling = nil
-	zc.DisableCaller = true
-	zc.DisableStacktrace = true
-	l, err := zc.Build()
-	if err != nil {
-		return zap.NewNop()
-	}
-	return l.Named("access")
 }
 
 func (a *App) closeListeners() {
@@ -418,6 +408,7 @@ func (a *App) Run(ctx context.Context) error {
 	stopDP()
 	dpWG.Wait()
 	a.proxy.WaitMirrors()
+	_ = a.stopAccess() // a failed flush of stdout has nowhere to be reported
 	a.cat.Close()
 	_ = a.hclient.Close()
 	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

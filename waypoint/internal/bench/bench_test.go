@@ -16,7 +16,10 @@ import (
 	"os/signal"
 	"path/filepath"
 	"regexp"
+	"runtime"
+	"runtime/metrics"
 	"runtime/pprof"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -35,7 +38,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"go.uber.org/zap"
-	"go.uber.org/zap/zapcore"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -96,8 +98,26 @@ func child(backend string) error {
 	if err != nil {
 		return err
 	}
-	access := zap.New(zapcore.NewCore(zapcore.NewJSONEncoder(zap.NewProductionEncoderConfig()), zapcore.AddSync(io.Discard), zap.InfoLevel))
-	p := proxy.New(proxy.Options{Catalog: cat, Metrics: m, Tracer: tr, AccessLog: access, Logger: log})
+	// The access log is written as in production (buffered), to /dev/null.
+	devNull, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	defer devNull.Close()
+	access, stopAccess := telemetry.NewAccessLog(devNull)
+	defer func() { _ = stopAccess() }()
+	popts := proxy.Options{Catalog: cat, Metrics: m, Tracer: tr, AccessLog: access, Logger: log}
+	// Profiling knobs: switch parts of the telemetry off to see their cost.
+	if os.Getenv("WAYPOINT_BENCH_NOTRACE") != "" {
+		popts.Tracer = nil
+	}
+	if os.Getenv("WAYPOINT_BENCH_NOACCESS") != "" {
+		popts.AccessLog = nil
+	}
+	if os.Getenv("WAYPOINT_BENCH_NOMETRICS") != "" {
+		popts.Metrics = nil
+	}
+	p := proxy.New(popts)
 	srv := tunnel.New(tunnel.Options{Catalog: cat, Proxy: p, Metrics: m, Logger: log})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -106,6 +126,59 @@ func child(backend string) error {
 	ctx, cancel := signal.NotifyContext(context.Background(), syscall.SIGTERM)
 	defer cancel()
 	go func() { _, _ = io.Copy(io.Discard, os.Stdin); cancel() }()
+	if os.Getenv("WAYPOINT_BENCH_HEAPPROFILE") != "" {
+		runtime.MemProfileRate = 4096
+	}
+	if os.Getenv("WAYPOINT_BENCH_MEMSTATS") != "" {
+		var before runtime.MemStats
+		runtime.ReadMemStats(&before)
+		// Peaks of the memory classes, sampled (each sample stops the world
+		// briefly: diagnosis only).
+		var peakHeap, peakStack, peakSys, peakIdle, peakLive uint64
+		live := []metrics.Sample{{Name: "/gc/heap/live:bytes"}}
+		var nG int
+		stop := make(chan struct{})
+		sampled := make(chan struct{})
+		go func() {
+			defer close(sampled)
+			t := time.NewTicker(100 * time.Millisecond)
+			defer t.Stop()
+			for {
+				select {
+				case <-stop:
+					return
+				case <-t.C:
+				}
+				var m runtime.MemStats
+				runtime.ReadMemStats(&m)
+				// The path may hold %d for the PID (both children see it).
+				if path := os.Getenv("WAYPOINT_BENCH_HEAPPROFILE"); path != "" && m.HeapInuse > peakHeap {
+					if strings.Contains(path, "%d") {
+						path = fmt.Sprintf(path, os.Getpid())
+					}
+					if f, err := os.Create(path); err == nil {
+						_ = pprof.Lookup("heap").WriteTo(f, 0)
+						f.Close()
+					}
+				}
+				peakHeap, peakStack = max(peakHeap, m.HeapInuse), max(peakStack, m.StackInuse)
+				peakSys, peakIdle = max(peakSys, m.Sys), max(peakIdle, m.HeapIdle-m.HeapReleased)
+				nG = max(nG, runtime.NumGoroutine())
+				metrics.Read(live)
+				peakLive = max(peakLive, live[0].Value.Uint64())
+			}
+		}()
+		defer func() {
+			close(stop)
+			<-sampled
+			var after runtime.MemStats
+			runtime.ReadMemStats(&after)
+			fmt.Fprintf(os.Stderr, "mallocs %d bytes %d gcs %d\n", after.Mallocs-before.Mallocs,
+				after.TotalAlloc-before.TotalAlloc, after.NumGC-before.NumGC)
+			fmt.Fprintf(os.Stderr, "peak heap-live %.1f MB heap-inuse %.1f MB stack-inuse %.1f MB heap-idle-unreleased %.1f MB sys %.1f MB goroutines %d\n",
+				float64(peakLive)/(1<<20), float64(peakHeap)/(1<<20), float64(peakStack)/(1<<20), float64(peakIdle)/(1<<20), float64(peakSys)/(1<<20), nG)
+		}()
+	}
 	if dir := os.Getenv(childHBONEEnv); dir != "" {
 		// HBONE mode: terminate mTLS + HTTP/2 CONNECT like the real waypoint.
 		cert, err := tls.LoadX509KeyPair(filepath.Join(dir, "waypoint.pem"), filepath.Join(dir, "waypoint-key.pem"))
@@ -158,6 +231,15 @@ func child(backend string) error {
 			return err
 		}
 		defer func() { pprof.StopCPUProfile(); f.Close() }()
+	}
+	if path := os.Getenv("WAYPOINT_BENCH_MEMPROFILE"); path != "" {
+		runtime.MemProfileRate = 4096
+		defer func() {
+			if f, err := os.Create(path); err == nil {
+				_ = pprof.Lookup("allocs").WriteTo(f, 0)
+				f.Close()
+			}
+		}()
 	}
 	fmt.Println(ln.Addr().String())
 	err = srv.Run(ctx)
@@ -262,10 +344,11 @@ func waitListening(b *testing.B, addr string) {
 	b.Fatalf("%s never listened", addr)
 }
 
-// startWaypoint re-executes the test binary as the waypoint child; with
-// hboneDir set the child terminates HBONE with the credentials there.
-func startWaypoint(b *testing.B, backend, hboneDir string) (string, int) {
-	cmd := exec.Command(os.Args[0], "-test.run=^$")
+// startWaypoint runs bin (a build of this test binary: os.Args[0], or a
+// baseline's) as the waypoint child; with hboneDir set the child
+// terminates HBONE with the credentials there.
+func startWaypoint(b *testing.B, bin, backend, hboneDir string) (string, int) {
+	cmd := exec.Command(bin, "-test.run=^$")
 	cmd.Env = append(os.Environ(), childEnv+"="+backend, childHBONEEnv+"="+hboneDir)
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
@@ -480,7 +563,8 @@ func hboneShim(b *testing.B, waypoint string, cert *tls.Certificate, bundle *ide
 }
 
 // BenchmarkProxies compares, in one run: the backend directly, nginx as a
-// reverse proxy, and the waypoint's L7 path. Metrics per target:
+// reverse proxy, and the waypoint's L7 path (and, with BENCH_BASELINE set
+// to a test binary built from an earlier commit, that commit's waypoint). Metrics per target:
 // req/s at 64 connections; p50/p99 at 1,000 req/s and the p50/p99 added over
 // direct; CPU cores the proxy used per 1,000 req/s; proxy RSS (peak).
 func BenchmarkProxies(b *testing.B) {
@@ -490,32 +574,66 @@ func BenchmarkProxies(b *testing.B) {
 		}
 	}
 	backend, nginxAddr, nginxPIDs := startNginx(b)
-	wpAddr, wpPID := startWaypoint(b, backend, "")
 	dir, clientCert, bundle := hboneCredentials(b)
-	wpHBONE, wpHBONEPID := startWaypoint(b, backend, dir)
-	shim := hboneShim(b, wpHBONE, clientCert, bundle)
-	dur := 5 * time.Second
+	type target struct {
+		name string
+		addr string
+		pids func() []int
+	}
+	waypoints := func(bin, suffix string) []target {
+		wpAddr, wpPID := startWaypoint(b, bin, backend, "")
+		wpHBONE, wpHBONEPID := startWaypoint(b, bin, backend, dir)
+		shim := hboneShim(b, wpHBONE, clientCert, bundle)
+		return []target{
+			{"waypoint" + suffix, wpAddr, func() []int { return []int{wpPID} }},
+			{"waypoint-hbone" + suffix, shim, func() []int { return []int{wpHBONEPID} }},
+		}
+	}
+	dur := 5 * time.Second // per phase and round
 	if s := os.Getenv("BENCH_SECONDS"); s != "" {
 		if n, err := strconv.Atoi(s); err == nil {
 			dur = time.Duration(n) * time.Second
 		}
 	}
-	targets := []struct {
-		name string
-		addr string
-		pids func() []int
-	}{
-		{"direct", backend, nil},
-		{"nginx", nginxAddr, nginxPIDs},
-		{"waypoint", wpAddr, func() []int { return []int{wpPID} }},
-		{"waypoint-hbone", shim, func() []int { return []int{wpHBONEPID} }},
+	targets := []target{{"direct", backend, nil}, {"nginx", nginxAddr, nginxPIDs}}
+	current := waypoints(os.Args[0], "")
+	if base := os.Getenv("BENCH_BASELINE"); base != "" {
+		// A baseline build of this benchmark (go test -c of an earlier
+		// commit) runs its waypoint next to the current one, each pair
+		// measured back to back so that both see the same machine.
+		before := waypoints(base, "-before")
+		targets = append(targets, before[0], current[0], before[1], current[1])
+	} else {
+		targets = append(targets, current...)
 	}
-	var directP50, directP99 float64
+	only := os.Getenv("BENCH_TARGETS") // comma-separated subset, for profiling
+	targets = slices.DeleteFunc(targets, func(t target) bool {
+		return only != "" && t.name != "direct" && !slices.Contains(strings.Split(only, ","), t.name)
+	})
+	rounds := 3
+	if s := os.Getenv("BENCH_ROUNDS"); s != "" {
+		if n, err := strconv.Atoi(s); err == nil && n > 0 {
+			rounds = n
+		}
+	}
+	// The machine is shared and its load drifts within seconds, so the
+	// targets are measured in rounds, each round visiting every target in
+	// turn: all of them see the same conditions. Throughput is the total
+	// over the rounds, latency the median of the rounds' percentiles, CPU
+	// the total over the fixed-rate phases.
+	type acc struct {
+		reqs, secs, cpu, served float64
+		p50s, p99s              []float64
+	}
+	res := make([]acc, len(targets))
 	for _, t := range targets {
-		b.Run(t.name, func(b *testing.B) {
-			// Warm up pools and caches.
-			wrk(b, t.addr, 64, time.Second)
+		wrk(b, t.addr, 64, time.Second) // warm up pools and caches
+	}
+	for range rounds {
+		for i, t := range targets {
 			rps := wrk(b, t.addr, 64, dur)
+			res[i].reqs += rps * dur.Seconds()
+			res[i].secs += dur.Seconds()
 			var cpu0 float64
 			if t.pids != nil {
 				cpu0 = cpuSeconds(t.pids())
@@ -523,18 +641,36 @@ func BenchmarkProxies(b *testing.B) {
 			start := time.Now()
 			p50, p99, actual := fixedRate(b, t.addr, 1000, dur)
 			elapsed := time.Since(start).Seconds()
-			b.ReportMetric(rps, "req/s@64c")
+			res[i].p50s, res[i].p99s = append(res[i].p50s, p50), append(res[i].p99s, p99)
+			if t.pids != nil {
+				res[i].cpu += cpuSeconds(t.pids()) - cpu0
+				res[i].served += actual * elapsed
+			}
+		}
+	}
+	median := func(v []float64) float64 {
+		v = slices.Clone(v)
+		slices.Sort(v)
+		n := len(v)
+		if n%2 == 1 {
+			return v[n/2]
+		}
+		return (v[n/2-1] + v[n/2]) / 2
+	}
+	directP50, directP99 := median(res[0].p50s), median(res[0].p99s)
+	for i, t := range targets {
+		r := res[i]
+		b.Run(t.name, func(b *testing.B) {
+			p50, p99 := median(r.p50s), median(r.p99s)
+			b.ReportMetric(r.reqs/r.secs, "req/s@64c")
 			b.ReportMetric(p50, "p50-ms@1krps")
 			b.ReportMetric(p99, "p99-ms@1krps")
-			if t.name == "direct" {
-				directP50, directP99 = p50, p99
-			} else {
+			if t.name != "direct" {
 				b.ReportMetric(p50-directP50, "added-p50-ms")
 				b.ReportMetric(p99-directP99, "added-p99-ms")
 			}
 			if t.pids != nil {
-				cores := (cpuSeconds(t.pids()) - cpu0) / elapsed
-				b.ReportMetric(cores/(actual/1000), "cores/1krps")
+				b.ReportMetric(r.cpu/(r.served/1000), "cores/1krps")
 				b.ReportMetric(rssMB(t.pids(), "VmHWM"), "peak-RSS-MB")
 				b.ReportMetric(rssMB(t.pids(), "VmRSS"), "RSS-MB")
 			}

@@ -9,7 +9,7 @@ package proxy
 import (
 	"bytes"
 	"context"
-	crand "crypto/rand"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -37,6 +37,7 @@ import (
 	"github.com/amesh-dev/amesh/waypoint/internal/upstream"
 	"go.opentelemetry.io/otel/trace"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 )
 
 // ConnInfo describes the tunnel a request arrived on.
@@ -50,6 +51,15 @@ type ConnInfo struct {
 	// Target is the tunnel's :authority, the address the client dialled
 	// (a service VIP and port).
 	Target netip.AddrPort
+
+	srcOnce sync.Once
+	src     string
+}
+
+// sourceString is Source.String(), computed once per tunnel.
+func (ci *ConnInfo) sourceString() string {
+	ci.srcOnce.Do(func() { ci.src = ci.Source.String() })
+	return ci.src
 }
 
 type connKey struct{}
@@ -147,8 +157,11 @@ func (bufferPool) Get() []byte  { return *(buffers.Get().(*[]byte)) }
 func (bufferPool) Put(b []byte) { buffers.Put(&b) }
 
 // exchange is the per-request state shared by the handler, the transport
-// and the response hooks.
+// and the response hooks. It is also the request's context (carrying
+// itself under exKey), and holds the per-request helpers, so that a
+// request costs one allocation for all of them.
 type exchange struct {
+	context.Context
 	start     time.Time
 	ci        *ConnInfo
 	target    *catalog.Target
@@ -170,6 +183,18 @@ type exchange struct {
 	reqPrin   string
 	origPath  string // as the client sent it, for the access log
 	origHost  string
+
+	rw      recorder
+	reqBody countingBody
+	attrs   authz.Attributes
+	tried   [2]*upstream.Endpoint
+	// Circuit-breaker admissions and the attempt's cancel, released when
+	// the response body closes (done) or the round trip fails.
+	adm      upstream.Admission
+	retryAdm []upstream.Admission
+	cancel   context.CancelFunc
+	done     doneBody
+	log      accessEntry
 }
 
 func (ex *exchange) flag(f string) {
@@ -180,27 +205,64 @@ func (ex *exchange) flag(f string) {
 
 type exKey struct{}
 
+// Value makes the exchange the request context's innermost value.
+func (ex *exchange) Value(k any) any {
+	if _, ok := k.(exKey); ok {
+		return ex
+	}
+	return ex.Context.Value(k)
+}
+
 func exFrom(ctx context.Context) *exchange {
 	ex, _ := ctx.Value(exKey{}).(*exchange)
 	return ex
 }
 
+// release gives back the circuit-breaker admissions.
+func (ex *exchange) release() {
+	ex.adm.Release()
+	for i := range ex.retryAdm {
+		ex.retryAdm[i].Release()
+	}
+}
+
+// spanName avoids building "waypoint <method>" for the usual methods.
+func spanName(method string) string {
+	switch method {
+	case http.MethodGet:
+		return "waypoint GET"
+	case http.MethodPost:
+		return "waypoint POST"
+	case http.MethodPut:
+		return "waypoint PUT"
+	case http.MethodDelete:
+		return "waypoint DELETE"
+	case http.MethodHead:
+		return "waypoint HEAD"
+	case http.MethodPatch:
+		return "waypoint PATCH"
+	case http.MethodOptions:
+		return "waypoint OPTIONS"
+	}
+	return "waypoint " + method
+}
+
 // ServeHTTP handles one request.
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	ex := &exchange{start: time.Now(), ci: connFrom(r.Context()), grpc: route.IsGRPC(r), origPath: r.URL.RequestURI(), origHost: r.Host}
-	rw := &recorder{ResponseWriter: w}
-	reqBody := &countingBody{ReadCloser: r.Body}
+	ex := &exchange{Context: r.Context(), start: time.Now(), grpc: route.IsGRPC(r), origPath: r.URL.RequestURI(), origHost: r.Host}
+	ex.ci = connFrom(ex.Context)
+	ex.rw.ResponseWriter = w
+	rw := &ex.rw
 	if r.Body != nil && r.Body != http.NoBody {
-		r.Body = reqBody
+		ex.reqBody.ReadCloser = r.Body
+		r.Body = &ex.reqBody
 	}
-	ctx := context.WithValue(r.Context(), exKey{}, ex)
+	var ctx context.Context = ex
 	if p.tracer != nil {
-		var span trace.Span
-		ctx, span = p.tracer.Start(ctx, "waypoint "+r.Method, r.Header)
-		ex.span = span
+		ctx, ex.span = p.tracer.Start(ctx, spanName(r.Method), r.Header)
 	}
 	r = r.WithContext(ctx)
-	defer func() { p.finish(ex, rw, r, reqBody.n.Load()) }()
+	defer func() { p.finish(ex, rw, r, ex.reqBody.n.Load()) }()
 
 	ex.reqID = r.Header.Get("X-Request-Id")
 	if ex.reqID == "" {
@@ -328,7 +390,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	ex.cluster = cl
-	ex.hash = upstream.HashInput{Header: r.Header, SourceIP: ex.ci.Source.String()}
+	ex.hash = upstream.HashInput{Header: r.Header, SourceIP: ex.ci.Source}
 	if hc := cl.HashCookie(); hc != nil {
 		if c, err := r.Cookie(hc.GetName()); err == nil {
 			ex.hash.Cookie = c.Value
@@ -357,10 +419,16 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	p.rp.ServeHTTP(rw, r)
 }
 
+// newRequestID returns 32 random hex digits. The ID correlates logs and
+// traces; it needs to be unique, not unpredictable, so it comes from the
+// runtime's per-thread generator rather than the kernel's.
 func newRequestID() string {
 	var b [16]byte
-	_, _ = crand.Read(b[:])
-	return hex.EncodeToString(b[:])
+	binary.LittleEndian.PutUint64(b[:8], rand.Uint64())
+	binary.LittleEndian.PutUint64(b[8:], rand.Uint64())
+	var out [32]byte
+	hex.Encode(out[:], b[:])
+	return string(out[:])
 }
 
 // pickBackend draws a backend by weight.
@@ -400,7 +468,8 @@ func peerNamespace(peer string) (string, bool) {
 }
 
 func (p *Proxy) attributes(ex *exchange, r *http.Request, id *authn.Identity) *authz.Attributes {
-	a := &authz.Attributes{SourceIP: ex.ci.Source, Port: ex.target.Port, Host: r.Host,
+	a := &ex.attrs
+	*a = authz.Attributes{SourceIP: ex.ci.Source, Port: ex.target.Port, Host: r.Host,
 		Method: r.Method, Path: r.URL.Path, Header: r.Header}
 	if pr, ok := strings.CutPrefix(ex.ci.Peer, "spiffe://"); ok {
 		a.Principal = pr
@@ -414,17 +483,21 @@ func (p *Proxy) attributes(ex *exchange, r *http.Request, id *authn.Identity) *a
 
 func (p *Proxy) rewrite(pr *httputil.ProxyRequest) {
 	in, out := pr.In, pr.Out
-	if xff := in.Header.Values("X-Forwarded-For"); len(xff) > 0 {
+	// Rewrite gets a request without X-Forwarded-For; the client's comes
+	// back with the original source appended.
+	xff := in.Header["X-Forwarded-For"]
+	vals := make([]string, 2) // one allocation for both headers' values
+	vals[1] = "http"
+	out.Header["X-Forwarded-Proto"] = vals[1:2:2]
+	if ex := exFrom(in.Context()); ex != nil && ex.ci.Source.IsValid() {
+		vals[0] = ex.ci.sourceString()
+		if len(xff) > 0 {
+			vals[0] = strings.Join(xff, ", ") + ", " + vals[0]
+		}
+		out.Header["X-Forwarded-For"] = vals[0:1:1]
+	} else if len(xff) > 0 {
 		out.Header["X-Forwarded-For"] = slices.Clone(xff)
 	}
-	if ex := exFrom(in.Context()); ex != nil && ex.ci.Source.IsValid() {
-		prior := strings.Join(out.Header.Values("X-Forwarded-For"), ", ")
-		if prior != "" {
-			prior += ", "
-		}
-		out.Header.Set("X-Forwarded-For", prior+ex.ci.Source.String())
-	}
-	out.Header.Set("X-Forwarded-Proto", "http")
 	if p.tracer != nil {
 		p.tracer.Inject(out.Context(), out.Header)
 	}
@@ -441,8 +514,8 @@ func (rt roundTripper) RoundTrip(out *http.Request) (*http.Response, error) {
 	if ex == nil {
 		return nil, errNoExchange
 	}
-	release, err := ex.cluster.Admit()
-	if err != nil {
+	var err error
+	if ex.adm, err = ex.cluster.Admit(); err != nil {
 		return nil, err
 	}
 	ctx := out.Context()
@@ -456,31 +529,24 @@ func (rt roundTripper) RoundTrip(out *http.Request) (*http.Response, error) {
 			backoff = d
 		}
 	}
-	var tried []*upstream.Endpoint
-	var retryReleases []func()
-	releaseAll := func() {
-		release()
-		for _, f := range retryReleases {
-			f()
-		}
-	}
+	tried := ex.tried[:0]
 	for attempt := 0; ; attempt++ {
 		ex.attempts = attempt + 1
 		ep, err := ex.cluster.Pick(&ex.hash, tried)
 		if err != nil {
-			releaseAll()
+			ex.release()
 			return nil, err
 		}
 		tried = append(tried, ep)
 		actx, cancel := attemptContext(ctx, rule.BackendTimeout)
-		// out is already the reverse proxy's private copy; attempts run one
-		// after another, so a shallow copy per attempt is enough.
-		req := out.WithContext(actx)
+		// out is the reverse proxy's private copy; Do sends a shallow copy
+		// of it per attempt (the transport may still touch a failed one),
+		// each reading the body through its own replay view.
+		var body io.ReadCloser
 		if ex.body != nil {
-			req.Body = ex.body.view()
-			req.GetBody = nil
+			body = ex.body.view()
 		}
-		resp, err := ex.cluster.RoundTrip(req, ep)
+		resp, err := ex.cluster.Do(actx, out, body, ep)
 		status := 0
 		if resp != nil {
 			status = resp.StatusCode
@@ -490,8 +556,8 @@ func (rt roundTripper) RoundTrip(out *http.Request) (*http.Response, error) {
 			(err != nil && !errors.Is(err, upstream.ErrOverflow) || slices.Contains(codes, uint32(status))) &&
 			(ex.body == nil || ex.body.replayable())
 		if retryable {
-			if rel, ok := ex.cluster.AdmitRetry(); ok {
-				retryReleases = append(retryReleases, rel)
+			if adm, ok := ex.cluster.AdmitRetry(); ok {
+				ex.retryAdm = append(ex.retryAdm, adm)
 			} else {
 				ex.flag("URX")
 				retryable = false
@@ -500,7 +566,7 @@ func (rt roundTripper) RoundTrip(out *http.Request) (*http.Response, error) {
 		if !retryable {
 			if err != nil {
 				cancel()
-				releaseAll()
+				ex.release()
 				if errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil {
 					// The per-try timeout fired.
 					return nil, fmt.Errorf("backend request timeout: %w", err)
@@ -515,10 +581,12 @@ func (rt roundTripper) RoundTrip(out *http.Request) (*http.Response, error) {
 			if resp.StatusCode == http.StatusSwitchingProtocols {
 				// Upgraded (WebSocket): the request is over for the
 				// circuit breaker; the connection lives on its own.
-				releaseAll()
+				ex.release()
 				return resp, nil
 			}
-			resp.Body = &doneBody{ReadCloser: resp.Body, done: func() { cancel(); releaseAll() }}
+			ex.cancel = cancel
+			ex.done.ReadCloser, ex.done.ex = resp.Body, ex
+			resp.Body = &ex.done
 			return resp, nil
 		}
 		if resp != nil {
@@ -529,34 +597,43 @@ func (rt roundTripper) RoundTrip(out *http.Request) (*http.Response, error) {
 		// Exponential backoff with full jitter, capped at 10× the base.
 		d := min(backoff<<attempt, 10*backoff)
 		d = time.Duration(rand.Int64N(int64(d)) + 1)
+		t := time.NewTimer(d)
 		select {
-		case <-time.After(d):
+		case <-t.C:
 		case <-ctx.Done():
-			releaseAll()
+			t.Stop()
+			ex.release()
 			return nil, ctx.Err()
 		}
 	}
 }
+
+func noCancel() {}
 
 // attemptContext bounds one attempt by the backend request timeout, if any.
 // The cancel function is handed to the response body, so it is returned
 // rather than deferred.
 func attemptContext(ctx context.Context, d time.Duration) (context.Context, context.CancelFunc) {
 	if d <= 0 {
-		return ctx, func() {}
+		return ctx, noCancel
 	}
 	return context.WithTimeout(ctx, d)
 }
 
+// doneBody ends the exchange's upstream attempt when the response body is
+// closed: the attempt's context and the circuit-breaker admissions.
 type doneBody struct {
 	io.ReadCloser
+	ex   *exchange
 	once sync.Once
-	done func()
 }
 
 func (b *doneBody) Close() error {
 	err := b.ReadCloser.Close()
-	b.once.Do(b.done)
+	b.once.Do(func() {
+		b.ex.cancel()
+		b.ex.release()
+	})
 	return err
 }
 
@@ -570,6 +647,25 @@ func (p *Proxy) modifyResponse(resp *http.Response) error {
 	}
 	if ex.setCookie != nil {
 		resp.Header.Add("Set-Cookie", ex.setCookie.String())
+	}
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		// Hand the header values to the client's response as they are,
+		// instead of the reverse proxy copying them one by one into new
+		// slices. Content-Type stays (the reverse proxy reads it to flush
+		// server-sent events at once, and copies it); an upgrade's headers
+		// stay for the reverse proxy's upgrade handling.
+		dst := ex.rw.Header()
+		for k, vs := range resp.Header {
+			if k == "Content-Type" {
+				continue
+			}
+			if prev, ok := dst[k]; ok {
+				dst[k] = append(prev, vs...)
+			} else {
+				dst[k] = vs
+			}
+			delete(resp.Header, k)
+		}
 	}
 	return nil
 }
@@ -827,60 +923,101 @@ func (p *Proxy) finish(ex *exchange, rw *recorder, r *http.Request, bodyIn int64
 			}
 		}
 	}
-	l := p.labels(ex, code, grpcStatus, flags)
-	reqBytes := headerSize(r.Header) + bodyIn
-	respBytes := headerSize(rw.Header()) + rw.bytes
 	if p.metrics != nil {
-		p.metrics.Request(l, float64(end.Sub(ex.start).Microseconds())/1000, reqBytes, respBytes)
+		var l telemetry.Labels
+		p.labels(&l, ex, code, grpcStatus, flags)
+		reqBytes := headerSize(r.Header) + bodyIn
+		respBytes := headerSize(rw.Header()) + rw.bytes
+		p.metrics.Request(&l, float64(end.Sub(ex.start).Microseconds())/1000, reqBytes, respBytes)
 	}
 	if ex.span != nil {
 		telemetry.End(ex.span, code, flags, end)
 	}
 	if p.access != nil {
-		upstreamHost, clusterName, routeName := "-", "-", "-"
-		if ex.endpoint != nil {
-			upstreamHost = ex.endpoint.Addr.String()
+		if ce := p.access.Check(zap.InfoLevel, "request"); ce != nil {
+			ex.log = accessEntry{ex: ex, r: r, end: end, code: code, grpcStatus: grpcStatus, flags: flags, bodyIn: bodyIn}
+			ce.Write(zap.Inline(&ex.log))
 		}
-		if ex.cluster != nil {
-			clusterName = ex.cluster.Name()
-		}
-		if ex.rule != nil {
-			routeName = ex.rule.Route + "/" + ex.rule.Name
-		}
-		traceID := ""
-		if ex.span != nil {
-			traceID = ex.span.SpanContext().TraceID().String()
-		}
-		p.access.Info("request",
-			zap.Time("start_time", ex.start),
-			zap.String("method", r.Method),
-			zap.String("path", ex.origPath),
-			zap.String("upstream_path", r.URL.RequestURI()),
-			zap.String("protocol", r.Proto),
-			zap.Int("response_code", code),
-			zap.String("grpc_status", grpcStatus),
-			zap.String("response_flags", flags),
-			zap.String("response_code_details", ex.details),
-			zap.Int64("bytes_received", bodyIn),
-			zap.Int64("bytes_sent", rw.bytes),
-			zap.Float64("duration_ms", float64(end.Sub(ex.start).Microseconds())/1000),
-			zap.String("upstream_host", upstreamHost),
-			zap.String("upstream_cluster", clusterName),
-			zap.String("route_name", routeName),
-			zap.Int("attempts", ex.attempts),
-			zap.String("authority", ex.origHost),
-			zap.String("x_request_id", ex.reqID),
-			zap.String("trace_id", traceID),
-			zap.String("downstream_peer_principal", ex.ci.Peer),
-			zap.String("request_principal", ex.reqPrin),
-			zap.String("downstream_remote_address", ex.ci.Source.String()),
-			zap.String("user_agent", r.UserAgent()),
-		)
 	}
 }
 
-func (p *Proxy) labels(ex *exchange, code int, grpcStatus, flags string) *telemetry.Labels {
-	l := &telemetry.Labels{ResponseCode: strconv.Itoa(code), GRPCResponseStatus: grpcStatus, ResponseFlags: flags,
+// accessEntry is one access-log record, encoded field by field (a
+// []zap.Field of two dozen fields would be built and copied to the heap on
+// every request).
+type accessEntry struct {
+	ex         *exchange
+	r          *http.Request
+	end        time.Time
+	code       int
+	grpcStatus string
+	flags      string
+	bodyIn     int64
+}
+
+func (a *accessEntry) MarshalLogObject(enc zapcore.ObjectEncoder) error {
+	ex, r := a.ex, a.r
+	upstreamHost, clusterName, routeName := "-", "-", "-"
+	if ex.endpoint != nil {
+		upstreamHost = ex.endpoint.HostPort()
+	}
+	if ex.cluster != nil {
+		clusterName = ex.cluster.Name()
+	}
+	if ex.rule != nil {
+		routeName = ex.rule.ID
+	}
+	var traceID [32]byte
+	tid := traceID[:0]
+	if ex.span != nil {
+		if sc := ex.span.SpanContext(); sc.HasTraceID() {
+			id := sc.TraceID()
+			tid = hex.AppendEncode(tid, id[:])
+		}
+	}
+	enc.AddTime("start_time", ex.start)
+	enc.AddString("method", r.Method)
+	enc.AddString("path", ex.origPath)
+	enc.AddString("upstream_path", r.URL.RequestURI())
+	enc.AddString("protocol", r.Proto)
+	enc.AddInt64("response_code", int64(a.code))
+	enc.AddString("grpc_status", a.grpcStatus)
+	enc.AddString("response_flags", a.flags)
+	enc.AddString("response_code_details", ex.details)
+	enc.AddInt64("bytes_received", a.bodyIn)
+	enc.AddInt64("bytes_sent", ex.rw.bytes)
+	enc.AddFloat64("duration_ms", float64(a.end.Sub(ex.start).Microseconds())/1000)
+	enc.AddString("upstream_host", upstreamHost)
+	enc.AddString("upstream_cluster", clusterName)
+	enc.AddString("route_name", routeName)
+	enc.AddInt64("attempts", int64(ex.attempts))
+	enc.AddString("authority", ex.origHost)
+	enc.AddString("x_request_id", ex.reqID)
+	enc.AddByteString("trace_id", tid)
+	enc.AddString("downstream_peer_principal", ex.ci.Peer)
+	enc.AddString("request_principal", ex.reqPrin)
+	enc.AddString("downstream_remote_address", ex.ci.sourceString())
+	enc.AddString("user_agent", r.UserAgent())
+	return nil
+}
+
+// statusText holds the decimal response codes, so that labelling a
+// request does not format one.
+var statusText = func() (t [600]string) {
+	for i := range t {
+		t[i] = strconv.Itoa(i)
+	}
+	return t
+}()
+
+func codeString(code int) string {
+	if code >= 0 && code < len(statusText) {
+		return statusText[code]
+	}
+	return strconv.Itoa(code)
+}
+
+func (p *Proxy) labels(l *telemetry.Labels, ex *exchange, code int, grpcStatus, flags string) {
+	*l = telemetry.Labels{ResponseCode: codeString(code), GRPCResponseStatus: grpcStatus, ResponseFlags: flags,
 		RequestProtocol: "http", SourceCluster: p.clusterID, DestinationCluster: p.clusterID,
 		ConnectionSecurityPolicy: "none"}
 	if ex.grpc {
@@ -920,5 +1057,4 @@ func (p *Proxy) labels(ex *exchange, code int, grpcStatus, flags string) *teleme
 		l.DestinationCanonicalService, l.DestinationCanonicalRevision = e.CanonicalName, e.CanonicalRevision
 		l.DestinationApp, l.DestinationVersion = e.CanonicalName, e.CanonicalRevision
 	}
-	return l
 }

@@ -37,6 +37,8 @@ type Rule struct {
 	// Name is the rule's name, or "rule-<index>" when unnamed.
 	Name  string
 	Index int
+	// ID is "<Route>/<Name>", for access logs.
+	ID string
 	// GRPC is set for GRPCRoute rules.
 	GRPC    bool
 	Filters []*discoveryv1.HTTPFilter
@@ -119,6 +121,7 @@ type entry struct {
 func Compile(service string, port uint32, httpRoutes []*discoveryv1.HTTPRoute, grpcRoutes []*discoveryv1.GRPCRoute) *Table {
 	t := &Table{def: &Rule{
 		Name:     "default",
+		ID:       "/default",
 		Default:  true,
 		Backends: []*discoveryv1.BackendRef{{Service: service, Port: port, Weight: 1}},
 	}}
@@ -131,6 +134,7 @@ func Compile(service string, port uint32, httpRoutes []*discoveryv1.HTTPRoute, g
 		for ri, r := range hr.GetRules() {
 			rule := &Rule{
 				Route: key, Name: ruleName(r.GetName(), ri), Index: ri,
+				ID:      key + "/" + ruleName(r.GetName(), ri),
 				Filters: r.GetFilters(), Invalid: r.GetInvalidBackends(),
 				Backends:       weighted(r.GetBackends()),
 				RequestTimeout: r.GetRequestTimeout().AsDuration(),
@@ -161,6 +165,7 @@ func Compile(service string, port uint32, httpRoutes []*discoveryv1.HTTPRoute, g
 		for ri, r := range gr.GetRules() {
 			rule := &Rule{
 				Route: key, Name: ruleName(r.GetName(), ri), Index: ri, GRPC: true,
+				ID:      key + "/" + ruleName(r.GetName(), ri),
 				Filters: r.GetFilters(), Invalid: r.GetInvalidBackends(),
 				Backends: weighted(r.GetBackends()),
 			}

@@ -4,7 +4,6 @@ package telemetry
 
 import (
 	"sync"
-	"sync/atomic"
 
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -66,9 +65,11 @@ type Metrics struct {
 
 	// series caches the children per label set: resolving 25 label values
 	// for 4 vectors on every request costs more than the rest of the
-	// bookkeeping. Label sets are few (source × destination × code).
-	series  sync.Map // Labels → *httpSeries
-	nseries atomic.Int64
+	// bookkeeping. Label sets are few (source × destination × code). A map
+	// keyed by the struct itself (not sync.Map, whose interface keys would
+	// copy the 400-byte Labels to the heap on every lookup).
+	mu     sync.RWMutex
+	series map[Labels]*httpSeries
 }
 
 type httpSeries struct {
@@ -105,6 +106,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help: "Bytes sent to the client (L4 passthrough)."}, tcpLabels),
 		tcpReceived: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "istio_tcp_received_bytes_total",
 			Help: "Bytes received from the client (L4 passthrough)."}, tcpLabels),
+		series: map[Labels]*httpSeries{},
 	}
 	reg.MustRegister(m.requests, m.duration, m.requestBytes, m.responseBytes, m.tcpOpened, m.tcpClosed, m.tcpSent, m.tcpReceived)
 	return m
@@ -112,18 +114,18 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 
 // Request records one finished request.
 func (m *Metrics) Request(l *Labels, durationMS float64, reqBytes, respBytes int64) {
-	var s *httpSeries
-	if c, ok := m.series.Load(*l); ok {
-		s = c.(*httpSeries)
-	} else {
+	m.mu.RLock()
+	s := m.series[*l]
+	m.mu.RUnlock()
+	if s == nil {
 		v := l.values()
 		s = &httpSeries{requests: m.requests.WithLabelValues(v...), duration: m.duration.WithLabelValues(v...),
 			requestBytes: m.requestBytes.WithLabelValues(v...), respBytes: m.responseBytes.WithLabelValues(v...)}
-		if m.nseries.Load() < maxSeries {
-			if _, loaded := m.series.LoadOrStore(*l, s); !loaded {
-				m.nseries.Add(1)
-			}
+		m.mu.Lock()
+		if len(m.series) < maxSeries {
+			m.series[*l] = s
 		}
+		m.mu.Unlock()
 	}
 	s.requests.Inc()
 	s.duration.Observe(durationMS)

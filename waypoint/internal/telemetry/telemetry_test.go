@@ -5,12 +5,14 @@ import (
 	"net"
 	"net/http"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	coltracepb "go.opentelemetry.io/proto/otlp/collector/trace/v1"
+	"go.uber.org/zap"
 	"google.golang.org/grpc"
 )
 
@@ -131,3 +133,65 @@ func TestOTLPExport(t *testing.T) {
 		t.Fatal("no span exported")
 	}
 }
+
+// TestCarrierCanonicalNames: the allocation-free names are exactly what
+// http.CanonicalHeaderKey makes of the propagators' header names, and
+// Get/Set behave like propagation.HeaderCarrier.
+func TestCarrierCanonicalNames(t *testing.T) {
+	for _, k := range []string{"traceparent", "tracestate", "baggage", "b3", "x-b3-traceid", "x-b3-spanid",
+		"x-b3-parentspanid", "x-b3-sampled", "x-b3-flags", "x-other", "X-Mixed-case"} {
+		if got, want := canonical(k), http.CanonicalHeaderKey(k); got != want {
+			t.Errorf("canonical(%q) = %q, want %q", k, got, want)
+		}
+		h := http.Header{}
+		carrier(h).Set(k, "v")
+		if h.Get(k) != "v" || carrier(h).Get(k) != "v" || len(h) != 1 {
+			t.Errorf("%q: %v", k, h)
+		}
+	}
+	if testing.AllocsPerRun(100, func() {
+		h := http.Header{"Traceparent": {"x"}}
+		_ = carrier(h).Get("traceparent")
+		_ = carrier(h).Get("x-b3-traceid")
+	}) > 1 {
+		t.Error("carrier lookups allocate")
+	}
+}
+
+// TestAccessLogBuffered: entries are held until the flush interval or stop,
+// not written one by one, and stop writes them all.
+func TestAccessLogBuffered(t *testing.T) {
+	var mu sync.Mutex
+	var buf strings.Builder
+	writes := 0
+	w := writerFunc(func(p []byte) (int, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		writes++
+		return buf.Write(p)
+	})
+	log, stop := NewAccessLog(w)
+	for i := range 100 {
+		log.Info("request", zap.Int("i", i))
+	}
+	mu.Lock()
+	if writes != 0 {
+		t.Errorf("%d writes before the flush", writes)
+	}
+	mu.Unlock()
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if n := strings.Count(buf.String(), `"msg":"request"`); n != 100 || writes > 2 {
+		t.Fatalf("%d entries in %d writes", n, writes)
+	}
+	if !strings.Contains(buf.String(), `"logger":"access"`) {
+		t.Fatalf("entry %q", strings.SplitN(buf.String(), "\n", 2)[0])
+	}
+}
+
+type writerFunc func([]byte) (int, error)
+
+func (f writerFunc) Write(p []byte) (int, error) { return f(p) }

@@ -34,7 +34,9 @@ type TracingConfig struct {
 type Tracer struct {
 	tp     *sdktrace.TracerProvider
 	tracer trace.Tracer
-	prop   propagation.TextMapPropagator
+	w3c    propagation.TraceContext
+	b3     propagation.TextMapPropagator
+	kind   trace.SpanStartOption // immutable, built once
 }
 
 // NewTracer builds the tracer; Shutdown flushes it.
@@ -62,21 +64,32 @@ func NewTracer(ctx context.Context, cfg TracingConfig) (*Tracer, error) {
 	return &Tracer{
 		tp:     tp,
 		tracer: tp.Tracer("amesh.dev/waypoint"),
-		prop: propagation.NewCompositeTextMapPropagator(
-			propagation.TraceContext{},
-			b3.New(b3.WithInjectEncoding(b3.B3MultipleHeader)),
-		),
+		b3:     b3.New(b3.WithInjectEncoding(b3.B3MultipleHeader)),
+		kind:   trace.WithSpanKind(trace.SpanKindServer),
 	}, nil
 }
 
 // Shutdown flushes and stops the exporter.
 func (t *Tracer) Shutdown(ctx context.Context) error { return t.tp.Shutdown(ctx) }
 
-// Start extracts the incoming trace context from h, starts the waypoint's
-// span and returns the context carrying it.
+// Start extracts the incoming trace context from h (W3C, then B3, which
+// wins when both are present), starts the waypoint's span and returns the
+// context carrying it.
 func (t *Tracer) Start(ctx context.Context, name string, h http.Header) (context.Context, trace.Span) {
-	ctx = t.prop.Extract(ctx, propagation.HeaderCarrier(h))
-	return t.tracer.Start(ctx, name, trace.WithSpanKind(trace.SpanKindServer))
+	ctx = t.w3c.Extract(ctx, carrier(h))
+	if hasB3(h) {
+		// Only then: B3 extraction of nothing still costs context values,
+		// and would have the waypoint defer the sampling decision it has
+		// made (X-B3-Sampled is then sent).
+		ctx = t.b3.Extract(ctx, carrier(h))
+	}
+	return t.tracer.Start(ctx, name, t.kind)
+}
+
+func hasB3(h http.Header) bool {
+	_, single := h["B3"]
+	_, multi := h["X-B3-Traceid"]
+	return single || multi
 }
 
 // Inject writes the trace context of ctx into the outgoing headers h,
@@ -85,11 +98,80 @@ func (t *Tracer) Inject(ctx context.Context, h http.Header) {
 	for _, k := range []string{"Traceparent", "Tracestate", "B3", "X-B3-Traceid", "X-B3-Spanid", "X-B3-Parentspanid", "X-B3-Sampled", "X-B3-Flags"} {
 		delete(h, k)
 	}
-	t.prop.Inject(ctx, propagation.HeaderCarrier(h))
+	c := &injector{h: h}
+	t.w3c.Inject(ctx, c)
+	t.b3.Inject(ctx, c)
 }
 
-// End finishes span with the response code.
+// injector is the carrier for Inject: the injected headers' value slices
+// share one array (traceparent, tracestate and three B3 headers).
+type injector struct {
+	h   http.Header
+	buf [6]string
+	n   int
+}
+
+func (c *injector) Get(k string) string { return carrier(c.h).Get(k) }
+
+func (c *injector) Set(k, v string) {
+	if c.n == len(c.buf) {
+		carrier(c.h).Set(k, v)
+		return
+	}
+	c.buf[c.n] = v
+	c.h[canonical(k)] = c.buf[c.n : c.n+1 : c.n+1]
+	c.n++
+}
+
+func (c *injector) Keys() []string { return carrier(c.h).Keys() }
+
+// End finishes span with the response code. An unsampled span records
+// nothing, so nothing is built for it.
 func End(span trace.Span, code int, flags string, end time.Time) {
+	if !span.IsRecording() {
+		return
+	}
 	span.SetAttributes(attribute.Int("http.response.status_code", code), attribute.String("response_flags", flags))
 	span.End(trace.WithTimestamp(end))
 }
+
+// carrier adapts http.Header to the propagators, which name headers in
+// lower case: the names they use are mapped to their canonical form
+// without the allocation that canonicalizing costs (propagation.HeaderCarrier
+// canonicalizes on every Get and Set, a dozen times per request).
+type carrier http.Header
+
+func canonical(k string) string {
+	switch k {
+	case "traceparent":
+		return "Traceparent"
+	case "tracestate":
+		return "Tracestate"
+	case "baggage":
+		return "Baggage"
+	case "b3":
+		return "B3"
+	case "x-b3-traceid":
+		return "X-B3-Traceid"
+	case "x-b3-spanid":
+		return "X-B3-Spanid"
+	case "x-b3-parentspanid":
+		return "X-B3-Parentspanid"
+	case "x-b3-sampled":
+		return "X-B3-Sampled"
+	case "x-b3-flags":
+		return "X-B3-Flags"
+	}
+	return http.CanonicalHeaderKey(k)
+}
+
+func (c carrier) Get(k string) string {
+	if v := c[canonical(k)]; len(v) > 0 {
+		return v[0]
+	}
+	return ""
+}
+
+func (c carrier) Set(k, v string) { c[canonical(k)] = []string{v} }
+
+func (c carrier) Keys() []string { return propagation.HeaderCarrier(c).Keys() }

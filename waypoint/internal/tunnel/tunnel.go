@@ -158,7 +158,7 @@ func (s *Server) Accept(ctx context.Context, peer string, source netip.Addr, tar
 		return nil, fmt.Errorf("%w: %s", ErrDenied, d.Policy)
 	}
 	// Connect before answering, so the client learns of failure (503).
-	ep, up, err := s.cat.DialTarget(ctx, t, target, &upstream.HashInput{SourceIP: source.String()})
+	ep, up, err := s.cat.DialTarget(ctx, t, target, &upstream.HashInput{SourceIP: source})
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrUnreachable, err)
 	}

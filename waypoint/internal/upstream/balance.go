@@ -4,6 +4,7 @@ import (
 	"hash/fnv"
 	"math/rand/v2"
 	"net/http"
+	"net/netip"
 	"sync/atomic"
 
 	discoveryv1 "github.com/amesh-dev/amesh/api/discovery/v1"
@@ -12,7 +13,7 @@ import (
 // HashInput carries what consistent hashing may key on.
 type HashInput struct {
 	Header   http.Header
-	SourceIP string
+	SourceIP netip.Addr
 	// Cookie is the value of the configured hash cookie, when present.
 	Cookie string
 }
@@ -79,7 +80,7 @@ func (c *consistentHash) key(in *HashInput) string {
 	case c.lb.GetHashCookie() != nil:
 		return in.Cookie
 	case c.lb.GetHashSourceIp():
-		return in.SourceIP
+		return in.SourceIP.String()
 	}
 	return ""
 }

@@ -75,6 +75,9 @@ type Cluster struct {
 
 	// Stats for admin and tests.
 	overflows, ejectionsTotal atomic.Int64
+	// ejectedUntil is the latest end of any ejection (Unix nanoseconds):
+	// before it Pick checks each endpoint, after it none can be ejected.
+	ejectedUntil atomic.Int64
 }
 
 type snapshot struct {
@@ -181,8 +184,9 @@ func (c *Cluster) Update(eps []Endpoint, tp *discoveryv1.TrafficPolicy) {
 		}
 		states[e.Addr] = st
 		e.state = st
+		e.addr = e.Addr.String()
 		s.all = append(s.all, &e)
-		s.byAddr[e.Addr.String()] = &e
+		s.byAddr[e.addr] = &e
 	}
 	c.states = states
 	idle := tp.GetConnectionPool().GetIdleTimeout().AsDuration()
@@ -223,11 +227,14 @@ func (c *Cluster) HashCookie() *discoveryv1.HashCookie { return c.cur.Load().has
 // is available (retries go elsewhere).
 func (c *Cluster) Pick(in *HashInput, tried []*Endpoint) (*Endpoint, error) {
 	s := c.cur.Load()
-	now := c.now()
-	avail := make([]*Endpoint, 0, len(s.all))
-	for _, e := range s.all {
-		if !e.state.ejected(now) {
-			avail = append(avail, e)
+	avail := s.all
+	if now := c.now(); now.UnixNano() < c.ejectedUntil.Load() {
+		// Some endpoint may be ejected: filter (rare, so allocating is fine).
+		avail = make([]*Endpoint, 0, len(s.all))
+		for _, e := range s.all {
+			if !e.state.ejected(now) {
+				avail = append(avail, e)
+			}
 		}
 	}
 	if len(avail) == 0 {
@@ -254,70 +261,79 @@ func (c *Cluster) Pick(in *HashInput, tried []*Endpoint) (*Endpoint, error) {
 	return s.lb.pick(avail, in), nil
 }
 
+// Admission is a request (or retry) counted against the circuit breaker's
+// limits until Release. The zero value releases nothing.
+type Admission struct{ n *atomic.Int64 }
+
+// Release gives the admission back; calling it again does nothing. An
+// Admission is released by one goroutine.
+func (a *Admission) Release() {
+	if a.n != nil {
+		a.n.Add(-1)
+		a.n = nil
+	}
+}
+
 // Admit counts a request against max_requests and max_pending_requests.
-// The returned release must be called when the request is done.
-func (c *Cluster) Admit() (release func(), err error) {
+// The admission must be released when the request is done.
+func (c *Cluster) Admit() (Admission, error) {
 	l := c.cur.Load().limits
 	if l.maxRequests > 0 && c.requests.Add(1) > l.maxRequests {
 		c.requests.Add(-1)
 		c.overflows.Add(1)
-		return nil, fmt.Errorf("%w: max requests %d", ErrOverflow, l.maxRequests)
+		return Admission{}, fmt.Errorf("%w: max requests %d", ErrOverflow, l.maxRequests)
 	} else if l.maxRequests == 0 {
 		c.requests.Add(1)
 	}
 	if c.pending.Load() >= l.maxPending {
 		c.requests.Add(-1)
 		c.overflows.Add(1)
-		return nil, fmt.Errorf("%w: max pending requests %d", ErrOverflow, l.maxPending)
+		return Admission{}, fmt.Errorf("%w: max pending requests %d", ErrOverflow, l.maxPending)
 	}
-	var once sync.Once
-	return func() { once.Do(func() { c.requests.Add(-1) }) }, nil
+	return Admission{&c.requests}, nil
 }
 
 // AdmitRetry counts a retry against max_retries; ok is false when the
 // retry budget is exhausted.
-func (c *Cluster) AdmitRetry() (release func(), ok bool) {
+func (c *Cluster) AdmitRetry() (adm Admission, ok bool) {
 	l := c.cur.Load().limits
 	if c.retries.Add(1) > l.maxRetries {
 		c.retries.Add(-1)
 		c.overflows.Add(1)
-		return nil, false
+		return Admission{}, false
 	}
-	var once sync.Once
-	return func() { once.Do(func() { c.retries.Add(-1) }) }, true
+	return Admission{&c.retries}, true
 }
 
-// RoundTrip sends req to ep over the pooled connections. req.URL is
-// rewritten to address the endpoint (and req.Header may gain "Connection:
-// close" when the connection reaches max_requests_per_connection). The endpoint's outstanding count stays
-// raised until the response body is closed.
+// RoundTrip sends req to ep over the pooled connections: Do with req's
+// context and body.
 func (c *Cluster) RoundTrip(req *http.Request, ep *Endpoint) (*http.Response, error) {
+	return c.Do(req.Context(), req, nil, ep)
+}
+
+// Do sends a shallow copy of req with ctx (and body, when not nil) to ep
+// over the pooled connections. req.URL is rewritten to address the
+// endpoint, and req.Header may gain "Connection: close" when the connection
+// reaches max_requests_per_connection. The endpoint's outstanding count
+// stays raised until the response body is closed.
+func (c *Cluster) Do(ctx context.Context, req *http.Request, body io.ReadCloser, ep *Endpoint) (*http.Response, error) {
 	req.URL.Scheme = "http"
-	req.URL.Host = ep.Addr.String()
+	req.URL.Host = ep.hostPort()
 	if req.Header == nil {
 		req.Header = http.Header{}
 	}
 	ep.state.outstanding.Add(1)
-	var gotConn atomic.Bool
 	c.pending.Add(1)
-	maxPerConn := c.cur.Load().maxPerConn
-	trace := &httptrace.ClientTrace{GotConn: func(info httptrace.GotConnInfo) {
-		if gotConn.CompareAndSwap(false, true) {
-			c.pending.Add(-1)
-		}
-		// GotConn runs on the RoundTrip goroutine before the request is
-		// written, so asking for "Connection: close" here is in time (the
-		// transport may have copied req, but the header map is shared).
-		if tc, ok := info.Conn.(*trackedConn); ok && maxPerConn > 0 && !c.http2 && tc.requests.Add(1) >= maxPerConn {
-			req.Close = true
-			req.Header.Set("Connection", "close")
-		}
-	}}
-	req = req.WithContext(httptrace.WithClientTrace(req.Context(), trace))
-	resp, err := c.transport.Load().RoundTrip(req)
-	if gotConn.CompareAndSwap(false, true) {
-		c.pending.Add(-1)
+	// One allocation holds the trace hooks and the response body wrapper.
+	st := &roundTrip{c: c, maxPerConn: c.cur.Load().maxPerConn}
+	st.trace.GotConn = st.gotConn
+	r := req.WithContext(httptrace.WithClientTrace(ctx, &st.trace))
+	if body != nil {
+		r.Body, r.GetBody = body, nil
 	}
+	st.req = r
+	resp, err := c.transport.Load().RoundTrip(r)
+	st.connDone()
 	if err != nil {
 		ep.state.outstanding.Add(-1)
 		return nil, err
@@ -328,18 +344,49 @@ func (c *Cluster) RoundTrip(req *http.Request, ep *Endpoint) (*http.Response, er
 		ep.state.outstanding.Add(-1)
 		return resp, nil
 	}
-	resp.Body = &countedBody{ReadCloser: resp.Body, ep: ep}
+	st.body = countedBody{ReadCloser: resp.Body, ep: ep}
+	resp.Body = &st.body
 	return resp, nil
+}
+
+// roundTrip is the state of one Do.
+type roundTrip struct {
+	c          *Cluster
+	req        *http.Request
+	maxPerConn int64
+	got        atomic.Bool
+	trace      httptrace.ClientTrace
+	body       countedBody
+}
+
+// connDone ends the request's wait for a connection (pending).
+func (st *roundTrip) connDone() {
+	if st.got.CompareAndSwap(false, true) {
+		st.c.pending.Add(-1)
+	}
+}
+
+func (st *roundTrip) gotConn(info httptrace.GotConnInfo) {
+	st.connDone()
+	// GotConn runs on the RoundTrip goroutine before the request is
+	// written, so asking for "Connection: close" here is in time (the
+	// transport may have copied req, but the header map is shared).
+	if tc, ok := info.Conn.(*trackedConn); ok && st.maxPerConn > 0 && !st.c.http2 && tc.requests.Add(1) >= st.maxPerConn {
+		st.req.Close = true
+		st.req.Header.Set("Connection", "close")
+	}
 }
 
 type countedBody struct {
 	io.ReadCloser
-	ep   *Endpoint
-	once sync.Once
+	ep     *Endpoint
+	closed atomic.Bool
 }
 
 func (b *countedBody) Close() error {
-	b.once.Do(func() { b.ep.state.outstanding.Add(-1) })
+	if b.closed.CompareAndSwap(false, true) {
+		b.ep.state.outstanding.Add(-1)
+	}
 	return b.ReadCloser.Close()
 }
 

@@ -26,6 +26,18 @@ type Endpoint struct {
 	Workload, Namespace, CanonicalName, CanonicalRevision string
 
 	state *epState
+	addr  string // Addr.String(), kept by Cluster.Update
+}
+
+// HostPort is Addr as "ip:port" (kept, not formatted per call, for
+// endpoints of a Cluster).
+func (e *Endpoint) HostPort() string { return e.hostPort() }
+
+func (e *Endpoint) hostPort() string {
+	if e.addr != "" {
+		return e.addr
+	}
+	return e.Addr.String()
 }
 
 // epState is the mutable per-endpoint state, kept across endpoint updates

@@ -83,6 +83,12 @@ func (c *Cluster) eject(s *snapshot, ep *Endpoint) {
 	st.ejections++
 	st.ejectedUntil = now.Add(base * time.Duration(st.ejections))
 	st.lastEject = now
+	for until := st.ejectedUntil.UnixNano(); ; {
+		cur := c.ejectedUntil.Load()
+		if cur >= until || c.ejectedUntil.CompareAndSwap(cur, until) {
+			break
+		}
+	}
 	st.consec5xx, st.consecGateway = 0, 0
 	c.ejectionsTotal.Add(1)
 }

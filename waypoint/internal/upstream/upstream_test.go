@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -87,7 +88,10 @@ func TestConsistentHash(t *testing.T) {
 		{"cookie", &discoveryv1.LoadBalancer{Type: discoveryv1.LoadBalancer_TYPE_CONSISTENT_HASH, HashCookie: &discoveryv1.HashCookie{Name: "s"}},
 			func(k string) *HashInput { return &HashInput{Cookie: k} }},
 		{"source ip", &discoveryv1.LoadBalancer{Type: discoveryv1.LoadBalancer_TYPE_CONSISTENT_HASH, HashSourceIp: true},
-			func(k string) *HashInput { return &HashInput{SourceIP: k} }},
+			func(k string) *HashInput {
+				n, _ := strconv.Atoi(strings.TrimPrefix(k, "key-"))
+				return &HashInput{SourceIP: netip.AddrFrom4([4]byte{10, 9, byte(n >> 8), byte(n)})}
+			}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := New(Options{Name: "x", Dial: tcpDial})
@@ -225,7 +229,7 @@ func TestCircuitBreakerMaxRequests(t *testing.T) {
 	ep := backend(t, func(w http.ResponseWriter, r *http.Request) { <-release })
 	c := New(Options{Name: "x", Dial: tcpDial})
 	c.Update([]Endpoint{ep}, &discoveryv1.TrafficPolicy{CircuitBreaker: &discoveryv1.CircuitBreaker{MaxRequests: 2}})
-	var rels []func()
+	var rels []Admission
 	for range 2 {
 		r, err := c.Admit()
 		if err != nil {
@@ -236,12 +240,12 @@ func TestCircuitBreakerMaxRequests(t *testing.T) {
 	if _, err := c.Admit(); !errors.Is(err, ErrOverflow) {
 		t.Fatalf("third request admitted: %v", err)
 	}
-	rels[0]()
-	rels[0]() // idempotent
+	rels[0].Release()
+	rels[0].Release() // idempotent
 	if r, err := c.Admit(); err != nil {
 		t.Fatal("not admitted after release")
 	} else {
-		r()
+		r.Release()
 	}
 	close(release)
 }
@@ -352,7 +356,7 @@ func TestCircuitBreakerPendingAndRetries(t *testing.T) {
 			return done
 		}
 		go func() {
-			defer rel()
+			defer rel.Release()
 			e, _ := c.Pick(&HashInput{}, nil)
 			req, _ := http.NewRequest("GET", "http://svc/", nil)
 			resp, err := c.RoundTrip(req, e)
@@ -391,11 +395,11 @@ func TestCircuitBreakerPendingAndRetries(t *testing.T) {
 	if !ok1 || !ok2 || ok3 {
 		t.Fatalf("retry budget: %v %v %v", ok1, ok2, ok3)
 	}
-	r1()
+	r1.Release()
 	if _, ok := c.AdmitRetry(); !ok {
 		t.Fatal("retry refused after one was released")
 	}
-	r2()
+	r2.Release()
 	if c.Overflows() != 2 {
 		t.Fatalf("overflows = %d, want 2", c.Overflows())
 	}
