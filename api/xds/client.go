@@ -15,6 +15,9 @@ import (
 	rpcstatus "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
+	"google.golang.org/protobuf/reflect/protoregistry"
 )
 
 // Handler applies the responses a Client receives.
@@ -52,8 +55,9 @@ type ClientOptions struct {
 	// doubles after each failed attempt, with jitter, and resets once a
 	// stream delivered a response. Defaults 100 ms and 15 s.
 	InitialBackoff, MaxBackoff time.Duration
-	// MaxMessageSize bounds one response (default 256 MiB): a full push
-	// of a large mesh arrives as one message per type.
+	// MaxMessageSize bounds one response (default 256 MiB). The server
+	// splits large pushes into responses of about 1 MiB, but a single
+	// resource may be larger, and other servers may not split.
 	MaxMessageSize int
 }
 
@@ -65,10 +69,12 @@ type Client struct {
 	synced     chan struct{}
 	syncedOnce sync.Once
 
-	mu      sync.Mutex
-	state   map[string]map[string]string // type URL → name → version held
-	acked   map[string]bool              // types that had a response applied
-	connect int                          // streams opened (for tests and logs)
+	mu    sync.Mutex
+	state map[string]map[string]string // type URL → name → version held
+	// complete holds the types that had a whole push applied: a response
+	// not marked MoreToCome (the last of a push split into several).
+	complete map[string]bool
+	connect  int // streams opened (for tests and logs)
 }
 
 // NewClient returns a client; Run starts it.
@@ -86,11 +92,11 @@ func NewClient(opts ClientOptions) *Client {
 		opts.MaxMessageSize = 256 << 20
 	}
 	c := &Client{
-		opts:   opts,
-		log:    opts.Logger,
-		synced: make(chan struct{}),
-		state:  map[string]map[string]string{},
-		acked:  map[string]bool{},
+		opts:     opts,
+		log:      opts.Logger,
+		synced:   make(chan struct{}),
+		state:    map[string]map[string]string{},
+		complete: map[string]bool{},
 	}
 	for _, t := range opts.TypeURLs {
 		c.state[t] = map[string]string{}
@@ -101,7 +107,10 @@ func NewClient(opts ClientOptions) *Client {
 	return c
 }
 
-// Synced is closed once every type URL had its first response applied.
+// Synced is closed once every type URL had its first push applied in
+// full: a push the server split into several responses (ServerOptions.
+// MaxResponseResources) counts when its last response is applied. Each
+// response is still applied (Handler.Apply) and acknowledged on its own.
 func (c *Client) Synced() <-chan struct{} { return c.synced }
 
 // Versions returns the resources of typeURL the client holds (name →
@@ -207,6 +216,7 @@ func (c *Client) apply(resp *discoveryv3.DeltaDiscoveryResponse) error {
 	}
 	upserts := make([]*Resource, 0, len(resp.GetResources()))
 	seen := make(map[string]bool, len(resp.GetResources()))
+	var mt protoreflect.MessageType // resolved once per response
 	for _, r := range resp.GetResources() {
 		if r.GetName() == "" {
 			return errors.New("resource without name")
@@ -222,8 +232,14 @@ func (c *Client) apply(resp *discoveryv3.DeltaDiscoveryResponse) error {
 		if a.GetTypeUrl() != typeURL {
 			return fmt.Errorf("resource %s of type %s in a %s response", r.GetName(), a.GetTypeUrl(), typeURL)
 		}
-		body, err := a.UnmarshalNew()
-		if err != nil {
+		if mt == nil {
+			var err error
+			if mt, err = protoregistry.GlobalTypes.FindMessageByURL(typeURL); err != nil {
+				return fmt.Errorf("resource %s: %w", r.GetName(), err)
+			}
+		}
+		body := mt.New().Interface()
+		if err := proto.Unmarshal(a.GetValue(), body); err != nil {
 			return fmt.Errorf("resource %s: %w", r.GetName(), err)
 		}
 		upserts = append(upserts, &Resource{Name: r.GetName(), Version: r.GetVersion(), Body: body})
@@ -249,9 +265,9 @@ func (c *Client) apply(resp *discoveryv3.DeltaDiscoveryResponse) error {
 	for _, n := range removes {
 		delete(m, n)
 	}
-	if !c.acked[typeURL] {
-		c.acked[typeURL] = true
-		if len(c.acked) == len(c.opts.TypeURLs) {
+	if !c.complete[typeURL] && resp.GetSystemVersionInfo() != MoreToCome {
+		c.complete[typeURL] = true
+		if len(c.complete) == len(c.opts.TypeURLs) {
 			c.syncedOnce.Do(func() { close(c.synced) })
 		}
 	}

@@ -141,8 +141,15 @@ type testServer struct {
 	done chan struct{}
 }
 
-// startServer serves srv (and anything register adds) on addr.
+// startServer serves srv (and anything register adds) on addr, with
+// xds.Codec as in production.
 func startServer(t testing.TB, p *pki, srv *xds.Server, addr string, register ...func(*grpc.Server)) *testServer {
+	t.Helper()
+	return startServerCodec(t, p, srv, addr, true, register...)
+}
+
+// startServerCodec is startServer, with or without xds.Codec.
+func startServerCodec(t testing.TB, p *pki, srv *xds.Server, addr string, withCodec bool, register ...func(*grpc.Server)) *testServer {
 	t.Helper()
 	var ln net.Listener
 	var err error
@@ -155,7 +162,11 @@ func startServer(t testing.TB, p *pki, srv *xds.Server, addr string, register ..
 	if err != nil {
 		t.Fatal(err)
 	}
-	g := grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{p.cert}, MinVersion: tls.VersionTLS13})))
+	opts := []grpc.ServerOption{grpc.Creds(credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{p.cert}, MinVersion: tls.VersionTLS13}))}
+	if withCodec {
+		opts = append(opts, xds.Codec())
+	}
+	g := grpc.NewServer(opts...)
 	if srv != nil {
 		srv.Register(g)
 	}

@@ -8,12 +8,20 @@
 // resources each Subscriber may see. It supports wildcard and explicit
 // subscriptions, ACK/NACK with nonces, and initial_resource_versions, so that
 // a reconnecting client receives only the differences (including removals of
-// resources it still holds but the server no longer has).
+// resources it still holds but the server no longer has). Each resource is
+// encoded once per change and shared by every stream; with the Codec server
+// option, responses are written from those encodings without being
+// assembled as messages. A push larger than 1,000 resources or 1 MiB
+// (ServerOptions.MaxResponseResources, MaxResponseBytes) is split into
+// several responses sent in a row, each a valid delta acknowledged on its
+// own; all but the last carry system_version_info MoreToCome. This bounds
+// what each stream holds while gRPC sends it.
 //
 // Client subscribes (wildcard) to a list of type URLs, hands every response
 // to a Handler (an error NACKs it and keeps the old state), reconnects with
 // jittered exponential backoff, resumes with the versions it holds, and
-// keeps its state while disconnected.
+// keeps its state while disconnected. It is Synced once every type had a
+// whole push applied (the last response of a split push).
 //
 // Deviations from the API sketch: Set and Update return an error for invalid
 // input (nothing is applied then); Server.Recheck re-evaluates visibility
@@ -28,7 +36,6 @@ import (
 	"fmt"
 	"strings"
 
-	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 )
@@ -70,9 +77,9 @@ func shortType(typeURL string) string {
 type entry struct {
 	res *Resource
 	// enc is the resource as one encoded DeltaDiscoveryResponse.resources
-	// field (tag, length, envoy Resource message). Responses are assembled
-	// by concatenating these bytes, so that a full push to many streams
-	// costs a copy per stream rather than a protobuf encoding per stream.
+	// field (tag, length, envoy Resource message). Responses are written
+	// from these bytes (see Codec), so that a full push to many streams
+	// costs no protobuf encoding, and with Codec no copy, per stream.
 	enc []byte
 }
 
@@ -139,26 +146,6 @@ func encodeResource(typeURL, name, version string, value []byte) []byte {
 	b = protowire.AppendBytes(b, value)
 	b = protowire.AppendTag(b, resourceNameField, protowire.BytesType)
 	return protowire.AppendString(b, name)
-}
-
-// newResponse builds a DeltaDiscoveryResponse carrying the encoded upserts.
-// They travel as the message's unknown-field bytes: on the wire they are
-// exactly the repeated resources field, which every receiver decodes as
-// such; the sender only copies them.
-func newResponse(typeURL, nonce string, upserts []*entry, removes []string) *discoveryv3.DeltaDiscoveryResponse {
-	resp := &discoveryv3.DeltaDiscoveryResponse{TypeUrl: typeURL, Nonce: nonce, RemovedResources: removes}
-	if len(upserts) > 0 {
-		n := 0
-		for _, e := range upserts {
-			n += len(e.enc)
-		}
-		raw := make([]byte, 0, n)
-		for _, e := range upserts {
-			raw = append(raw, e.enc...)
-		}
-		resp.ProtoReflect().SetUnknown(raw)
-	}
-	return resp
 }
 
 // same reports whether replacing a with b changes nothing a subscriber can

@@ -45,7 +45,26 @@ type ServerOptions struct {
 	// Registerer receives the server's metrics (pushes, push latency,
 	// connected clients, NACKs). Nil: not registered.
 	Registerer prometheus.Registerer
+	// MaxResponseResources and MaxResponseBytes bound one response: a
+	// push of more resources (upserts and removals) or more encoded bytes
+	// is split into several responses, sent one after the other, each
+	// with its own nonce and acknowledged on its own; all but the last
+	// carry SystemVersionInfo MoreToCome. A single resource larger than
+	// the byte budget travels alone. Defaults: 1,000 resources, 1 MiB.
+	// Negative: no limit (one response per type and push).
+	MaxResponseResources int
+	MaxResponseBytes     int
 }
+
+// MoreToCome is the SystemVersionInfo of a response that another response
+// of the same push follows: clients are synced only after the last one.
+const MoreToCome = "amesh.dev/more-to-come"
+
+// Default response bounds.
+const (
+	DefaultMaxResponseResources = 1000
+	DefaultMaxResponseBytes     = 1 << 20
+)
 
 // Server is a delta-ADS server. Register it on a grpc.Server; feed it with
 // Set and Update. Safe for concurrent use.
@@ -66,6 +85,12 @@ type Server struct {
 func NewServer(opts ServerOptions) *Server {
 	if opts.Logger == nil {
 		opts.Logger = zap.NewNop()
+	}
+	if opts.MaxResponseResources == 0 {
+		opts.MaxResponseResources = DefaultMaxResponseResources
+	}
+	if opts.MaxResponseBytes == 0 {
+		opts.MaxResponseBytes = DefaultMaxResponseBytes
 	}
 	s := &Server{
 		opts:    opts,
@@ -316,7 +341,7 @@ func (s *Server) DeltaAggregatedResources(gs grpc.BidiStreamingServer[discoveryv
 		return err
 	}
 	for {
-		if err := st.flush(gs); err != nil {
+		if err := st.flush(gs, reqs); err != nil {
 			return err
 		}
 		select {
@@ -351,6 +376,7 @@ type stream struct {
 	types    map[string]*subState
 	order    []string          // type URLs in subscription order
 	inflight map[string]string // nonce → type URL of unacknowledged responses
+	slab     []held            // see newHeld
 }
 
 type pendingSet struct {
@@ -362,6 +388,16 @@ type pendingSet struct {
 // held is the version of one resource a client holds (a pointer, so that a
 // full recompute updates it with a single map lookup).
 type held struct{ version string }
+
+// newHeld allocates a held from the stream's slab: a first sync of many
+// resources costs a few allocations rather than one per resource.
+func (st *stream) newHeld(version string) *held {
+	if len(st.slab) == cap(st.slab) {
+		st.slab = make([]held, 0, 1024)
+	}
+	st.slab = append(st.slab, held{version: version})
+	return &st.slab[len(st.slab)-1]
+}
 
 type subState struct {
 	wildcard  bool
@@ -514,14 +550,68 @@ func (st *stream) markType(typeURL string, at time.Time) {
 }
 
 type outgoing struct {
-	typeURL, nonce string
-	upserts        []*entry // immutable: encoded outside the server's lock
-	removes        []string
-	since          time.Time // earliest change it carries (zero: none measured)
+	typeURL string
+	upserts []*entry // immutable: encoded outside the server's lock
+	removes []string
+	since   time.Time // earliest change it carries (zero: none measured)
 }
 
-// flush sends what changed for this subscriber since the last flush.
-func (st *stream) flush(gs grpc.BidiStreamingServer[discoveryv3.DeltaDiscoveryRequest, discoveryv3.DeltaDiscoveryResponse]) error {
+// chunk is one response's share of an outgoing push.
+type chunk struct {
+	upserts []*entry
+	removes []string
+}
+
+// split cuts a push into responses within the server's bounds; it always
+// returns at least one (possibly empty) chunk.
+func (s *Server) split(upserts []*entry, removes []string) []chunk {
+	maxN, maxB := s.opts.MaxResponseResources, s.opts.MaxResponseBytes
+	if maxN < 0 {
+		maxN = len(upserts) + len(removes) + 1
+	}
+	if maxB < 0 {
+		maxB = int(^uint(0) >> 1)
+	}
+	var out []chunk
+	cur, n, size := chunk{}, 0, 0
+	flush := func() {
+		out = append(out, cur)
+		cur, n, size = chunk{}, 0, 0
+	}
+	for i, e := range upserts {
+		if n > 0 && (n >= maxN || size+len(e.enc) > maxB) {
+			cur.upserts = upserts[i-n : i : i]
+			flush()
+		}
+		n++
+		size += len(e.enc)
+	}
+	if n > 0 {
+		cur.upserts = upserts[len(upserts)-n:]
+	}
+	for len(removes) > 0 {
+		room := maxN - n
+		if room <= 0 {
+			flush()
+			continue
+		}
+		k := min(room, len(removes))
+		cur.removes = removes[:k:k]
+		removes = removes[k:]
+		n += k
+	}
+	if n > 0 || len(out) == 0 {
+		flush()
+	}
+	return out
+}
+
+// flush sends what changed for this subscriber since the last flush: per
+// type, one response or, for a large push, several in a row (see
+// ServerOptions.MaxResponseResources). Requests arriving meanwhile are
+// handled between responses, so that a client blocked on sending its
+// acknowledgements never stalls the stream.
+func (st *stream) flush(gs grpc.BidiStreamingServer[discoveryv3.DeltaDiscoveryRequest, discoveryv3.DeltaDiscoveryResponse], reqs <-chan *discoveryv3.DeltaDiscoveryRequest) error {
 	st.pmu.Lock()
 	if len(st.pending) == 0 {
 		st.pmu.Unlock()
@@ -545,18 +635,60 @@ func (st *stream) flush(gs grpc.BidiStreamingServer[discoveryv3.DeltaDiscoveryRe
 	st.srv.mu.RUnlock()
 
 	for _, o := range out {
-		if err := gs.Send(newResponse(o.typeURL, o.nonce, o.upserts, o.removes)); err != nil {
-			return err
-		}
 		label := shortType(o.typeURL)
-		st.srv.metrics.pushes.WithLabelValues(label).Inc()
+		chunks := st.srv.split(o.upserts, o.removes)
+		for i, c := range chunks {
+			if i > 0 {
+				if err := st.drain(reqs); err != nil {
+					return err
+				}
+			}
+			nonce := st.newNonce(o.typeURL)
+			resp := newResponse(o.typeURL, nonce, c.upserts, c.removes)
+			if i < len(chunks)-1 {
+				resp.msg.SystemVersionInfo = MoreToCome
+			}
+			if err := gs.SendMsg(resp); err != nil {
+				return err
+			}
+			st.srv.metrics.pushes.WithLabelValues(label).Inc()
+			st.log.Debug("xds push", zap.String("type", o.typeURL), zap.String("nonce", nonce),
+				zap.Int("upserts", len(c.upserts)), zap.Int("removes", len(c.removes)),
+				zap.Int("part", i+1), zap.Int("parts", len(chunks)))
+		}
 		if !o.since.IsZero() {
 			st.srv.metrics.latency.WithLabelValues(label).Observe(time.Since(o.since).Seconds())
 		}
-		st.log.Debug("xds push", zap.String("type", o.typeURL), zap.String("nonce", o.nonce),
-			zap.Int("upserts", len(o.upserts)), zap.Int("removes", len(o.removes)))
 	}
 	return nil
+}
+
+// drain handles the requests already received, without waiting.
+func (st *stream) drain(reqs <-chan *discoveryv3.DeltaDiscoveryRequest) error {
+	for {
+		select {
+		case r := <-reqs:
+			if err := st.handle(r); err != nil {
+				return err
+			}
+		default:
+			return nil
+		}
+	}
+}
+
+// newNonce names a response of typeURL and remembers it until it is
+// acknowledged.
+func (st *stream) newNonce(typeURL string) string {
+	nonce := strconv.FormatUint(st.srv.nonce.Add(1), 36)
+	if len(st.inflight) >= maxInflight {
+		for k := range st.inflight { // forget the oldest-ish one
+			delete(st.inflight, k)
+			break
+		}
+	}
+	st.inflight[nonce] = typeURL
+	return nonce
 }
 
 // build computes one type's response; called with the server's state read
@@ -593,7 +725,7 @@ func (st *stream) build(typeURL string, p *pendingSet) (outgoing, bool) {
 			h.version = e.res.Version
 			upserts = append(upserts, e)
 		case visible:
-			ss.known[name] = &held{version: e.res.Version}
+			ss.known[name] = st.newHeld(e.res.Version)
 			upserts = append(upserts, e)
 		case h != nil:
 			delete(ss.known, name)
@@ -607,6 +739,9 @@ func (st *stream) build(typeURL string, p *pendingSet) (outgoing, bool) {
 	}
 	if p.all {
 		upserts = make([]*entry, 0, len(current))
+		if len(ss.known) == 0 {
+			ss.known = make(map[string]*held, len(current)) // no growth steps on a first sync
+		}
 		// Names the client holds that the server no longer has: count
 		// them on the way so that the second pass runs only when needed.
 		stale := len(ss.known)
@@ -633,15 +768,7 @@ func (st *stream) build(typeURL string, p *pendingSet) (outgoing, bool) {
 		return outgoing{}, false
 	}
 	ss.sentFirst = true
-	nonce := strconv.FormatUint(st.srv.nonce.Add(1), 36)
-	if len(st.inflight) >= maxInflight {
-		for k := range st.inflight { // forget the oldest-ish one
-			delete(st.inflight, k)
-			break
-		}
-	}
-	st.inflight[nonce] = typeURL
-	return outgoing{typeURL: typeURL, nonce: nonce, upserts: upserts, removes: removes, since: since}, true
+	return outgoing{typeURL: typeURL, upserts: upserts, removes: removes, since: since}, true
 }
 
 // maxInflight bounds the nonces remembered per stream for a client that

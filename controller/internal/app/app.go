@@ -273,6 +273,9 @@ func (a *App) Run(ctx context.Context) error {
 		})),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}),
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}),
+		// Discovery responses are written from the resources' shared
+		// encodings; other messages use the standard codec.
+		xds.Codec(),
 	)
 	xdsServer.Register(grpcSrv)
 	caServer.Register(grpcSrv)

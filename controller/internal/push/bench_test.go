@@ -58,32 +58,48 @@ const (
 // debounce not included), the controller's CPU time for both, and its
 // live heap after the full push and the peak during it, for the issue's
 // scale (10,000 pods / 1,000 services) next to a tenth of it as the
-// baseline. Run with -benchtime=1x: each size runs its scenario once.
+// baseline. Each size runs twice: with the server's default response
+// bounds (responses=split: a push of more than 1,000 resources or 1 MiB
+// travels as several responses) and, as the baseline, with one response
+// per type and push (responses=whole). Run with -benchtime=1x: each
+// scenario runs once.
 func BenchmarkPush(b *testing.B) {
 	for _, sz := range []struct{ pods, services, subs, updates int }{
 		{1000, 100, 100, 200},
 		{10000, 1000, 100, 200},
 	} {
-		b.Run(fmt.Sprintf("pods=%d/services=%d/subscribers=%d", sz.pods, sz.services, sz.subs), func(b *testing.B) {
-			for b.Loop() {
-				r := runPushScenario(b, sz.pods, sz.services, sz.subs, sz.updates)
-				b.ReportMetric(r.full.Seconds(), "full-push-s")
-				b.ReportMetric(float64(r.p50.Microseconds())/1000, "incr-p50-ms")
-				b.ReportMetric(float64(r.p99.Microseconds())/1000, "incr-p99-ms")
-				b.ReportMetric(float64(r.heap)/(1<<20), "heap-MiB")
-				b.ReportMetric(float64(r.peak)/(1<<20), "peak-heap-MiB")
-				b.ReportMetric(r.fullCPU.Seconds(), "full-push-cpu-s")
-				b.ReportMetric(r.subscribersCPU.Seconds(), "subscribers-cpu-s")
-				b.ReportMetric(float64(r.incrCPU.Microseconds())/1000, "incr-cpu-ms")
-				if sz.pods == 10000 {
-					if r.full > targetFullPush || r.p99 > targetP99 || r.heap > targetHeapMiB<<20 {
-						b.Logf("over target: full %v (≤ %v), p99 %v (≤ %v), heap %d MiB (≤ %d)",
-							r.full, targetFullPush, r.p99, targetP99, r.heap>>20, targetHeapMiB)
-					}
-				}
+		for _, split := range []bool{false, true} {
+			name := fmt.Sprintf("pods=%d/services=%d/subscribers=%d/responses=whole", sz.pods, sz.services, sz.subs)
+			opts := xds.ServerOptions{MaxResponseResources: -1, MaxResponseBytes: -1}
+			if split {
+				name = strings.TrimSuffix(name, "whole") + "split"
+				opts = xds.ServerOptions{}
 			}
-		})
+			benchPush(b, name, opts, sz.pods, sz.services, sz.subs, sz.updates)
+		}
 	}
+}
+
+// benchPush runs one scenario and reports its numbers; the heap target is
+// checked on the peak (the live heap after the push is far lower).
+func benchPush(b *testing.B, name string, opts xds.ServerOptions, pods, services, subs, updates int) {
+	b.Run(name, func(b *testing.B) {
+		for b.Loop() {
+			r := runPushScenario(b, opts, pods, services, subs, updates)
+			b.ReportMetric(r.full.Seconds(), "full-push-s")
+			b.ReportMetric(float64(r.p50.Microseconds())/1000, "incr-p50-ms")
+			b.ReportMetric(float64(r.p99.Microseconds())/1000, "incr-p99-ms")
+			b.ReportMetric(float64(r.heap)/(1<<20), "heap-MiB")
+			b.ReportMetric(float64(r.peak)/(1<<20), "peak-heap-MiB")
+			b.ReportMetric(r.fullCPU.Seconds(), "full-push-cpu-s")
+			b.ReportMetric(r.subscribersCPU.Seconds(), "subscribers-cpu-s")
+			b.ReportMetric(float64(r.incrCPU.Microseconds())/1000, "incr-cpu-ms")
+			if pods == 10000 && (r.full > targetFullPush || r.p99 > targetP99 || r.peak > targetHeapMiB<<20) {
+				b.Logf("over target: full %v (≤ %v), p99 %v (≤ %v), peak heap %d MiB (≤ %d)",
+					r.full, targetFullPush, r.p99, targetP99, r.peak>>20, targetHeapMiB)
+			}
+		}
+	})
 }
 
 type pushResult struct {
@@ -129,7 +145,7 @@ func samplePeakHeap(peak *uint64) (stop func()) {
 	}
 }
 
-func runPushScenario(b *testing.B, pods, services, subs, updates int) pushResult {
+func runPushScenario(b *testing.B, opts xds.ServerOptions, pods, services, subs, updates int) pushResult {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 
@@ -147,12 +163,11 @@ func runPushScenario(b *testing.B, pods, services, subs, updates int) pushResult
 		b.Fatal(err)
 	}
 	cert := tls.Certificate{PrivateKey: key, Leaf: chain[0], Certificate: [][]byte{chain[0].Raw}}
-	srv := xds.NewServer(xds.ServerOptions{
-		Authenticate: func(_ context.Context, node *corev3.Node) (xds.Subscriber, error) {
-			return NewSubscriber(node.GetId(), ""), nil
-		},
-	})
-	gs := grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{cert}})))
+	opts.Authenticate = func(_ context.Context, node *corev3.Node) (xds.Subscriber, error) {
+		return NewSubscriber(node.GetId(), ""), nil
+	}
+	srv := xds.NewServer(opts)
+	gs := grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{cert}})), xds.Codec())
 	srv.Register(gs)
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -308,6 +323,19 @@ func TestSubscriberProcess(t *testing.T) {
 	addr := os.Getenv("AMESH_BENCH_ADDR")
 	if addr == "" {
 		t.Skip("only run by BenchmarkPush")
+	}
+	if path := os.Getenv("AMESH_BENCH_SUBSCRIBER_CPUPROFILE"); path != "" {
+		f, err := os.Create(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			t.Fatal(err)
+		}
+		defer func() {
+			pprof.StopCPUProfile()
+			f.Close()
+		}()
 	}
 	n, _ := strconv.Atoi(os.Getenv("AMESH_BENCH_CLIENTS"))
 	want, _ := strconv.Atoi(os.Getenv("AMESH_BENCH_WORKLOADS"))
