@@ -153,7 +153,7 @@ func (l *Loop) Start(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("push: watch %T: %w", k.obj, err)
 		}
-		reg, err := inf.AddEventHandler(l.store.handler(k.generational, l.Trigger))
+		reg, err := inf.AddEventHandler(l.store.handler(k.ignore, l.Trigger))
 		if err != nil {
 			return fmt.Errorf("push: watch %T: %w", k.obj, err)
 		}

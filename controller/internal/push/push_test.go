@@ -4,6 +4,12 @@ import (
 	"slices"
 	"testing"
 
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+
 	pb "github.com/amesh-dev/amesh/api/discovery/v1"
 	"github.com/amesh-dev/amesh/api/xds"
 	"github.com/amesh-dev/amesh/controller/internal/translate"
@@ -117,5 +123,52 @@ func TestSubscriberVisibility(t *testing.T) {
 		if got := tc.sub.Visible(tc.typeURL, tc.r); got != tc.want {
 			t.Errorf("%s sees %s %s: %v, want %v", tc.sub.ID(), tc.typeURL, tc.r.Name, got, tc.want)
 		}
+	}
+}
+
+// TestStoreTriggers: updates that cannot change the translation (status
+// the controller writes itself) are stored without starting one; others
+// start one.
+func TestStoreTriggers(t *testing.T) {
+	svc := &corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: "s"}}
+	svcStatus := svc.DeepCopy()
+	svcStatus.Status.Conditions = []metav1.Condition{{Type: "amesh.dev/WaypointBound", Status: metav1.ConditionTrue}}
+	svcLabel := svc.DeepCopy()
+	svcLabel.Labels = map[string]string{"amesh.dev/use-waypoint": "wp"}
+	route := &gwv1.HTTPRoute{ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: "r", Generation: 1}}
+	routeStatus := route.DeepCopy()
+	routeStatus.Status.Parents = []gwv1.RouteParentStatus{{ControllerName: "x"}}
+	routeSpec := route.DeepCopy()
+	routeSpec.Generation = 2
+	rs := &appsv1.ReplicaSet{ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: "rs", Generation: 1}}
+	rsOwned := rs.DeepCopy()
+	rsOwned.OwnerReferences = []metav1.OwnerReference{{Kind: "Deployment", Name: "d", UID: "u"}}
+	ignore := map[string]func(old, cur client.Object) bool{}
+	for _, k := range kinds() {
+		ignore[kindOf(k.obj)] = k.ignore
+	}
+	for _, tc := range []struct {
+		name     string
+		old, cur client.Object
+		want     bool
+	}{
+		{"service status", svc, svcStatus, false},
+		{"service label", svc, svcLabel, true},
+		{"route status", route, routeStatus, false},
+		{"route spec", route, routeSpec, true},
+		{"replicaset adopted", rs, rsOwned, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := newStore()
+			fired := false
+			h := s.handler(ignore[kindOf(tc.old)], func() { fired = true })
+			h.OnUpdate(tc.old, tc.cur)
+			if fired != tc.want {
+				t.Errorf("translation started: %v, want %v", fired, tc.want)
+			}
+			if got := s.objs[kindOf(tc.cur)][tc.cur.GetNamespace()+"/"+tc.cur.GetName()]; got != tc.cur {
+				t.Errorf("the store does not hold the new object")
+			}
+		})
 	}
 }

@@ -26,35 +26,57 @@ type store struct {
 
 func newStore() *store { return &store{objs: map[string]map[string]client.Object{}} }
 
-// kinds lists what is watched: a prototype object per kind, and whether an
-// update matters only when metadata.generation, the deletion timestamp or
-// the owner references change (objects whose status is written by the
-// controller itself or changes often without mattering). ReplicaSets and
-// Deployments are those of waypoints only (the cache is restricted to
-// them): they chain a waypoint's pods to its Gateway.
-func kinds() []struct {
-	obj          client.Object
-	generational bool
-} {
-	return []struct {
-		obj          client.Object
-		generational bool
-	}{
-		{&corev1.Namespace{}, false},
-		{&corev1.Pod{}, false},
-		{&corev1.Service{}, false},
-		{&k8sdisc.EndpointSlice{}, false},
-		{&gwv1.Gateway{}, false},
-		{&gwv1.HTTPRoute{}, true},
-		{&gwv1.GRPCRoute{}, true},
-		{&gwv1beta1.ReferenceGrant{}, true},
-		{&appsv1.ReplicaSet{}, true},
-		{&appsv1.Deployment{}, true},
-		{&securityv1alpha1.AuthorizationPolicy{}, true},
-		{&securityv1alpha1.PeerAuthentication{}, true},
-		{&securityv1alpha1.RequestAuthentication{}, true},
-		{&trafficv1alpha1.BackendTrafficPolicy{}, true},
+// watched is one kind the loop watches: a prototype object, and for
+// updates, whether a change can be ignored (it still replaces the stored
+// object; it just does not start a translation by itself).
+type watched struct {
+	obj    client.Object
+	ignore func(old, cur client.Object) bool
+}
+
+// kinds lists what is watched. Objects whose status the controller writes
+// itself or that change often without mattering are translated again only
+// when their generation, deletion timestamp or owner references change;
+// Services when anything but their status changes (the controller writes
+// their WaypointBound condition). ReplicaSets and Deployments are those of
+// waypoints only (the cache is restricted to them): they chain a
+// waypoint's pods to its Gateway.
+func kinds() []watched {
+	return []watched{
+		{&corev1.Namespace{}, nil},
+		{&corev1.Pod{}, nil},
+		{&corev1.Service{}, statusOnly},
+		{&k8sdisc.EndpointSlice{}, nil},
+		{&gwv1.Gateway{}, nil},
+		{&gwv1.HTTPRoute{}, sameGeneration},
+		{&gwv1.GRPCRoute{}, sameGeneration},
+		{&gwv1beta1.ReferenceGrant{}, sameGeneration},
+		{&appsv1.ReplicaSet{}, sameGeneration},
+		{&appsv1.Deployment{}, sameGeneration},
+		{&securityv1alpha1.AuthorizationPolicy{}, sameGeneration},
+		{&securityv1alpha1.PeerAuthentication{}, sameGeneration},
+		{&securityv1alpha1.RequestAuthentication{}, sameGeneration},
+		{&trafficv1alpha1.BackendTrafficPolicy{}, sameGeneration},
 	}
+}
+
+// sameGeneration: a status or metadata-only change.
+func sameGeneration(old, cur client.Object) bool {
+	return old.GetGeneration() == cur.GetGeneration() &&
+		old.GetDeletionTimestamp().Equal(cur.GetDeletionTimestamp()) &&
+		equality.Semantic.DeepEqual(old.GetOwnerReferences(), cur.GetOwnerReferences())
+}
+
+// statusOnly: a Service whose status alone changed.
+func statusOnly(old, cur client.Object) bool {
+	o, ok1 := old.(*corev1.Service)
+	c, ok2 := cur.(*corev1.Service)
+	return ok1 && ok2 &&
+		o.DeletionTimestamp.Equal(c.DeletionTimestamp) &&
+		equality.Semantic.DeepEqual(o.Labels, c.Labels) &&
+		equality.Semantic.DeepEqual(o.Annotations, c.Annotations) &&
+		equality.Semantic.DeepEqual(o.OwnerReferences, c.OwnerReferences) &&
+		equality.Semantic.DeepEqual(o.Spec, c.Spec)
 }
 
 func kindOf(o client.Object) string {
@@ -110,8 +132,8 @@ func (s *store) del(o client.Object) {
 }
 
 // handler keeps the store in step with one informer and calls changed
-// after every change that matters.
-func (s *store) handler(generational bool, changed func()) toolscache.ResourceEventHandler {
+// after every change that matters (an update that ignore accepts does not).
+func (s *store) handler(ignore func(old, cur client.Object) bool, changed func()) toolscache.ResourceEventHandler {
 	return toolscache.ResourceEventHandlerFuncs{
 		AddFunc: func(obj any) {
 			if o, ok := obj.(client.Object); ok {
@@ -125,11 +147,8 @@ func (s *store) handler(generational bool, changed func()) toolscache.ResourceEv
 				return
 			}
 			s.put(o)
-			if old, ok := oldObj.(client.Object); ok && generational &&
-				old.GetGeneration() == o.GetGeneration() &&
-				old.GetDeletionTimestamp().Equal(o.GetDeletionTimestamp()) &&
-				equality.Semantic.DeepEqual(old.GetOwnerReferences(), o.GetOwnerReferences()) {
-				return // a status or metadata-only change
+			if old, ok := oldObj.(client.Object); ok && ignore != nil && ignore(old, o) {
+				return
 			}
 			changed()
 		},
