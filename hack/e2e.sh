@@ -28,6 +28,10 @@ down() {
 trap down EXIT
 up=$(date +%s)
 
+# Known gaps, reported to their owners: the tests that show them skip
+# saying why until this list says otherwise.
+export AMESH_E2E_KNOWN_ZTUNNEL_DRAIN_GAP=${AMESH_E2E_KNOWN_ZTUNNEL_DRAIN_GAP-"while a restarting ztunnel drains live connections, new connections of its node fail until it exits (up to -drain-timeout, 20s): the replacement starts only after the old pod is gone and nothing takes over the pod listeners"}
+
 rc=0
 (
   cd "$root/e2e"
