@@ -73,7 +73,7 @@ generate: tools ## Regenerate protobuf, deepcopy and CRD code.
 
 ##@ Test
 .PHONY: test
-test: deps kube-bins coredns unit ## Run every test: unit and integration of every module (the README's test command).
+test: deps kube-bins coredns unit e2e ## Run every test: unit and integration of every module, then the e2e suite on a local cluster (the README's test command).
 
 .PHONY: unit
 unit: ## Unit + integration tests of every module with -race, each with GOWORK=off.
