@@ -117,7 +117,7 @@ func (t *translator) routes() {
 			}
 			rules = append(rules, pr)
 		}
-		parents, attached := t.routeParents(st, r.ObjectMeta, r.Spec.ParentRefs, len(rules) > 0)
+		parents, attached := t.routeParents(st, r.ObjectMeta, r.Spec.ParentRefs, len(rules) > 0 || len(r.Spec.Rules) == 0)
 		for _, a := range attached {
 			t.wpHTTPRoutes[a.service] = append(t.wpHTTPRoutes[a.service], &pb.HTTPRoute{
 				Name:              r.Name,
@@ -147,7 +147,7 @@ func (t *translator) routes() {
 			}
 			rules = append(rules, pr)
 		}
-		parents, attached := t.routeParents(st, r.ObjectMeta, r.Spec.ParentRefs, len(rules) > 0)
+		parents, attached := t.routeParents(st, r.ObjectMeta, r.Spec.ParentRefs, len(rules) > 0 || len(r.Spec.Rules) == 0)
 		for _, a := range attached {
 			t.wpGRPCRoutes[a.service] = append(t.wpGRPCRoutes[a.service], &pb.GRPCRoute{
 				Name:              r.Name,
@@ -190,7 +190,8 @@ type parentVerdict struct {
 
 // routeParents judges the route's parentRefs, returns the parent statuses
 // amesh owns and where the route attaches. hasRules is false when every
-// rule was dropped (the route is then not accepted anywhere).
+// rule was dropped (the route is then not accepted anywhere); a route
+// written without rules is accepted (it matches nothing).
 func (t *translator) routeParents(st *routeState, meta metav1.ObjectMeta, refs []gwv1.ParentReference, hasRules bool) ([]gwv1.RouteParentStatus, []attachment) {
 	var verdicts []parentVerdict
 	for _, ref := range refs {
