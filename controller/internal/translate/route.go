@@ -122,7 +122,7 @@ func (t *translator) routes() {
 			t.wpHTTPRoutes[a.service] = append(t.wpHTTPRoutes[a.service], &pb.HTTPRoute{
 				Name:              r.Name,
 				Namespace:         r.Namespace,
-				CreationTimestamp: r.CreationTimestamp.Unix(),
+				CreationTimestamp: unixTime(r.CreationTimestamp),
 				Hostnames:         hostnames(r.Spec.Hostnames),
 				Ports:             a.ports,
 				Rules:             rules,
@@ -152,7 +152,7 @@ func (t *translator) routes() {
 			t.wpGRPCRoutes[a.service] = append(t.wpGRPCRoutes[a.service], &pb.GRPCRoute{
 				Name:              r.Name,
 				Namespace:         r.Namespace,
-				CreationTimestamp: r.CreationTimestamp.Unix(),
+				CreationTimestamp: unixTime(r.CreationTimestamp),
 				Hostnames:         hostnames(r.Spec.Hostnames),
 				Ports:             a.ports,
 				Rules:             rules,
@@ -166,6 +166,14 @@ func (t *translator) routes() {
 	slices.SortFunc(t.outRouteStatuses, func(a, b RouteStatus) int {
 		return cmp.Or(cmp.Compare(a.Kind, b.Kind), cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name))
 	})
+}
+
+// unixTime is t in Unix seconds, 0 when unset.
+func unixTime(t metav1.Time) int64 {
+	if t.IsZero() {
+		return 0
+	}
+	return t.Unix()
 }
 
 func hostnames(hs []gwv1.Hostname) []string {
