@@ -8,6 +8,7 @@
 # Environment: E2E_CLUSTER (name, default e2e), E2E_CLUSTER_FLAGS (its own
 # addresses, so that it runs beside a `make demo` cluster), E2E_RUN (a
 # go test -run filter), E2E_TIMEOUT (30m), E2E_KEEP=1 (leave it running),
+# AMESH_E2E_STRICT=1 (also run the tests of known gaps, see e2e/suite),
 # plus what hack/cluster.sh needs (BIN, KUBE_BIN, COREDNS).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -27,11 +28,6 @@ down() {
 "$root/hack/cluster.sh" up
 trap down EXIT
 up=$(date +%s)
-
-# Known gaps, reported to their owners: the tests that show them skip
-# saying why until this list says otherwise.
-export AMESH_E2E_KNOWN_ZTUNNEL_DRAIN_GAP=${AMESH_E2E_KNOWN_ZTUNNEL_DRAIN_GAP-"while a restarting ztunnel drains live connections, new connections of its node fail until it exits (up to -drain-timeout, 20s): the replacement starts only after the old pod is gone and nothing takes over the pod listeners"}
-export AMESH_E2E_KNOWN_ENROL_RESETS=${AMESH_E2E_KNOWN_ENROL_RESETS-"labelling a namespace resets TCP connections its pods already had open: conntrack only starts in the pod netns with the amesh nat table, so the next packet of an old flow is NEW and redirected to a ztunnel port, which answers RST"}
 
 rc=0
 (

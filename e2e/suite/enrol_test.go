@@ -261,9 +261,7 @@ func TestEnrolRunningPodsAndUnenrol(t *testing.T) {
 // close; new ones are captured), as ambient enrolment is transparent to
 // running applications.
 func TestEnrolmentKeepsOpenConnections(t *testing.T) {
-	if reason := os.Getenv("AMESH_E2E_KNOWN_ENROL_RESETS"); reason != "" {
-		t.Skip("known gap, reported: " + reason)
-	}
+	knownGap(t)
 	p := newPair(t, "keepconn", false)
 	ctx := ctxFor(t, 3*time.Minute)
 	d := driver(t, p.ns, p.client)

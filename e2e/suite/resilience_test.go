@@ -7,7 +7,6 @@ import (
 	"context"
 	"fmt"
 	"net/url"
-	"os"
 	"sync"
 	"testing"
 	"time"
@@ -205,9 +204,7 @@ func TestZtunnelRestart(t *testing.T) {
 // is drained to completion, and new connections still fail for no more
 // than 2 s.
 func TestZtunnelRestartWithLiveConnection(t *testing.T) {
-	if reason := os.Getenv("AMESH_E2E_KNOWN_ZTUNNEL_DRAIN_GAP"); reason != "" {
-		t.Skip("known gap, reported: " + reason)
-	}
+	knownGap(t)
 	p := newPair(t, "ztlive", true)
 	ctx := ctxFor(t, 4*time.Minute)
 	if err := mesh.WaitRedirection(ctx, shared.c, p.ns, "", "enabled", time.Minute); err != nil {
