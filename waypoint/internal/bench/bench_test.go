@@ -179,6 +179,19 @@ func child(backend string) error {
 				float64(peakLive)/(1<<20), float64(peakHeap)/(1<<20), float64(peakStack)/(1<<20), float64(peakIdle)/(1<<20), float64(peakSys)/(1<<20), nG)
 		}()
 	}
+	if path := os.Getenv("WAYPOINT_BENCH_CPUPROFILE"); path != "" {
+		if strings.Contains(path, "%d") { // both children see it
+			path = fmt.Sprintf(path, os.Getpid())
+		}
+		f, err := os.Create(path)
+		if err != nil {
+			return err
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+		defer func() { pprof.StopCPUProfile(); f.Close() }()
+	}
 	if dir := os.Getenv(childHBONEEnv); dir != "" {
 		// HBONE mode: terminate mTLS + HTTP/2 CONNECT like the real waypoint.
 		cert, err := tls.LoadX509KeyPair(filepath.Join(dir, "waypoint.pem"), filepath.Join(dir, "waypoint-key.pem"))
@@ -222,16 +235,6 @@ func child(backend string) error {
 			}()
 		}
 	}()
-	if path := os.Getenv("WAYPOINT_BENCH_CPUPROFILE"); path != "" {
-		f, err := os.Create(path)
-		if err != nil {
-			return err
-		}
-		if err := pprof.StartCPUProfile(f); err != nil {
-			return err
-		}
-		defer func() { pprof.StopCPUProfile(); f.Close() }()
-	}
 	if path := os.Getenv("WAYPOINT_BENCH_MEMPROFILE"); path != "" {
 		runtime.MemProfileRate = 4096
 		defer func() {
