@@ -378,7 +378,12 @@ func (d *Demo) showHops(ctx context.Context, before map[string]map[hopKey]float6
 	d.say("%s — every hop with the SPIFFE identities of both ends:", title)
 	tw := tabwriter.NewWriter(d.out, 0, 4, 1, ' ', 0)
 	for _, k := range keys {
-		fmt.Fprintf(tw, "      %s\t→ %s\t%s\t%.0f new connections\n", short(k.src), short(k.dst), k.security, hops[k])
+		dst := short(k.dst)
+		if k.dst == "unknown" && k.security == "mutual_tls" {
+			// ztunnel labels no destination for HBONE to a waypoint.
+			dst = "(the waypoint)"
+		}
+		fmt.Fprintf(tw, "      %s\t→ %s\t%s\t%.0f new connections\n", short(k.src), dst, k.security, hops[k])
 	}
 	tw.Flush()
 	if len(keys) == 0 {
