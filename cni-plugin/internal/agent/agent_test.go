@@ -786,3 +786,66 @@ func TestSandboxRecreated(t *testing.T) {
 		t.Fatalf("new sandbox → node: %q, %v; want %q", got, err, want)
 	}
 }
+
+// TestLateDelOfOldSandbox: the runtime recreated a pod's sandbox and the
+// DEL of the old sandbox arrives after the new sandbox's ADD (a retried
+// teardown, garbage collection of the dead sandbox). That DEL is about a
+// sandbox the agent no longer holds: the new sandbox must keep its
+// capture rules and ztunnel must keep serving it. Tearing them down would
+// leave the running pod unprotected (its traffic in plaintext, outside
+// the mesh) until the next resync.
+func TestLateDelOfOldSandbox(t *testing.T) {
+	h := newHarness(t)
+	h.startAgent()
+	z := h.ztunnel()
+	nsName := h.namespace("latedel", true)
+	first := h.pod(nsName, "p", nil)
+	if err := h.add(first); err != nil {
+		t.Fatal(err)
+	}
+	h.wantRules(first)
+	if err := z.Expect("add "+string(first.UID), 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	second := &testPod{Pod: first.Pod, containerID: first.containerID + "b"}
+	n, err := testutils.NewNS()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		n.Close()
+		if err := testutils.UnmountNS(n); err != nil {
+			t.Errorf("cleanup: %v", err)
+		}
+	})
+	second.netns = n
+	if err := h.add(second); err != nil {
+		t.Fatal(err)
+	}
+	h.wantRules(second)
+	if err := z.Expect("add "+string(first.UID), 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+
+	// The old sandbox's DEL, late.
+	if err := h.del(first); err != nil {
+		t.Fatalf("DEL of the old sandbox: %v", err)
+	}
+	h.wantRules(second)
+	if err := z.Expect("delete "+string(first.UID), 500*time.Millisecond); err == nil {
+		t.Fatal("ztunnel was told to drop the pod on the DEL of a sandbox it no longer runs in")
+	}
+	got, err := h.dialOut(second, 9999)
+	if want := "ztunnel " + netip.AddrPortFrom(h.gw, 9999).String(); err != nil || got != want {
+		t.Fatalf("new sandbox → node after the late DEL: %q, %v; want %q (captured)", got, err, want)
+	}
+
+	// The current sandbox's DEL still cleans up.
+	if err := h.del(second); err != nil {
+		t.Fatal(err)
+	}
+	h.wantNoRules(second)
+	if err := z.Expect("delete "+string(first.UID), 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -66,10 +66,11 @@ func (h *cniHandler) Add(ctx context.Context, r *agentapi.PodRequest) (bool, err
 	if err != nil {
 		return false, err
 	}
-	// Remember every sandbox's netns: a pod enrolled later (its namespace
-	// labelled while it runs) is found without scanning /proc.
+	// Remember every pod's current sandbox: a pod enrolled later (its
+	// namespace labelled while it runs) is found without scanning /proc,
+	// and a late DEL of a replaced sandbox is told apart (Del).
 	if r.Netns != "" {
-		h.node.RecordNetns(string(p.UID), r.Netns)
+		h.node.RecordSandbox(string(p.UID), r.ContainerID, r.Netns)
 	}
 	if !enrolled {
 		return false, nil
@@ -105,6 +106,14 @@ func (h *cniHandler) uidFor(ctx context.Context, r *agentapi.PodRequest) string 
 func (h *cniHandler) Del(ctx context.Context, r *agentapi.PodRequest) error {
 	uid := h.uidFor(ctx, r)
 	if uid == "" {
+		return nil
+	}
+	if h.node.StaleSandbox(uid, r.ContainerID) {
+		// The runtime replaced this sandbox and the pod now runs in a new
+		// one, whose redirection must stay in place: this DEL concerns a
+		// namespace the agent no longer holds.
+		h.log.Info("CNI DEL of a replaced sandbox; the pod's current sandbox keeps its redirection",
+			zap.String("pod", r.PodNamespace+"/"+r.PodName), zap.String("container", r.ContainerID))
 		return nil
 	}
 	if err := h.node.Forget(ctx, uid); err != nil {

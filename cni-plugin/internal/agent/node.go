@@ -69,25 +69,43 @@ type Node struct {
 
 	op sync.Mutex // serialises Enroll/Unenroll
 
-	mu    sync.Mutex
-	pods  map[string]*pod   // by UID: pods whose rules are installed
-	paths map[string]string // by UID: netns path reported by CNI ADD
+	mu        sync.Mutex
+	pods      map[string]*pod    // by UID: pods whose rules are installed
+	sandboxes map[string]sandbox // by UID: the sandbox of the pod's last CNI ADD
+}
+
+// sandbox is what a CNI ADD reported about a pod's sandbox.
+type sandbox struct {
+	containerID string
+	netns       string // path
 }
 
 // NewNode allocates a Node.
 func NewNode(log *zap.Logger, zds *zdsserver.Server, nodeName, procRoot, hostNetns string) *Node {
 	return &Node{log: log, zds: zds, name: nodeName, procRoot: procRoot, hostNetns: hostNetns,
-		pods: map[string]*pod{}, paths: map[string]string{}}
+		pods: map[string]*pod{}, sandboxes: map[string]sandbox{}}
 }
 
 // SetZDS sets the ZDS server (wiring: the server needs Snapshot first).
 func (n *Node) SetZDS(z *zdsserver.Server) { n.zds = z }
 
-// RecordNetns remembers the netns path the CNI ADD reported for a pod.
-func (n *Node) RecordNetns(uid, path string) {
+// RecordSandbox remembers the sandbox (container ID and netns path) a CNI
+// ADD reported for a pod: the pod's current sandbox from now on.
+func (n *Node) RecordSandbox(uid, containerID, netnsPath string) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	n.paths[uid] = path
+	n.sandboxes[uid] = sandbox{containerID: containerID, netns: netnsPath}
+}
+
+// StaleSandbox reports whether containerID names a sandbox of the pod
+// other than the one its last CNI ADD reported: the runtime replaced the
+// sandbox and a DEL of the old one arrives late. Without a record (the
+// agent restarted since the ADD) nothing is stale.
+func (n *Node) StaleSandbox(uid, containerID string) bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	sb, ok := n.sandboxes[uid]
+	return ok && containerID != "" && sb.containerID != "" && sb.containerID != containerID
 }
 
 // Status returns a pod's redirection state.
@@ -131,7 +149,7 @@ func (n *Node) Snapshot() []zdsserver.Workload {
 // a /proc scan by pod IP.
 func (n *Node) openNetns(info PodInfo) (*os.File, error) {
 	n.mu.Lock()
-	path := n.paths[info.UID]
+	path := n.sandboxes[info.UID].netns
 	n.mu.Unlock()
 	if path != "" {
 		f, err := podns.Open(path)
@@ -157,7 +175,7 @@ func (n *Node) openNetns(info PodInfo) (*os.File, error) {
 // pod is a different namespace than held.
 func (n *Node) sandboxChanged(uid string, held *os.File) bool {
 	n.mu.Lock()
-	path := n.paths[uid]
+	path := n.sandboxes[uid].netns
 	n.mu.Unlock()
 	if path == "" {
 		return false
@@ -335,12 +353,12 @@ func (n *Node) Close() {
 	}
 }
 
-// Forget handles a sandbox going away (CNI DEL): unenrol and drop the
-// recorded netns path.
+// Forget handles a pod's sandbox going away (CNI DEL): unenrol and drop
+// the recorded sandbox.
 func (n *Node) Forget(ctx context.Context, uid string) error {
 	err := n.Unenroll(ctx, uid)
 	n.mu.Lock()
-	delete(n.paths, uid)
+	delete(n.sandboxes, uid)
 	n.mu.Unlock()
 	return err
 }
