@@ -47,7 +47,7 @@ func (h *cniHandler) decide(ctx context.Context, r *agentapi.PodRequest) (*corev
 	if err := h.Ready(); err != nil {
 		return nil, false, err
 	}
-	p, ns, err := h.watch.lookup(ctx, r.PodNamespace, r.PodName)
+	p, ns, err := h.watch.lookup(ctx, r.PodNamespace, r.PodName, r.PodUID)
 	if err != nil {
 		return nil, false, err
 	}
@@ -97,7 +97,7 @@ func (h *cniHandler) uidFor(ctx context.Context, r *agentapi.PodRequest) string 
 			return uid
 		}
 	}
-	if p, _, err := h.watch.lookup(ctx, r.PodNamespace, r.PodName); err == nil && p != nil {
+	if p, _, err := h.watch.lookup(ctx, r.PodNamespace, r.PodName, r.PodUID); err == nil && p != nil {
 		return string(p.UID)
 	}
 	return r.PodUID

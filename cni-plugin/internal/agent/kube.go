@@ -319,19 +319,35 @@ func (w *Watcher) annotate(ctx context.Context, p *corev1.Pod, st Status) error 
 	return nil
 }
 
+// annotationMirror is set by the kubelet on the mirror of a static pod, to
+// the static pod's UID (which the runtime passes as K8S_POD_UID).
+const annotationMirror = "kubernetes.io/config.mirror"
+
+// isPod reports whether p is the pod with the given UID (any pod when uid
+// is unknown), or the mirror of that static pod.
+func isPod(p *corev1.Pod, uid string) bool {
+	return uid == "" || string(p.UID) == uid || p.Annotations[annotationMirror] == uid
+}
+
 // Enqueue asks for a pod to be reconciled (after a CNI ADD).
 func (w *Watcher) Enqueue(namespace, name string) { w.queue.Add(namespace + "/" + name) }
 
 // lookup returns a pod and its namespace, from the caches or, when the
-// cache does not have them yet, from the API server.
-func (w *Watcher) lookup(ctx context.Context, namespace, name string) (*corev1.Pod, *corev1.Namespace, error) {
+// cache does not have them yet, from the API server. uid, when known (the
+// CNI request's K8S_POD_UID), must match: a cache that still holds an
+// earlier pod of the same name (a StatefulSet pod recreated, the watch
+// lagging behind) is bypassed, and a pod of another UID is no answer.
+func (w *Watcher) lookup(ctx context.Context, namespace, name, uid string) (*corev1.Pod, *corev1.Namespace, error) {
 	p, err := w.pods.Pods(namespace).Get(name)
-	if err != nil {
+	if err != nil || !isPod(p, uid) {
 		p, err = w.client.CoreV1().Pods(namespace).Get(ctx, name, metav1.GetOptions{})
-		if apierrors.IsNotFound(err) {
+		switch {
+		case apierrors.IsNotFound(err):
 			p = nil
-		} else if err != nil {
+		case err != nil:
 			return nil, nil, fmt.Errorf("get pod %s/%s: %w", namespace, name, err)
+		case !isPod(p, uid):
+			p = nil
 		}
 	}
 	ns, err := w.nss.Get(namespace)
