@@ -81,9 +81,21 @@ type PodResponse struct {
 	Error    string `json:"error,omitempty"`
 }
 
-// ErrUnreachable: the agent could not be reached (no socket, refused,
-// timed out before an answer).
+// ErrUnreachable: the agent could not be reached (no socket, nobody
+// listening, the connection could not be made in time).
 var ErrUnreachable = errors.New("node agent unreachable")
+
+// ErrNoAnswer: the agent took the request but gave no complete answer (it
+// timed out deciding, or went away meanwhile). Unlike ErrUnreachable the
+// agent was there: the plugin must not fall back on the state file, since
+// the agent may have been about to enrol the pod.
+var ErrNoAnswer = errors.New("node agent gave no answer")
+
+// dialError marks a failure to connect to the agent's socket.
+type dialError struct{ err error }
+
+func (e *dialError) Error() string { return e.err.Error() }
+func (e *dialError) Unwrap() error { return e.err }
 
 // AgentError is an error the agent reported.
 type AgentError struct {
@@ -104,7 +116,11 @@ func NewClient(socket string, timeout time.Duration) *Client {
 	tr := &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			var d net.Dialer
-			return d.DialContext(ctx, "unix", socket)
+			c, err := d.DialContext(ctx, "unix", socket)
+			if err != nil {
+				return nil, &dialError{err}
+			}
+			return c, nil
 		},
 		DisableKeepAlives: true,
 	}
@@ -148,12 +164,15 @@ func (c *Client) call(ctx context.Context, method, path string, body any) (*PodR
 	req.Header.Set("Content-Type", "application/json")
 	resp, err := c.http.Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrUnreachable, err)
+		if de := (*dialError)(nil); errors.As(err, &de) {
+			return nil, fmt.Errorf("%w: %w", ErrUnreachable, err)
+		}
+		return nil, fmt.Errorf("%w: %w", ErrNoAnswer, err)
 	}
 	defer resp.Body.Close()
 	b, err := io.ReadAll(io.LimitReader(resp.Body, MaxBody))
 	if err != nil {
-		return nil, fmt.Errorf("%w: reading answer: %w", ErrUnreachable, err)
+		return nil, fmt.Errorf("%w: reading answer: %w", ErrNoAnswer, err)
 	}
 	var pr PodResponse
 	if err := json.Unmarshal(b, &pr); err != nil {

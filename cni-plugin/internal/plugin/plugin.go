@@ -12,13 +12,15 @@
 //	ztunnel acked)                              → pass through
 //	agent answers not enrolled                  → pass through
 //	agent answers an error                      → error 100 (redirection failed)
+//	agent took the request but did not answer
+//	(timed out, went away)                      → error 11 (try again later)
 //	agent unreachable, namespace enrolled per
 //	state file, or state file unreadable        → error 11 (try again later)
 //	agent unreachable, namespace not enrolled   → pass through
 //
-// DEL never fails because the agent is away (the agent reconciles pods
-// that vanished while it was down); CHECK follows ADD's rules; STATUS
-// reports error 50 while the agent is unreachable or not ready.
+// DEL never fails because the agent is away or silent (the agent
+// reconciles pods that vanished meanwhile); CHECK follows ADD's rules;
+// STATUS reports error 50 while the agent is unreachable or not ready.
 package plugin
 
 import (
@@ -126,6 +128,10 @@ func agentFailed(op string, err error) error {
 	if errors.As(err, &ae) && ae.Status == 503 {
 		return types.NewError(types.ErrTryAgainLater, "amesh-cni: node agent not ready", ae.Msg)
 	}
+	if errors.Is(err, agentapi.ErrNoAnswer) {
+		return types.NewError(types.ErrTryAgainLater,
+			"amesh-cni: node agent did not answer; refusing the pod (fail closed)", err.Error())
+	}
 	return types.NewError(ErrRedirection, "amesh-cni: "+op+" failed", err.Error())
 }
 
@@ -167,7 +173,8 @@ func Del(a *skel.CmdArgs) error {
 	}
 	ctx, cancel := inv.ctx()
 	defer cancel()
-	if _, err := inv.client().Del(ctx, inv.req); err != nil && !errors.Is(err, agentapi.ErrUnreachable) {
+	if _, err := inv.client().Del(ctx, inv.req); err != nil &&
+		!errors.Is(err, agentapi.ErrUnreachable) && !errors.Is(err, agentapi.ErrNoAnswer) {
 		return agentFailed("cleanup", err)
 	}
 	return nil

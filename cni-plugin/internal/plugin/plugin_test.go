@@ -3,10 +3,12 @@ package plugin
 import (
 	"encoding/json"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/containernetworking/cni/pkg/skel"
@@ -156,4 +158,73 @@ func FuzzParse(f *testing.F) {
 		// load (the whole ADD input path) must not panic either.
 		_, _ = load(&skel.CmdArgs{StdinData: stdin, Args: args, ContainerID: "c", Netns: "/nonexistent"})
 	})
+}
+
+// silentAgent listens on a unix socket and takes every request without
+// answering: it holds the connection (hold) or closes it at once.
+func silentAgent(t *testing.T, sock string, hold bool) {
+	t.Helper()
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var conns []net.Conn
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			_, _ = c.Read(make([]byte, 4096)) // the request
+			if !hold {
+				c.Close()
+				continue
+			}
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+		}
+	})
+}
+
+// TestAgentSilent: an agent that takes the request and never answers (it
+// is stuck deciding, or dies mid-request) is not an absent agent. The
+// plugin must not fall back on the state file — which knows only labelled
+// namespaces, not pods enrolled by their own label — and let the pod
+// start unprotected: ADD and CHECK fail with "try again later". DEL still
+// succeeds.
+func TestAgentSilent(t *testing.T) {
+	for _, hold := range []bool{true, false} {
+		t.Run(fmt.Sprintf("hold=%v", hold), func(t *testing.T) {
+			dir := t.TempDir()
+			sock := filepath.Join(dir, "agent.sock")
+			state := filepath.Join(dir, "state.json")
+			if err := agentapi.WriteState(state, &agentapi.State{EnrolledNamespaces: []string{"mesh"}}); err != nil {
+				t.Fatal(err)
+			}
+			silentAgent(t, sock, hold)
+			conf := fmt.Sprintf(`{"cniVersion":"1.0.0","name":"n","type":"amesh-cni","agentSocket":%q,"stateFile":%q,"agentTimeout":"300ms","prevResult":%s}`,
+				sock, state, prev10)
+			args := "K8S_POD_NAMESPACE=plain;K8S_POD_NAME=p;K8S_POD_UID=u"
+			for _, cmd := range []string{"ADD", "CHECK"} {
+				if out, e := run(t, cmd, conf, args); e == nil || e.Code != types.ErrTryAgainLater {
+					t.Errorf("%s with a silent agent = %+v (%s), want code 11", cmd, e, out)
+				}
+			}
+			if _, e := run(t, "DEL", conf, args); e != nil {
+				t.Errorf("DEL with a silent agent = %+v, want success", e)
+			}
+		})
+	}
 }
