@@ -168,6 +168,9 @@ func (d *Demo) Run(ctx context.Context) error {
 		return err
 	}
 	d.showLoad(r, "reviews.servedBy.version")
+	if r.OK < r.Requests {
+		d.say("(known gap: enrolment resets connections that were already open — here productpage's pooled ones to details and reviews)")
+	}
 	d.showHops(ctx, before, "L4 (ztunnel metrics)")
 
 	d.step("creating a waypoint: kubectl waypoint apply -n %s --enroll-namespace", ns)
