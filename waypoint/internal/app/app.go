@@ -64,8 +64,9 @@ type App struct {
 	draining atomic.Bool
 	// stopAccess flushes the buffered access log.
 	stopAccess func() error
-	// gatewaySeen: whether the WaypointGateway was there at the last
-	// delta (xDS goroutine only; for logging its arrival and loss).
+	// gatewaySeen: whether the WaypointGateway was there when last
+	// logged (for logging its arrival and loss once synced).
+	gwMu                       sync.Mutex
 	gatewaySeen, gatewayLogged bool
 
 	// UpstreamHBONEPort is where endpoints' ztunnels listen (15008).
@@ -259,8 +260,19 @@ func (a *App) apply(typeURL string, upserts []*xds.Resource, removes []string) e
 	if err := a.cat.Apply(typeURL, msgs, removes); err != nil {
 		return err
 	}
-	// apply runs on the xDS client's goroutine only.
-	if gw := a.cat.GatewayReady(); a.cat.Ready() && (!a.gatewayLogged || gw != a.gatewaySeen) {
+	a.logGateway()
+	return nil
+}
+
+// logGateway logs, once synced, the WaypointGateway's arrival or absence
+// and each later change of it.
+func (a *App) logGateway() {
+	if !a.cat.Ready() {
+		return
+	}
+	a.gwMu.Lock()
+	defer a.gwMu.Unlock()
+	if gw := a.cat.GatewayReady(); !a.gatewayLogged || gw != a.gatewaySeen {
 		a.gatewaySeen, a.gatewayLogged = gw, true
 		if gw {
 			a.log.Info("WaypointGateway received: serving workloads bound to this waypoint", zap.String("gateway", a.cfg.Gateway))
@@ -269,17 +281,31 @@ func (a *App) apply(typeURL string, upserts []*xds.Resource, removes []string) e
 				zap.String("gateway", a.cfg.Gateway))
 		}
 	}
-	return nil
+}
+
+// awaitSync opens the catalog (Resolve, readiness) once the xDS client
+// reports Synced: every subscribed type had its whole first push handled,
+// including every response of a push the controller split. Until then
+// every tunnel is refused with 503 and the waypoint is not ready.
+func (a *App) awaitSync(ctx context.Context) {
+	select {
+	case <-ctx.Done():
+		return
+	case <-a.xds.Synced():
+	}
+	a.cat.MarkSynced()
+	a.log.Info("discovery synced: serving")
+	a.logGateway()
 }
 
 func (a *App) ready() error {
 	if a.draining.Load() {
 		return errors.New("draining")
 	}
-	// Services, workloads and waypoint services: enough to serve service
-	// traffic. The WaypointGateway is not waited for (a controller that
-	// does not publish it yet would keep the waypoint unready); until it
-	// arrives only workload-addressed traffic is refused.
+	// Every subscribed type's first push in full (the xDS client's
+	// Synced), not merely a delta of each: a large push arrives in several
+	// responses. A WaypointGateway missing once synced keeps the waypoint
+	// ready; only workload-addressed traffic is refused until it arrives.
 	if !a.cat.Ready() {
 		return errors.New("discovery not synced")
 	}
@@ -369,6 +395,7 @@ func (a *App) Run(ctx context.Context) error {
 	run("discovery", bg, a.xds.Run)
 	run("admin", bg, a.admin.Run)
 	run("jwks", bg, a.keys.Run)
+	wg.Go(func() { a.awaitSync(bg) })
 	// Fetch the waypoint's own certificate now (the store issues on first
 	// use); readiness waits for it.
 	wg.Go(func() {

@@ -67,6 +67,20 @@ func (s allVisible) Visible(string, *xds.Resource) bool { return true }
 
 func newController(t *testing.T) *controller {
 	t.Helper()
+	return newControllerWith(t, controllerOptions{})
+}
+
+// controllerOptions adjust the fake controller.
+type controllerOptions struct {
+	// maxResponseResources bounds the resources per xDS response (0: the
+	// server's default).
+	maxResponseResources int
+	// grpc are extra options of its gRPC server (interceptors).
+	grpc []grpc.ServerOption
+}
+
+func newControllerWith(t *testing.T, opts controllerOptions) *controller {
+	t.Helper()
 	tdID := spiffeid.RequireTrustDomainFromString(td)
 	auth, err := ca.NewRoot(tdID, 24*time.Hour)
 	if err != nil {
@@ -86,7 +100,8 @@ func newController(t *testing.T) *controller {
 		cert.Certificate = append(cert.Certificate, c.Raw)
 	}
 	cert.PrivateKey = key
-	g := grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13})))
+	g := grpc.NewServer(append([]grpc.ServerOption{grpc.Creds(credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13}))},
+		opts.grpc...)...)
 	ca.NewServer(auth, ca.AuthorizerFunc(func(ctx context.Context, id spiffeid.ID) error {
 		tok, err := bearer.FromIncoming(ctx)
 		if err != nil {
@@ -100,7 +115,7 @@ func newController(t *testing.T) *controller {
 		}
 		return nil
 	}), ca.ServerOptions{}).Register(g)
-	c.xds = xds.NewServer(xds.ServerOptions{Authenticate: func(ctx context.Context, node *corev3.Node) (xds.Subscriber, error) {
+	c.xds = xds.NewServer(xds.ServerOptions{MaxResponseResources: opts.maxResponseResources, Authenticate: func(ctx context.Context, node *corev3.Node) (xds.Subscriber, error) {
 		if _, err := bearer.FromIncoming(ctx); err != nil {
 			return nil, err
 		}
@@ -663,6 +678,7 @@ func TestPoliciesAndResilienceThroughHBONE(t *testing.T) {
 			LocalRateLimit:   &discoveryv1.LocalRateLimit{MaxTokens: 30, TokensPerFill: 30, FillInterval: durationpb.New(time.Hour)},
 			OutlierDetection: &discoveryv1.OutlierDetection{Consecutive_5Xx: 2, BaseEjectionTime: durationpb.New(time.Minute), MaxEjectionPercent: 50},
 		}})
+	c.set(discoveryv1.WaypointGatewayType) // none, as the controller publishes
 	wp := startWaypoint(t, c, hbonePort)
 	cl := newClient(t, c, wp)
 	hc := cl.http1(netip.AddrPortFrom(apiVIP, 80))
@@ -752,6 +768,7 @@ func TestDrainThroughHBONE(t *testing.T) {
 	c.set(discoveryv1.ServiceType, service("slow", vip, 80, "http"))
 	c.set(discoveryv1.WorkloadType, slow.workload)
 	c.set(discoveryv1.WaypointServiceType, &discoveryv1.WaypointService{Service: key("slow"), Gateway: "default/waypoint"})
+	c.set(discoveryv1.WaypointGatewayType) // none, as the controller publishes
 	wp := startWaypoint(t, c, hbonePort)
 	cl := newClient(t, c, wp)
 	type result struct {

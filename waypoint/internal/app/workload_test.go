@@ -203,10 +203,10 @@ func TestPerServiceAccountWaypoint(t *testing.T) {
 }
 
 // TestRefusesUntilSynced: before the initial discovery state has arrived
-// the waypoint refuses every tunnel with 503 and is not ready; once the
-// services, workloads and waypoint services are there it serves service
-// traffic, but refuses traffic for a workload bound to it (503) until its
-// WaypointGateway arrives.
+// — every subscribed type, not only services, workloads and waypoint
+// services — the waypoint refuses every tunnel with 503 and is not ready;
+// once synced it serves service traffic, but refuses traffic for a
+// workload bound to it (503) until its WaypointGateway arrives.
 func TestRefusesUntilSynced(t *testing.T) {
 	c := newController(t)
 	hbonePort := freePortOn(t, netip.MustParseAddr("127.0.0.1"))
@@ -244,6 +244,24 @@ func TestRefusesUntilSynced(t *testing.T) {
 	c.set(discoveryv1.ServiceType, service("shop", vip.Addr(), 80, "http"))
 	c.set(discoveryv1.WorkloadType, p.workload)
 	c.set(discoveryv1.WaypointServiceType, &discoveryv1.WaypointService{Service: key("shop"), Gateway: "default/waypoint"})
+	// The WaypointGateway type has no state yet: not synced.
+	deadline = time.Now().Add(10 * time.Second)
+	for len(wp.app.xds.Versions(discoveryv1.WaypointServiceType)) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("waypoint services never arrived")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if resp, err := http.Get("http://" + wp.ready + "/healthz/ready"); err != nil || resp.StatusCode != 503 {
+		t.Fatalf("ready before the WaypointGateway type synced: %v %v", resp, err)
+	} else {
+		resp.Body.Close()
+	}
+	if _, err := cl.dial(vip)(context.Background(), "", ""); !errors.Is(err, hbone.ErrUnreachable) {
+		t.Fatalf("service traffic before the WaypointGateway type synced: %v, want 503", err)
+	}
+	// Synced without this waypoint's WaypointGateway (another's only).
+	c.set(discoveryv1.WaypointGatewayType, &discoveryv1.WaypointGateway{Gateway: "default/other"})
 	wp.waitReady(t)
 	get := func(target netip.AddrPort) (int, error) {
 		resp, err := cl.http1(target).Get("http://shop/")

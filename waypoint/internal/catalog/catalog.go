@@ -86,9 +86,6 @@ type Options struct {
 	Gateway string
 }
 
-// coreTypes must all have arrived before anything is served.
-var coreTypes = []string{discoveryv1.ServiceType, discoveryv1.WorkloadType, discoveryv1.WaypointServiceType}
-
 // Catalog holds the discovery state. Safe for concurrent use.
 type Catalog struct {
 	dial    upstream.Dialer
@@ -102,8 +99,7 @@ type Catalog struct {
 	waypoints map[string]*discoveryv1.WaypointService
 	// gw is this waypoint's WaypointGateway; nil until it arrives.
 	gw       *discoveryv1.WaypointGateway
-	applied  map[string]bool // types that had a delta applied
-	marked   bool            // MarkReady was called
+	synced   bool // MarkSynced was called
 	limiters map[string]*limiterEntry
 	clusters map[clusterKey]*upstream.Cluster
 	// wlProto is the protocol of each workload-addressed port.
@@ -142,7 +138,7 @@ func New(opts Options) *Catalog {
 	c := &Catalog{dial: opts.Dial, keys: opts.Keys, log: opts.Logger, gateway: opts.Gateway, wlProto: map[clusterKey]string{},
 		workloads: map[string]*discoveryv1.Workload{}, services: map[string]*discoveryv1.Service{},
 		waypoints: map[string]*discoveryv1.WaypointService{}, limiters: map[string]*limiterEntry{},
-		clusters: map[clusterKey]*upstream.Cluster{}, applied: map[string]bool{}}
+		clusters: map[clusterKey]*upstream.Cluster{}}
 	if c.log == nil {
 		c.log = zap.NewNop()
 	}
@@ -200,7 +196,6 @@ func (c *Catalog) Apply(typeURL string, upserts []proto.Message, removes []strin
 			}
 		}
 	}
-	c.applied[typeURL] = true
 	c.rebuild()
 	return nil
 }
@@ -242,32 +237,23 @@ func (c *Catalog) Update(upserts []proto.Message, removes []string) error {
 	return nil
 }
 
-// MarkReady declares the state complete without waiting for every core
-// type (static configuration). Ready otherwise turns true once Services,
-// Workloads and WaypointServices have each had their first delta applied.
-func (c *Catalog) MarkReady() {
+// MarkSynced declares the initial discovery state complete: the waypoint
+// calls it once its xDS client reports Synced (every subscribed type had
+// its whole first push, possibly split into several responses, handled);
+// tests and static configuration call it once they loaded their state.
+// Having applied some delta of each type is not enough: a push split into
+// several responses would make the waypoint serve with part of its state.
+func (c *Catalog) MarkSynced() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.marked = true
+	c.synced = true
 	s := *c.snap.Load()
-	s.ready = c.readyLocked()
+	s.ready = true
 	c.snap.Store(&s)
 }
 
-func (c *Catalog) readyLocked() bool {
-	if c.marked {
-		return true
-	}
-	for _, t := range coreTypes {
-		if !c.applied[t] {
-			return false
-		}
-	}
-	return true
-}
-
-// Ready reports whether the initial discovery state has arrived: until
-// then Resolve refuses everything.
+// Ready reports whether MarkSynced was called: until then Resolve refuses
+// everything.
 func (c *Catalog) Ready() bool { return c.snap.Load().ready }
 
 // GatewayReady reports whether this waypoint's WaypointGateway has arrived:
@@ -284,7 +270,7 @@ func (c *Catalog) rebuild() {
 	old := c.snap.Load()
 	s := &snapshot{byAddr: map[netip.AddrPort]*Target{}, byIP: map[netip.Addr]*discoveryv1.Workload{},
 		bound: map[netip.Addr]*Target{}, waypoints: maps.Clone(c.waypoints), services: maps.Clone(c.services),
-		gw: c.gw, ready: c.readyLocked(), generation: old.generation + 1}
+		gw: c.gw, ready: c.synced, generation: old.generation + 1}
 	c.bySvc = map[string][]*discoveryv1.Workload{}
 	for _, w := range c.workloads {
 		for _, a := range w.GetAddresses() {

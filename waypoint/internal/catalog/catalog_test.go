@@ -22,6 +22,7 @@ const key = "shop/cart.shop.svc.cluster.local"
 func fixture(t *testing.T) *Catalog {
 	t.Helper()
 	c := New(Options{})
+	c.MarkSynced()
 	svc := &discoveryv1.Service{Name: "cart", Namespace: "shop", Hostname: "cart.shop.svc.cluster.local",
 		Addresses: [][]byte{{10, 96, 0, 10}},
 		Ports: []*discoveryv1.ServicePort{
@@ -150,7 +151,8 @@ func TestWorkloadAddressedTargets(t *testing.T) {
 			t.Fatalf("Resolve(%s) = %+v, %v; want %v", addr, tg, err, want)
 		}
 	}
-	// Nothing is served before the core types have arrived.
+	// Nothing is served before the state is declared synced, however many
+	// types have had a delta applied.
 	apply(discoveryv1.ServiceType,
 		&discoveryv1.Service{Name: "cart", Namespace: "shop", Hostname: "cart.shop.svc.cluster.local", Addresses: [][]byte{{10, 96, 0, 10}},
 			Ports: []*discoveryv1.ServicePort{{ServicePort: 80, TargetPort: 8080, AppProtocol: "http"}}},
@@ -161,6 +163,12 @@ func TestWorkloadAddressedTargets(t *testing.T) {
 		w("unbound", 3, nil, key), w("bound-no-service", 4, bound, "shop/nope.shop.svc.cluster.local"))
 	wantErr("10.96.0.10:80", ErrNotSynced)
 	apply(discoveryv1.WaypointServiceType, &discoveryv1.WaypointService{Service: key, Authorizations: []*discoveryv1.Authorization{svcDeny}})
+	apply(discoveryv1.WaypointGatewayType)
+	if c.Ready() {
+		t.Fatal("ready before MarkSynced")
+	}
+	wantErr("10.96.0.10:80", ErrNotSynced)
+	c.MarkSynced()
 	if !c.Ready() || c.GatewayReady() {
 		t.Fatalf("ready %v gateway ready %v", c.Ready(), c.GatewayReady())
 	}

@@ -81,6 +81,7 @@ func newEnv(t testing.TB) *env {
 		log = zaptest.NewLogger(t)
 	}
 	e.cat = catalog.New(catalog.Options{Dial: dial, Logger: log})
+	e.cat.MarkSynced() // tests load their state directly
 	tr, err := telemetry.NewTracer(context.Background(), telemetry.TracingConfig{SampleRatio: 1, ServiceName: "waypoint-test"})
 	if err != nil {
 		t.Fatal(err)

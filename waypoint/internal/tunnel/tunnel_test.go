@@ -57,6 +57,7 @@ func newFixture(t *testing.T, appProto string, backend net.Listener, ws *discove
 	}
 	log := zaptest.NewLogger(t)
 	cat := catalog.New(catalog.Options{Dial: dial, Logger: log})
+	cat.MarkSynced() // the state below is complete
 	bap := netip.MustParseAddrPort(backend.Addr().String())
 	ip4 := vip.Addr().As4()
 	b4 := bap.Addr().As4()
