@@ -11,6 +11,7 @@ import (
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 	rpcstatus "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
@@ -59,21 +60,29 @@ type ClientOptions struct {
 	// splits large pushes into responses of about 1 MiB, but a single
 	// resource may be larger, and other servers may not split.
 	MaxMessageSize int
+	// Registerer receives the client's metrics (responses applied and
+	// rejected, by type). Nil: not registered.
+	Registerer prometheus.Registerer
 }
 
 // Client is a delta-ADS client.
 type Client struct {
-	opts ClientOptions
-	log  *zap.Logger
+	opts    ClientOptions
+	log     *zap.Logger
+	updates *prometheus.CounterVec // type, result
 
 	synced     chan struct{}
 	syncedOnce sync.Once
 
 	mu    sync.Mutex
 	state map[string]map[string]string // type URL → name → version held
-	// complete holds the types that had a whole push applied: a response
-	// not marked MoreToCome (the last of a push split into several).
+	// complete holds the types whose first push was handled to its end:
+	// a response not marked MoreToCome (the last of a push split into
+	// several), applied or rejected.
 	complete map[string]bool
+	// rejected holds the types with a rejected response in their first
+	// push (logged when it completes).
+	rejected map[string]error
 	connect  int // streams opened (for tests and logs)
 }
 
@@ -97,6 +106,14 @@ func NewClient(opts ClientOptions) *Client {
 		synced:   make(chan struct{}),
 		state:    map[string]map[string]string{},
 		complete: map[string]bool{},
+		rejected: map[string]error{},
+		updates: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "amesh_xds_client_updates_total",
+			Help: "Discovery responses received, by resource type and result (applied, or rejected and NACKed).",
+		}, []string{"type", "result"}),
+	}
+	if opts.Registerer != nil {
+		c.updates = register(opts.Registerer, opts.Logger, c.updates)
 	}
 	for _, t := range opts.TypeURLs {
 		c.state[t] = map[string]string{}
@@ -107,10 +124,21 @@ func NewClient(opts ClientOptions) *Client {
 	return c
 }
 
-// Synced is closed once every type URL had its first push applied in
+// Synced is closed once every type URL had its first push handled in
 // full: a push the server split into several responses (ServerOptions.
-// MaxResponseResources) counts when its last response is applied. Each
+// MaxResponseResources) counts when its last response is handled. Each
 // response is still applied (Handler.Apply) and acknowledged on its own.
+//
+// A rejected response (NACKed: Handler.Apply failed) counts as handled,
+// as Envoy finishes warming when its initial configuration is rejected:
+// the client is then synced with the state it had before (empty for a
+// first push), logs it as an error and counts it in
+// amesh_xds_client_updates_total{result="rejected"}. Otherwise one bad
+// resource would keep the client unsynced — a ztunnel or waypoint unready
+// — until that resource changes. The server does not resend a rejected
+// version on the same stream; after a reconnection the client claims only
+// what it holds, so the server sends it once more and it is rejected once
+// more (no loop: a NACK never ends the stream).
 func (c *Client) Synced() <-chan struct{} { return c.synced }
 
 // Versions returns the resources of typeURL the client holds (name →
@@ -195,10 +223,12 @@ func (c *Client) session(ctx context.Context) (progressed bool, err error) {
 		}
 		progressed = true
 		ack := &discoveryv3.DeltaDiscoveryRequest{TypeUrl: resp.GetTypeUrl(), ResponseNonce: resp.GetNonce()}
-		if aerr := c.apply(resp); aerr != nil {
+		aerr := c.apply(resp)
+		if aerr != nil {
 			c.log.Warn("xds NACK", zap.String("type", resp.GetTypeUrl()), zap.String("nonce", resp.GetNonce()), zap.Error(aerr))
 			ack.ErrorDetail = &rpcstatus.Status{Code: int32(codes.InvalidArgument), Message: aerr.Error()}
 		}
+		c.handled(resp, aerr)
 		if err := s.Send(ack); err != nil {
 			return progressed, fmt.Errorf("xds: acknowledge: %w", err)
 		}
@@ -265,11 +295,39 @@ func (c *Client) apply(resp *discoveryv3.DeltaDiscoveryResponse) error {
 	for _, n := range removes {
 		delete(m, n)
 	}
-	if !c.complete[typeURL] && resp.GetSystemVersionInfo() != MoreToCome {
-		c.complete[typeURL] = true
-		if len(c.complete) == len(c.opts.TypeURLs) {
-			c.syncedOnce.Do(func() { close(c.synced) })
-		}
-	}
 	return nil
+}
+
+// handled records that resp was applied (aerr nil) or rejected, and marks
+// its type's first push complete at its last response either way.
+func (c *Client) handled(resp *discoveryv3.DeltaDiscoveryResponse, aerr error) {
+	typeURL := resp.GetTypeUrl()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if _, ok := c.state[typeURL]; !ok {
+		return // not subscribed: neither counted nor part of the sync
+	}
+	result := "applied"
+	if aerr != nil {
+		result = "rejected"
+	}
+	c.updates.WithLabelValues(shortType(typeURL), result).Inc()
+	if c.complete[typeURL] {
+		return
+	}
+	if aerr != nil {
+		c.rejected[typeURL] = aerr
+	}
+	if resp.GetSystemVersionInfo() == MoreToCome {
+		return
+	}
+	c.complete[typeURL] = true
+	if err := c.rejected[typeURL]; err != nil {
+		delete(c.rejected, typeURL)
+		c.log.Error("xds: first push handled with rejected responses; synced without what they carried until an accepted version arrives",
+			zap.String("type", typeURL), zap.Int("held", len(c.state[typeURL])), zap.Error(err))
+	}
+	if len(c.complete) == len(c.opts.TypeURLs) {
+		c.syncedOnce.Do(func() { close(c.synced) })
+	}
 }

@@ -274,14 +274,16 @@ func (s *store) ncalls() int {
 // runClient starts a client; it stops at test cleanup.
 func runClient(t testing.TB, conn grpc.ClientConnInterface, h xds.Handler, types ...string) *xds.Client {
 	t.Helper()
-	c := xds.NewClient(xds.ClientOptions{
-		Conn:           conn,
-		Node:           node("pod-" + fmt.Sprint(time.Now().UnixNano())),
-		TypeURLs:       types,
-		Handler:        h,
-		InitialBackoff: 20 * time.Millisecond,
-		MaxBackoff:     200 * time.Millisecond,
-	})
+	return runClientOpts(t, xds.ClientOptions{Conn: conn, TypeURLs: types, Handler: h})
+}
+
+// runClientOpts starts a client with opts (node and quick backoffs filled
+// in); it stops at test cleanup.
+func runClientOpts(t testing.TB, opts xds.ClientOptions) *xds.Client {
+	t.Helper()
+	opts.Node = node("pod-" + fmt.Sprint(time.Now().UnixNano()))
+	opts.InitialBackoff, opts.MaxBackoff = 20*time.Millisecond, 200*time.Millisecond
+	c := xds.NewClient(opts)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- c.Run(ctx) }()

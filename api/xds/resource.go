@@ -21,7 +21,9 @@
 // to a Handler (an error NACKs it and keeps the old state), reconnects with
 // jittered exponential backoff, resumes with the versions it holds, and
 // keeps its state while disconnected. It is Synced once every type had a
-// whole push applied (the last response of a split push).
+// whole first push handled (the last response of a split push), applied
+// or rejected: a rejected first push leaves the previous (empty) state, as
+// Envoy's warming does.
 //
 // Deviations from the API sketch: Set and Update return an error for invalid
 // input (nothing is applied then); Server.Recheck re-evaluates visibility

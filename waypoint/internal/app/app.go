@@ -161,7 +161,7 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (*App, error) {
 		return nil, fmt.Errorf("node metadata: %w", err)
 	}
 	a.xds = xds.NewClient(xds.ClientOptions{Conn: a.conn, Node: &corev3.Node{Id: cfg.PodName, Metadata: meta},
-		TypeURLs: typeURLs(), Handler: xds.HandlerFunc(a.apply), Logger: log.Named("xds")})
+		TypeURLs: typeURLs(), Handler: xds.HandlerFunc(a.apply), Logger: log.Named("xds"), Registerer: a.reg})
 
 	listen := func(addr string) (net.Listener, error) {
 		if addr == "" {
