@@ -565,6 +565,19 @@ func checkDeployment(t *testing.T, dep *appsv1.Deployment) {
 	if c.Resources.Requests.Cpu().IsZero() || c.Resources.Requests.Memory().IsZero() {
 		t.Errorf("resource requests %v", c.Resources.Requests)
 	}
+	// The Go GC is told the container's memory limit, in bytes.
+	if c.Resources.Limits.Memory().IsZero() {
+		t.Errorf("no memory limit: %v", c.Resources.Limits)
+	}
+	var memLimit *corev1.ResourceFieldSelector
+	for _, v := range c.Env {
+		if v.Name == "GOMEMLIMIT" && v.ValueFrom != nil {
+			memLimit = v.ValueFrom.ResourceFieldRef
+		}
+	}
+	if memLimit == nil || memLimit.ContainerName != c.Name || memLimit.Resource != "limits.memory" || memLimit.Divisor.Value() != 1 {
+		t.Errorf("GOMEMLIMIT from %+v, want limits.memory of container %s in bytes", memLimit, c.Name)
+	}
 	ports := map[int32]bool{}
 	for _, p := range c.Ports {
 		ports[p.ContainerPort] = true

@@ -6,6 +6,7 @@ import (
 	"strconv"
 
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	appsv1ac "k8s.io/client-go/applyconfigurations/apps/v1"
 	corev1ac "k8s.io/client-go/applyconfigurations/core/v1"
@@ -32,6 +33,9 @@ const (
 	managedBy      = "amesh-controller"
 	componentValue = "waypoint"
 )
+
+// waypointContainer names the waypoint's container in its pod.
+const waypointContainer = "waypoint"
 
 // Paths inside the waypoint container.
 const (
@@ -161,17 +165,27 @@ func deployment(gw *gwv1.Gateway, o Options) *appsv1ac.DeploymentApplyConfigurat
 	grace := int64(o.DrainTimeout.Seconds()) + 10
 	nonRoot := int64(65532)
 
+	env := []*corev1ac.EnvVarApplyConfiguration{
+		fieldEnv("POD_NAME", "metadata.name"),
+		fieldEnv("POD_NAMESPACE", "metadata.namespace"),
+		fieldEnv("NODE_NAME", "spec.nodeName"),
+		fieldEnv("SERVICE_ACCOUNT", "spec.serviceAccountName"),
+	}
+	if !o.MemoryLimit.IsZero() {
+		// The Go GC works to stay under the pod's memory limit instead of
+		// letting the heap double past it: GOMEMLIMIT takes a plain byte
+		// count, which is what the downward API renders with divisor 1.
+		env = append(env, corev1ac.EnvVar().WithName("GOMEMLIMIT").WithValueFrom(corev1ac.EnvVarSource().
+			WithResourceFieldRef(corev1ac.ResourceFieldSelector().WithContainerName(waypointContainer).
+				WithResource("limits.memory").WithDivisor(resource.MustParse("1")))))
+	}
+
 	container := corev1ac.Container().
-		WithName("waypoint").
+		WithName(waypointContainer).
 		WithImage(o.Image).
 		WithImagePullPolicy(o.ImagePullPolicy).
 		WithArgs(args...).
-		WithEnv(
-			fieldEnv("POD_NAME", "metadata.name"),
-			fieldEnv("POD_NAMESPACE", "metadata.namespace"),
-			fieldEnv("NODE_NAME", "spec.nodeName"),
-			fieldEnv("SERVICE_ACCOUNT", "spec.serviceAccountName"),
-		).
+		WithEnv(env...).
 		WithPorts(
 			corev1ac.ContainerPort().WithName("hbone").WithContainerPort(portHBONE).WithProtocol(corev1.ProtocolTCP),
 			corev1ac.ContainerPort().WithName("http-metrics").WithContainerPort(portMetrics).WithProtocol(corev1.ProtocolTCP),

@@ -6,7 +6,9 @@ import (
 	"testing"
 	"time"
 
+	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	corev1ac "k8s.io/client-go/applyconfigurations/core/v1"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 )
 
@@ -308,5 +310,37 @@ func TestInfrastructureLabelsCannotOverrideOwn(t *testing.T) {
 	}
 	if l := service(gw).Labels; l["gateway.networking.k8s.io/gateway-name"] != "waypoint" || l["team"] != "a" {
 		t.Errorf("service labels %v", l)
+	}
+}
+
+// TestGOMEMLIMIT: GOMEMLIMIT follows the container's memory limit (bytes,
+// through the downward API) and is absent without a limit, where the
+// downward API would give the node's allocatable memory.
+func TestGOMEMLIMIT(t *testing.T) {
+	for _, tc := range []struct {
+		limit string
+		want  bool
+	}{{"1Gi", true}, {"0", false}} {
+		o := DefaultOptions()
+		o.MemoryLimit = resource.MustParse(tc.limit)
+		c := deployment(gateway("waypoint", nil), o).Spec.Template.Spec.Containers[0]
+		var ref *corev1ac.ResourceFieldSelectorApplyConfiguration
+		for _, e := range c.Env {
+			if *e.Name == "GOMEMLIMIT" {
+				ref = e.ValueFrom.ResourceFieldRef
+			}
+		}
+		if !tc.want {
+			if ref != nil {
+				t.Errorf("limit %s: GOMEMLIMIT set from %+v", tc.limit, ref)
+			}
+			continue
+		}
+		if ref == nil || *ref.ContainerName != *c.Name || *ref.Resource != "limits.memory" || ref.Divisor.Value() != 1 {
+			t.Errorf("limit %s: GOMEMLIMIT from %+v, want limits.memory of %s with divisor 1", tc.limit, ref, *c.Name)
+		}
+		if l := c.Resources.Limits.Memory(); l.Cmp(o.MemoryLimit) != 0 {
+			t.Errorf("limit %s: container limit %v", tc.limit, l)
+		}
 	}
 }
