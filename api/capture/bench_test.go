@@ -1,6 +1,7 @@
 package capture
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -23,13 +24,13 @@ table inet amesh {
 		meta l4proto tcp tcp dport 15008 return
 		meta nfproto ipv4 meta l4proto tcp ip saddr @probe_src4 tcp dport @probe_ports return
 		meta nfproto ipv6 meta l4proto tcp ip6 saddr @probe_src6 tcp dport @probe_ports return
-		meta l4proto tcp redirect to :15006
+		meta l4proto tcp tcp flags & (syn | ack) == syn redirect to :15006
 	}
 	chain outbound {
 		type nat hook output priority -100; policy accept;
 		oifname "lo" return
 		meta mark 0x539 return
-		meta l4proto tcp redirect to :15001
+		meta l4proto tcp tcp flags & (syn | ack) == syn redirect to :15001
 	}
 	chain reply {
 		type route hook output priority mangle; policy accept;
@@ -110,5 +111,24 @@ func TestRulesetMatchesNft(t *testing.T) {
 			return err
 		}
 		return Check(cfg)
+	}))
+	// The rules of earlier versions, which redirected every new flow
+	// (also one picked up mid-stream), are a mismatch: the agent's next
+	// Install replaces them.
+	legacy := strings.ReplaceAll(nftRuleset, "tcp flags & (syn | ack) == syn ", "")
+	if legacy == nftRuleset {
+		t.Fatal("the baseline has no SYN match to remove")
+	}
+	if err := os.WriteFile(file, []byte(legacy), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	must(t, inNS(ns, func() error {
+		if out, err := exec.Command("nft", "-f", file).CombinedOutput(); err != nil {
+			return fmt.Errorf("nft: %w: %s", err, out)
+		}
+		if err := Check(cfg); !errors.Is(err, ErrMismatch) {
+			return fmt.Errorf("Check of the legacy rules = %v, want ErrMismatch", err)
+		}
+		return nil
 	}))
 }

@@ -17,6 +17,15 @@
 //     interface is REDIRECTed to 15006 (InboundPlaintextPort), except
 //     connections to 15008 (InboundHBONEPort), which ztunnel terminates
 //     itself, and kubelet health probes (see Config).
+//   - only connections that start after Install are captured: a rule
+//     redirects a connection's opening packet (a TCP SYN without ACK) and
+//     nothing else. Conntrack begins in a pod's netns with this table, so
+//     the next packet of a connection that was already open is new to it
+//     too; redirecting that packet mid-stream would send it to a ztunnel
+//     port that answers with a reset. Such a packet gets no translation
+//     and its connection keeps its direct path until it closes, as
+//     enrolling a running pod should leave its open connections alone.
+//     Replacing the rules (Install again) keeps every flow where it is.
 //   - reply routing: ztunnel connects to the application from inside the
 //     pod with the original client's source address (IP_TRANSPARENT) and
 //     Mark. The rules record such connections in the conntrack mark and

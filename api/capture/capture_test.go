@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -456,4 +457,205 @@ func TestIPv6Disabled(t *testing.T) {
 		}
 		return nil
 	}))
+}
+
+// greet accepts on ln until it is closed; every connection gets one line,
+// "<name> <original destination or ->", and stays open until the peer
+// closes it.
+func greet(t *testing.T, ln net.Listener, name string) {
+	t.Helper()
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				od := "-"
+				if a, err := OriginalDestination(c.(*net.TCPConn)); err == nil {
+					od = a.String()
+				}
+				if _, err := fmt.Fprintf(c, "%s %s\n", name, od); err != nil {
+					return
+				}
+				_, _ = io.Copy(io.Discard, c)
+			}()
+		}
+	}()
+}
+
+// flow is one long-lived TCP connection whose two ends the test holds.
+type flow struct {
+	name           string
+	client, server net.Conn
+}
+
+// openFlow listens on addr inside serverNS, connects to it from inside
+// clientNS with d and returns both ends.
+func openFlow(t *testing.T, name string, clientNS, serverNS netns.NsHandle, d *net.Dialer, addr string) *flow {
+	t.Helper()
+	var ln net.Listener
+	must(t, inNS(serverNS, func() (err error) {
+		ln, err = net.Listen("tcp", addr)
+		return err
+	}))
+	defer ln.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			close(accepted)
+			return
+		}
+		accepted <- c
+	}()
+	var c net.Conn
+	must(t, inNS(clientNS, func() (err error) {
+		// Generous: the first IPv6 SYN on a fresh veth may be lost while
+		// neighbour discovery settles (retransmitted after 1s).
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		c, err = d.DialContext(ctx, "tcp", addr)
+		return err
+	}))
+	t.Cleanup(func() { c.Close() })
+	s, ok := <-accepted
+	if !ok {
+		t.Fatalf("%s: accept failed", name)
+	}
+	t.Cleanup(func() { s.Close() })
+	return &flow{name: name, client: c, server: s}
+}
+
+// send writes one line from one end and reads it at the other.
+func send(from, to net.Conn, msg string) error {
+	deadline := time.Now().Add(2 * time.Second)
+	_ = from.SetDeadline(deadline)
+	_ = to.SetDeadline(deadline)
+	if _, err := fmt.Fprintf(from, "%s\n", msg); err != nil {
+		return fmt.Errorf("write: %w", err)
+	}
+	got, err := bufio.NewReader(to).ReadString('\n')
+	if err != nil {
+		return fmt.Errorf("read: %w", err)
+	}
+	if got = strings.TrimSpace(got); got != msg {
+		return fmt.Errorf("received %q, want %q", got, msg)
+	}
+	return nil
+}
+
+// exchange sends a line each way, the server first when serverFirst: the
+// first packet conntrack sees of a flow may come from either end.
+func (f *flow) exchange(msg string, serverFirst bool) error {
+	a, b := f.client, f.server
+	if serverFirst {
+		a, b = b, a
+	}
+	if err := send(a, b, msg); err != nil {
+		return err
+	}
+	return send(b, a, msg+" (reply)")
+}
+
+// TestOpenConnectionsSurviveInstall: connections a pod had open before
+// its capture rules arrived keep their path (they are neither redirected
+// nor reset mid-stream), whichever end speaks first afterwards, while
+// new connections are captured. Every flow, captured or not, keeps
+// working when the rules are replaced (Install again, another Config).
+func TestOpenConnectionsSurviveInstall(t *testing.T) {
+	needRoot(t)
+	pod, node := topology(t)
+	from := func(a netip.Addr) *net.Dialer { return &net.Dialer{LocalAddr: &net.TCPAddr{IP: a.AsSlice()}} }
+	var old []*flow
+	for i, f := range []struct {
+		name           string
+		client, server netns.NsHandle
+		d              *net.Dialer
+		addr           string
+	}{
+		{"outbound v4", pod, node, &net.Dialer{}, hostPort(nodeIP, 8080)},
+		{"outbound v6", pod, node, &net.Dialer{}, hostPort(nodeIP6, 8081)},
+		{"inbound v4", node, pod, from(nodeIP), hostPort(podIP, 8082)},
+		{"inbound v6", node, pod, from(nodeIP6), hostPort(podIP6, 8083)},
+		// A probe-exempt port: the exemption is not what keeps it.
+		{"inbound v4 probe port", node, pod, from(otherIP), hostPort(podIP, 8084)},
+		{"outbound v4, server speaks first", pod, node, &net.Dialer{}, hostPort(nodeIP, 8085)},
+		{"inbound v6, server speaks first", node, pod, from(nodeIP6), hostPort(podIP6, 8086)},
+	} {
+		fl := openFlow(t, f.name, f.client, f.server, f.d, f.addr)
+		if err := fl.exchange(fmt.Sprint("before ", i), false); err != nil {
+			t.Fatalf("%s before Install: %v", f.name, err)
+		}
+		old = append(old, fl)
+	}
+
+	must(t, inNS(pod, func() error {
+		return Install(Config{ProbeSources: []netip.Addr{nodeIP, nodeIP6}, ProbePorts: []uint16{8081}})
+	}))
+	for _, f := range old {
+		serverFirst := strings.Contains(f.name, "server speaks first")
+		if err := f.exchange("after install", serverFirst); err != nil {
+			t.Errorf("%s, opened before Install: %v", f.name, err)
+		}
+	}
+
+	// New connections are captured, with their original destination.
+	for _, port := range []int{OutboundPort, InboundPlaintextPort} {
+		var ln net.Listener
+		must(t, inNS(pod, func() (err error) {
+			ln, err = net.Listen("tcp", fmt.Sprintf("[::]:%d", port))
+			return err
+		}))
+		greet(t, ln, fmt.Sprint("ztunnel-", port))
+	}
+	type captured struct {
+		c    net.Conn
+		want string
+	}
+	var fresh []captured
+	for _, f := range []struct {
+		ns   netns.NsHandle
+		d    *net.Dialer
+		addr string
+		want string
+	}{
+		{pod, &net.Dialer{}, hostPort(nodeIP, 8080), fmt.Sprint("ztunnel-", OutboundPort, " ", hostPort(nodeIP, 8080))},
+		{node, from(nodeIP), hostPort(podIP, 8082), fmt.Sprint("ztunnel-", InboundPlaintextPort, " ", hostPort(podIP, 8082))},
+	} {
+		var c net.Conn
+		must(t, inNS(f.ns, func() (err error) {
+			c, err = f.d.Dial("tcp", f.addr)
+			return err
+		}))
+		t.Cleanup(func() { c.Close() })
+		_ = c.SetDeadline(time.Now().Add(2 * time.Second))
+		line, err := bufio.NewReader(c).ReadString('\n')
+		if got := strings.TrimSpace(line); err != nil || got != f.want {
+			t.Errorf("new connection to %s: %q, %v; want %q", f.addr, got, err, f.want)
+		}
+		fresh = append(fresh, captured{c, f.want})
+	}
+
+	// Replacing the rules keeps every flow where it is.
+	must(t, inNS(pod, func() error { return Install(Config{ProbeSources: []netip.Addr{nodeIP}, ProbePorts: []uint16{9000}}) }))
+	for _, f := range old {
+		if err := f.exchange("after reinstall", false); err != nil {
+			t.Errorf("%s after the rules were replaced: %v", f.name, err)
+		}
+	}
+	for _, f := range fresh {
+		// The greeter reads and discards: a write succeeds, and the
+		// connection is still open (no reset) when read from.
+		_ = f.c.SetDeadline(time.Now().Add(300 * time.Millisecond))
+		if _, err := f.c.Write([]byte("still there\n")); err != nil {
+			t.Errorf("captured connection (%s) after the rules were replaced: %v", f.want, err)
+		}
+		var b [1]byte
+		if _, err := f.c.Read(b[:]); !errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Errorf("captured connection (%s) after the rules were replaced: read %v, want a timeout (open, silent)", f.want, err)
+		}
+	}
 }

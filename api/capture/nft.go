@@ -23,6 +23,12 @@ const (
 	chainReply    = "reply"    // route output
 )
 
+// TCP header flags (byte 13 of the header).
+const (
+	tcpSYN = 0x02
+	tcpACK = 0x10
+)
+
 // ruleset is the desired content of TableName for one Config.
 type ruleset struct {
 	table  *nftables.Table
@@ -104,12 +110,24 @@ func build(cfg Config) *ruleset {
 			ret,
 		)
 	}
+	// Only a connection's opening packet is redirected: a SYN without
+	// ACK. Conntrack starts in the pod's netns with this table, so the
+	// next packet of a connection opened before (by the pod or toward
+	// it) is seen as NEW too and would otherwise be sent, mid-stream, to
+	// a ztunnel port that resets it. The nat chains see only the first
+	// packet of each conntrack entry; a non-SYN first packet gets no
+	// translation and the flow keeps its path until it closes.
+	syn := []expr.Any{
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 13, Len: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{tcpSYN | tcpACK}, Xor: []byte{0}},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{tcpSYN}},
+	}
 	redirect := func(port uint16) []expr.Any {
-		return append(slices.Clone(tcp),
+		return slices.Concat(tcp, syn, []expr.Any{
 			&expr.Immediate{Register: 1, Data: binaryutil.BigEndian.PutUint16(port)},
 			// As the kernel stores it: max = min, NF_NAT_RANGE_PROTO_SPECIFIED.
 			&expr.Redir{RegisterProtoMin: 1, RegisterProtoMax: 1, Flags: unix.NF_NAT_RANGE_PROTO_SPECIFIED},
-		)
+		})
 	}
 	mark := func(key expr.MetaKey, v uint32) []expr.Any {
 		return []expr.Any{
@@ -145,7 +163,7 @@ func build(cfg Config) *ruleset {
 				probe(unix.NFPROTO_IPV4, 12, 4, src4),
 				// ip6 saddr @probe_src6 tcp dport @probe_ports return
 				probe(unix.NFPROTO_IPV6, 8, 16, src6),
-				// meta l4proto tcp redirect to :15006
+				// meta l4proto tcp tcp flags & (syn | ack) == syn redirect to :15006
 				redirect(InboundPlaintextPort),
 			}},
 			{outbound, [][]expr.Any{
@@ -153,7 +171,7 @@ func build(cfg Config) *ruleset {
 				lo(expr.MetaKeyOIFNAME),
 				// meta mark 0x539 return
 				cat(mark(expr.MetaKeyMARK, Mark), []expr.Any{ret}),
-				// meta l4proto tcp redirect to :15001
+				// meta l4proto tcp tcp flags & (syn | ack) == syn redirect to :15001
 				redirect(OutboundPort),
 			}},
 			{reply, [][]expr.Any{

@@ -121,8 +121,6 @@ func schedulable(n *corev1.Node) bool {
 var knownGaps = map[string]string{
 	"TestZtunnelRestartWithLiveConnection": "while a restarting ztunnel drains live connections, new connections of its node fail " +
 		"until it exits (up to -drain-timeout, 20s): the replacement starts only after the old pod is gone and nothing takes over the pod listeners",
-	"TestEnrolmentKeepsOpenConnections": "labelling a namespace resets TCP connections its pods already had open: conntrack starts in the pod " +
-		"netns only with the amesh nat table, so the next packet of an old flow is NEW and redirected to a ztunnel port, which answers RST",
 }
 
 // knownGap skips a test listed in knownGaps (unless AMESH_E2E_STRICT=1).

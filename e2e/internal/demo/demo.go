@@ -169,8 +169,9 @@ func (d *Demo) Run(ctx context.Context) error {
 	}
 	d.showLoad(r, "reviews.servedBy.version")
 	if r.OK < r.Requests {
-		d.say("(known gap: enrolment resets connections that were already open — here productpage's pooled ones to details and reviews)")
+		d.problem("%d of %d requests failed after enrolment", r.Requests-r.OK, r.Requests)
 	}
+	d.say("(connections opened before enrolment, such as productpage's pooled ones, keep their direct path until they close; new ones go through ztunnel)")
 	d.showHops(ctx, before, "L4 (ztunnel metrics)")
 
 	d.step("creating a waypoint: kubectl waypoint apply -n %s --enroll-namespace", ns)
