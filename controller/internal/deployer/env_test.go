@@ -54,7 +54,9 @@ func scheme(t *testing.T) *runtime.Scheme {
 
 func startEnv(t *testing.T) *env {
 	t.Helper()
-	k := kubetest.Start(t, kubetest.Options{GarbageCollector: true})
+	// Owner references that block the owner's deletion need the right to
+	// update the owner's finalizers when this plugin runs (OpenShift).
+	k := kubetest.Start(t, kubetest.Options{GarbageCollector: true, AdmissionPlugins: []string{"OwnerReferencesPermissionEnforcement"}})
 	s := scheme(t)
 	c, err := client.New(k.Config, client.Options{Scheme: s})
 	if err != nil {

@@ -31,6 +31,9 @@ type Options struct {
 	// GarbageCollector also runs kube-controller-manager's garbage
 	// collector (and only it), so that owner references take effect.
 	GarbageCollector bool
+	// AdmissionPlugins are enabled besides the apiserver's defaults (for
+	// example OwnerReferencesPermissionEnforcement, as OpenShift runs).
+	AdmissionPlugins []string
 }
 
 // Env is a running apiserver.
@@ -51,6 +54,9 @@ func Start(t testing.TB, opts Options) *Env {
 		t.Skipf("needs the pinned kube-apiserver and etcd (make kube-bins): %v", err)
 	}
 	te := &envtest.Environment{BinaryAssetsDirectory: assets, ErrorIfCRDPathMissing: true}
+	if len(opts.AdmissionPlugins) > 0 {
+		te.ControlPlane.GetAPIServer().Configure().Append("enable-admission-plugins", strings.Join(opts.AdmissionPlugins, ","))
+	}
 	if !opts.NoCRDs {
 		dirs, err := CRDDirs()
 		if err != nil {
