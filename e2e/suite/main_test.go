@@ -118,10 +118,7 @@ func schedulable(n *corev1.Node) bool {
 // knownGaps are tests that show a reported gap between amesh and what it
 // should do: they skip, saying why, unless AMESH_E2E_STRICT=1. Remove an
 // entry when its gap is fixed.
-var knownGaps = map[string]string{
-	"TestZtunnelRestartWithLiveConnection": "while a restarting ztunnel drains live connections, new connections of its node fail " +
-		"until it exits (up to -drain-timeout, 20s): the replacement starts only after the old pod is gone and nothing takes over the pod listeners",
-}
+var knownGaps = map[string]string{}
 
 // knownGap skips a test listed in knownGaps (unless AMESH_E2E_STRICT=1).
 func knownGap(t *testing.T) {

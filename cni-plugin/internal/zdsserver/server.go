@@ -3,11 +3,18 @@
 // (each with its network-namespace descriptor) followed by snapshot_sent,
 // and then one add or delete per change, waiting for ztunnel's ack of each.
 //
-// One ztunnel is served at a time; a new connection (ztunnel restarted)
-// replaces the old one and gets a fresh snapshot. Exchanges are strictly
-// sequential (one message, one ack) and each is bounded by AckTimeout; a
-// ztunnel that does not answer in time is disconnected, and gets a new
-// snapshot when it reconnects.
+// Several ztunnels may be connected at once: while one replaces another
+// (a DaemonSet rolling update surges a new ztunnel pod before the old one
+// stops, and a deleted ztunnel pod is replaced while it drains), both
+// serve the node's pods, listening side by side (SO_REUSEPORT) in each
+// pod's netns. Every connection gets its own snapshot, and every later add
+// and delete goes to every connected ztunnel, so that whichever of them
+// stays has the whole picture and the one leaving keeps its pods (and
+// their live connections) until it disconnects. The newest connected
+// ztunnel's answer decides the outcome of an add or delete. Exchanges are
+// strictly sequential per connection (one message, one ack) and each is
+// bounded by AckTimeout; a ztunnel that does not answer in time is
+// disconnected, and gets a new snapshot when it reconnects.
 package zdsserver
 
 import (
@@ -15,6 +22,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"sync"
 	"time"
 
@@ -70,8 +78,8 @@ type Server struct {
 	log     *zap.Logger
 	metrics *metrics
 
-	mu   sync.Mutex
-	sess *session
+	mu       sync.Mutex
+	sessions []*session // connected ztunnels, oldest first
 }
 
 type session struct {
@@ -99,7 +107,8 @@ type metrics struct {
 func newMetrics(r prometheus.Registerer) *metrics {
 	m := &metrics{
 		connected: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "amesh_cni_zds_connected", Help: "1 while a ztunnel is connected to the node agent.",
+			Name: "amesh_cni_zds_connected",
+			Help: "ztunnels connected to the node agent: 1 normally, 2 while one replaces another.",
 		}),
 		messages: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "amesh_cni_zds_messages_total", Help: "ZDS messages sent to ztunnel, by type and result.",
@@ -166,8 +175,8 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	ln.Close()
 	s.mu.Lock()
-	if s.sess != nil {
-		s.sess.conn.Close()
+	for _, sess := range s.sessions {
+		sess.conn.Close()
 	}
 	s.mu.Unlock()
 	wg.Wait()
@@ -178,8 +187,8 @@ func (s *Server) Run(ctx context.Context) error {
 	return fmt.Errorf("zdsserver: accept stopped unexpectedly")
 }
 
-// serve runs the handshake and snapshot of one connection and installs it
-// as the current session.
+// serve runs the handshake and snapshot of one connection and adds it to
+// the connected sessions; it returns when the session ends.
 func (s *Server) serve(ctx context.Context, conn *zds.Conn, id uint64) {
 	log := s.log.With(zap.Uint64("conn", id))
 	if err := s.hello(conn); err != nil {
@@ -196,16 +205,20 @@ func (s *Server) serve(ctx context.Context, conn *zds.Conn, id uint64) {
 		}
 	}
 	sess := &session{conn: conn, id: id, done: make(chan struct{})}
-	sess.mu.Lock() // nobody uses the session before its snapshot is sent
+	// Changes wait for the snapshot: nobody exchanges on the session
+	// before it is sent.
+	sess.mu.Lock()
 	s.mu.Lock()
-	old := s.sess
-	s.sess = sess
+	others := len(s.sessions)
+	s.sessions = append(s.sessions, sess)
+	s.metrics.connected.Set(float64(len(s.sessions)))
 	s.mu.Unlock()
-	if old != nil {
-		log.Info("ztunnel reconnected; replacing the previous connection", zap.Uint64("previous", old.id))
-		old.end() // an exchange in flight on it fails and kills it
+	if others > 0 {
+		// A new ztunnel is taking over (or the same one reconnected
+		// before its old connection was noticed gone): both get every
+		// change until the older one disconnects.
+		log.Info("another ztunnel connected; serving both until the older one leaves", zap.Int("connected", others+1))
 	}
-	s.metrics.connected.Set(1)
 	err := s.snapshot(sess)
 	sess.mu.Unlock()
 	if err != nil {
@@ -352,15 +365,16 @@ func (s *Server) exchange(sess *session, m *zdsv1.AgentMessage, fd *os.File, dea
 	return nil
 }
 
-// kill marks the session dead (sess.mu held) and closes it.
+// kill marks the session dead (sess.mu held), closes it and removes it
+// from the connected sessions.
 func (s *Server) kill(sess *session, cause error) error {
 	sess.dead = true
 	sess.end()
 	s.mu.Lock()
-	if s.sess == sess {
-		s.sess = nil
-		s.metrics.connected.Set(0)
+	if i := slices.Index(s.sessions, sess); i >= 0 {
+		s.sessions = slices.Delete(s.sessions, i, i+1)
 	}
+	s.metrics.connected.Set(float64(len(s.sessions)))
 	s.mu.Unlock()
 	s.log.Warn("ztunnel connection lost", zap.Uint64("conn", sess.id), zap.Error(cause))
 	return fmt.Errorf("%w: %w", ErrNoZtunnel, cause)
@@ -374,30 +388,53 @@ func (s *Server) drop(sess *session) {
 	}
 }
 
-func (s *Server) current() *session {
+func (s *Server) connected() []*session {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.sess
+	return slices.Clone(s.sessions)
 }
 
 // Connected reports whether a ztunnel is connected.
-func (s *Server) Connected() bool { return s.current() != nil }
+func (s *Server) Connected() bool { return len(s.connected()) > 0 }
 
+// send makes one exchange with every connected ztunnel, concurrently, and
+// returns the answer of the newest one still connected afterwards: it is
+// the one that stays when one ztunnel replaces another. (A session that
+// died meanwhile gets a fresh snapshot if its ztunnel reconnects.)
 func (s *Server) send(ctx context.Context, m *zdsv1.AgentMessage, fd *os.File) error {
-	sess := s.current()
-	if sess == nil {
+	sessions := s.connected()
+	if len(sessions) == 0 {
 		return ErrNoZtunnel
 	}
 	deadline := time.Now().Add(s.cfg.AckTimeout)
 	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
 		deadline = d
 	}
-	sess.mu.Lock()
-	defer sess.mu.Unlock()
-	if err := ctx.Err(); err != nil {
-		return err
+	errs := make([]error, len(sessions))
+	alive := make([]bool, len(sessions))
+	var wg sync.WaitGroup
+	for i, sess := range sessions {
+		wg.Go(func() {
+			sess.mu.Lock()
+			defer sess.mu.Unlock()
+			if err := ctx.Err(); err != nil {
+				errs[i], alive[i] = err, !sess.dead
+				return
+			}
+			errs[i] = s.exchange(sess, m, fd, deadline)
+			alive[i] = !sess.dead
+		})
 	}
-	return s.exchange(sess, m, fd, deadline)
+	wg.Wait()
+	for i := len(sessions) - 1; i >= 0; i-- {
+		if alive[i] {
+			if errs[i] == nil && i < len(sessions)-1 {
+				s.log.Info("the newest ztunnel went away during a change; an older one acknowledged it", zap.String("type", msgType(m)))
+			}
+			return errs[i]
+		}
+	}
+	return errs[len(sessions)-1]
 }
 
 // Add hands a pod to ztunnel and returns once ztunnel acknowledged it.

@@ -9,12 +9,14 @@ import (
 	"path/filepath"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/containernetworking/plugins/pkg/testutils"
 	"go.uber.org/zap/zaptest"
+	"golang.org/x/sys/unix"
 
 	"github.com/amesh-dev/amesh/api/zds"
 	zdsv1 "github.com/amesh-dev/amesh/api/zds/v1"
@@ -110,6 +112,13 @@ func (z *ztunnel) loop() {
 	}
 }
 
+// serves reports whether the test ztunnel holds a listener for uid.
+func (z *ztunnel) serves(uid string) bool {
+	z.mu.Lock()
+	defer z.mu.Unlock()
+	return z.pods[uid] != nil
+}
+
 // listenIn opens 127.0.0.1:15001 inside the namespace fd refers to.
 func (z *ztunnel) listenIn(uid string, fd *os.File) error {
 	netns, err := ns.GetNS(fmt.Sprintf("/proc/self/fd/%d", fd.Fd()))
@@ -118,8 +127,18 @@ func (z *ztunnel) listenIn(uid string, fd *os.File) error {
 	}
 	defer netns.Close()
 	var l net.Listener
+	// SO_REUSEPORT, as ztunnel: two of them may serve a pod at once.
+	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		if err := c.Control(func(fd uintptr) {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
+		}); err != nil {
+			return err
+		}
+		return serr
+	}}
 	if err := netns.Do(func(ns.NetNS) (err error) {
-		l, err = net.Listen("tcp", "127.0.0.1:15001")
+		l, err = lc.Listen(context.Background(), "tcp", "127.0.0.1:15001")
 		return err
 	}); err != nil {
 		return err
@@ -383,5 +402,106 @@ func TestHangupNoticed(t *testing.T) {
 			t.Fatal("hang-up not noticed")
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestTwoZtunnels: while a new ztunnel replaces an old one, both stay
+// connected: each gets its own snapshot and every change, the newest one's
+// answer decides, and when the old one leaves the new one carries on.
+func TestTwoZtunnels(t *testing.T) {
+	needRoot(t)
+	podA, fdA := newPodNS(t)
+	podB, fdB := newPodNS(t)
+	_, fdC := newPodNS(t)
+	known := &pods{}
+	known.set(Workload{UID: "a", Info: info("a"), Netns: fdA})
+	s, sock := start(t, known.get, 500*time.Millisecond)
+	ctx := context.Background()
+
+	old := dialZtunnel(t, sock, "only-new-ok")
+	old.expect(t, "add a", "snapshot_sent")
+	waitConnected(t, s)
+	// The replacement connects: a full snapshot of its own; the old one
+	// is not disconnected and keeps its listener.
+	repl := dialZtunnel(t, sock, "only-old-ok")
+	repl.expect(t, "add a", "snapshot_sent")
+	if !old.serves("a") || !repl.serves("a") {
+		t.Fatal("both ztunnels should serve pod a")
+	}
+	if !canReach(podA) {
+		t.Fatal("pod a not reachable")
+	}
+
+	// Changes go to both.
+	if err := s.Add(ctx, Workload{UID: "b", Info: info("b"), Netns: fdB}); err != nil {
+		t.Fatal(err)
+	}
+	old.expect(t, "add b")
+	repl.expect(t, "add b")
+	if !old.serves("b") || !repl.serves("b") || !canReach(podB) {
+		t.Fatal("both ztunnels should serve pod b")
+	}
+	if err := s.Delete(ctx, "a"); err != nil {
+		t.Fatal(err)
+	}
+	old.expect(t, "delete a")
+	repl.expect(t, "delete a")
+	if canReach(podA) {
+		t.Fatal("pod a still served after delete")
+	}
+
+	// The newest answer decides.
+	if err := s.Add(ctx, Workload{UID: "only-new-ok", Info: info("n"), Netns: fdC}); err != nil {
+		t.Fatalf("add accepted by the newest ztunnel (refused by the old one) = %v, want success", err)
+	}
+	old.expect(t, "add only-new-ok")
+	repl.expect(t, "add only-new-ok")
+	if err := s.Add(ctx, Workload{UID: "only-old-ok", Info: info("o"), Netns: fdC}); !errors.Is(err, ErrRejected) {
+		t.Fatalf("add refused by the newest ztunnel = %v, want ErrRejected", err)
+	}
+	old.expect(t, "add only-old-ok")
+	repl.expect(t, "add only-old-ok")
+	if !s.Connected() || len(s.connected()) != 2 {
+		t.Fatalf("%d ztunnels connected, want 2 (a refusal disconnects nobody)", len(s.connected()))
+	}
+
+	// The old one leaves: the new one carries on alone.
+	old.close()
+	deadline := time.Now().Add(5 * time.Second)
+	for len(s.connected()) != 1 {
+		if time.Now().After(deadline) {
+			t.Fatal("the old ztunnel's departure was not noticed")
+		}
+		if err := s.Delete(ctx, "nothing"); err != nil {
+			t.Fatalf("delete while the old ztunnel leaves = %v", err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err := s.Delete(ctx, "b"); err != nil {
+		t.Fatal(err)
+	}
+	for ev := range repl.events {
+		if ev == "delete b" {
+			break
+		}
+		if ev != "delete nothing" {
+			t.Fatalf("unexpected event %q", ev)
+		}
+	}
+	if canReach(podB) {
+		t.Fatal("pod b still served after delete")
+	}
+
+	// The newest one stops answering mid-change: it is disconnected, and
+	// the older one's answer counts.
+	known.set()
+	newer := dialZtunnel(t, sock)
+	newer.expect(t, "snapshot_sent")
+	newer.stall.Store(true)
+	if err := s.Delete(ctx, "x"); err != nil {
+		t.Fatalf("delete acknowledged by the older ztunnel while the newest stalled = %v, want success", err)
+	}
+	if n := len(s.connected()); n != 1 {
+		t.Fatalf("%d ztunnels connected after the newest stalled, want 1", n)
 	}
 }
