@@ -641,10 +641,10 @@ func (w *writers) Start(ctx context.Context) error {
 			w.log.Debug("service waypoint binding status written", zap.Int("objects", n))
 		}
 		w.report(out.BindingProblems)
-		if n, err := w.roots.Sync(ctx, out.RootCertNamespaces, w.keys.rootsPEM()); err != nil {
+		if n, r, err := w.roots.Sync(ctx, out.RootCertNamespaces, w.keys.rootsPEM()); err != nil {
 			errs = append(errs, err)
-		} else if n > 0 {
-			w.log.Info("root certificate ConfigMaps written", zap.Int("namespaces", n))
+		} else if n > 0 || r > 0 {
+			w.log.Info("root certificate ConfigMaps written", zap.Int("namespaces", n), zap.Int("removed", r))
 		}
 		if err := errors.Join(errs...); err != nil && ctx.Err() == nil {
 			w.log.Warn("writes failed; retrying", zap.Error(err))

@@ -344,3 +344,70 @@ func TestWaypointConfiguration(t *testing.T) {
 		return fmt.Sprintf("payments-a %+v, payments-b %+v", gwCond("payments-a"), gwCond("payments-b"))
 	})
 }
+
+// TestRootCertFollowsWaypoints: the root certificate ConfigMap, which a
+// waypoint's pods mount, is published in a namespace holding a waypoint
+// Gateway even when the namespace is not enrolled (and the Gateway's
+// Programmed message stops pointing at it), and removed once the namespace
+// neither holds a waypoint nor is enrolled; a ConfigMap of that name that
+// the controller did not create is never touched.
+func TestRootCertFollowsWaypoints(t *testing.T) {
+	e := startWaypointEnv(t)
+	rootCM := func(ns string) (*corev1.ConfigMap, error) {
+		var cm corev1.ConfigMap
+		err := e.c.Get(t.Context(), types.NamespacedName{Namespace: ns, Name: "amesh-root-cert"}, &cm)
+		return &cm, err
+	}
+	published := func(ns string) {
+		t.Helper()
+		within(t, 20*time.Second, nil, func() bool {
+			cm, err := rootCM(ns)
+			return err == nil && strings.Contains(cm.Data["root-cert.pem"], "BEGIN CERTIFICATE")
+		}, func() string { return "no root ConfigMap in " + ns })
+	}
+	gone := func(ns string) {
+		t.Helper()
+		within(t, 20*time.Second, nil, func() bool {
+			_, err := rootCM(ns)
+			return apierrors.IsNotFound(err)
+		}, func() string { return "root ConfigMap still in " + ns })
+	}
+	for _, ns := range []string{"edge", "byhand"} {
+		e.create(&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}})
+	}
+	e.create(&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "shop", Labels: map[string]string{
+		"amesh.dev/dataplane-mode": "ambient",
+	}}})
+	// An operator's own ConfigMap of that name in a namespace amesh does
+	// not need.
+	e.create(&corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Namespace: "byhand", Name: "amesh-root-cert"},
+		Data: map[string]string{"root-cert.pem": "the operator's"}})
+
+	published("shop")
+	gw := e.waypointGateway("edge", "waypoint", nil, nil)
+	published("edge")
+	within(t, 20*time.Second, nil, func() bool {
+		var got gwv1.Gateway
+		e.get("edge", "waypoint", &got)
+		c := meta.FindStatusCondition(got.Status.Conditions, string(gwv1.GatewayConditionProgrammed))
+		return c != nil && c.ObservedGeneration == got.Generation && !strings.Contains(c.Message, "ConfigMap")
+	}, func() string { return "Programmed of edge/waypoint still waits for the root ConfigMap" })
+
+	// The waypoint goes: so does the ConfigMap of its namespace.
+	if err := e.c.Delete(t.Context(), gw); err != nil {
+		t.Fatal(err)
+	}
+	gone("edge")
+	// The namespace is no longer enrolled: likewise.
+	var shop corev1.Namespace
+	e.get("", "shop", &shop)
+	delete(shop.Labels, "amesh.dev/dataplane-mode")
+	if err := e.c.Update(t.Context(), &shop); err != nil {
+		t.Fatal(err)
+	}
+	gone("shop")
+	published("amesh-system")
+	if cm, err := rootCM("byhand"); err != nil || cm.Data["root-cert.pem"] != "the operator's" {
+		t.Errorf("the operator's ConfigMap: %v %v", cm.Data, err)
+	}
+}

@@ -171,7 +171,7 @@ func programmed(v verdict, o observed) cond {
 		msg := fmt.Sprintf("waiting for the waypoint Deployment: %d of %d replicas available", o.available, o.desired)
 		if o.missingRootCert != "" {
 			msg += fmt.Sprintf("; its pods cannot start before the ConfigMap %s exists in the namespace "+
-				"(amesh publishes it in namespaces enrolled with %s=%s)", o.missingRootCert, label.DataplaneMode, label.DataplaneModeAmbient)
+				"(the amesh controller's leader publishes it in every namespace holding a waypoint)", o.missingRootCert)
 		}
 		return cond{typ, false, string(gwv1.GatewayReasonPending), msg}
 	}

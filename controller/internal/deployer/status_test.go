@@ -145,7 +145,7 @@ func TestProgrammed(t *testing.T) {
 		{"no address", ok, observed{}, false, "AddressNotAssigned", "cluster IP"},
 		{"no replica", ok, observed{clusterIP: "10.0.0.9", desired: 2}, false, "Pending", "0 of 2 replicas available"},
 		{"no root certificate", ok, observed{clusterIP: "10.0.0.9", desired: 1, missingRootCert: "amesh-root-cert"}, false, "Pending",
-			"cannot start before the ConfigMap amesh-root-cert exists in the namespace (amesh publishes it in namespaces enrolled with amesh.dev/dataplane-mode=ambient)"},
+			"cannot start before the ConfigMap amesh-root-cert exists in the namespace (the amesh controller's leader publishes it in every namespace holding a waypoint)"},
 		{"serving", ok, observed{clusterIP: "10.0.0.9", desired: 2, available: 1}, true, "Programmed", "10.0.0.9:15008 (1 of 2"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -35,12 +35,21 @@ func NewPublisher(c client.Client, name string) *Publisher {
 	return &Publisher{c: c, name: name}
 }
 
-// Sync makes the ConfigMap in each namespace hold exactly roots. It returns
-// how many ConfigMaps it wrote and the errors met (a namespace being
-// deleted refuses new objects; the others are still written).
-func (p *Publisher) Sync(ctx context.Context, namespaces []string, roots string) (written int, err error) {
+// managedBy marks the ConfigMaps the Publisher creates: only those are
+// ever removed.
+const managedBy = "amesh-controller"
+
+// Sync makes the ConfigMap in each namespace hold exactly roots, and
+// removes the ConfigMaps it created in any other namespace (one that is no
+// longer enrolled and holds no waypoint); a ConfigMap of that name that it
+// did not create is left alone. It returns how many ConfigMaps it wrote
+// and removed, and the errors met (a namespace being deleted refuses new
+// objects; the others are still written).
+func (p *Publisher) Sync(ctx context.Context, namespaces []string, roots string) (written, removed int, err error) {
 	var errs []error
+	want := make(map[string]bool, len(namespaces))
 	for _, ns := range namespaces {
+		want[ns] = true
 		var cm corev1.ConfigMap
 		key := types.NamespacedName{Namespace: ns, Name: p.name}
 		err := p.c.Get(ctx, key, &cm)
@@ -50,7 +59,7 @@ func (p *Publisher) Sync(ctx context.Context, namespaces []string, roots string)
 				ObjectMeta: metav1.ObjectMeta{
 					Namespace: ns,
 					Name:      p.name,
-					Labels:    map[string]string{"app.kubernetes.io/managed-by": "amesh-controller"},
+					Labels:    map[string]string{labelManagedBy: managedBy},
 				},
 				Data: map[string]string{Key: roots},
 			}
@@ -74,5 +83,29 @@ func (p *Publisher) Sync(ctx context.Context, namespaces []string, roots string)
 			written++
 		}
 	}
-	return written, errors.Join(errs...)
+	var list corev1.ConfigMapList
+	if err := p.c.List(ctx, &list, client.MatchingLabels{labelManagedBy: managedBy}); err != nil {
+		errs = append(errs, fmt.Errorf("rootcert: list ConfigMaps: %w", err))
+		return written, removed, errors.Join(errs...)
+	}
+	for i := range list.Items {
+		cm := &list.Items[i]
+		if cm.Name != p.name || want[cm.Namespace] || cm.DeletionTimestamp != nil {
+			continue
+		}
+		// Only the very object listed: not one re-created meanwhile.
+		uid, rv := cm.UID, cm.ResourceVersion
+		err := p.c.Delete(ctx, cm, client.Preconditions{UID: &uid, ResourceVersion: &rv})
+		switch {
+		case apierrors.IsNotFound(err):
+		case err != nil:
+			errs = append(errs, fmt.Errorf("rootcert: remove %s/%s: %w", cm.Namespace, cm.Name, err))
+		default:
+			removed++
+		}
+	}
+	return written, removed, errors.Join(errs...)
 }
+
+// labelManagedBy is the label naming who manages an object.
+const labelManagedBy = "app.kubernetes.io/managed-by"

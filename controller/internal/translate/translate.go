@@ -113,7 +113,8 @@ type Output struct {
 	// bind to nothing.
 	BindingProblems []BindingProblem
 	// RootCertNamespaces are the namespaces that need the root certificate
-	// ConfigMap: the enrolled ones and the root namespace.
+	// ConfigMap: the enrolled ones, those holding a waypoint Gateway (its
+	// pods mount the ConfigMap) and the root namespace.
 	RootCertNamespaces []string
 }
 
@@ -514,6 +515,10 @@ func (t *translator) rootCertNamespaces(pods []*podResult) []string {
 		if p.enrolledByLabel {
 			set[p.namespace] = true
 		}
+	}
+	// A waypoint's pods mount the ConfigMap, enrolled namespace or not.
+	for _, w := range t.waypoints {
+		set[w.gw.Namespace] = true
 	}
 	return slices.Sorted(maps.Keys(set))
 }
