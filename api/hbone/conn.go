@@ -26,6 +26,8 @@ const (
 	streamWindow  = 4 << 20  // per-stream receive window we grant
 	connWindow    = 16 << 20 // connection receive window we grant (4× a stream)
 	maxFrame      = 16 << 10 // largest DATA payload we send and accept
+	tlsRecord     = 16 << 10 // largest TLS record payload (crypto/tls writes full records once warm)
+	frameHeader   = 9
 	maxBatch      = 64 << 10 // bytes gathered into one socket write
 	initialWindow = 65535    // RFC 9113 initial window
 	maxHeaderList = 16 << 10
@@ -90,6 +92,11 @@ type conn struct {
 	pingSent  time.Time
 	pingTimer *time.Timer
 	idleTimer *time.Timer
+
+	// writing: a goroutine (the writer, or a Stream.Write writing directly)
+	// owns the socket's write side: it framed a batch and is writing it.
+	// Frames are framed and written in one order, by one owner at a time.
+	writing bool
 
 	handlers       int // server: handler goroutines running
 	goAwaySent     bool
@@ -315,38 +322,94 @@ func (c *conn) writeLoop() {
 	defer c.loopDone()
 	defer c.nc.Close()
 	var bp *[]byte
+	c.mu.Lock()
 	for {
-		c.mu.Lock()
 		var buf []byte
 		for {
-			if bp == nil {
-				bp = batchPool.Get().(*[]byte)
+			if !c.writing {
+				if bp == nil {
+					bp = batchPool.Get().(*[]byte)
+				}
+				buf = c.fillLocked((*bp)[:0])
+				if len(buf) > 0 || c.closing {
+					break
+				}
 			}
-			buf = c.fillLocked((*bp)[:0])
-			if len(buf) > 0 || c.closing {
-				break
+			if bp != nil {
+				batchPool.Put(bp) // idle connections hold no write buffer
+				bp = nil
 			}
-			batchPool.Put(bp) // idle connections hold no write buffer
-			bp = nil
 			c.mu.Unlock()
 			<-c.wake
 			c.mu.Lock()
 		}
 		closing := c.closing
+		c.writing = true
 		c.mu.Unlock()
+		var err error
 		if len(buf) > 0 {
-			if _, err := c.nc.Write(buf); err != nil {
-				c.shutdown(fmt.Errorf("%w: write: %w", errConnClosed, err), 0, false)
-				closing = true
-			}
+			_, err = c.nc.Write(buf)
 		}
 		if cap(buf) <= maxBatch+4*maxFrame {
 			*bp = buf[:0]
 		}
+		c.mu.Lock()
+		c.writing = false
+		if err != nil {
+			c.shutdownLocked(fmt.Errorf("%w: write: %w", errConnClosed, err), 0, false)
+			closing = true
+		}
 		if closing {
+			c.mu.Unlock()
 			batchPool.Put(bp)
 			return
 		}
+	}
+}
+
+// writeDirectLocked writes s's pending data from the calling goroutine
+// while nothing else waits for the socket: it frames the queued control
+// frames and a batch of s.pending and writes them itself instead of waking
+// the writer goroutine and waiting for it (two goroutine handoffs per Write
+// saved), batch after batch until s.pending is sent, flow control stops it,
+// or another stream queues data (then the writer takes over, round robin).
+//
+// Only for a Stream without a write deadline: the socket write cannot be
+// interrupted, so a deadline could not be kept if the socket were full (the
+// writer goroutine path keeps it). Called and returns with c.mu held; it is
+// released during each socket write.
+func (c *conn) writeDirectLocked(s *Stream) {
+	if c.writing || !s.wdl.t.IsZero() {
+		return
+	}
+	var bp *[]byte
+	for !c.closing && len(s.pending) > 0 && s.sendWindow > 0 && c.sendWindow > 0 &&
+		(len(c.wq) == 0 || len(c.wq) == 1 && c.wq[0] == s) {
+		if !s.inWQ {
+			s.inWQ = true
+			c.wq = append(c.wq, s)
+		}
+		if bp == nil {
+			bp = batchPool.Get().(*[]byte)
+		}
+		c.writing = true
+		buf := c.fillLocked((*bp)[:0])
+		c.mu.Unlock()
+		_, err := c.nc.Write(buf)
+		if cap(buf) <= maxBatch+4*maxFrame {
+			*bp = buf[:0]
+		}
+		c.mu.Lock()
+		c.writing = false
+		if err != nil {
+			c.shutdownLocked(fmt.Errorf("%w: write: %w", errConnClosed, err), 0, false)
+		}
+	}
+	if bp != nil {
+		batchPool.Put(bp)
+	}
+	if len(c.ctrl) > 0 || len(c.wq) > 0 || c.closing {
+		c.signalLocked()
 	}
 }
 
@@ -404,7 +467,16 @@ func (c *conn) emitLocked(buf []byte, s *Stream) ([]byte, bool) {
 		return buf, false
 	}
 	if len(s.pending) > 0 {
-		k := int64(min(len(s.pending), maxFrame))
+		// End the frame at a TLS record boundary of the batch when it is
+		// large: crypto/tls cuts a write into 16 KiB records, one socket
+		// write each, so 16 KiB payloads plus headers would cost a fifth
+		// record (and syscall) per 64 KiB batch, and the reader two TLS
+		// reads for most frames.
+		room := tlsRecord - len(buf)%tlsRecord
+		if room <= frameHeader {
+			room += tlsRecord
+		}
+		k := int64(min(len(s.pending), room-frameHeader))
 		k = min(k, s.sendWindow, c.sendWindow)
 		if k <= 0 {
 			return buf, false
@@ -692,8 +764,11 @@ func (c *conn) onData(f *http2.DataFrame) error {
 	if s.closed {
 		c.consumedLocked(s, len(data))
 	} else if len(data) > 0 {
-		s.rbuf.write(data)
-		s.rcond.Broadcast()
+		data = c.sinkLocked(s, data)
+		if len(data) > 0 {
+			s.rbuf.write(data)
+			s.rcond.Broadcast()
+		}
 	}
 	if f.StreamEnded() {
 		s.recvEnd = true
@@ -701,6 +776,43 @@ func (c *conn) onData(f *http2.DataFrame) error {
 		s.maybeFinishLocked()
 	}
 	return nil
+}
+
+// sinkLocked writes data to the TCP socket that s's WriteTo is waiting to
+// write to, if it waits with nothing buffered, and returns what is left to
+// buffer. The write does not block: a full socket takes what it can and
+// WriteTo gets the rest, so a slow application never stalls the read loop.
+// c.mu is released during the write; only the read loop adds data to a
+// stream, so no data can overtake it meanwhile.
+func (c *conn) sinkLocked(s *Stream, data []byte) []byte {
+	k := s.sink
+	if k == nil || !s.sinkParked || s.sinkBusy || s.rbuf.n > 0 {
+		return data
+	}
+	s.sinkBusy = true
+	c.mu.Unlock()
+	n, err := k.write(data)
+	c.mu.Lock()
+	s.sinkBusy = false
+	if s.sinkWaiter {
+		s.sinkWaiter = false
+		s.rcond.Broadcast()
+	}
+	s.sinkN += int64(n)
+	c.consumedLocked(s, n)
+	data = data[n:]
+	if err != nil || s.closed {
+		if err != nil && s.sinkErr == nil {
+			s.sinkErr = err
+			s.rcond.Broadcast()
+		}
+		c.consumedLocked(s, len(data))
+		return nil
+	}
+	if len(data) > 0 {
+		s.sinkParked = false // WriteTo takes over until its buffer is empty
+	}
+	return data
 }
 
 // isIdleStreamLocked reports whether id names a stream that was never opened.

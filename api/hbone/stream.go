@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -45,6 +46,16 @@ type Stream struct {
 	dialCanceled bool
 
 	rdl, wdl deadline
+
+	// WriteTo into a TCP socket (Splice): the read loop writes DATA
+	// straight to the socket, without waking WriteTo, while WriteTo waits
+	// with an empty buffer (see conn.sinkLocked).
+	sink       *sink
+	sinkParked bool  // WriteTo waits for data with rbuf empty
+	sinkBusy   bool  // the read loop is writing to the sink
+	sinkWaiter bool  // WriteTo waits for sinkBusy to clear
+	sinkN      int64 // bytes the read loop wrote, not yet counted by WriteTo
+	sinkErr    error // the read loop's write failed
 
 	cancel context.CancelFunc // server: ends the handler's context
 }
@@ -165,6 +176,7 @@ func (s *Stream) Write(p []byte) (int, error) {
 	}
 	s.wbusy = true
 	s.pending, s.written = p, 0
+	c.writeDirectLocked(s)
 	c.enqueueLocked(s)
 	for s.written < len(p) {
 		if err := s.writeErrLocked(); err != nil {
@@ -331,14 +343,49 @@ func (s *Stream) stopDeadlinesLocked() {
 }
 
 // WriteTo writes the stream's data to w until EOF without an intermediate
-// buffer: received chunks are handed to w directly.
+// buffer: received chunks are handed to w directly. When w is a TCP socket,
+// the connection's read loop writes arriving data to it itself while WriteTo
+// has nothing buffered (a non-blocking write; what the socket does not take
+// is buffered for WriteTo), which saves waking WriteTo for every frame.
 func (s *Stream) WriteTo(w io.Writer) (int64, error) {
 	c := s.c
 	var total int64
-	for {
+	c.mu.Lock()
+	if tc, ok := w.(*net.TCPConn); ok && s.sink == nil {
+		if rc, err := tc.SyscallConn(); err == nil {
+			s.sink = newSink(rc)
+		}
+	}
+	defer func() {
 		c.mu.Lock()
-		for s.rbuf.n == 0 && s.readyLocked() == nil {
+		for s.sinkBusy {
+			s.sinkWaiter = true
 			s.rcond.Wait()
+		}
+		s.sink, s.sinkParked = nil, false
+		c.mu.Unlock()
+	}()
+	for {
+		for {
+			if s.sinkBusy {
+				s.sinkParked = false
+				s.sinkWaiter = true
+				s.rcond.Wait()
+				continue
+			}
+			total += s.sinkN
+			s.sinkN = 0
+			if s.rbuf.n > 0 || s.sinkErr != nil || s.readyLocked() != nil {
+				break
+			}
+			s.sinkParked = s.sink != nil
+			s.rcond.Wait()
+		}
+		s.sinkParked = false
+		if s.sinkErr != nil {
+			err := s.sinkErr
+			c.mu.Unlock()
+			return total, err
 		}
 		if s.rbuf.n == 0 {
 			err := s.readyLocked()
@@ -357,7 +404,49 @@ func (s *Stream) WriteTo(w io.Writer) (int64, error) {
 		if err != nil {
 			return total, err
 		}
+		c.mu.Lock()
 	}
+}
+
+// sink is a TCP socket that a Stream's data is written to (WriteTo).
+type sink struct {
+	rc syscall.RawConn
+	fn func(fd uintptr) bool // writes p once; allocated once
+	p  []byte
+	n  int
+	// err is the write's error (EAGAIN when the socket is full).
+	err error
+}
+
+func newSink(rc syscall.RawConn) *sink {
+	k := &sink{rc: rc}
+	k.fn = func(fd uintptr) bool {
+		for {
+			k.n, k.err = syscall.Write(int(fd), k.p)
+			if k.err != syscall.EINTR {
+				return true
+			}
+		}
+	}
+	return k
+}
+
+// write writes p without blocking and returns how much the socket took and
+// the error that stopped it (nil when the socket is merely full).
+func (k *sink) write(p []byte) (int, error) {
+	k.p = p
+	err := k.rc.Write(k.fn)
+	n, werr := max(k.n, 0), k.err
+	k.p, k.n, k.err = nil, 0, nil
+	if err != nil {
+		return n, err
+	}
+	if werr == syscall.EAGAIN {
+		werr = nil
+	} else if werr != nil {
+		werr = os.NewSyscallError("write", werr)
+	}
+	return n, werr
 }
 
 // ReadFrom sends r's data on the stream until r's EOF. For a *net.TCPConn

@@ -33,7 +33,35 @@ import (
 var (
 	loadDuration = flag.Duration("load-duration", 10*time.Second, "duration of each fortio and iperf3 run in the benchmarks")
 	idleConns    = flag.Int("idle-conns", 1000, "idle tunnelled connections for BenchmarkIdle")
+	baselineBin  = flag.String("baseline-ztunnel", "", "another ztunnel build to measure in the same run (mesh-baseline), for before/after comparisons")
 )
+
+// build is a ztunnel binary the mesh benchmarks measure.
+type build struct{ name, bin string }
+
+// builds returns the ztunnel builds to measure: this tree's ("mesh") and,
+// with -baseline-ztunnel, another one ("mesh-baseline").
+func builds() []build {
+	bs := []build{{"mesh", ztunnelBin}}
+	if *baselineBin != "" {
+		bs = append(bs, build{"mesh-baseline", *baselineBin})
+	}
+	return bs
+}
+
+// use makes both nodes run the given ztunnel build, restarting them if
+// they run another one.
+func (w *benchWorld) use(b *testing.B, bin string) (src, dst *Ztunnel) {
+	b.Helper()
+	if w.bin != bin {
+		for _, n := range []*testnet.Node{w.n1, w.n2} {
+			w.Zt[n].Stop()
+			w.StartZtunnelBin(n, bin)
+		}
+		w.bin = bin
+	}
+	return w.Zt[w.n1], w.Zt[w.n2]
+}
 
 // tool finds a pinned tool: on PATH (make puts bin/tools there) or in the
 // repository's bin/tools.
@@ -57,6 +85,7 @@ type benchWorld struct {
 	n1, n2           *testnet.Node
 	clientM, clientD *Pod
 	serverM, serverD *Pod
+	bin              string // the ztunnel build running
 }
 
 var benchVIPEcho = netip.MustParseAddr("10.96.1.1")
@@ -71,6 +100,7 @@ func newBenchWorld(b *testing.B) *benchWorld {
 	m.Ctl.SetServicePort("echo", benchVIPEcho, 8078, 8078, w.serverM)
 	m.StartZtunnel(w.n1)
 	m.StartZtunnel(w.n2)
+	w.bin = ztunnelBin
 	return w
 }
 
@@ -201,25 +231,27 @@ func BenchmarkLatency(b *testing.B) {
 		direct = fortioLoad(b, w.clientD, w.serverD.IP.String()+":8078")
 		report(b, direct)
 	})
-	b.Run("mesh", func(b *testing.B) {
-		z1, z2 := w.Zt[w.n1], w.Zt[w.n2]
-		fortioLoad(b, w.clientM, benchVIPEcho.String()+":8078") // warm up the pool
-		c1, c2, t0 := cpuSeconds(b, z1.Pid()), cpuSeconds(b, z2.Pid()), time.Now()
-		r := fortioLoad(b, w.clientM, benchVIPEcho.String()+":8078")
-		el := time.Since(t0).Seconds()
-		d1, d2 := cpuSeconds(b, z1.Pid())-c1, cpuSeconds(b, z2.Pid())-c2
-		b.Logf("ztunnel CPU over %.2fs: source %.2fs, destination %.2fs", el, d1, d2)
-		report(b, r)
-		if direct != nil {
-			b.ReportMetric(r.pct(50)-direct.pct(50), "added-p50-ms")
-			b.ReportMetric(r.pct(90)-direct.pct(90), "added-p90-ms")
-			b.ReportMetric(r.pct(99)-direct.pct(99), "added-p99-ms")
-		}
-		perK := 1000 / r.ActualQPS
-		b.ReportMetric(d1/el*perK, "src-ztunnel-cores/1krps")
-		b.ReportMetric(d2/el*perK, "dst-ztunnel-cores/1krps")
-		b.ReportMetric((d1+d2)/el*perK, "both-ztunnels-cores/1krps")
-	})
+	for _, bd := range builds() {
+		b.Run(bd.name, func(b *testing.B) {
+			z1, z2 := w.use(b, bd.bin)
+			fortioLoad(b, w.clientM, benchVIPEcho.String()+":8078") // warm up the pool
+			c1, c2, t0 := cpuSeconds(b, z1.Pid()), cpuSeconds(b, z2.Pid()), time.Now()
+			r := fortioLoad(b, w.clientM, benchVIPEcho.String()+":8078")
+			el := time.Since(t0).Seconds()
+			d1, d2 := cpuSeconds(b, z1.Pid())-c1, cpuSeconds(b, z2.Pid())-c2
+			b.Logf("ztunnel CPU over %.2fs: source %.2fs, destination %.2fs", el, d1, d2)
+			report(b, r)
+			if direct != nil {
+				b.ReportMetric(r.pct(50)-direct.pct(50), "added-p50-ms")
+				b.ReportMetric(r.pct(90)-direct.pct(90), "added-p90-ms")
+				b.ReportMetric(r.pct(99)-direct.pct(99), "added-p99-ms")
+			}
+			perK := 1000 / r.ActualQPS
+			b.ReportMetric(d1/el*perK, "src-ztunnel-cores/1krps")
+			b.ReportMetric(d2/el*perK, "dst-ztunnel-cores/1krps")
+			b.ReportMetric((d1+d2)/el*perK, "both-ztunnels-cores/1krps")
+		})
+	}
 }
 
 func report(b *testing.B, r *fortioResult) {
@@ -253,17 +285,25 @@ func BenchmarkThroughput(b *testing.B) {
 		b.ReportMetric(tlsGbps, "Gbit/s")
 		b.ReportMetric(0, "ns/op")
 	})
-	b.Run("mesh", func(b *testing.B) {
-		g := iperfRun(b, iperf, w.clientM, w.serverM.IP.String())
-		b.ReportMetric(g, "Gbit/s")
-		if tcp > 0 {
-			b.ReportMetric(g/tcp, "x-tcp")
-		}
-		if tlsGbps > 0 {
-			b.ReportMetric(g/tlsGbps, "x-tls")
-		}
-		b.ReportMetric(0, "ns/op")
-	})
+	for _, bd := range builds() {
+		b.Run(bd.name, func(b *testing.B) {
+			z1, z2 := w.use(b, bd.bin)
+			c1, c2, t0 := cpuSeconds(b, z1.Pid()), cpuSeconds(b, z2.Pid()), time.Now()
+			g := iperfRun(b, iperf, w.clientM, w.serverM.IP.String())
+			el := time.Since(t0).Seconds()
+			d1, d2 := cpuSeconds(b, z1.Pid())-c1, cpuSeconds(b, z2.Pid())-c2
+			b.ReportMetric(g, "Gbit/s")
+			if tcp > 0 {
+				b.ReportMetric(g/tcp, "x-tcp")
+			}
+			if tlsGbps > 0 {
+				b.ReportMetric(g/tlsGbps, "x-tls")
+			}
+			// CPU of both ztunnels per gigabit moved.
+			b.ReportMetric((d1+d2)/(g*el), "ztunnel-cpu-s/Gbit")
+			b.ReportMetric(0, "ns/op")
+		})
+	}
 }
 
 func iperfRun(b *testing.B, iperf string, from *Pod, server string) float64 {

@@ -159,7 +159,14 @@ func (m *Mesh) AddPod(n *testnet.Node, name string, enrolled bool) *Pod {
 // is ready.
 func (m *Mesh) StartZtunnel(n *testnet.Node) *Ztunnel {
 	m.t.Helper()
-	z := startZtunnel(m.t, m.dir, n, m.Agent[n].path)
+	return m.StartZtunnelBin(n, ztunnelBin)
+}
+
+// StartZtunnelBin is StartZtunnel with another ztunnel binary (benchmarks
+// compare builds).
+func (m *Mesh) StartZtunnelBin(n *testnet.Node, bin string) *Ztunnel {
+	m.t.Helper()
+	z := startZtunnel(m.t, m.dir, n, m.Agent[n].path, bin)
 	m.Zt[n] = z
 	if err := z.WaitReady(10 * time.Second); err != nil {
 		m.t.Fatalf("ztunnel on %s: %v\n%s", nodeName(n), err, z.Logs())
@@ -482,7 +489,7 @@ type Ztunnel struct {
 	done chan struct{}
 }
 
-func startZtunnel(t testing.TB, dir string, n *testnet.Node, sock string) *Ztunnel {
+func startZtunnel(t testing.TB, dir string, n *testnet.Node, sock, bin string) *Ztunnel {
 	t.Helper()
 	tokenFile := filepath.Join(dir, fmt.Sprintf("token-%d", n.Index))
 	if err := os.WriteFile(tokenFile, []byte(fmt.Sprintf("token-node%d\n", n.Index)), 0o600); err != nil {
@@ -493,7 +500,7 @@ func startZtunnel(t testing.TB, dir string, n *testnet.Node, sock string) *Ztunn
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command("ip", "netns", "exec", n.Name, ztunnelBin,
+	cmd := exec.Command("ip", "netns", "exec", n.Name, bin,
 		"-controller", controllerAddr, "-controller-name", controllerName,
 		"-root-cert", filepath.Join(dir, "root.pem"), "-token-file", tokenFile,
 		"-zds-socket", sock, "-node-name", nodeName(n), "-pod-name", "ztunnel-"+nodeName(n),

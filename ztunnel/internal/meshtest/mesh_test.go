@@ -251,7 +251,7 @@ func TestRestart(t *testing.T) {
 		}
 	}
 	start := time.Now()
-	startZtunnel(t, w.dir, w.n1, w.Agent[w.n1].path)
+	startZtunnel(t, w.dir, w.n1, w.Agent[w.n1].path, ztunnelBin)
 	deadline := start.Add(2 * time.Second)
 	for {
 		_, _, err := w.a.Converse(vipC.String()+":80", payload(1<<10))
