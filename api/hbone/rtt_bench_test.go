@@ -116,7 +116,7 @@ func roundTrip(b *testing.B, c net.Conn, req, resp []byte) {
 }
 
 // echoServer is a TCP echo server on loopback; it stops with the benchmark.
-func echoServer(b *testing.B) string {
+func echoServer(b testing.TB) string {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		b.Fatal(err)
