@@ -7,7 +7,15 @@ import (
 	"sync"
 )
 
-var bufPool = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+const bufSize = 64 << 10
+
+var bufPool = sync.Pool{New: func() any { b := make([]byte, bufSize); return &b }}
+
+// streamReadSize is how much a copy into a Stream reads at once: four
+// DATA frames that each fill one 16 KiB TLS record exactly with their
+// header (see emitLocked), so that a read becomes four full records
+// (and socket writes) and no small tail record.
+const streamReadSize = 4 * (tlsRecord - frameHeader)
 
 // Splice copies a→b and b→a until both directions end and returns the byte
 // counts. When one direction reaches EOF it half-closes the other side

@@ -16,6 +16,10 @@ func copyReady(dst io.Writer, tc *net.TCPConn) (total int64, handled bool, err e
 	if err != nil {
 		return 0, false, nil
 	}
+	size := bufSize
+	if _, ok := dst.(*Stream); ok {
+		size = streamReadSize
+	}
 	for {
 		var (
 			bp   *[]byte
@@ -24,7 +28,7 @@ func copyReady(dst io.Writer, tc *net.TCPConn) (total int64, handled bool, err e
 		)
 		err := raw.Read(func(fd uintptr) bool {
 			bp = bufPool.Get().(*[]byte)
-			n, rerr = syscall.Read(int(fd), *bp)
+			n, rerr = syscall.Read(int(fd), (*bp)[:size])
 			if rerr == syscall.EAGAIN {
 				bufPool.Put(bp)
 				bp = nil
