@@ -7,9 +7,15 @@ import (
 	"sync"
 )
 
-const bufSize = 64 << 10
+// bufPool holds the buffers of copies from sources that are not TCP
+// sockets: held for the whole copy, so they stay small.
+var bufPool = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
 
-var bufPool = sync.Pool{New: func() any { b := make([]byte, bufSize); return &b }}
+// readyPool holds the buffers of copies from TCP sockets (copyReady),
+// taken only while the socket has data.
+const readySize = 64 << 10
+
+var readyPool = sync.Pool{New: func() any { b := make([]byte, readySize); return &b }}
 
 // streamReadSize is how much a copy into a Stream reads at once: four
 // DATA frames that each fill one 16 KiB TLS record exactly with their

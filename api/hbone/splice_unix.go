@@ -16,7 +16,7 @@ func copyReady(dst io.Writer, tc *net.TCPConn) (total int64, handled bool, err e
 	if err != nil {
 		return 0, false, nil
 	}
-	size := bufSize
+	size := readySize
 	if _, ok := dst.(*Stream); ok {
 		size = streamReadSize
 	}
@@ -27,10 +27,10 @@ func copyReady(dst io.Writer, tc *net.TCPConn) (total int64, handled bool, err e
 			rerr error
 		)
 		err := raw.Read(func(fd uintptr) bool {
-			bp = bufPool.Get().(*[]byte)
+			bp = readyPool.Get().(*[]byte)
 			n, rerr = syscall.Read(int(fd), (*bp)[:size])
 			if rerr == syscall.EAGAIN {
-				bufPool.Put(bp)
+				readyPool.Put(bp)
 				bp = nil
 				return false
 			}
@@ -39,7 +39,7 @@ func copyReady(dst io.Writer, tc *net.TCPConn) (total int64, handled bool, err e
 		if err == nil && rerr != nil {
 			if rerr == syscall.EINTR {
 				if bp != nil {
-					bufPool.Put(bp)
+					readyPool.Put(bp)
 				}
 				continue
 			}
@@ -48,14 +48,14 @@ func copyReady(dst io.Writer, tc *net.TCPConn) (total int64, handled bool, err e
 		if n > 0 && bp != nil {
 			w, werr := dst.Write((*bp)[:n])
 			total += int64(w)
-			bufPool.Put(bp)
+			readyPool.Put(bp)
 			if werr != nil {
 				return total, true, werr
 			}
 			continue
 		}
 		if bp != nil {
-			bufPool.Put(bp)
+			readyPool.Put(bp)
 		}
 		if err != nil {
 			return total, true, err
