@@ -58,6 +58,9 @@ func TestMain(m *testing.M) {
 }
 
 func runMain(m *testing.M) int {
+	if spec := os.Getenv(relayEnv); spec != "" {
+		return runRelay(spec)
+	}
 	if os.Geteuid() == 0 {
 		dir, err := os.MkdirTemp("", "ztunnel-bin-")
 		if err != nil {
