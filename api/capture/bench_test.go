@@ -18,19 +18,25 @@ table inet amesh {
 	set probe_src4 { type ipv4_addr; elements = { 198.18.0.1 } }
 	set probe_src6 { type ipv6_addr; elements = { fd00:a5e5::1 } }
 	set probe_ports { type inet_service; elements = { 8080 } }
+	set open4 { type ipv4_addr . inet_service . ipv4_addr . inet_service; }
+	set open6 { type ipv6_addr . inet_service . ipv6_addr . inet_service; }
 	chain inbound {
 		type nat hook prerouting priority dstnat; policy accept;
 		iifname "lo" return
 		meta l4proto tcp tcp dport 15008 return
 		meta nfproto ipv4 meta l4proto tcp ip saddr @probe_src4 tcp dport @probe_ports return
 		meta nfproto ipv6 meta l4proto tcp ip6 saddr @probe_src6 tcp dport @probe_ports return
-		meta l4proto tcp tcp flags & (syn | ack) == syn redirect to :15006
+		meta nfproto ipv4 meta l4proto tcp tcp flags & (syn | ack) != syn ip daddr . tcp dport . ip saddr . tcp sport @open4 return
+		meta nfproto ipv6 meta l4proto tcp tcp flags & (syn | ack) != syn ip6 daddr . tcp dport . ip6 saddr . tcp sport @open6 return
+		meta l4proto tcp redirect to :15006
 	}
 	chain outbound {
 		type nat hook output priority -100; policy accept;
 		oifname "lo" return
 		meta mark 0x539 return
-		meta l4proto tcp tcp flags & (syn | ack) == syn redirect to :15001
+		meta nfproto ipv4 meta l4proto tcp tcp flags & (syn | ack) != syn ip saddr . tcp sport . ip daddr . tcp dport @open4 return
+		meta nfproto ipv6 meta l4proto tcp tcp flags & (syn | ack) != syn ip6 saddr . tcp sport . ip6 daddr . tcp dport @open6 return
+		meta l4proto tcp redirect to :15001
 	}
 	chain reply {
 		type route hook output priority mangle; policy accept;
@@ -112,14 +118,19 @@ func TestRulesetMatchesNft(t *testing.T) {
 		}
 		return Check(cfg)
 	}))
-	// The rules of earlier versions, which redirected every new flow
-	// (also one picked up mid-stream), are a mismatch: the agent's next
-	// Install replaces them.
-	legacy := strings.ReplaceAll(nftRuleset, "tcp flags & (syn | ack) == syn ", "")
-	if legacy == nftRuleset {
-		t.Fatal("the baseline has no SYN match to remove")
+	// The rules of earlier versions, which redirected every flow's first
+	// packet (also one of a connection open before), are a mismatch: the
+	// agent's next Install replaces them.
+	var legacy []string
+	for _, l := range strings.Split(nftRuleset, "\n") {
+		if !strings.Contains(l, "open4") && !strings.Contains(l, "open6") {
+			legacy = append(legacy, l)
+		}
 	}
-	if err := os.WriteFile(file, []byte(legacy), 0o644); err != nil {
+	if len(legacy) != len(strings.Split(nftRuleset, "\n"))-6 {
+		t.Fatal("the baseline does not have the 6 lines of open connections to remove")
+	}
+	if err := os.WriteFile(file, []byte(strings.Join(legacy, "\n")), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	must(t, inNS(ns, func() error {

@@ -17,15 +17,23 @@
 //     interface is REDIRECTed to 15006 (InboundPlaintextPort), except
 //     connections to 15008 (InboundHBONEPort), which ztunnel terminates
 //     itself, and kubelet health probes (see Config).
-//   - only connections that start after Install are captured: a rule
-//     redirects a connection's opening packet (a TCP SYN without ACK) and
-//     nothing else. Conntrack begins in a pod's netns with this table, so
-//     the next packet of a connection that was already open is new to it
-//     too; redirecting that packet mid-stream would send it to a ztunnel
-//     port that answers with a reset. Such a packet gets no translation
-//     and its connection keeps its direct path until it closes, as
-//     enrolling a running pod should leave its open connections alone.
-//     Replacing the rules (Install again) keeps every flow where it is.
+//   - connections the pod had open before its first Install keep their
+//     path: Install lists the pod's TCP connections (sock_diag) into two
+//     sets, open4 and open6, and a packet of one of them that does not
+//     open a connection (not a SYN without ACK) is left alone. Conntrack
+//     begins in a pod's netns with this table, so the next packet of such
+//     a connection is new to it; redirecting it mid-stream would send it
+//     to a ztunnel port that answers with a reset. Once let through, a
+//     connection keeps its untranslated conntrack entry until it closes,
+//     as enrolling a running pod should leave its open connections alone.
+//     Every other packet that starts a conntrack entry is redirected,
+//     mid-stream or not: a captured connection whose entry was lost
+//     (expired while the application held it half-closed, say) goes back
+//     to ztunnel — on through it while ztunnel holds the connection, else
+//     reset — and is never sent on to its original destination in
+//     plaintext. Install keeps the sets of an installed table (connections
+//     opened since are not "open before"), so replacing the rules keeps
+//     every flow where it is.
 //   - reply routing: ztunnel connects to the application from inside the
 //     pod with the original client's source address (IP_TRANSPARENT) and
 //     Mark. The rules record such connections in the conntrack mark and
@@ -48,7 +56,8 @@
 //
 // Install replaces everything atomically and is idempotent; Remove is
 // idempotent; Check reports whether exactly the rules for a Config are in
-// place.
+// place (of the open-connection sets, which hold the pod's connections
+// rather than anything of the Config, it checks that they exist).
 package capture
 
 import (
@@ -145,7 +154,8 @@ func (c Config) normalized() (v4, v6 []netip.Addr, ports []uint16) {
 
 // Install puts the capture rules for cfg in place in the current network
 // namespace, replacing any previous version of them in one transaction. It
-// is idempotent.
+// is idempotent. The first Install (no table yet) lists the namespace's
+// open TCP connections, which keep their path (see the package doc).
 func Install(cfg Config) error {
 	if err := cfg.Validate(); err != nil {
 		return err

@@ -2,6 +2,7 @@ package capture
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -11,6 +12,7 @@ import (
 	"os"
 	"runtime"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -492,13 +494,16 @@ type flow struct {
 	client, server net.Conn
 }
 
-// openFlow listens on addr inside serverNS, connects to it from inside
-// clientNS with d and returns both ends.
-func openFlow(t *testing.T, name string, clientNS, serverNS netns.NsHandle, d *net.Dialer, addr string) *flow {
+// openFlow listens on listen ("" = addr) inside serverNS, connects to
+// addr from inside clientNS with d and returns both ends.
+func openFlow(t *testing.T, name string, clientNS, serverNS netns.NsHandle, d *net.Dialer, listen, addr string) *flow {
 	t.Helper()
+	if listen == "" {
+		listen = addr
+	}
 	var ln net.Listener
 	must(t, inNS(serverNS, func() (err error) {
-		ln, err = net.Listen("tcp", addr)
+		ln, err = net.Listen("tcp", listen)
 		return err
 	}))
 	defer ln.Close()
@@ -574,18 +579,18 @@ func TestOpenConnectionsSurviveInstall(t *testing.T) {
 		name           string
 		client, server netns.NsHandle
 		d              *net.Dialer
-		addr           string
+		listen, addr   string
 	}{
-		{"outbound v4", pod, node, &net.Dialer{}, hostPort(nodeIP, 8080)},
-		{"outbound v6", pod, node, &net.Dialer{}, hostPort(nodeIP6, 8081)},
-		{"inbound v4", node, pod, from(nodeIP), hostPort(podIP, 8082)},
-		{"inbound v6", node, pod, from(nodeIP6), hostPort(podIP6, 8083)},
-		// A probe-exempt port: the exemption is not what keeps it.
-		{"inbound v4 probe port", node, pod, from(otherIP), hostPort(podIP, 8084)},
-		{"outbound v4, server speaks first", pod, node, &net.Dialer{}, hostPort(nodeIP, 8085)},
-		{"inbound v6, server speaks first", node, pod, from(nodeIP6), hostPort(podIP6, 8086)},
+		{"outbound v4", pod, node, &net.Dialer{}, "", hostPort(nodeIP, 8080)},
+		{"outbound v6", pod, node, &net.Dialer{}, "", hostPort(nodeIP6, 8081)},
+		{"inbound v4", node, pod, from(nodeIP), "", hostPort(podIP, 8082)},
+		{"inbound v6", node, pod, from(nodeIP6), "", hostPort(podIP6, 8083)},
+		// An IPv6 socket of the pod carrying IPv4 (v4-mapped addresses).
+		{"inbound v4 to a dual-stack listener", node, pod, from(otherIP), "[::]:8084", hostPort(podIP, 8084)},
+		{"outbound v4, server speaks first", pod, node, &net.Dialer{}, "", hostPort(nodeIP, 8085)},
+		{"inbound v6, server speaks first", node, pod, from(nodeIP6), "", hostPort(podIP6, 8086)},
 	} {
-		fl := openFlow(t, f.name, f.client, f.server, f.d, f.addr)
+		fl := openFlow(t, f.name, f.client, f.server, f.d, f.listen, f.addr)
 		if err := fl.exchange(fmt.Sprint("before ", i), false); err != nil {
 			t.Fatalf("%s before Install: %v", f.name, err)
 		}
@@ -657,5 +662,204 @@ func TestOpenConnectionsSurviveInstall(t *testing.T) {
 		if _, err := f.c.Read(b[:]); !errors.Is(err, os.ErrDeadlineExceeded) {
 			t.Errorf("captured connection (%s) after the rules were replaced: read %v, want a timeout (open, silent)", f.want, err)
 		}
+	}
+}
+
+// sniffer collects every frame seen on one interface of a namespace (an
+// AF_PACKET socket), to prove what did or did not go on the wire.
+type sniffer struct {
+	fd   int
+	mu   sync.Mutex
+	data []byte
+	done chan struct{}
+}
+
+func sniff(t *testing.T, ns netns.NsHandle, ifname string) *sniffer {
+	t.Helper()
+	s := &sniffer{done: make(chan struct{})}
+	proto := int(htons(unix.ETH_P_ALL))
+	must(t, inNS(ns, func() error {
+		link, err := netlink.LinkByName(ifname)
+		if err != nil {
+			return err
+		}
+		fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, proto)
+		if err != nil {
+			return fmt.Errorf("packet socket: %w", err)
+		}
+		s.fd = fd
+		if err := unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_ALL), Ifindex: link.Attrs().Index}); err != nil {
+			return fmt.Errorf("bind packet socket: %w", err)
+		}
+		tv := unix.NsecToTimeval((50 * time.Millisecond).Nanoseconds())
+		return unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
+	}))
+	go func() {
+		defer close(s.done)
+		buf := make([]byte, 65536)
+		for {
+			n, _, err := unix.Recvfrom(s.fd, buf, 0)
+			if err != nil && !errors.Is(err, unix.EAGAIN) && !errors.Is(err, unix.EINTR) {
+				return
+			}
+			if n > 0 {
+				s.mu.Lock()
+				s.data = append(s.data, buf[:n]...)
+				s.mu.Unlock()
+			}
+		}
+	}()
+	t.Cleanup(func() { unix.Shutdown(s.fd, unix.SHUT_RDWR); unix.Close(s.fd); <-s.done })
+	return s
+}
+
+func htons(v uint16) uint16 { return v<<8 | v>>8 }
+
+// saw reports whether marker appeared in any frame so far.
+func (s *sniffer) saw(marker string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return bytes.Contains(s.data, []byte(marker))
+}
+
+// TestCapturedConnectionFailsClosed: a captured connection whose
+// conntrack entry is gone (flushed here; in life it expires, say while
+// the application holds a half-closed connection) is never sent on to its
+// original destination in plaintext: its next packet is captured again —
+// the connection carries on through ztunnel while ztunnel holds it, and
+// is reset once ztunnel has closed it. A connection open before Install
+// keeps its direct path through the same loss.
+func TestCapturedConnectionFailsClosed(t *testing.T) {
+	needRoot(t)
+	pod, node := topology(t)
+	pre := openFlow(t, "pre-existing", pod, node, &net.Dialer{}, "", hostPort(nodeIP, 8088))
+	must(t, inNS(pod, func() error { return Install(Config{}) }))
+	// ztunnel's outbound listener: it keeps every accepted connection.
+	var zln net.Listener
+	must(t, inNS(pod, func() (err error) {
+		zln, err = net.Listen("tcp", fmt.Sprintf("[::]:%d", OutboundPort))
+		return err
+	}))
+	t.Cleanup(func() { zln.Close() })
+	accepted := make(chan net.Conn, 4)
+	go func() {
+		for {
+			c, err := zln.Accept()
+			if err != nil {
+				return
+			}
+			t.Cleanup(func() { c.Close() })
+			accepted <- c
+		}
+	}()
+	listen(t, node, hostPort(nodeIP, 8080), "node-app") // the original destination
+	wire := sniff(t, node, "veth0")
+	dialCaptured := func() (app, zt net.Conn) {
+		t.Helper()
+		must(t, inNS(pod, func() (err error) {
+			app, err = net.DialTimeout("tcp", hostPort(nodeIP, 8080), 2*time.Second)
+			return err
+		}))
+		t.Cleanup(func() { app.Close() })
+		select {
+		case zt = <-accepted:
+		case <-time.After(2 * time.Second):
+			t.Fatal("the connection was not captured")
+		}
+		return app, zt
+	}
+	flush := func() {
+		t.Helper()
+		must(t, inNS(pod, func() error { return netlink.ConntrackTableFlush(netlink.ConntrackTable) }))
+	}
+
+	// A captured connection that ztunnel still holds carries on.
+	app, zt := dialCaptured()
+	if err := send(app, zt, "before the flush"); err != nil {
+		t.Fatal(err)
+	}
+	flush()
+	if err := send(app, zt, "secret-held-by-ztunnel"); err != nil {
+		t.Errorf("captured connection after its conntrack entry was lost: %v", err)
+	}
+	if err := send(zt, app, "answer"); err != nil {
+		t.Errorf("captured connection after its conntrack entry was lost, answer: %v", err)
+	}
+
+	// ztunnel closed its end (the upstream went away); the application
+	// holds the half-closed connection, loses its conntrack entry, and
+	// writes: reset, not sent to the original destination.
+	app2, zt2 := dialCaptured()
+	if err := send(app2, zt2, "before the close"); err != nil {
+		t.Fatal(err)
+	}
+	zt2.Close()
+	_ = app2.SetReadDeadline(time.Now().Add(2 * time.Second))
+	if _, err := app2.Read(make([]byte, 1)); !errors.Is(err, io.EOF) {
+		t.Fatalf("application read after ztunnel closed = %v, want EOF", err)
+	}
+	flush()
+	const marker = "secret-after-close-and-flush"
+	_ = app2.SetDeadline(time.Now().Add(2 * time.Second))
+	if _, err := app2.Write([]byte(marker)); err != nil {
+		t.Fatalf("first write on the half-closed connection: %v", err)
+	}
+	// The reset comes back; the next write reports it.
+	time.Sleep(100 * time.Millisecond)
+	if _, err := app2.Write([]byte("again")); !errors.Is(err, unix.ECONNRESET) && !errors.Is(err, unix.EPIPE) {
+		t.Errorf("write on a lost half-closed captured connection after the first one = %v, want a reset", err)
+	}
+
+	// The pre-existing connection keeps its direct path through the loss.
+	if err := pre.exchange("after the flush", false); err != nil {
+		t.Errorf("connection open before Install, after the flush: %v", err)
+	}
+	time.Sleep(100 * time.Millisecond)
+	for _, m := range []string{"secret-held-by-ztunnel", marker} {
+		if wire.saw(m) {
+			t.Errorf("%q went on the wire toward the original destination in plaintext", m)
+		}
+	}
+	if !wire.saw("after the flush") {
+		t.Error("the sniffer saw nothing of the direct connection (is it working?)")
+	}
+}
+
+// TestReusedTupleIsCaptured: a new connection that happens to reuse the
+// addresses and ports of a connection that was open before Install is
+// captured like any other: only a mid-stream packet is exempt.
+func TestReusedTupleIsCaptured(t *testing.T) {
+	needRoot(t)
+	pod, node := topology(t)
+	src := &net.TCPAddr{IP: podIP.AsSlice(), Port: 40123}
+	f := openFlow(t, "pre-existing", pod, node, &net.Dialer{LocalAddr: src}, "", hostPort(nodeIP, 8080))
+	must(t, inNS(pod, func() error { return Install(Config{}) }))
+	if err := f.exchange("after install", false); err != nil {
+		t.Fatal(err)
+	}
+	// The server closes first (its side keeps TIME_WAIT), then the pod:
+	// the pod's port is free again.
+	f.server.Close()
+	_ = f.client.SetReadDeadline(time.Now().Add(2 * time.Second))
+	if _, err := f.client.Read(make([]byte, 1)); !errors.Is(err, io.EOF) {
+		t.Fatalf("read after the server closed = %v, want EOF", err)
+	}
+	f.client.Close()
+	listen(t, pod, fmt.Sprintf("[::]:%d", OutboundPort), "ztunnel-outbound")
+	var got string
+	deadline := time.Now().Add(3 * time.Second)
+	for {
+		var err error
+		got, err = ask(pod, &net.Dialer{LocalAddr: src}, hostPort(nodeIP, 8080))
+		if err == nil || time.Now().After(deadline) {
+			if err != nil {
+				t.Fatalf("new connection from %v: %v", src, err)
+			}
+			break
+		}
+		time.Sleep(50 * time.Millisecond) // the pod's end may still be closing
+	}
+	if want := "ztunnel-outbound " + hostPort(nodeIP, 8080); !strings.HasPrefix(got, want) {
+		t.Fatalf("new connection on the reused tuple answered %q, want prefix %q", got, want)
 	}
 }

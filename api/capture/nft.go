@@ -18,6 +18,8 @@ const (
 	setProbeSrc4  = "probe_src4"
 	setProbeSrc6  = "probe_src6"
 	setProbePorts = "probe_ports"
+	setOpen4      = "open4"    // IPv4 connections open before the first Install
+	setOpen6      = "open6"    // IPv6 connections open before the first Install
 	chainInbound  = "inbound"  // nat prerouting
 	chainOutbound = "outbound" // nat output
 	chainReply    = "reply"    // route output
@@ -39,6 +41,29 @@ type ruleset struct {
 type setSpec struct {
 	set   *nftables.Set
 	elems []nftables.SetElement
+	// dynamic sets (the open connections) are not derived from a Config:
+	// Check verifies that they exist, not what they hold.
+	dynamic bool
+}
+
+// openFlows are the keys of the open4 and open6 sets: one per TCP
+// connection of the pod that was open before its first Install, as
+// "pod address . pod port . peer address . peer port" (each field
+// padded to 4 bytes, as nftables lays out concatenations).
+type openFlows struct {
+	v4, v6 []nftables.SetElement
+}
+
+var (
+	open4Type = nftables.MustConcatSetType(nftables.TypeIPAddr, nftables.TypeInetService, nftables.TypeIPAddr, nftables.TypeInetService)
+	open6Type = nftables.MustConcatSetType(nftables.TypeIP6Addr, nftables.TypeInetService, nftables.TypeIP6Addr, nftables.TypeInetService)
+)
+
+// flowKey is the open-set key of a connection between the pod's local
+// address and port and a peer's.
+func flowKey(local netip.AddrPort, peer netip.AddrPort) []byte {
+	port := func(p uint16) []byte { return []byte{byte(p >> 8), byte(p), 0, 0} }
+	return slices.Concat(local.Addr().AsSlice(), port(local.Port()), peer.Addr().AsSlice(), port(peer.Port()))
 }
 
 type chainSpec struct {
@@ -57,7 +82,7 @@ func ifname(n string) []byte {
 	return b
 }
 
-func build(cfg Config) *ruleset {
+func build(cfg Config, open openFlows) *ruleset {
 	t := table()
 	v4, v6, ports := cfg.normalized()
 
@@ -66,6 +91,8 @@ func build(cfg Config) *ruleset {
 	src4 := &nftables.Set{Table: t, ID: 1, Name: setProbeSrc4, KeyType: nftables.TypeIPAddr}
 	src6 := &nftables.Set{Table: t, ID: 2, Name: setProbeSrc6, KeyType: nftables.TypeIP6Addr}
 	pset := &nftables.Set{Table: t, ID: 3, Name: setProbePorts, KeyType: nftables.TypeInetService}
+	open4 := &nftables.Set{Table: t, ID: 4, Name: setOpen4, KeyType: open4Type, Concatenation: true}
+	open6 := &nftables.Set{Table: t, ID: 5, Name: setOpen6, KeyType: open6Type, Concatenation: true}
 	var e4, e6, ep []nftables.SetElement
 	for _, a := range v4 {
 		e4 = append(e4, nftables.SetElement{Key: a.AsSlice()})
@@ -110,24 +137,64 @@ func build(cfg Config) *ruleset {
 			ret,
 		)
 	}
-	// Only a connection's opening packet is redirected: a SYN without
-	// ACK. Conntrack starts in the pod's netns with this table, so the
-	// next packet of a connection opened before (by the pod or toward
-	// it) is seen as NEW too and would otherwise be sent, mid-stream, to
-	// a ztunnel port that resets it. The nat chains see only the first
-	// packet of each conntrack entry; a non-SYN first packet gets no
-	// translation and the flow keeps its path until it closes.
-	syn := []expr.Any{
+	// A connection the pod had open before its first Install keeps its
+	// path: conntrack starts in the pod's netns with this table, so the
+	// next packet of such a connection is NEW to it and would otherwise
+	// be redirected, mid-stream, to a ztunnel port that resets it. Its
+	// first packet (never an opening SYN) matches the open set and gets
+	// no translation; conntrack keeps it that way until it closes.
+	// Every other TCP packet that starts a conntrack entry is redirected,
+	// mid-stream ones included: a captured connection whose entry was
+	// lost (expired while half-closed, say) is reset by ztunnel's port
+	// rather than sent on, in plaintext, to its original destination.
+	notOpening := []expr.Any{
 		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 13, Len: 1},
 		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{tcpSYN | tcpACK}, Xor: []byte{0}},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{tcpSYN}},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{tcpSYN}},
+	}
+	// openConn matches a packet of an open connection. inbound packets come
+	// from the peer (pod = destination), outbound ones from the pod.
+	openConn := func(nfproto byte, inbound bool, set *nftables.Set) []expr.Any {
+		saddr, daddr, alen := uint32(12), uint32(16), uint32(4) // IPv4 header
+		if nfproto == unix.NFPROTO_IPV6 {
+			saddr, daddr, alen = 8, 24, 16
+		}
+		local, peer, lport, pport := saddr, daddr, uint32(0), uint32(2)
+		if inbound {
+			local, peer, lport, pport = daddr, saddr, 2, 0
+		}
+		// Concatenated fields go to consecutive 32-bit registers
+		// (NFT_REG32_00 + i), named as the kernel reports them: one that
+		// starts a 16-byte register is NFT_REG_1 + i/4.
+		i := uint32(0)
+		load := func(base expr.PayloadBase, off, n uint32) *expr.Payload {
+			r := unix.NFT_REG32_00 + i
+			if i%4 == 0 {
+				r = unix.NFT_REG_1 + i/4
+			}
+			i += (n + 3) / 4
+			return &expr.Payload{DestRegister: r, Base: base, Offset: off, Len: n}
+		}
+		r := []expr.Any{
+			&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{nfproto}},
+		}
+		r = slices.Concat(r, tcp, notOpening)
+		return append(r,
+			load(expr.PayloadBaseNetworkHeader, local, alen),
+			load(expr.PayloadBaseTransportHeader, lport, 2),
+			load(expr.PayloadBaseNetworkHeader, peer, alen),
+			load(expr.PayloadBaseTransportHeader, pport, 2),
+			&expr.Lookup{SourceRegister: 1, SetName: set.Name, SetID: set.ID},
+			ret,
+		)
 	}
 	redirect := func(port uint16) []expr.Any {
-		return slices.Concat(tcp, syn, []expr.Any{
+		return append(slices.Clone(tcp),
 			&expr.Immediate{Register: 1, Data: binaryutil.BigEndian.PutUint16(port)},
 			// As the kernel stores it: max = min, NF_NAT_RANGE_PROTO_SPECIFIED.
 			&expr.Redir{RegisterProtoMin: 1, RegisterProtoMax: 1, Flags: unix.NF_NAT_RANGE_PROTO_SPECIFIED},
-		})
+		)
 	}
 	mark := func(key expr.MetaKey, v uint32) []expr.Any {
 		return []expr.Any{
@@ -152,7 +219,8 @@ func build(cfg Config) *ruleset {
 
 	return &ruleset{
 		table: t,
-		sets:  []setSpec{{src4, e4}, {src6, e6}, {pset, ep}},
+		sets: []setSpec{{set: src4, elems: e4}, {set: src6, elems: e6}, {set: pset, elems: ep},
+			{set: open4, elems: open.v4, dynamic: true}, {set: open6, elems: open.v6, dynamic: true}},
 		chains: []chainSpec{
 			{inbound, [][]expr.Any{
 				// iifname "lo" return
@@ -163,7 +231,12 @@ func build(cfg Config) *ruleset {
 				probe(unix.NFPROTO_IPV4, 12, 4, src4),
 				// ip6 saddr @probe_src6 tcp dport @probe_ports return
 				probe(unix.NFPROTO_IPV6, 8, 16, src6),
-				// meta l4proto tcp tcp flags & (syn | ack) == syn redirect to :15006
+				// meta nfproto ipv4 meta l4proto tcp tcp flags & (syn | ack) != syn
+				//   ip daddr . tcp dport . ip saddr . tcp sport @open4 return
+				openConn(unix.NFPROTO_IPV4, true, open4),
+				// (the same for ip6 and @open6)
+				openConn(unix.NFPROTO_IPV6, true, open6),
+				// meta l4proto tcp redirect to :15006
 				redirect(InboundPlaintextPort),
 			}},
 			{outbound, [][]expr.Any{
@@ -171,7 +244,12 @@ func build(cfg Config) *ruleset {
 				lo(expr.MetaKeyOIFNAME),
 				// meta mark 0x539 return
 				cat(mark(expr.MetaKeyMARK, Mark), []expr.Any{ret}),
-				// meta l4proto tcp tcp flags & (syn | ack) == syn redirect to :15001
+				// meta nfproto ipv4 meta l4proto tcp tcp flags & (syn | ack) != syn
+				//   ip saddr . tcp sport . ip daddr . tcp dport @open4 return
+				openConn(unix.NFPROTO_IPV4, false, open4),
+				// (the same for ip6 and @open6)
+				openConn(unix.NFPROTO_IPV6, false, open6),
+				// meta l4proto tcp redirect to :15001
 				redirect(OutboundPort),
 			}},
 			{reply, [][]expr.Any{
@@ -199,21 +277,44 @@ func newConn() (*nftables.Conn, error) {
 	return c, nil
 }
 
+// maxElemsPerMessage bounds the set elements sent in one netlink message.
+const maxElemsPerMessage = 256
+
 // installTable replaces TableName with the ruleset for cfg in one
 // transaction: add (no-op if present), delete, then create everything.
-// Either the whole batch applies or none of it.
+// Either the whole batch applies or none of it. The open-connection sets
+// are filled from the pod's sockets when the table is new, and carried
+// over from the installed table otherwise: connections opened (and
+// captured) since the first Install must never count as open before it.
 func installTable(cfg Config) error {
-	rs := build(cfg)
 	c, err := newConn()
 	if err != nil {
 		return err
 	}
+	open, installed, err := installedOpenFlows(c)
+	if err != nil {
+		return err
+	}
+	if !installed {
+		if open, err = openConnections(); err != nil {
+			return err
+		}
+	}
+	rs := build(cfg, open)
 	c.AddTable(rs.table)
 	c.DelTable(rs.table)
 	c.AddTable(rs.table)
 	for _, s := range rs.sets {
-		if err := c.AddSet(s.set, s.elems); err != nil {
+		first := s.elems[:min(len(s.elems), maxElemsPerMessage)]
+		if err := c.AddSet(s.set, first); err != nil {
 			return fmt.Errorf("set %s: %w", s.set.Name, err)
+		}
+		for rest := s.elems[len(first):]; len(rest) > 0; {
+			n := min(len(rest), maxElemsPerMessage)
+			if err := c.SetAddElements(s.set, rest[:n]); err != nil {
+				return fmt.Errorf("set %s: %w", s.set.Name, err)
+			}
+			rest = rest[n:]
 		}
 	}
 	for _, ch := range rs.chains {
@@ -226,6 +327,41 @@ func installTable(cfg Config) error {
 		return err
 	}
 	return nil
+}
+
+// installedOpenFlows reads the open-connection sets of the installed
+// table; installed is false when there is no table. A table of an earlier
+// version without the sets exempted nothing: its sets are empty.
+func installedOpenFlows(c *nftables.Conn) (open openFlows, installed bool, err error) {
+	if _, err := c.ListTableOfFamily(TableName, nftables.TableFamilyINet); err != nil {
+		if errors.Is(err, unix.ENOENT) {
+			return openFlows{}, false, nil
+		}
+		return openFlows{}, false, fmt.Errorf("list table: %w", err)
+	}
+	sets, err := c.GetSets(table())
+	if err != nil {
+		return openFlows{}, true, fmt.Errorf("list sets: %w", err)
+	}
+	for _, s := range sets {
+		var dst *[]nftables.SetElement
+		switch s.Name {
+		case setOpen4:
+			dst = &open.v4
+		case setOpen6:
+			dst = &open.v6
+		default:
+			continue
+		}
+		elems, err := c.GetSetElements(s)
+		if err != nil {
+			return openFlows{}, true, fmt.Errorf("list set %s: %w", s.Name, err)
+		}
+		for _, e := range elems {
+			*dst = append(*dst, nftables.SetElement{Key: e.Key})
+		}
+	}
+	return open, true, nil
 }
 
 func removeTable() error {
@@ -244,7 +380,7 @@ func checkTable(cfg Config) error {
 	if err != nil {
 		return err
 	}
-	rs := build(cfg)
+	rs := build(cfg, openFlows{})
 	if _, err := c.ListTableOfFamily(TableName, nftables.TableFamilyINet); err != nil {
 		if errors.Is(err, unix.ENOENT) {
 			return fmt.Errorf("%w: table inet %s absent", ErrNotInstalled, TableName)
@@ -301,6 +437,12 @@ func checkTable(cfg Config) error {
 		i := slices.IndexFunc(sets, func(s *nftables.Set) bool { return s.Name == want.set.Name })
 		if i < 0 {
 			return fmt.Errorf("%w: set %s absent", ErrMismatch, want.set.Name)
+		}
+		if want.dynamic {
+			if got := sets[i].KeyType.Bytes; got != want.set.KeyType.Bytes {
+				return fmt.Errorf("%w: set %s has %d-byte keys, want %d", ErrMismatch, want.set.Name, got, want.set.KeyType.Bytes)
+			}
+			continue
 		}
 		elems, err := c.GetSetElements(sets[i])
 		if err != nil {
