@@ -210,6 +210,7 @@ func (a *App) Run(ctx context.Context) error {
 		ZtunnelNamespace:      cfg.Namespace,
 		ZtunnelServiceAccount: cfg.ZtunnelServiceAccount,
 		WaypointClass:         cfg.WaypointClass,
+		WaypointController:    label.WaypointController,
 	})
 	caLog := a.log.Named("ca")
 	caServer := ca.NewServer(authority, authz, ca.ServerOptions{
@@ -247,11 +248,12 @@ func (a *App) Run(ctx context.Context) error {
 	loop := push.New(push.Options{
 		Informers: mgr.GetCache(),
 		Translate: translate.Config{
-			TrustDomain:   cfg.TrustDomain,
-			ClusterDomain: cfg.ClusterDomain,
-			RootNamespace: cfg.Namespace,
-			ClusterID:     cfg.ClusterID,
-			WaypointClass: cfg.WaypointClass,
+			TrustDomain:        cfg.TrustDomain,
+			ClusterDomain:      cfg.ClusterDomain,
+			RootNamespace:      cfg.Namespace,
+			ClusterID:          cfg.ClusterID,
+			WaypointClass:      cfg.WaypointClass,
+			WaypointController: label.WaypointController,
 		},
 		Roots:      keys.rootsList,
 		Publisher:  xdsServer,

@@ -2,6 +2,7 @@ package app_test
 
 import (
 	"fmt"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -105,6 +106,38 @@ func TestWaypointDeployer(t *testing.T) {
 		e.get("shop", "waypoint", &got)
 		return meta.IsStatusConditionTrue(got.Status.Conditions, string(gwv1.GatewayConditionAccepted))
 	}, func() string { return "Gateway shop/waypoint not Accepted" })
+
+	// A Gateway is a waypoint only while its class is amesh's: without
+	// the GatewayClass the deployer removes the waypoint and, in step,
+	// nothing binds to it; with the class back, both return.
+	e.create(&corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "shop", Name: "reviews", Labels: map[string]string{"amesh.dev/use-waypoint": "waypoint"}},
+		Spec:       corev1.ServiceSpec{Selector: map[string]string{"app": "reviews"}, Ports: []corev1.ServicePort{{Name: "http", Port: 80}}},
+	})
+	bound := func(status metav1.ConditionStatus, msg string) {
+		t.Helper()
+		var last []metav1.Condition
+		within(t, 20*time.Second, nil, func() bool {
+			var svc corev1.Service
+			e.get("shop", "reviews", &svc)
+			last = svc.Status.Conditions
+			c := meta.FindStatusCondition(svc.Status.Conditions, "amesh.dev/WaypointBound")
+			return c != nil && c.Status == status && strings.Contains(c.Message, msg)
+		}, func() string { return fmt.Sprintf("WaypointBound %s %q; have %+v", status, msg, last) })
+	}
+	bound(metav1.ConditionTrue, "bound to waypoint shop/waypoint")
+	var gc gwv1.GatewayClass
+	e.get("", "amesh-waypoint", &gc)
+	if err := e.c.Delete(t.Context(), &gc); err != nil {
+		t.Fatal(err)
+	}
+	bound(metav1.ConditionFalse, "the GatewayClass amesh-waypoint does not exist")
+	within(t, 20*time.Second, nil, func() bool {
+		err := e.c.Get(t.Context(), types.NamespacedName{Namespace: "shop", Name: "waypoint"}, &appsv1.Deployment{})
+		return apierrors.IsNotFound(err)
+	}, func() string { return "the Deployment of a Gateway without its class is still there" })
+	e.applyFile(filepath.Join("..", "..", "..", "manifests", "base", "gatewayclass.yaml"))
+	bound(metav1.ConditionTrue, "bound to waypoint shop/waypoint")
 }
 
 // TestWaypointConfiguration runs routes, bindings and per-service-account

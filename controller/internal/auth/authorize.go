@@ -16,6 +16,7 @@ import (
 
 	"github.com/amesh-dev/amesh/api/bearer"
 	"github.com/amesh-dev/amesh/api/identity"
+	"github.com/amesh-dev/amesh/controller/internal/gatewayclass"
 	"github.com/amesh-dev/amesh/controller/internal/label"
 )
 
@@ -89,8 +90,13 @@ type AuthorizerOptions struct {
 	ZtunnelNamespace      string
 	ZtunnelServiceAccount string
 	// WaypointClass is the GatewayClass of waypoints; default
-	// amesh-waypoint.
+	// amesh-waypoint. A Gateway of that class is a waypoint only while
+	// the class exists, names WaypointController and is accepted
+	// (package gatewayclass), as the deployer requires to run it.
 	WaypointClass string
+	// WaypointController is the class's controllerName; default
+	// amesh.dev/waypoint-controller.
+	WaypointController string
 }
 
 // NewAuthorizer returns an Authorizer. api may be nil (no fallback).
@@ -103,6 +109,9 @@ func NewAuthorizer(r *Reviewer, cache, api client.Reader, opts AuthorizerOptions
 	}
 	if opts.WaypointClass == "" {
 		opts.WaypointClass = label.WaypointClass
+	}
+	if opts.WaypointController == "" {
+		opts.WaypointController = label.WaypointController
 	}
 	return &Authorizer{reviewer: r, cache: cache, api: api, opts: opts}
 }
@@ -148,6 +157,13 @@ func (a *Authorizer) Identify(ctx context.Context) (*Role, error) {
 	}
 	if g == nil || string(g.Spec.GatewayClassName) != a.opts.WaypointClass {
 		return nil, errorf(codes.PermissionDenied, "%s: Gateway %s/%s is not a waypoint (class %s)", c, c.Namespace, gw, a.opts.WaypointClass)
+	}
+	gc, err := getGatewayClass(ctx, a.cache, a.api, a.opts.WaypointClass)
+	if err != nil {
+		return nil, err
+	}
+	if ok, why := gatewayclass.Waypoint(gc, a.opts.WaypointClass, a.opts.WaypointController); !ok {
+		return nil, errorf(codes.PermissionDenied, "%s: Gateway %s/%s is not a waypoint: %s", c, c.Namespace, gw, why)
 	}
 	if err := a.waypointOwned(ctx, c, pod, g); err != nil {
 		return nil, err
@@ -333,6 +349,26 @@ func getGateway(ctx context.Context, cache, api client.Reader, ns, name string) 
 			return nil, errorf(codes.Unavailable, "get gateway %s/%s: %v", ns, name, err)
 		}
 		return &g, nil
+	}
+	return nil, nil
+}
+
+// getGatewayClass reads a GatewayClass from the cache, else from the
+// apiserver; nil when it does not exist.
+func getGatewayClass(ctx context.Context, cache, api client.Reader, name string) (*gwv1.GatewayClass, error) {
+	for _, r := range []client.Reader{cache, api} {
+		if r == nil {
+			continue
+		}
+		var gc gwv1.GatewayClass
+		err := r.Get(ctx, types.NamespacedName{Name: name}, &gc)
+		switch {
+		case apierrors.IsNotFound(err):
+			continue
+		case err != nil:
+			return nil, errorf(codes.Unavailable, "get gatewayclass %s: %v", name, err)
+		}
+		return &gc, nil
 	}
 	return nil, nil
 }

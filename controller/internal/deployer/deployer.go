@@ -33,6 +33,7 @@ import (
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 	gwac "sigs.k8s.io/gateway-api/applyconfiguration/apis/v1"
 
+	"github.com/amesh-dev/amesh/controller/internal/gatewayclass"
 	"github.com/amesh-dev/amesh/controller/internal/label"
 )
 
@@ -135,7 +136,7 @@ func (d *Deployer) reconcileClass(ctx context.Context, req reconcile.Request) (r
 	if err := d.c.Get(ctx, req.NamespacedName, &gc); err != nil {
 		return reconcile.Result{}, client.IgnoreNotFound(err)
 	}
-	if string(gc.Spec.ControllerName) != d.opts.ControllerName || gc.DeletionTimestamp != nil {
+	if !gatewayclass.Ours(&gc, d.opts.ControllerName) {
 		return reconcile.Result{}, nil
 	}
 	c := gatewayClassAccepted(&gc, d.opts.Class)
@@ -211,7 +212,7 @@ func (d *Deployer) class(ctx context.Context, gw *gwv1.Gateway) (bool, cond, err
 		}
 		return false, cond{}, fmt.Errorf("deployer: get GatewayClass %s: %w", d.opts.Class, err)
 	}
-	if string(gc.Spec.ControllerName) != d.opts.ControllerName || gc.DeletionTimestamp != nil {
+	if !gatewayclass.Ours(&gc, d.opts.ControllerName) {
 		return false, cond{}, nil
 	}
 	return true, gatewayClassAccepted(&gc, d.opts.Class), nil

@@ -14,6 +14,7 @@ import (
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 	gwac "sigs.k8s.io/gateway-api/applyconfiguration/apis/v1"
 
+	"github.com/amesh-dev/amesh/controller/internal/gatewayclass"
 	"github.com/amesh-dev/amesh/controller/internal/label"
 )
 
@@ -312,14 +313,6 @@ func olderFirst(a, b metav1.ObjectMeta) int {
 // gatewayClassAccepted is the Accepted condition of a GatewayClass that
 // names this controller.
 func gatewayClassAccepted(gc *gwv1.GatewayClass, class string) cond {
-	typ := string(gwv1.GatewayClassConditionStatusAccepted)
-	switch {
-	case gc.Name != class:
-		return cond{typ, false, string(gwv1.GatewayClassReasonUnsupported),
-			fmt.Sprintf("amesh serves waypoints only through the GatewayClass %s", class)}
-	case gc.Spec.ParametersRef != nil:
-		return cond{typ, false, string(gwv1.GatewayClassReasonInvalidParameters),
-			fmt.Sprintf("amesh waypoints take no parameters; remove spec.parametersRef (%s %s)", gc.Spec.ParametersRef.Kind, gc.Spec.ParametersRef.Name)}
-	}
-	return cond{typ, true, string(gwv1.GatewayClassReasonAccepted), "amesh deploys a waypoint for each Gateway of this class"}
+	ok, reason, msg := gatewayclass.Accepted(gc, class)
+	return cond{string(gwv1.GatewayClassConditionStatusAccepted), ok, string(reason), msg}
 }

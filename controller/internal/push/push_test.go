@@ -143,6 +143,12 @@ func TestStoreTriggers(t *testing.T) {
 	rs := &appsv1.ReplicaSet{ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: "rs", Generation: 1}}
 	rsOwned := rs.DeepCopy()
 	rsOwned.OwnerReferences = []metav1.OwnerReference{{Kind: "Deployment", Name: "d", UID: "u"}}
+	gc := &gwv1.GatewayClass{ObjectMeta: metav1.ObjectMeta{Name: "amesh-waypoint", Generation: 1}}
+	gcStatus := gc.DeepCopy()
+	gcStatus.Status.Conditions = []metav1.Condition{{Type: "Accepted", Status: metav1.ConditionTrue}}
+	gcSpec := gc.DeepCopy()
+	gcSpec.Generation = 2
+	gcSpec.Spec.ControllerName = "example.com/gw"
 	ignore := map[string]func(old, cur client.Object) bool{}
 	for _, k := range kinds() {
 		ignore[kindOf(k.obj)] = k.ignore
@@ -157,6 +163,8 @@ func TestStoreTriggers(t *testing.T) {
 		{"route status", route, routeStatus, false},
 		{"route spec", route, routeSpec, true},
 		{"replicaset adopted", rs, rsOwned, true},
+		{"gatewayclass status", gc, gcStatus, false},
+		{"gatewayclass spec", gc, gcSpec, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s := newStore()

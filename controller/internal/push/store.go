@@ -48,6 +48,7 @@ func kinds() []watched {
 		{&corev1.Service{}, statusOnly},
 		{&k8sdisc.EndpointSlice{}, nil},
 		{&gwv1.Gateway{}, nil},
+		{&gwv1.GatewayClass{}, sameGeneration},
 		{&gwv1.HTTPRoute{}, sameGeneration},
 		{&gwv1.GRPCRoute{}, sameGeneration},
 		{&gwv1beta1.ReferenceGrant{}, sameGeneration},
@@ -91,6 +92,8 @@ func kindOf(o client.Object) string {
 		return "EndpointSlice"
 	case *gwv1.Gateway:
 		return "Gateway"
+	case *gwv1.GatewayClass:
+		return "GatewayClass"
 	case *gwv1.HTTPRoute:
 		return "HTTPRoute"
 	case *gwv1.GRPCRoute:
@@ -184,6 +187,9 @@ func (s *store) snapshot(roots []string) *translate.Input {
 	}
 	for _, o := range s.objs["Gateway"] {
 		in.Gateways = append(in.Gateways, o.(*gwv1.Gateway))
+	}
+	for _, o := range s.objs["GatewayClass"] {
+		in.GatewayClasses = append(in.GatewayClasses, o.(*gwv1.GatewayClass))
 	}
 	for _, o := range s.objs["HTTPRoute"] {
 		in.HTTPRoutes = append(in.HTTPRoutes, o.(*gwv1.HTTPRoute))

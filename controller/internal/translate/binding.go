@@ -26,7 +26,8 @@ const (
 	ReasonBound = "Bound"
 	// ReasonGatewayNotFound: the named Gateway does not exist.
 	ReasonGatewayNotFound = "GatewayNotFound"
-	// ReasonNotAWaypoint: the Gateway is not of the waypoint class.
+	// ReasonNotAWaypoint: the Gateway is not of the waypoint class, or
+	// that class is missing, not amesh's or not accepted.
 	ReasonNotAWaypoint = "NotAWaypoint"
 	// ReasonWaypointForMismatch: the waypoint does not serve that kind of
 	// traffic (its amesh.dev/waypoint-for label).
@@ -60,7 +61,7 @@ func (t *translator) explainBinding(b binding, services bool) (w *waypoint, reas
 		return nil, ReasonWaypointForMismatch, fmt.Sprintf("waypoint %s does not serve %s (%s=%s): traffic does not go through it",
 			b.key, what, label.WaypointFor, w.serves)
 	case t.gateways[b.key] != nil:
-		return nil, ReasonNotAWaypoint, fmt.Sprintf("Gateway %s is not a waypoint (its class is not %s)", b.key, t.cfg.WaypointClass)
+		return nil, ReasonNotAWaypoint, t.notAWaypoint(b.key)
 	}
 	return nil, ReasonGatewayNotFound, fmt.Sprintf("waypoint Gateway %s not found: traffic does not go through a waypoint", b.key)
 }

@@ -40,6 +40,11 @@ type Config struct {
 	// WaypointClass is the GatewayClass of waypoints; default
 	// "amesh-waypoint".
 	WaypointClass string
+	// WaypointController is the controllerName that class must name;
+	// default "amesh.dev/waypoint-controller". A Gateway is a waypoint
+	// only when its class exists, names it and is accepted (package
+	// gatewayclass), as the deployer requires to run it.
+	WaypointController string
 }
 
 // WithDefaults returns c with empty fields set to their defaults.
@@ -49,6 +54,7 @@ func (c Config) WithDefaults() Config {
 	c.RootNamespace = cmp.Or(c.RootNamespace, label.SystemNamespace)
 	c.ClusterID = cmp.Or(c.ClusterID, "Kubernetes")
 	c.WaypointClass = cmp.Or(c.WaypointClass, label.WaypointClass)
+	c.WaypointController = cmp.Or(c.WaypointController, label.WaypointController)
 	return c
 }
 
@@ -70,11 +76,14 @@ func (c Config) Validate() error {
 // Input is a snapshot of the watched objects. The translator never modifies
 // them; order does not matter.
 type Input struct {
-	Namespaces      []*corev1.Namespace
-	Pods            []*corev1.Pod
-	Services        []*corev1.Service
-	EndpointSlices  []*k8sdisc.EndpointSlice
-	Gateways        []*gwv1.Gateway
+	Namespaces     []*corev1.Namespace
+	Pods           []*corev1.Pod
+	Services       []*corev1.Service
+	EndpointSlices []*k8sdisc.EndpointSlice
+	Gateways       []*gwv1.Gateway
+	// GatewayClasses decide which Gateways are waypoints (only the
+	// waypoint class matters).
+	GatewayClasses  []*gwv1.GatewayClass
 	HTTPRoutes      []*gwv1.HTTPRoute
 	GRPCRoutes      []*gwv1.GRPCRoute
 	ReferenceGrants []*gwv1beta1.ReferenceGrant
@@ -257,7 +266,7 @@ func (tr *Translator) Translate(in *Input) *Output {
 
 // nonPodObjects is the set of every input object except pods.
 func nonPodObjects(in *Input) map[any]struct{} {
-	n := len(in.Namespaces) + len(in.Services) + len(in.EndpointSlices) + len(in.Gateways) +
+	n := len(in.Namespaces) + len(in.Services) + len(in.EndpointSlices) + len(in.Gateways) + len(in.GatewayClasses) +
 		len(in.HTTPRoutes) + len(in.GRPCRoutes) + len(in.ReferenceGrants) + len(in.ReplicaSets) + len(in.Deployments) + len(in.AuthorizationPolicies) + len(in.PeerAuthentications) +
 		len(in.RequestAuthentications) + len(in.BackendTrafficPolicies)
 	set := make(map[any]struct{}, n)
@@ -272,6 +281,9 @@ func nonPodObjects(in *Input) map[any]struct{} {
 		add(o)
 	}
 	for _, o := range in.Gateways {
+		add(o)
+	}
+	for _, o := range in.GatewayClasses {
 		add(o)
 	}
 	for _, o := range in.HTTPRoutes {
@@ -343,6 +355,10 @@ type translator struct {
 	svcByName   map[string]*corev1.Service
 	svcSelector map[string]map[string][]*corev1.Service
 	waypoints   map[string]*waypoint
+	// notWaypointClass says why Gateways of the waypoint class are not
+	// waypoints (the class is missing, not amesh's or not accepted);
+	// empty when they are.
+	notWaypointClass string
 	// gateways holds every Gateway by "<ns>/<name>".
 	gateways map[string]*gwv1.Gateway
 	// ReplicaSets and Deployments by UID.

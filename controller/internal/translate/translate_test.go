@@ -124,6 +124,9 @@ func shuffleInput(r *rand.Rand, in *Input) {
 		in.EndpointSlices[i], in.EndpointSlices[j] = in.EndpointSlices[j], in.EndpointSlices[i]
 	})
 	shuffle(len(in.Gateways), func(i, j int) { in.Gateways[i], in.Gateways[j] = in.Gateways[j], in.Gateways[i] })
+	shuffle(len(in.GatewayClasses), func(i, j int) {
+		in.GatewayClasses[i], in.GatewayClasses[j] = in.GatewayClasses[j], in.GatewayClasses[i]
+	})
 	shuffle(len(in.HTTPRoutes), func(i, j int) { in.HTTPRoutes[i], in.HTTPRoutes[j] = in.HTTPRoutes[j], in.HTTPRoutes[i] })
 	shuffle(len(in.GRPCRoutes), func(i, j int) { in.GRPCRoutes[i], in.GRPCRoutes[j] = in.GRPCRoutes[j], in.GRPCRoutes[i] })
 	shuffle(len(in.ReferenceGrants), func(i, j int) {
@@ -193,6 +196,8 @@ func loadInput(t testing.TB, path string) *Input {
 			in.EndpointSlices = append(in.EndpointSlices, o)
 		case *gwv1.Gateway:
 			in.Gateways = append(in.Gateways, o)
+		case *gwv1.GatewayClass:
+			in.GatewayClasses = append(in.GatewayClasses, o)
 		case *gwv1.HTTPRoute:
 			in.HTTPRoutes = append(in.HTTPRoutes, o)
 		case *gwv1.GRPCRoute:

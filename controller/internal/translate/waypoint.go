@@ -1,6 +1,7 @@
 package translate
 
 import (
+	"fmt"
 	"net/netip"
 	"slices"
 
@@ -10,10 +11,12 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
+	"github.com/amesh-dev/amesh/controller/internal/gatewayclass"
 	"github.com/amesh-dev/amesh/controller/internal/label"
 )
 
-// waypoint is a Gateway of the waypoint class.
+// waypoint is a Gateway of the waypoint class, while that class is amesh's
+// and accepted.
 type waypoint struct {
 	gw *gwv1.Gateway
 	// serves is the waypoint-for value: service, workload, all or none.
@@ -35,6 +38,18 @@ func (w *waypoint) servesWorkloads() bool {
 }
 
 func (t *translator) indexWaypoints() {
+	var class *gwv1.GatewayClass
+	for _, gc := range t.in.GatewayClasses {
+		if gc.Name == t.cfg.WaypointClass {
+			class = gc
+		}
+	}
+	if ok, why := gatewayclass.Waypoint(class, t.cfg.WaypointClass, t.cfg.WaypointController); !ok {
+		// The deployer runs none of them: nothing binds to them, nothing
+		// is configured for them.
+		t.notWaypointClass = why
+		return
+	}
 	for _, gw := range t.in.Gateways {
 		if string(gw.Spec.GatewayClassName) != t.cfg.WaypointClass || gw.DeletionTimestamp != nil {
 			continue
@@ -233,4 +248,17 @@ func parseIP(s string) []byte {
 		return nil
 	}
 	return a.Unmap().AsSlice()
+}
+
+// notAWaypoint explains why the Gateway gw ("<ns>/<name>", which exists)
+// is not a waypoint.
+func (t *translator) notAWaypoint(key string) string {
+	gw := t.gateways[key]
+	if gw != nil && string(gw.Spec.GatewayClassName) == t.cfg.WaypointClass && t.notWaypointClass != "" {
+		return fmt.Sprintf("Gateway %s is not a waypoint: %s", key, t.notWaypointClass)
+	}
+	if gw != nil && gw.DeletionTimestamp != nil {
+		return fmt.Sprintf("Gateway %s is being deleted", key)
+	}
+	return fmt.Sprintf("Gateway %s is not a waypoint (its class is not %s)", key, t.cfg.WaypointClass)
 }

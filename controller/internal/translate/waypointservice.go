@@ -40,7 +40,11 @@ func (t *translator) targets(ns string, refs []v1alpha1.PolicyTargetReference) t
 		case r.Group == "gateway.networking.k8s.io" && r.Kind == "Gateway":
 			w := t.waypoints[ns+"/"+r.Name]
 			if w == nil {
-				ts.unresolved = append(ts.unresolved, fmt.Sprintf("Gateway %s is not a waypoint (class %s)", r.Name, t.cfg.WaypointClass))
+				if t.gateways[ns+"/"+r.Name] == nil {
+					ts.unresolved = append(ts.unresolved, fmt.Sprintf("Gateway %s not found", r.Name))
+				} else {
+					ts.unresolved = append(ts.unresolved, t.notAWaypoint(ns+"/"+r.Name))
+				}
 				continue
 			}
 			ts.gateways = append(ts.gateways, w.key())

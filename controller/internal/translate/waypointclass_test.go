@@ -1,0 +1,86 @@
+package translate
+
+import (
+	"strings"
+	"testing"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+)
+
+// TestWaypointNeedsItsClass: a Gateway of the waypoint class is a
+// waypoint — bound to, configured (WaypointGateway), its namespace given
+// the root certificate — only while its GatewayClass exists, names amesh's
+// controller, is not being deleted and is accepted (no parameters), as the
+// deployer requires to run it. A long-lived Translator follows the class
+// coming and going.
+func TestWaypointNeedsItsClass(t *testing.T) {
+	base := loadInput(t, "testdata/waypointclass-missing.in.yaml")
+	now := metav1.Now()
+	class := func(mutate func(*gwv1.GatewayClass)) []*gwv1.GatewayClass {
+		gc := &gwv1.GatewayClass{ObjectMeta: metav1.ObjectMeta{Name: "amesh-waypoint"},
+			Spec: gwv1.GatewayClassSpec{ControllerName: "amesh.dev/waypoint-controller"}}
+		if mutate != nil {
+			mutate(gc)
+		}
+		return []*gwv1.GatewayClass{gc}
+	}
+	tr := NewTranslator(Config{})
+	for _, tc := range []struct {
+		name    string
+		classes []*gwv1.GatewayClass
+		want    bool
+		why     string
+	}{
+		{"missing", nil, false, "the GatewayClass amesh-waypoint does not exist"},
+		{"amesh's", class(nil), true, ""},
+		{"another controller's", class(func(gc *gwv1.GatewayClass) { gc.Spec.ControllerName = "example.com/gw" }), false,
+			"belongs to controller example.com/gw"},
+		{"amesh's again", class(nil), true, ""},
+		{"being deleted", class(func(gc *gwv1.GatewayClass) { gc.DeletionTimestamp = &now }), false, "is being deleted"},
+		{"not accepted (parameters)", class(func(gc *gwv1.GatewayClass) {
+			gc.Spec.ParametersRef = &gwv1.ParametersReference{Kind: "ConfigMap", Name: "p"}
+		}), false, "is not accepted"},
+		{"another class of amesh's controller only", []*gwv1.GatewayClass{{ObjectMeta: metav1.ObjectMeta{Name: "other"},
+			Spec: gwv1.GatewayClassSpec{ControllerName: "amesh.dev/waypoint-controller"}}}, false, "does not exist"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			in := *base
+			in.GatewayClasses = tc.classes
+			for _, out := range []*Output{Translate(Config{}, &in), tr.Translate(&in)} {
+				var bound bool
+				for _, s := range out.Services {
+					if s.Name == "api" {
+						bound = s.Waypoint.GetGateway() == "app/waypoint"
+					}
+				}
+				var saBound bool
+				for _, w := range out.Workloads {
+					if w.Name == "api-0" {
+						saBound = w.Waypoint.GetGateway() == "app/waypoint"
+					}
+				}
+				if bound != tc.want || saBound != tc.want || (len(out.WaypointGateways) == 2) != tc.want {
+					t.Errorf("service bound %v, per-service-account binding %v, %d WaypointGateways; want waypoints: %v",
+						bound, saBound, len(out.WaypointGateways), tc.want)
+				}
+				edgeCert := false
+				for _, ns := range out.RootCertNamespaces {
+					edgeCert = edgeCert || ns == "edge"
+				}
+				if edgeCert != tc.want {
+					t.Errorf("root certificate in the namespace of the edge Gateway: %v, want %v", edgeCert, tc.want)
+				}
+				var msg string
+				for _, s := range out.ServiceStatuses {
+					if s.Name == "api" && len(s.Conditions) == 1 {
+						msg = s.Conditions[0].Message
+					}
+				}
+				if tc.want != strings.HasPrefix(msg, "bound to waypoint app/waypoint") || !strings.Contains(msg, tc.why) {
+					t.Errorf("WaypointBound message %q, want one saying %q", msg, tc.why)
+				}
+			}
+		})
+	}
+}
