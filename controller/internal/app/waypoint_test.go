@@ -109,7 +109,8 @@ func TestWaypointDeployer(t *testing.T) {
 
 	// A Gateway is a waypoint only while its class is amesh's: without
 	// the GatewayClass the deployer removes the waypoint and, in step,
-	// nothing binds to it; with the class back, both return.
+	// the binding reports it unavailable (its traffic is refused); with
+	// the class back, both return.
 	e.create(&corev1.Service{
 		ObjectMeta: metav1.ObjectMeta{Namespace: "shop", Name: "reviews", Labels: map[string]string{"amesh.dev/use-waypoint": "waypoint"}},
 		Spec:       corev1.ServiceSpec{Selector: map[string]string{"app": "reviews"}, Ports: []corev1.ServicePort{{Name: "http", Port: 80}}},
@@ -131,7 +132,7 @@ func TestWaypointDeployer(t *testing.T) {
 	if err := e.c.Delete(t.Context(), &gc); err != nil {
 		t.Fatal(err)
 	}
-	bound(metav1.ConditionFalse, "the GatewayClass amesh-waypoint does not exist")
+	bound(metav1.ConditionFalse, "(the GatewayClass amesh-waypoint does not exist): traffic bound to it is refused")
 	within(t, 20*time.Second, nil, func() bool {
 		err := e.c.Get(t.Context(), types.NamespacedName{Namespace: "shop", Name: "waypoint"}, &appsv1.Deployment{})
 		return apierrors.IsNotFound(err)

@@ -32,6 +32,10 @@ const (
 	// ReasonWaypointForMismatch: the waypoint does not serve that kind of
 	// traffic (its amesh.dev/waypoint-for label).
 	ReasonWaypointForMismatch = "WaypointForMismatch"
+	// ReasonWaypointUnavailable: the Gateway is of the waypoint class,
+	// but that class is missing, not amesh's or not accepted, so no
+	// waypoint runs for it: the traffic bound to it is refused.
+	ReasonWaypointUnavailable = "WaypointUnavailable"
 )
 
 // BindingProblem is a use-waypoint label on a Pod or Namespace that binds
@@ -49,8 +53,11 @@ type BindingProblem struct {
 // explainBinding says why a binding does not give traffic of that kind
 // (services or workloads) a waypoint; ok when it does.
 func (t *translator) explainBinding(b binding, services bool) (w *waypoint, reason, msg string) {
-	w = t.waypoints[b.key]
+	w = t.boundWaypoint(b.key)
 	switch {
+	case w != nil && w.unavailable && (services && w.servesServices() || !services && w.servesWorkloads()):
+		return nil, ReasonWaypointUnavailable, fmt.Sprintf("Gateway %s is not a waypoint amesh runs (%s): traffic bound to it is refused until it is",
+			b.key, t.notWaypointClass)
 	case w != nil && services && w.servesServices(), w != nil && !services && w.servesWorkloads():
 		return w, ReasonBound, fmt.Sprintf("bound to waypoint %s", b.key)
 	case w != nil:

@@ -51,7 +51,9 @@ func (t *translator) translateServices() []*pb.Service {
 		}
 		if w := t.serviceWaypoint(s); w != nil {
 			r.Waypoint = w.address
-			t.serviceWaypoints[t.serviceKey(s.Namespace, s.Name)] = w
+			if !w.unavailable { // nobody to configure, no policy enforced
+				t.serviceWaypoints[t.serviceKey(s.Namespace, s.Name)] = w
+			}
 		}
 		out = append(out, r)
 	}

@@ -357,8 +357,9 @@ type translator struct {
 	waypoints   map[string]*waypoint
 	// notWaypointClass says why Gateways of the waypoint class are not
 	// waypoints (the class is missing, not amesh's or not accepted);
-	// empty when they are.
+	// empty when they are. They are then in unavailable instead.
 	notWaypointClass string
+	unavailable      map[string]*waypoint
 	// gateways holds every Gateway by "<ns>/<name>".
 	gateways map[string]*gwv1.Gateway
 	// ReplicaSets and Deployments by UID.
@@ -424,6 +425,7 @@ func newTranslator(cfg Config, full *Input) *translator {
 		svcByName:        make(map[string]*corev1.Service, len(in.Services)),
 		svcSelector:      map[string]map[string][]*corev1.Service{},
 		waypoints:        map[string]*waypoint{},
+		unavailable:      map[string]*waypoint{},
 		gateways:         make(map[string]*gwv1.Gateway, len(in.Gateways)),
 		replicaSets:      make(map[types.UID]*appsv1.ReplicaSet, len(in.ReplicaSets)),
 		deployments:      make(map[types.UID]*appsv1.Deployment, len(in.Deployments)),

@@ -16,9 +16,12 @@ import (
 )
 
 // waypoint is a Gateway of the waypoint class, while that class is amesh's
-// and accepted.
+// and accepted; else an unavailable one (see translator.unavailable).
 type waypoint struct {
 	gw *gwv1.Gateway
+	// unavailable: the class is not amesh's (missing, another
+	// controller's, being deleted, not accepted), so nobody runs it.
+	unavailable bool
 	// serves is the waypoint-for value: service, workload, all or none.
 	serves string
 	// serviceAccount is the for-service-account annotation, if any.
@@ -45,10 +48,12 @@ func (t *translator) indexWaypoints() {
 		}
 	}
 	if ok, why := gatewayclass.Waypoint(class, t.cfg.WaypointClass, t.cfg.WaypointController); !ok {
-		// The deployer runs none of them: nothing binds to them, nothing
-		// is configured for them.
+		// The deployer runs none of them, so they are not waypoints: no
+		// configuration, identity or root certificate for them, their
+		// pods are ordinary workloads. Traffic bound to one still goes
+		// to it and is refused (fail-closed: an address-less waypoint
+		// has no pods), rather than bypassing its policies.
 		t.notWaypointClass = why
-		return
 	}
 	for _, gw := range t.in.Gateways {
 		if string(gw.Spec.GatewayClassName) != t.cfg.WaypointClass || gw.DeletionTimestamp != nil {
@@ -68,6 +73,15 @@ func (t *translator) indexWaypoints() {
 			Service:   t.serviceKey(gw.Namespace, gw.Name),
 			HbonePort: label.HBONEPort,
 			Gateway:   w.key(),
+		}
+		if t.notWaypointClass != "" {
+			w.unavailable = true
+			t.unavailable[w.key()] = w
+			if w.serviceAccount != "" && w.serves != label.WaypointForNone {
+				k := gw.Namespace + "/" + w.serviceAccount
+				t.perSA[k] = append(t.perSA[k], w)
+			}
+			continue
 		}
 		// The address is that of the deployer's Service (named after the
 		// Gateway and owned by it), else the one in the Gateway status.
@@ -197,11 +211,20 @@ func (t *translator) serviceWaypoint(svc *corev1.Service) *waypoint {
 	if !b.set || b.none {
 		return nil
 	}
-	w := t.waypoints[b.key]
+	w := t.boundWaypoint(b.key)
 	if w == nil || !w.servesServices() {
 		return nil
 	}
 	return w
+}
+
+// boundWaypoint is the waypoint a binding to key sends traffic to: a
+// waypoint, else an unavailable one (traffic refused), else nil.
+func (t *translator) boundWaypoint(key string) *waypoint {
+	if w := t.waypoints[key]; w != nil {
+		return w
+	}
+	return t.unavailable[key]
 }
 
 // workloadWaypoint returns the waypoint that traffic addressed to the pod
@@ -227,7 +250,7 @@ func (t *translator) workloadBinding(b binding) *waypoint {
 	if !b.set || b.none {
 		return nil
 	}
-	w := t.waypoints[b.key]
+	w := t.boundWaypoint(b.key)
 	if w == nil || !w.servesWorkloads() {
 		return nil
 	}

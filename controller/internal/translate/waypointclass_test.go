@@ -9,11 +9,14 @@ import (
 )
 
 // TestWaypointNeedsItsClass: a Gateway of the waypoint class is a
-// waypoint — bound to, configured (WaypointGateway), its namespace given
-// the root certificate — only while its GatewayClass exists, names amesh's
-// controller, is not being deleted and is accepted (no parameters), as the
-// deployer requires to run it. A long-lived Translator follows the class
-// coming and going.
+// waypoint — configured (WaypointGateway), reachable at its address, its
+// namespace given the root certificate — only while its GatewayClass
+// exists, names amesh's controller, is not being deleted and is accepted
+// (no parameters), as the deployer requires to run it. Otherwise what is
+// bound to it stays bound to an address-less waypoint that no pod
+// implements, so that ztunnel refuses the traffic instead of letting it
+// bypass the waypoint's policies, and the status says why. A long-lived
+// Translator follows the class coming and going.
 func TestWaypointNeedsItsClass(t *testing.T) {
 	base := loadInput(t, "testdata/waypointclass-missing.in.yaml")
 	now := metav1.Now()
@@ -48,21 +51,29 @@ func TestWaypointNeedsItsClass(t *testing.T) {
 			in := *base
 			in.GatewayClasses = tc.classes
 			for _, out := range []*Output{Translate(Config{}, &in), tr.Translate(&in)} {
-				var bound bool
+				// Bound either way (fail-closed); an address only when
+				// it runs.
+				var bound, addressed bool
 				for _, s := range out.Services {
 					if s.Name == "api" {
 						bound = s.Waypoint.GetGateway() == "app/waypoint"
+						addressed = len(s.Waypoint.GetAddress()) == 4
 					}
 				}
-				var saBound bool
+				var saBound, saAddressed bool
 				for _, w := range out.Workloads {
 					if w.Name == "api-0" {
 						saBound = w.Waypoint.GetGateway() == "app/waypoint"
+						saAddressed = len(w.Waypoint.GetAddress()) == 4
 					}
 				}
-				if bound != tc.want || saBound != tc.want || (len(out.WaypointGateways) == 2) != tc.want {
-					t.Errorf("service bound %v, per-service-account binding %v, %d WaypointGateways; want waypoints: %v",
-						bound, saBound, len(out.WaypointGateways), tc.want)
+				if !bound || !saBound || addressed != tc.want || saAddressed != tc.want {
+					t.Errorf("service bound %v (address %v), per-service-account binding %v (address %v); want bound, with an address: %v",
+						bound, addressed, saBound, saAddressed, tc.want)
+				}
+				if (len(out.WaypointGateways) == 2) != tc.want || (len(out.WaypointServices) == 1) != tc.want {
+					t.Errorf("%d WaypointGateways, %d WaypointServices; want configuration: %v",
+						len(out.WaypointGateways), len(out.WaypointServices), tc.want)
 				}
 				edgeCert := false
 				for _, ns := range out.RootCertNamespaces {
@@ -71,14 +82,18 @@ func TestWaypointNeedsItsClass(t *testing.T) {
 				if edgeCert != tc.want {
 					t.Errorf("root certificate in the namespace of the edge Gateway: %v, want %v", edgeCert, tc.want)
 				}
-				var msg string
+				var reason, msg string
 				for _, s := range out.ServiceStatuses {
 					if s.Name == "api" && len(s.Conditions) == 1 {
-						msg = s.Conditions[0].Message
+						reason, msg = s.Conditions[0].Reason, s.Conditions[0].Message
 					}
 				}
-				if tc.want != strings.HasPrefix(msg, "bound to waypoint app/waypoint") || !strings.Contains(msg, tc.why) {
-					t.Errorf("WaypointBound message %q, want one saying %q", msg, tc.why)
+				wantReason := ReasonBound
+				if !tc.want {
+					wantReason = ReasonWaypointUnavailable
+				}
+				if reason != wantReason || !strings.Contains(msg, tc.why) {
+					t.Errorf("WaypointBound %s %q, want %s saying %q", reason, msg, wantReason, tc.why)
 				}
 			}
 		})
