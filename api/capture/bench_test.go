@@ -118,6 +118,24 @@ func TestRulesetMatchesNft(t *testing.T) {
 		}
 		return Check(cfg)
 	}))
+	// The draining form (Drain), with an opening SYN returning before
+	// each redirect, compiles the same way.
+	var draining []string
+	for _, l := range strings.Split(nftRuleset, "\n") {
+		if strings.Contains(l, "redirect to") {
+			draining = append(draining, "\t\tmeta l4proto tcp tcp flags & (syn | ack) == syn return")
+		}
+		draining = append(draining, l)
+	}
+	if err := os.WriteFile(file, []byte(strings.Join(draining, "\n")), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	must(t, inNS(ns, func() error {
+		if out, err := exec.Command("nft", "-f", file).CombinedOutput(); err != nil {
+			return fmt.Errorf("nft: %w: %s", err, out)
+		}
+		return checkTable(build(cfg, openFlows{}, true))
+	}))
 	// The rules of earlier versions, which redirected every flow's first
 	// packet (also one of a connection open before), are a mismatch: the
 	// agent's next Install replaces them.

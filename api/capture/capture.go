@@ -54,6 +54,15 @@
 // host-network processes on the same node can reach the probe ports in
 // plaintext; they already run with the node's privileges.
 //
+// Leaving the mesh: removing the rules of a pod with connections through
+// ztunnel would let their next packets out untranslated — in plaintext, to
+// the original destination (and the application's answers on ztunnel's
+// inbound connections out to the client). So a pod leaves in steps: Drain
+// switches the rules to a form that captures no new connection but keeps
+// the captured ones working (ztunnel drains them) and lists them;
+// StillOpen follows them; past a deadline Reset aborts the rest; then
+// Remove.
+//
 // Install replaces everything atomically and is idempotent; Remove is
 // idempotent; Check reports whether exactly the rules for a Config are in
 // place (of the open-connection sets, which hold the pod's connections
@@ -188,7 +197,7 @@ func Check(cfg Config) error {
 	if err := cfg.Validate(); err != nil {
 		return err
 	}
-	if err := checkTable(cfg); err != nil {
+	if err := checkTable(build(cfg, openFlows{}, false)); err != nil {
 		return err
 	}
 	return checkRouting()

@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -861,5 +862,175 @@ func TestReusedTupleIsCaptured(t *testing.T) {
 	}
 	if want := "ztunnel-outbound " + hostPort(nodeIP, 8080); !strings.HasPrefix(got, want) {
 		t.Fatalf("new connection on the reused tuple answered %q, want prefix %q", got, want)
+	}
+}
+
+// keeper accepts on ln until it is closed and hands every connection
+// over (a stand-in for ztunnel, which holds what it accepts).
+func keeper(t *testing.T, ln net.Listener) <-chan net.Conn {
+	t.Helper()
+	t.Cleanup(func() { ln.Close() })
+	out := make(chan net.Conn, 8)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			t.Cleanup(func() { c.Close() })
+			out <- c
+		}
+	}()
+	return out
+}
+
+func has(conns []Conn, local, remote string) bool {
+	return slices.ContainsFunc(conns, func(c Conn) bool { return c.Local.String() == local && c.Remote.String() == remote })
+}
+
+// TestDrain: a pod leaving the mesh. Drain stops capturing new
+// connections, while those ztunnel carries — outbound (redirected) and
+// inbound (ztunnel's transparent connection to the app, reply-routed) —
+// keep working, also through a loss of their conntrack entries; it lists
+// them (not the connections open before Install, not loopback ones);
+// StillOpen follows them as they end, Reset aborts the rest; then Remove
+// leaves nothing. No payload of a captured connection ever reaches the
+// wire in plaintext.
+func TestDrain(t *testing.T) {
+	needRoot(t)
+	pod, node := topology(t)
+	must(t, inNS(pod, func() error {
+		conns, err := Drain()
+		if err != nil || conns != nil {
+			return fmt.Errorf("Drain without rules = %v, %v; want nothing", conns, err)
+		}
+		if err := Check(Config{}); !errors.Is(err, ErrNotInstalled) {
+			return fmt.Errorf("Drain without rules installed something: Check = %v", err)
+		}
+		return nil
+	}))
+	pre := openFlow(t, "pre-existing", pod, node, &net.Dialer{}, "", hostPort(nodeIP, 8088))
+	must(t, inNS(pod, func() error { return Install(Config{}) }))
+	var zln, appLn, loLn net.Listener
+	must(t, inNS(pod, func() (err error) {
+		if zln, err = net.Listen("tcp", fmt.Sprintf("[::]:%d", OutboundPort)); err != nil {
+			return err
+		}
+		if appLn, err = net.Listen("tcp", "[::]:7000"); err != nil {
+			return err
+		}
+		loLn, err = net.Listen("tcp", "127.0.0.1:9090")
+		return err
+	}))
+	ztunnel, app, lo := keeper(t, zln), keeper(t, appLn), keeper(t, loLn)
+	listen(t, node, hostPort(nodeIP, 8080), "node-app")
+	wire := sniff(t, node, "veth0")
+	dial := func(d *net.Dialer, addr string, accepted <-chan net.Conn) (client, server net.Conn) {
+		t.Helper()
+		must(t, inNS(pod, func() (err error) {
+			client, err = d.Dial("tcp", addr)
+			return err
+		}))
+		t.Cleanup(func() { client.Close() })
+		select {
+		case server = <-accepted:
+		case <-time.After(2 * time.Second):
+			t.Fatalf("connection to %s not accepted where expected", addr)
+		}
+		return client, server
+	}
+	// Outbound, captured: the app's socket ↔ ztunnel.
+	outApp, outZt := dial(&net.Dialer{}, hostPort(nodeIP, 8080), ztunnel)
+	// Inbound: ztunnel connects to the app as the remote client.
+	inZt, inApp := dial(transparentDialer(nodeIP), hostPort(podIP, 7000), app)
+	// Loopback: never captured.
+	loClient, _ := dial(&net.Dialer{}, "127.0.0.1:9090", lo)
+	for _, f := range []*flow{{"outbound", outApp, outZt}, {"inbound", inZt, inApp}} {
+		if err := f.exchange("before drain", false); err != nil {
+			t.Fatalf("%s before Drain: %v", f.name, err)
+		}
+	}
+
+	var conns []Conn
+	must(t, inNS(pod, func() (err error) {
+		conns, err = Drain()
+		return err
+	}))
+	t.Logf("captured connections: %v", conns)
+	if !has(conns, outApp.LocalAddr().String(), hostPort(nodeIP, 8080)) {
+		t.Errorf("Drain did not list the captured outbound connection %s", outApp.LocalAddr())
+	}
+	if !has(conns, hostPort(podIP, 7000), inZt.LocalAddr().String()) {
+		t.Errorf("Drain did not list the app's end of the inbound connection from %s", inZt.LocalAddr())
+	}
+	if has(conns, pre.client.LocalAddr().String(), hostPort(nodeIP, 8088)) {
+		t.Error("Drain listed the connection open before Install")
+	}
+	if has(conns, loClient.LocalAddr().String(), "127.0.0.1:9090") {
+		t.Error("Drain listed a loopback connection")
+	}
+
+	// New connections go direct now.
+	if got, err := ask(pod, &net.Dialer{}, hostPort(nodeIP, 8080)); err != nil || !strings.HasPrefix(got, "node-app") {
+		t.Errorf("new connection while draining: %q, %v; want node-app directly", got, err)
+	}
+	// Captured ones carry on, also after losing their conntrack entries.
+	for _, flushFirst := range []bool{false, true} {
+		if flushFirst {
+			must(t, inNS(pod, func() error { return netlink.ConntrackTableFlush(netlink.ConntrackTable) }))
+		}
+		for _, f := range []*flow{{"outbound", outApp, outZt}, {"inbound", inZt, inApp}} {
+			if err := f.exchange(fmt.Sprint("secret-while-draining-", flushFirst), false); err != nil {
+				t.Errorf("%s while draining (conntrack flushed: %t): %v", f.name, flushFirst, err)
+			}
+		}
+	}
+	if err := pre.exchange("while draining", false); err != nil {
+		t.Errorf("connection open before Install, while draining: %v", err)
+	}
+
+	// The outbound one ends; the inbound one outlives the wait: reset.
+	outApp.Close()
+	outZt.Close()
+	var left []Conn
+	must(t, inNS(pod, func() (err error) {
+		left, err = StillOpen(conns)
+		return err
+	}))
+	if has(left, outApp.LocalAddr().String(), hostPort(nodeIP, 8080)) || !has(left, hostPort(podIP, 7000), inZt.LocalAddr().String()) {
+		t.Fatalf("StillOpen = %v; want the inbound connection only", left)
+	}
+	must(t, inNS(pod, func() error { return Reset(left) }))
+	_ = inApp.SetReadDeadline(time.Now().Add(2 * time.Second))
+	if _, err := inApp.Read(make([]byte, 1)); !errors.Is(err, unix.ECONNABORTED) {
+		t.Errorf("the app's end after Reset: %v, want ECONNABORTED", err)
+	}
+	_ = inZt.SetReadDeadline(time.Now().Add(2 * time.Second))
+	if _, err := inZt.Read(make([]byte, 1)); !errors.Is(err, unix.ECONNRESET) {
+		t.Errorf("ztunnel's end after Reset: %v, want ECONNRESET", err)
+	}
+	must(t, inNS(pod, func() (err error) {
+		if left, err = StillOpen(conns); err != nil || len(left) != 0 {
+			return fmt.Errorf("StillOpen after Reset = %v, %v; want none", left, err)
+		}
+		if err := Reset(conns); err != nil {
+			return fmt.Errorf("Reset of sockets already gone: %v", err)
+		}
+		if err := Remove(); err != nil {
+			return err
+		}
+		if err := Check(Config{}); !errors.Is(err, ErrNotInstalled) {
+			return fmt.Errorf("Check after Remove = %v", err)
+		}
+		return nil
+	}))
+	if err := pre.exchange("after remove", false); err != nil {
+		t.Errorf("connection open before Install, after Remove: %v", err)
+	}
+	time.Sleep(100 * time.Millisecond)
+	for _, m := range []string{"secret-while-draining-false", "secret-while-draining-true"} {
+		if wire.saw(m) {
+			t.Errorf("%q went on the wire in plaintext", m)
+		}
 	}
 }

@@ -17,29 +17,37 @@ const (
 	tcpListen   = 10
 )
 
-// openConnections lists the TCP connections open in the current network
-// namespace (sock_diag), as keys of the open sets. An IPv6 socket talking
-// to an IPv4-mapped address carries IPv4 packets: it goes to the IPv4 set.
-// A kernel without TCP socket diagnostics yields no connections (they
-// are then reset by the capture, as with no exemption at all).
-func openConnections() (openFlows, error) {
+// Conn is one TCP connection of the pod, as its socket sees it.
+type Conn struct {
+	Local, Remote netip.AddrPort
+	family        uint8     // of the socket: AF_INET6 for a v4-mapped one
+	cookie        [2]uint32 // the socket's identity for sock_diag
+}
+
+func (c Conn) String() string { return c.Local.String() + "-" + c.Remote.String() }
+
+// sockets lists the TCP connections of the current network namespace
+// (sock_diag, both families), skipping listeners and sockets that carry
+// no connection any more. Addresses are unmapped: an IPv6 socket talking
+// to an IPv4-mapped address carries IPv4 packets. A kernel without TCP
+// socket diagnostics has none to list.
+func sockets() ([]Conn, error) {
 	h, err := netlink.NewHandle(unix.NETLINK_INET_DIAG)
 	if err != nil {
 		if unsupported(err) {
-			return openFlows{}, nil
+			return nil, nil
 		}
-		return openFlows{}, fmt.Errorf("sock_diag: %w", err)
+		return nil, fmt.Errorf("sock_diag: %w", err)
 	}
 	defer h.Close()
-	var out openFlows
-	seen := map[string]bool{}
+	var out []Conn
 	for _, family := range []uint8{unix.AF_INET, unix.AF_INET6} {
 		socks, err := dumpTCP(h, family)
 		if err != nil {
 			if unsupported(err) {
 				continue
 			}
-			return openFlows{}, fmt.Errorf("sock_diag (family %d): %w", family, err)
+			return nil, fmt.Errorf("sock_diag (family %d): %w", family, err)
 		}
 		for _, s := range socks {
 			switch s.State {
@@ -47,24 +55,44 @@ func openConnections() (openFlows, error) {
 				continue
 			}
 			local, ok1 := netip.AddrFromSlice(s.ID.Source)
-			peer, ok2 := netip.AddrFromSlice(s.ID.Destination)
+			remote, ok2 := netip.AddrFromSlice(s.ID.Destination)
 			if !ok1 || !ok2 {
 				continue
 			}
-			local, peer = local.Unmap(), peer.Unmap()
-			if local.Is4() != peer.Is4() {
+			local, remote = local.Unmap(), remote.Unmap()
+			if local.Is4() != remote.Is4() {
 				continue
 			}
-			key := flowKey(netip.AddrPortFrom(local, s.ID.SourcePort), netip.AddrPortFrom(peer, s.ID.DestinationPort))
-			if seen[string(key)] {
-				continue
-			}
-			seen[string(key)] = true
-			if local.Is4() {
-				out.v4 = append(out.v4, nftables.SetElement{Key: key})
-			} else {
-				out.v6 = append(out.v6, nftables.SetElement{Key: key})
-			}
+			out = append(out, Conn{
+				Local: netip.AddrPortFrom(local, s.ID.SourcePort), Remote: netip.AddrPortFrom(remote, s.ID.DestinationPort),
+				family: s.Family, cookie: s.ID.Cookie,
+			})
+		}
+	}
+	return out, nil
+}
+
+// openConnections lists the TCP connections open in the current network
+// namespace as keys of the open sets. Without TCP socket diagnostics there
+// are none: open connections are then reset by the capture, as with no
+// exemption at all.
+func openConnections() (openFlows, error) {
+	conns, err := sockets()
+	if err != nil {
+		return openFlows{}, err
+	}
+	var out openFlows
+	seen := map[string]bool{}
+	for _, c := range conns {
+		key := flowKey(c.Local, c.Remote)
+		if seen[string(key)] {
+			continue
+		}
+		seen[string(key)] = true
+		if c.Local.Addr().Is4() {
+			out.v4 = append(out.v4, nftables.SetElement{Key: key})
+		} else {
+			out.v6 = append(out.v6, nftables.SetElement{Key: key})
 		}
 	}
 	return out, nil

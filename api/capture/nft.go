@@ -82,7 +82,9 @@ func ifname(n string) []byte {
 	return b
 }
 
-func build(cfg Config, open openFlows) *ruleset {
+// build returns the ruleset for cfg. The draining form (Drain) captures
+// no new connection: an opening SYN returns before the redirects.
+func build(cfg Config, open openFlows, draining bool) *ruleset {
 	t := table()
 	v4, v6, ports := cfg.normalized()
 
@@ -189,6 +191,11 @@ func build(cfg Config, open openFlows) *ruleset {
 			ret,
 		)
 	}
+	opening := []expr.Any{
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 13, Len: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{tcpSYN | tcpACK}, Xor: []byte{0}},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{tcpSYN}},
+	}
 	redirect := func(port uint16) []expr.Any {
 		return append(slices.Clone(tcp),
 			&expr.Immediate{Register: 1, Data: binaryutil.BigEndian.PutUint16(port)},
@@ -217,7 +224,7 @@ func build(cfg Config, open openFlows) *ruleset {
 		}
 	}
 
-	return &ruleset{
+	rs := &ruleset{
 		table: t,
 		sets: []setSpec{{set: src4, elems: e4}, {set: src6, elems: e6}, {set: pset, elems: ep},
 			{set: open4, elems: open.v4, dynamic: true}, {set: open6, elems: open.v6, dynamic: true}},
@@ -267,6 +274,15 @@ func build(cfg Config, open openFlows) *ruleset {
 			}},
 		},
 	}
+	if draining {
+		// meta l4proto tcp tcp flags & (syn | ack) == syn return, just
+		// before each chain's redirect
+		for k := range rs.chains[:2] { // inbound, outbound
+			last := len(rs.chains[k].rules) - 1
+			rs.chains[k].rules = slices.Insert(rs.chains[k].rules, last, cat(tcp, opening, []expr.Any{ret}))
+		}
+	}
+	return rs
 }
 
 func newConn() (*nftables.Conn, error) {
@@ -300,7 +316,11 @@ func installTable(cfg Config) error {
 			return err
 		}
 	}
-	rs := build(cfg, open)
+	return apply(c, build(cfg, open, false))
+}
+
+// apply replaces TableName with rs in one transaction.
+func apply(c *nftables.Conn, rs *ruleset) error {
 	c.AddTable(rs.table)
 	c.DelTable(rs.table)
 	c.AddTable(rs.table)
@@ -364,6 +384,21 @@ func installedOpenFlows(c *nftables.Conn) (open openFlows, installed bool, err e
 	return open, true, nil
 }
 
+// drainTable replaces an installed TableName with its draining form,
+// keeping its open-connection sets; installed is false (and nothing is
+// done) when there is no table.
+func drainTable() (installed bool, err error) {
+	c, err := newConn()
+	if err != nil {
+		return false, err
+	}
+	open, installed, err := installedOpenFlows(c)
+	if err != nil || !installed {
+		return false, err
+	}
+	return true, apply(c, build(Config{}, open, true))
+}
+
 func removeTable() error {
 	c, err := newConn()
 	if err != nil {
@@ -375,12 +410,13 @@ func removeTable() error {
 	return c.Flush()
 }
 
-func checkTable(cfg Config) error {
+// checkTable compares the installed TableName with rs (built with no
+// open connections: the open sets are only checked for presence).
+func checkTable(rs *ruleset) error {
 	c, err := newConn()
 	if err != nil {
 		return err
 	}
-	rs := build(cfg, openFlows{})
 	if _, err := c.ListTableOfFamily(TableName, nftables.TableFamilyINet); err != nil {
 		if errors.Is(err, unix.ENOENT) {
 			return fmt.Errorf("%w: table inet %s absent", ErrNotInstalled, TableName)

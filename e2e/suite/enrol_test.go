@@ -296,3 +296,76 @@ func TestEnrolmentKeepsOpenConnections(t *testing.T) {
 		t.Errorf("the server saw %d client connections %v, want the one opened before enrolment", len(peers), peers)
 	}
 }
+
+// TestUnenrolmentDrainsOpenConnections: removing the label while a
+// request is in flight through ztunnel does not cut it, nor let it out in
+// clear text: the pods' capture rules stay until the connection is over
+// (ztunnel drains it), so the answer, sent after un-labelling, still
+// travels as TLS to the HBONE port — a marker in it never shows on the
+// wire — and arrives.
+func TestUnenrolmentDrainsOpenConnections(t *testing.T) {
+	p := newPair(t, "unenrolopen", true)
+	ctx := ctxFor(t, 3*time.Minute)
+	c := shared.c
+	if err := mesh.WaitRedirection(ctx, c, p.ns, "", "enabled", time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	clientPod, serverPod := pod(t, p.ns, p.client), pod(t, p.ns, p.server)
+	tool, err := mesh.CaptureNode(ctx, c, p.ns, serverPod.Spec.NodeName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := driver(t, p.ns, p.client)
+	expectReachable(ctx, t, d, p.url("/echo"), true, 30*time.Second)
+	capture, err := mesh.StartCapture(ctx, c, p.ns, tool,
+		fmt.Sprintf("tcp and host %s and host %s", clientPod.Status.PodIP, serverPod.Status.PodIP), 2*time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	marker := "amesh-marker-" + randSuffix() + randSuffix()
+	type result struct {
+		r   sample.LoadResult
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		// The server echoes the query (the marker) in its answer, 6s late.
+		r, err := d.Run(ctx, url.Values{"url": {p.url("/echo?" + marker)}, "n": {"1"}, "newconn": {"true"},
+			"timeout": {"30s"}, "h": {"x-amesh-delay: 6s"}})
+		done <- result{r, err}
+	}()
+	time.Sleep(2 * time.Second)
+	if err := mesh.Enrol(ctx, c, p.ns, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := mesh.WaitRedirection(ctx, c, p.ns, "", "", time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	res := <-done
+	segs, err := capture.Stop(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.err != nil || res.r.OK != 1 {
+		t.Errorf("request in flight while un-labelling: %v, codes %v, errors %v", res.err, res.r.Codes, res.r.Errors)
+	}
+	hbone := 0
+	for _, cn := range wire.Conns(segs) {
+		for dir, b := range map[string][]byte{"up": cn.Up, "down": cn.Down} {
+			if bytes.Contains(b, []byte(marker)) {
+				t.Errorf("connection %s → %s (%s): the marker is in clear text", cn.Client, cn.Server, dir)
+			}
+		}
+		if cn.Server.Port() == mesh.PortHBONE {
+			hbone++
+			for dir, b := range map[string][]byte{"up": cn.Up, "down": cn.Down} {
+				if _, err := wire.TLSConn(cn, b); err != nil {
+					t.Errorf("connection %s → %s (%s): not TLS: %v", cn.Client, cn.Server, dir, err)
+				}
+			}
+		}
+	}
+	if hbone == 0 {
+		t.Error("captured no connection to the HBONE port: where did the request go?")
+	}
+}

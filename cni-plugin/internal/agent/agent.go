@@ -87,7 +87,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
-	node := NewNode(log.Named("node"), nil, cfg.NodeName, cfg.ProcRoot, cfg.HostNetns)
+	node := NewNode(log.Named("node"), nil, cfg.NodeName, cfg.ProcRoot, cfg.HostNetns, cfg.LeaveTimeout)
 	watch := NewWatcher(log.Named("watch"), client, node, cfg.NodeName, cfg.ExcludeNamespaces, cfg.StateFile, cfg.Resync)
 	zsrv := zdsserver.New(zdsserver.Config{Socket: cfg.ZDSSocket, AckTimeout: cfg.AckTimeout,
 		Snapshot: node.Snapshot, Ready: watch.Initialized(), Logger: log.Named("zds"), Registerer: reg})
@@ -96,7 +96,11 @@ func (a *Agent) Run(ctx context.Context) error {
 	enrolled := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "amesh_cni_enrolled_pods", Help: "Pods of this node whose traffic is redirected to ztunnel.",
 	}, func() float64 { return float64(len(node.Enrolled())) })
-	reg.MustRegister(enrolled)
+	leaving := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "amesh_cni_leaving_pods",
+		Help: "Pods that left the mesh whose connections through ztunnel are still draining (their capture rules stay until they end).",
+	}, func() float64 { return float64(node.Leaving()) })
+	reg.MustRegister(enrolled, leaving)
 
 	ln, err := listenUnix(cfg.AgentSocket)
 	if err != nil {

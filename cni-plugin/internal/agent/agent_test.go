@@ -24,6 +24,7 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/containernetworking/plugins/pkg/testutils"
 	"go.uber.org/zap/zaptest"
+	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
@@ -847,5 +848,134 @@ func TestLateDelOfOldSandbox(t *testing.T) {
 	h.wantNoRules(second)
 	if err := z.Expect("delete "+string(first.UID), 5*time.Second); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestLeaveWithLiveConnection: a pod leaves the mesh while a connection
+// of it goes through ztunnel. New connections go direct at once; the
+// live one keeps working (ztunnel drains it) and the pod's capture rules
+// stay until it ends; at the leave timeout the rest are reset. Never does
+// a captured connection lose its rules while it is open.
+func TestLeaveWithLiveConnection(t *testing.T) {
+	h := newHarness(t)
+	h.cfg.LeaveTimeout = 2 * time.Second
+	h.startAgent()
+	z := h.ztunnel()
+	nsName := h.namespace("leave", true)
+	p := h.pod(nsName, "p", nil)
+	if err := h.add(p); err != nil {
+		t.Fatal(err)
+	}
+	h.runIn(p)
+	h.setRunning(p)
+	h.wantAnnotation(p, "enabled")
+	// The node answers on 7777 itself: a direct connection reaches it.
+	var nodeLn net.Listener
+	if err := h.inNode(func() (err error) {
+		nodeLn, err = net.Listen("tcp", netip.AddrPortFrom(h.gw, 7777).String())
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { nodeLn.Close() })
+	go func() {
+		for {
+			c, err := nodeLn.Accept()
+			if err != nil {
+				return
+			}
+			fmt.Fprintln(c, "node")
+			c.Close()
+		}
+	}()
+
+	// open connects from the pod and returns the connection and its
+	// first line ("ztunnel …" when captured).
+	open := func() (net.Conn, *bufio.Reader) {
+		t.Helper()
+		var c net.Conn
+		if err := p.netns.Do(func(ns.NetNS) (err error) {
+			c, err = net.DialTimeout("tcp", netip.AddrPortFrom(h.gw, 7777).String(), 2*time.Second)
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		r := bufio.NewReader(c)
+		_ = c.SetDeadline(time.Now().Add(2 * time.Second))
+		if line, err := r.ReadString('\n'); err != nil || !strings.HasPrefix(line, "ztunnel ") {
+			t.Fatalf("captured connection answered %q, %v", line, err)
+		}
+		return c, r
+	}
+	echo := func(c net.Conn, r *bufio.Reader, msg string) error {
+		_ = c.SetDeadline(time.Now().Add(2 * time.Second))
+		if _, err := fmt.Fprintln(c, msg); err != nil {
+			return err
+		}
+		got, err := r.ReadString('\n')
+		if err != nil {
+			return err
+		}
+		if strings.TrimSpace(got) != msg {
+			return fmt.Errorf("echoed %q", got)
+		}
+		return nil
+	}
+	draining := func() error {
+		if err := h.rules(p); !errors.Is(err, capture.ErrMismatch) {
+			return fmt.Errorf("Check = %v, want the draining rules (a mismatch)", err)
+		}
+		return nil
+	}
+	gone := func() error {
+		if err := h.rules(p); !errors.Is(err, capture.ErrNotInstalled) {
+			return fmt.Errorf("Check = %v, want no rules", err)
+		}
+		return nil
+	}
+
+	// Leaves and ends its connection before the timeout.
+	c, r := open()
+	h.labelNamespace(nsName, false)
+	h.wantAnnotation(p, "<none>")
+	if err := z.Expect("delete "+string(p.UID), 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := h.dialOut(p, 7777); err != nil || got != "node" {
+		t.Fatalf("new connection after leaving: %q, %v; want the node directly", got, err)
+	}
+	h.eventually("draining rules", draining)
+	if err := echo(c, r, "still through ztunnel"); err != nil {
+		t.Fatalf("live connection after leaving: %v", err)
+	}
+	if err := draining(); err != nil {
+		t.Fatalf("with the connection open: %v", err)
+	}
+	c.Close()
+	h.eventually("rules removed once the connection ended", gone)
+
+	// Back in the mesh, then out with a connection that outlives the
+	// leave timeout: reset, then the rules go.
+	h.labelNamespace(nsName, true)
+	h.eventually("rules back", func() error { return h.rules(p) })
+	h.wantAnnotation(p, "enabled")
+	c, r = open()
+	left := time.Now()
+	h.labelNamespace(nsName, false)
+	h.eventually("draining rules", draining)
+	if err := echo(c, r, "still through ztunnel"); err != nil {
+		t.Fatalf("live connection after leaving: %v", err)
+	}
+	h.eventually("rules removed at the leave timeout", gone)
+	if d := time.Since(left); d < h.cfg.LeaveTimeout {
+		t.Errorf("rules removed %v after leaving, before the %v timeout, with the connection open", d, h.cfg.LeaveTimeout)
+	}
+	_ = c.SetDeadline(time.Now().Add(2 * time.Second))
+	if _, err := r.ReadString('\n'); !errors.Is(err, unix.ECONNABORTED) {
+		t.Errorf("the connection after the leave timeout: %v, want ECONNABORTED (reset)", err)
+	}
+	if _, body := h.get("/metrics"); !strings.Contains(body, "amesh_cni_leaving_pods 0") {
+		t.Errorf("metrics: want amesh_cni_leaving_pods 0")
 	}
 }

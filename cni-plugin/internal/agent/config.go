@@ -37,8 +37,12 @@ type Config struct {
 	ExcludeNamespaces []string
 	MonitorAddr       string // /healthz, /readyz, /metrics
 	AckTimeout        time.Duration
-	Resync            time.Duration
-	LogLevel          string
+	// LeaveTimeout bounds how long a pod leaving the mesh keeps its
+	// connections through ztunnel (ztunnel drains them meanwhile) before
+	// the rest are reset and its capture rules removed.
+	LeaveTimeout time.Duration
+	Resync       time.Duration
+	LogLevel     string
 }
 
 // DefaultConfig returns the defaults.
@@ -55,6 +59,7 @@ func DefaultConfig() Config {
 		ExcludeNamespaces: plugin.DefaultExcludeNamespaces(),
 		MonitorAddr:       ":15121",
 		AckTimeout:        5 * time.Second,
+		LeaveTimeout:      30 * time.Second,
 		Resync:            5 * time.Minute,
 		LogLevel:          "info",
 	}
@@ -96,6 +101,8 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	fs.Var(stringList{&c.ExcludeNamespaces}, "exclude-namespaces", "comma-separated namespaces never enrolled")
 	fs.StringVar(&c.MonitorAddr, "monitor-addr", c.MonitorAddr, "address of /healthz, /readyz and /metrics")
 	fs.DurationVar(&c.AckTimeout, "ack-timeout", c.AckTimeout, "how long to wait for ztunnel's ack")
+	fs.DurationVar(&c.LeaveTimeout, "leave-timeout", c.LeaveTimeout,
+		"how long the connections through ztunnel of a pod leaving the mesh may last (longer than ztunnel's -drain-timeout) before they are reset and its rules removed")
 	fs.DurationVar(&c.Resync, "resync", c.Resync, "informer resync period")
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "debug, info, warn or error")
 }
@@ -115,8 +122,8 @@ func (c *Config) Validate() error {
 	if c.InstallCNI && (c.CNIConfDir == "" || c.CNIBinDir == "") {
 		errs = append(errs, errors.New("CNI conf and bin dirs are required to install the plugin"))
 	}
-	if c.AckTimeout <= 0 || c.Resync < 0 {
-		errs = append(errs, errors.New("ack timeout must be positive and resync non-negative"))
+	if c.AckTimeout <= 0 || c.LeaveTimeout <= 0 || c.Resync < 0 {
+		errs = append(errs, errors.New("ack and leave timeouts must be positive and resync non-negative"))
 	}
 	return errors.Join(errs...)
 }

@@ -8,6 +8,7 @@ import (
 	"os"
 	"slices"
 	"sync"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"go.uber.org/zap"
@@ -51,6 +52,17 @@ func (p PodInfo) workload(node string, netns *os.File) zdsserver.Workload {
 	}}
 }
 
+// leavePoll is how often a leaving pod's connections are checked.
+const leavePoll = 500 * time.Millisecond
+
+// leaving is a pod that left the mesh while connections of it went
+// through ztunnel: its capture rules stay, in their draining form, until
+// those connections are over (see capture.Drain).
+type leaving struct {
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
 type pod struct {
 	info    PodInfo
 	netns   *os.File
@@ -67,11 +79,15 @@ type Node struct {
 	procRoot  string
 	hostNetns string // path of the node's netns ("" = the agent's own)
 
+	leaveTimeout time.Duration
+
 	op sync.Mutex // serialises Enroll/Unenroll
 
 	mu        sync.Mutex
-	pods      map[string]*pod    // by UID: pods whose rules are installed
-	sandboxes map[string]sandbox // by UID: the sandbox of the pod's last CNI ADD
+	pods      map[string]*pod     // by UID: pods whose rules are installed
+	sandboxes map[string]sandbox  // by UID: the sandbox of the pod's last CNI ADD
+	leaving   map[string]*leaving // by UID: pods draining out of the mesh
+	wg        sync.WaitGroup      // leaving pods' goroutines
 }
 
 // sandbox is what a CNI ADD reported about a pod's sandbox.
@@ -80,10 +96,11 @@ type sandbox struct {
 	netns       string // path
 }
 
-// NewNode allocates a Node.
-func NewNode(log *zap.Logger, zds *zdsserver.Server, nodeName, procRoot, hostNetns string) *Node {
-	return &Node{log: log, zds: zds, name: nodeName, procRoot: procRoot, hostNetns: hostNetns,
-		pods: map[string]*pod{}, sandboxes: map[string]sandbox{}}
+// NewNode allocates a Node. leaveTimeout bounds how long a pod leaving
+// the mesh keeps its connections through ztunnel.
+func NewNode(log *zap.Logger, zds *zdsserver.Server, nodeName, procRoot, hostNetns string, leaveTimeout time.Duration) *Node {
+	return &Node{log: log, zds: zds, name: nodeName, procRoot: procRoot, hostNetns: hostNetns, leaveTimeout: leaveTimeout,
+		pods: map[string]*pod{}, sandboxes: map[string]sandbox{}, leaving: map[string]*leaving{}}
 }
 
 // SetZDS sets the ZDS server (wiring: the server needs Snapshot first).
@@ -228,6 +245,9 @@ func (n *Node) probeSources(ips []netip.Addr) []netip.Addr {
 func (n *Node) Enroll(ctx context.Context, info PodInfo) (Status, error) {
 	n.op.Lock()
 	defer n.op.Unlock()
+	// Back in the mesh while leaving it: Install below replaces the
+	// draining rules (connections still captured stay so).
+	n.stopLeaving(info.UID)
 	n.mu.Lock()
 	p := n.pods[info.UID]
 	n.mu.Unlock()
@@ -284,42 +304,171 @@ func (n *Node) Enroll(ctx context.Context, info PodInfo) (Status, error) {
 	return StatusEnabled, nil
 }
 
-// Unenroll removes a pod's capture rules and tells ztunnel to drop it. It
-// is idempotent.
+// Unenroll takes a pod out of the mesh and tells ztunnel to drop it. It
+// is idempotent. New connections are no longer captured at once; the
+// capture rules themselves go when the pod's connections through ztunnel
+// are over (ztunnel drains them), or after the leave timeout, when the
+// rest are reset: removed earlier, they would let those connections'
+// packets out untranslated, in plaintext.
 func (n *Node) Unenroll(ctx context.Context, uid string) error {
+	return n.unenroll(ctx, uid, true)
+}
+
+// unenroll is Unenroll; without drain the rules go at once.
+func (n *Node) unenroll(ctx context.Context, uid string, drain bool) error {
 	n.op.Lock()
 	defer n.op.Unlock()
 	n.mu.Lock()
 	p := n.pods[uid]
+	delete(n.pods, uid)
 	n.mu.Unlock()
 	if p == nil {
 		return nil
 	}
-	var errs []error
-	if err := podns.Do(p.netns, capture.Remove); err != nil {
-		errs = append(errs, err)
+	name := p.info.Namespace + "/" + p.info.Name
+	var err error
+	if drain {
+		err = n.leave(ctx, uid, name, p.netns)
+	} else {
+		err = podns.Do(p.netns, capture.Remove)
+		n.zdsDelete(ctx, uid)
+		p.netns.Close()
 	}
-	if n.zds != nil {
-		if err := n.zds.Delete(ctx, uid); err != nil && !errors.Is(err, zdsserver.ErrNoZtunnel) {
-			// ztunnel will not get this pod in its next snapshot either.
-			n.log.Warn("ztunnel did not acknowledge a delete", zap.String("uid", uid), zap.Error(err))
+	n.log.Info("pod unenrolled", zap.String("pod", name), zap.String("uid", uid))
+	return err
+}
+
+func (n *Node) zdsDelete(ctx context.Context, uid string) {
+	if n.zds == nil {
+		return
+	}
+	if err := n.zds.Delete(ctx, uid); err != nil && !errors.Is(err, zdsserver.ErrNoZtunnel) {
+		// ztunnel will not get this pod in its next snapshot either.
+		n.log.Warn("ztunnel did not acknowledge a delete", zap.String("uid", uid), zap.Error(err))
+	}
+}
+
+// leave drains the capture rules in netns, tells ztunnel to drop the pod
+// and removes the rules — at once when no connection of the pod may go
+// through ztunnel, else once they are over, in the background. It takes
+// ownership of netns.
+func (n *Node) leave(ctx context.Context, uid, name string, netns *os.File) error {
+	var conns []capture.Conn
+	derr := podns.Do(netns, func() (err error) {
+		conns, err = capture.Drain()
+		return err
+	})
+	n.zdsDelete(ctx, uid)
+	if derr != nil || len(conns) == 0 {
+		// Nothing to wait for (or the rules could not be drained: remove
+		// them, as there is nothing better to do).
+		err := podns.Do(netns, capture.Remove)
+		netns.Close()
+		return errors.Join(derr, err)
+	}
+	n.log.Info("pod left the mesh; its rules stay until its connections through ztunnel end",
+		zap.String("pod", name), zap.Int("connections", len(conns)), zap.Duration("timeout", n.leaveTimeout))
+	lctx, cancel := context.WithCancel(context.Background())
+	l := &leaving{cancel: cancel, done: make(chan struct{})}
+	n.mu.Lock()
+	n.leaving[uid] = l
+	n.mu.Unlock()
+	n.wg.Add(1)
+	go func() {
+		defer n.wg.Done()
+		defer close(l.done)
+		defer netns.Close()
+		n.finishLeaving(lctx, name, netns, conns)
+		n.mu.Lock()
+		if n.leaving[uid] == l {
+			delete(n.leaving, uid)
+		}
+		n.mu.Unlock()
+	}()
+	return nil
+}
+
+// finishLeaving waits for a leaving pod's connections through ztunnel to
+// end, resets those left at the leave timeout, then removes the rules.
+// When ctx ends first, the rules stay in their draining form.
+func (n *Node) finishLeaving(ctx context.Context, name string, netns *os.File, conns []capture.Conn) {
+	log := n.log.With(zap.String("pod", name))
+	deadline := time.Now().Add(n.leaveTimeout)
+	canReset := true
+	for {
+		var left []capture.Conn
+		err := podns.Do(netns, func() (err error) {
+			left, err = capture.StillOpen(conns)
+			return err
+		})
+		switch {
+		case err != nil:
+			log.Warn("listing a leaving pod's connections", zap.Error(err))
+		case len(left) == 0:
+			if err := podns.Do(netns, capture.Remove); err != nil {
+				log.Warn("removing a leaving pod's capture rules", zap.Error(err))
+				return
+			}
+			log.Info("pod's connections through ztunnel are over; capture rules removed")
+			return
+		case canReset && time.Now().After(deadline):
+			err := podns.Do(netns, func() error { return capture.Reset(left) })
+			if errors.Is(err, capture.ErrResetUnsupported) {
+				// Fail closed: the rules stay until the connections end.
+				log.Warn("the kernel cannot reset sockets; the capture rules stay until the pod's connections through ztunnel end",
+					zap.Int("connections", len(left)))
+				canReset = false
+			} else if err != nil {
+				log.Warn("resetting a leaving pod's connections", zap.Error(err))
+			} else {
+				log.Info("leave timeout: reset the pod's connections through ztunnel", zap.Int("connections", len(left)))
+			}
+			conns = left
+			continue
+		default:
+			conns = left
+		}
+		t := time.NewTimer(leavePoll)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return
+		case <-t.C:
 		}
 	}
+}
+
+// stopLeaving ends the wait of a pod leaving the mesh (its rules stay as
+// they are) and returns once it is over.
+func (n *Node) stopLeaving(uid string) {
 	n.mu.Lock()
-	delete(n.pods, uid)
+	l := n.leaving[uid]
+	delete(n.leaving, uid)
 	n.mu.Unlock()
-	p.netns.Close()
-	n.log.Info("pod unenrolled", zap.String("pod", p.info.Namespace+"/"+p.info.Name), zap.String("uid", uid))
-	return errors.Join(errs...)
+	if l != nil {
+		l.cancel()
+		<-l.done
+	}
+}
+
+// Leaving counts the pods that left the mesh and wait for their
+// connections through ztunnel to end.
+func (n *Node) Leaving() int {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return len(n.leaving)
 }
 
 // Release removes capture rules that an earlier run of the agent left in
 // a pod it does not hold (the pod has since left the mesh), and tells
-// ztunnel to drop it. A pod whose netns cannot be found has nothing left
-// to release.
+// ztunnel to drop it, as Unenroll does. A pod whose netns cannot be found
+// has nothing left to release.
 func (n *Node) Release(ctx context.Context, info PodInfo) error {
 	n.op.Lock()
 	defer n.op.Unlock()
+	if n.isLeaving(info.UID) {
+		return nil
+	}
 	f, err := n.openNetns(info)
 	if errors.Is(err, podns.ErrNotFound) {
 		return nil
@@ -327,36 +476,45 @@ func (n *Node) Release(ctx context.Context, info PodInfo) error {
 	if err != nil {
 		return err
 	}
-	defer f.Close()
-	if err := podns.Do(f, capture.Remove); err != nil {
+	if err := n.leave(ctx, info.UID, info.Namespace+"/"+info.Name, f); err != nil {
 		return fmt.Errorf("pod %s/%s: %w", info.Namespace, info.Name, err)
-	}
-	if n.zds != nil {
-		if err := n.zds.Delete(ctx, info.UID); err != nil && !errors.Is(err, zdsserver.ErrNoZtunnel) {
-			n.log.Warn("ztunnel did not acknowledge a delete", zap.String("uid", info.UID), zap.Error(err))
-		}
 	}
 	n.log.Info("released pod left enrolled by an earlier run", zap.String("pod", info.Namespace+"/"+info.Name))
 	return nil
 }
 
+func (n *Node) isLeaving(uid string) bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.leaving[uid] != nil
+}
+
 // Close releases every namespace the node holds (the agent is stopping;
-// the rules stay in place and ztunnel keeps serving the pods).
+// the rules stay in place and ztunnel keeps serving the pods; the rules
+// of leaving pods stay in their draining form) and returns once the
+// goroutines of leaving pods have exited.
 func (n *Node) Close() {
 	n.op.Lock()
 	defer n.op.Unlock()
 	n.mu.Lock()
-	defer n.mu.Unlock()
 	for uid, p := range n.pods {
 		p.netns.Close()
 		delete(n.pods, uid)
 	}
+	for _, l := range n.leaving {
+		l.cancel()
+	}
+	n.mu.Unlock()
+	n.wg.Wait()
 }
 
 // Forget handles a pod's sandbox going away (CNI DEL): unenrol and drop
-// the recorded sandbox.
+// the recorded sandbox. Its processes are gone, and with them the
+// application sockets that could leak: the rules go at once (also those
+// of a pod that was leaving the mesh).
 func (n *Node) Forget(ctx context.Context, uid string) error {
-	err := n.Unenroll(ctx, uid)
+	n.stopLeaving(uid)
+	err := n.unenroll(ctx, uid, false)
 	n.mu.Lock()
 	delete(n.sandboxes, uid)
 	n.mu.Unlock()

@@ -1,14 +1,16 @@
 // Package ztunneltest is a test ztunnel for the node agent's tests: it
 // speaks ZDS like the real one, opens a TCP listener on 127.0.0.1:15001
 // inside every pod network namespace it is handed (answering each
-// connection with its original destination), and records what it was
-// told.
+// connection with its original destination, then echoing it until the
+// client closes), and records what it was told. Like the real one, it
+// stops accepting for a deleted pod and keeps its live connections.
 package ztunneltest
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"sync"
@@ -31,9 +33,10 @@ type Ztunnel struct {
 	// Stall, when set, stops acknowledging messages.
 	Stall atomic.Bool
 
-	mu   sync.Mutex
-	pods map[string]net.Listener
-	nets map[string]uint64 // netns inode per uid
+	mu    sync.Mutex
+	pods  map[string]net.Listener
+	nets  map[string]uint64 // netns inode per uid
+	conns map[net.Conn]bool // live connections
 }
 
 // Dial connects to the agent's ZDS socket (retrying for up to 5s while it
@@ -52,7 +55,8 @@ func Dial(socket string, reject ...string) (*Ztunnel, error) {
 	if err != nil {
 		return nil, err
 	}
-	z := &Ztunnel{conn: conn, events: make(chan string, 1000), reject: map[string]bool{}, pods: map[string]net.Listener{}, nets: map[string]uint64{}}
+	z := &Ztunnel{conn: conn, events: make(chan string, 1000), reject: map[string]bool{},
+		pods: map[string]net.Listener{}, nets: map[string]uint64{}, conns: map[net.Conn]bool{}}
 	for _, r := range reject {
 		z.reject[r] = true
 	}
@@ -64,7 +68,7 @@ func Dial(socket string, reject ...string) (*Ztunnel, error) {
 	return z, nil
 }
 
-// Close disconnects and closes every listener.
+// Close disconnects and closes every listener and connection.
 func (z *Ztunnel) Close() {
 	z.conn.Close()
 	z.mu.Lock()
@@ -72,6 +76,9 @@ func (z *Ztunnel) Close() {
 	for uid, l := range z.pods {
 		l.Close()
 		delete(z.pods, uid)
+	}
+	for c := range z.conns {
+		c.Close()
 	}
 }
 
@@ -151,25 +158,39 @@ func (z *Ztunnel) listenIn(uid string, fd *os.File) error {
 	}); err != nil {
 		return err
 	}
-	go serve(l)
+	go z.serve(l)
 	z.pods[uid] = l
 	z.nets[uid] = st.Ino
 	return nil
 }
 
-// serve answers each connection with "ztunnel <original destination>\n".
-func serve(l net.Listener) {
+// serve answers each connection with "ztunnel <original destination>\n"
+// and then echoes it until the client closes it.
+func (z *Ztunnel) serve(l net.Listener) {
 	for {
 		c, err := l.Accept()
 		if err != nil {
 			return
 		}
-		od := "-"
-		if a, err := capture.OriginalDestination(c.(*net.TCPConn)); err == nil {
-			od = a.String()
-		}
-		fmt.Fprintf(c, "ztunnel %s\n", od)
-		c.Close()
+		z.mu.Lock()
+		z.conns[c] = true
+		z.mu.Unlock()
+		go func() {
+			defer func() {
+				z.mu.Lock()
+				delete(z.conns, c)
+				z.mu.Unlock()
+				c.Close()
+			}()
+			od := "-"
+			if a, err := capture.OriginalDestination(c.(*net.TCPConn)); err == nil {
+				od = a.String()
+			}
+			if _, err := fmt.Fprintf(c, "ztunnel %s\n", od); err != nil {
+				return
+			}
+			_, _ = io.Copy(c, c)
+		}()
 	}
 }
 
