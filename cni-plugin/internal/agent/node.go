@@ -359,15 +359,21 @@ func (n *Node) leave(ctx context.Context, uid, name string, netns *os.File) erro
 		return err
 	})
 	n.zdsDelete(ctx, uid)
-	if derr != nil || len(conns) == 0 {
-		// Nothing to wait for (or the rules could not be drained: remove
-		// them, as there is nothing better to do).
+	if derr == nil && len(conns) == 0 {
 		err := podns.Do(netns, capture.Remove)
 		netns.Close()
-		return errors.Join(derr, err)
+		return err
 	}
-	n.log.Info("pod left the mesh; its rules stay until its connections through ztunnel end",
-		zap.String("pod", name), zap.Int("connections", len(conns)), zap.Duration("timeout", n.leaveTimeout))
+	if derr != nil {
+		// Which connections go through ztunnel is unknown: keep the rules
+		// for the whole leave timeout, then remove them.
+		n.log.Warn("draining a leaving pod's capture rules; removing them after the leave timeout",
+			zap.String("pod", name), zap.Duration("timeout", n.leaveTimeout), zap.Error(derr))
+		conns = nil
+	} else {
+		n.log.Info("pod left the mesh; its rules stay until its connections through ztunnel end",
+			zap.String("pod", name), zap.Int("connections", len(conns)), zap.Duration("timeout", n.leaveTimeout))
+	}
 	lctx, cancel := context.WithCancel(context.Background())
 	l := &leaving{cancel: cancel, done: make(chan struct{})}
 	n.mu.Lock()
@@ -378,7 +384,7 @@ func (n *Node) leave(ctx context.Context, uid, name string, netns *os.File) erro
 		defer n.wg.Done()
 		defer close(l.done)
 		defer netns.Close()
-		n.finishLeaving(lctx, name, netns, conns)
+		n.finishLeaving(lctx, name, netns, conns, derr != nil)
 		n.mu.Lock()
 		if n.leaving[uid] == l {
 			delete(n.leaving, uid)
@@ -389,11 +395,25 @@ func (n *Node) leave(ctx context.Context, uid, name string, netns *os.File) erro
 }
 
 // finishLeaving waits for a leaving pod's connections through ztunnel to
-// end, resets those left at the leave timeout, then removes the rules.
-// When ctx ends first, the rules stay in their draining form.
-func (n *Node) finishLeaving(ctx context.Context, name string, netns *os.File, conns []capture.Conn) {
+// end, resets those left at the leave timeout, then removes the rules;
+// with unknown connections it waits for the whole leave timeout. When ctx
+// ends first, the rules stay in their draining form.
+func (n *Node) finishLeaving(ctx context.Context, name string, netns *os.File, conns []capture.Conn, unknown bool) {
 	log := n.log.With(zap.String("pod", name))
 	deadline := time.Now().Add(n.leaveTimeout)
+	if unknown {
+		t := time.NewTimer(n.leaveTimeout)
+		defer t.Stop()
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if err := podns.Do(netns, capture.Remove); err != nil {
+			log.Warn("removing a leaving pod's capture rules", zap.Error(err))
+		}
+		return
+	}
 	canReset := true
 	for {
 		var left []capture.Conn
