@@ -143,9 +143,10 @@ func (t *translator) podServices(pod *corev1.Pod) map[string]*pb.PortList {
 }
 
 // endpointWorkloads handles the endpoints of selector-less Services: pods
-// named by an endpoint get the Service in their services map (recorded in
-// t.endpointPorts for the per-pod translation); other addresses become
-// workloads of their own, outside the mesh.
+// of the slice's namespace named by an endpoint's targetRef get the Service
+// in their services map (recorded in t.endpointPorts for the per-pod
+// translation); other addresses become workloads of their own, outside the
+// mesh.
 func (t *translator) endpointWorkloads() []*pb.Workload {
 	ext := map[string]*pb.Workload{}
 	for _, es := range t.in.EndpointSlices {
@@ -176,8 +177,16 @@ func (t *translator) endpointWorkloads() []*pb.Workload {
 		}
 		key := t.serviceKey(svc.Namespace, svc.Name)
 		for _, e := range es.Endpoints {
-			if e.TargetRef != nil && e.TargetRef.Kind == "Pod" {
-				pk := cmp.Or(e.TargetRef.Namespace, es.Namespace) + "/" + e.TargetRef.Name
+			// A targetRef names a pod of the slice's own namespace only:
+			// anyone who may write an EndpointSlice (or an Endpoints
+			// object, which the mirroring controller copies) in one
+			// namespace must not make another namespace's pod an
+			// endpoint of their Service — ztunnel admits the waypoint of
+			// a pod's Services past that pod's L4 policies. A targetRef
+			// to another namespace is ignored (the addresses are then
+			// treated as if it were absent).
+			if e.TargetRef != nil && e.TargetRef.Kind == "Pod" && (e.TargetRef.Namespace == "" || e.TargetRef.Namespace == es.Namespace) {
+				pk := es.Namespace + "/" + e.TargetRef.Name
 				if t.endpointPorts[pk] == nil {
 					t.endpointPorts[pk] = map[string][]*pb.Port{}
 				}
