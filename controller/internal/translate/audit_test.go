@@ -1,6 +1,7 @@
 package translate
 
 import (
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -98,3 +99,85 @@ func TestAuditEndpointSliceCannotAdoptPodOfAnotherNamespace(t *testing.T) {
 	}
 }
 
+// TestAuditEndpointAddressOfPodNotAnExternalWorkload: the same slice as
+// crossNamespaceEndpoints without the targetRef. The address is a captured
+// pod's; publishing it as an external (plaintext) workload lets ztunnel
+// pick that claim for the pod's IP (see ztunnel route audit test).
+func TestAuditEndpointAddressOfPodNotAnExternalWorkload(t *testing.T) {
+	f := filepath.Join(t.TempDir(), "x.in.yaml")
+	in := strings.Replace(crossNamespaceEndpoints, "  targetRef: {kind: Pod, namespace: victim, name: db}\n", "", 1)
+	if in == crossNamespaceEndpoints {
+		t.Fatal("fixture unchanged")
+	}
+	if err := os.WriteFile(f, []byte(in), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out := Translate(Config{}, loadInput(t, f))
+	for _, w := range out.Workloads {
+		if w.WorkloadType == "endpoint" && len(w.Addresses) == 1 && netipString(w.Addresses[0]) == "10.0.0.5" {
+			t.Errorf("external workload %s (tunnel %v) claims 10.0.0.5, the address of captured pod victim/db", w.Uid, w.TunnelProtocol)
+		}
+	}
+}
+
+func netipString(b []byte) string {
+	if a, ok := netip.AddrFromSlice(b); ok {
+		return a.Unmap().String()
+	}
+	return ""
+}
+
+// TestEndpointAddressOfPod: an endpoint address without targetRef that
+// is a pod's address makes the pod an endpoint of the Service when the
+// slice is of the pod's namespace, and is ignored otherwise; it is never
+// published as a workload of its own. An address no pod has still is.
+func TestEndpointAddressOfPod(t *testing.T) {
+	noRef := strings.Replace(crossNamespaceEndpoints, "  targetRef: {kind: Pod, namespace: victim, name: db}\n", "", 1)
+	sameNS := strings.NewReplacer("namespace: evil\n  labels: {amesh.dev/use-waypoint: wp}", "namespace: victim\n  labels: {amesh.dev/use-waypoint: wp}",
+		"name: grab-1\n  namespace: evil", "name: grab-1\n  namespace: victim").Replace(noRef)
+	outside := strings.Replace(noRef, "- addresses: [10.0.0.5]", "- addresses: [192.168.7.7]", 1)
+	for _, tc := range []struct {
+		name, in string
+		// podServices are the services of victim/db's workload; endpoint
+		// the address of the endpoint workload expected ("" none).
+		podServices []string
+		endpoint    string
+	}{
+		{"other namespace", noRef, nil, ""},
+		{"same namespace", sameNS, []string{"victim/grab.victim.svc.cluster.local"}, ""},
+		{"address of no pod", outside, nil, "192.168.7.7"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.in == crossNamespaceEndpoints || tc.in == noRef && tc.name != "other namespace" {
+				t.Fatal("fixture unchanged")
+			}
+			f := filepath.Join(t.TempDir(), "x.in.yaml")
+			if err := os.WriteFile(f, []byte(tc.in), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			out := Translate(Config{}, loadInput(t, f))
+			var endpoints []string
+			var pod []string
+			for _, w := range out.Workloads {
+				switch {
+				case w.WorkloadType == "endpoint":
+					endpoints = append(endpoints, netipString(w.Addresses[0]))
+				case w.Namespace == "victim" && w.Name == "db":
+					for s := range w.Services {
+						pod = append(pod, s)
+					}
+				}
+			}
+			if want := tc.podServices; strings.Join(pod, ",") != strings.Join(want, ",") {
+				t.Errorf("victim/db services = %v, want %v", pod, want)
+			}
+			var want []string
+			if tc.endpoint != "" {
+				want = []string{tc.endpoint}
+			}
+			if strings.Join(endpoints, ",") != strings.Join(want, ",") {
+				t.Errorf("endpoint workloads at %v, want %v", endpoints, want)
+			}
+		})
+	}
+}

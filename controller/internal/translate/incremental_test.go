@@ -42,7 +42,7 @@ func TestTranslatorIncremental(t *testing.T) {
 
 // mutate changes the input the way a watch would and says what it did.
 func mutate(r *rand.Rand, in *Input, step int) string {
-	switch r.IntN(7) {
+	switch r.IntN(8) {
 	case 0, 1, 2: // change a pod's labels (the commonest event)
 		if len(in.Pods) == 0 {
 			return "nothing"
@@ -84,6 +84,22 @@ func mutate(r *rand.Rand, in *Input, step int) string {
 		}
 		in.Pods = append(in.Pods, p)
 		return "add pod " + p.Name
+	case 7: // readdress a pod, maybe to an address an EndpointSlice names
+		if len(in.Pods) == 0 {
+			return "nothing"
+		}
+		addrs := []string{fmt.Sprintf("10.201.0.%d", step)}
+		for _, es := range in.EndpointSlices {
+			for _, e := range es.Endpoints {
+				addrs = append(addrs, e.Addresses...)
+			}
+		}
+		i := r.IntN(len(in.Pods))
+		p := in.Pods[i].DeepCopy()
+		a := addrs[r.IntN(len(addrs))]
+		p.Status.PodIP, p.Status.PodIPs = a, []corev1.PodIP{{IP: a}}
+		in.Pods[i] = p
+		return "readdress pod " + p.Name + " to " + a
 	case 5: // touch a service (new object, maybe relabelled)
 		if len(in.Services) == 0 {
 			return "nothing"

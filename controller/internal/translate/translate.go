@@ -167,6 +167,9 @@ type Translator struct {
 	gen    uint64
 	// sorted is the previous output's workloads.
 	sorted []*pb.Workload
+	// endpoints is the previous output's endpoint workloads (those no
+	// pod's address claims).
+	endpoints []*pb.Workload
 }
 
 type podEntry struct {
@@ -188,7 +191,7 @@ func (tr *Translator) Translate(in *Input) *Output {
 		tr.ctx.prepare()
 		tr.others, tr.roots = others, slices.Clone(in.RootCertificates)
 		clear(tr.pods)
-		tr.sorted = nil
+		tr.sorted, tr.endpoints = nil, nil
 	}
 	t := tr.ctx
 	tr.gen++
@@ -201,8 +204,9 @@ func (tr *Translator) Translate(in *Input) *Output {
 	}
 	results := make([]*podResult, 0, len(in.Pods))
 	// The previous output order stays valid when pods only changed in
-	// place (same UIDs): the commonest case, worth skipping a sort.
-	inPlace := len(tr.sorted) == len(in.Pods)+len(t.outEndpoints)
+	// place (same UIDs) and the endpoint workloads are the same: the
+	// commonest case, worth skipping a sort.
+	inPlace := tr.sorted != nil
 	var replaced map[string]*pb.Workload
 	for _, pod := range in.Pods {
 		key := string(pod.UID)
@@ -238,7 +242,12 @@ func (tr *Translator) Translate(in *Input) *Output {
 			}
 		}
 	}
-	if inPlace && tr.sorted != nil {
+	endpoints := t.unclaimedEndpoints(results)
+	if !slices.Equal(endpoints, tr.endpoints) {
+		inPlace = false
+	}
+	tr.endpoints = endpoints
+	if inPlace {
 		out.Workloads = slices.Clone(tr.sorted)
 		for i, w := range out.Workloads {
 			if r := replaced[w.Uid]; r != nil {
@@ -246,13 +255,13 @@ func (tr *Translator) Translate(in *Input) *Output {
 			}
 		}
 	} else {
-		out.Workloads = make([]*pb.Workload, 0, len(results)+len(t.outEndpoints))
+		out.Workloads = make([]*pb.Workload, 0, len(results)+len(endpoints))
 		for _, r := range results {
 			if r.workload != nil {
 				out.Workloads = append(out.Workloads, r.workload)
 			}
 		}
-		out.Workloads = append(out.Workloads, t.outEndpoints...)
+		out.Workloads = append(out.Workloads, endpoints...)
 		slices.SortFunc(out.Workloads, func(a, b *pb.Workload) int { return cmp.Compare(a.Uid, b.Uid) })
 	}
 	tr.sorted = out.Workloads
@@ -379,6 +388,8 @@ type translator struct {
 	// endpointPorts maps "<ns>/<pod>" to the selector-less Services whose
 	// EndpointSlices name that pod, with their ports.
 	endpointPorts map[string]map[string][]*pb.Port
+	// endpointByAddr indexes outEndpoints by address (raw bytes).
+	endpointByAddr map[string][]*pb.Workload
 	// Per bound service (resource name): what its waypoint enforces.
 	wpAuthz        map[string][]*pb.Authorization
 	wpRequestAuthn map[string][]*pb.RequestAuthentication
@@ -434,6 +445,7 @@ func newTranslator(cfg Config, full *Input) *translator {
 		apSelectors:      map[string]map[string][]apSelector{},
 		apRoot:           map[string][]apSelector{},
 		endpointPorts:    map[string]map[string][]*pb.Port{},
+		endpointByAddr:   map[string][]*pb.Workload{},
 		wpAuthz:          map[string][]*pb.Authorization{},
 		wpRequestAuthn:   map[string][]*pb.RequestAuthentication{},
 		wpTraffic:        map[string]*pb.TrafficPolicy{},

@@ -76,6 +76,23 @@ func (t *translator) podWorkload(pod *corev1.Pod) *pb.Workload {
 	for svc, ports := range t.endpointPorts[pod.Namespace+"/"+pod.Name] {
 		addPorts(w, svc, ports)
 	}
+	// An endpoint address without targetRef that is this pod's: the
+	// pod is that endpoint when the slice is of its own namespace; a
+	// slice of another namespace gets nothing (the address is the pod's,
+	// never published as an external workload: see Translate).
+	if len(t.endpointByAddr) > 0 {
+		for _, a := range addrs {
+			if ext := t.endpointByAddr[string(a)]; ext != nil {
+				for _, e := range ext {
+					if e.Namespace == pod.Namespace {
+						for svc, pl := range e.Services {
+							addPorts(w, svc, pl.Ports)
+						}
+					}
+				}
+			}
+		}
+	}
 	if podReady(pod) {
 		w.Status = pb.WorkloadStatus_WORKLOAD_STATUS_HEALTHY
 	}
@@ -230,6 +247,48 @@ func (t *translator) endpointWorkloads() []*pb.Workload {
 		out = append(out, w)
 	}
 	slices.SortFunc(out, func(a, b *pb.Workload) int { return cmp.Compare(a.Uid, b.Uid) })
+	for _, w := range out {
+		k := string(w.Addresses[0])
+		t.endpointByAddr[k] = append(t.endpointByAddr[k], w)
+	}
+	return out
+}
+
+// unclaimedEndpoints returns the endpoint workloads whose address no pod
+// workload has. An address of a pod is never published as an external
+// workload: ztunnel would have two claimants for the pod's IP, one of them
+// plaintext, and anyone who may write an EndpointSlice (or Endpoints) in
+// any namespace could make it send the pod's traffic unencrypted. (A
+// slice of the pod's own namespace adds its Service to the pod's workload
+// instead, see podWorkload.) eps is returned as is when nothing is
+// claimed.
+func (t *translator) unclaimedEndpoints(pods []*podResult) []*pb.Workload {
+	if len(t.endpointByAddr) == 0 {
+		return t.outEndpoints
+	}
+	var claimed map[string]bool
+	for _, r := range pods {
+		if r.workload == nil {
+			continue
+		}
+		for _, a := range r.workload.Addresses {
+			if _, ok := t.endpointByAddr[string(a)]; ok {
+				if claimed == nil {
+					claimed = map[string]bool{}
+				}
+				claimed[string(a)] = true
+			}
+		}
+	}
+	if len(claimed) == 0 {
+		return t.outEndpoints
+	}
+	out := make([]*pb.Workload, 0, len(t.outEndpoints))
+	for _, w := range t.outEndpoints {
+		if !claimed[string(w.Addresses[0])] {
+			out = append(out, w)
+		}
+	}
 	return out
 }
 
