@@ -6,6 +6,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/amesh-dev/amesh/controller/apis/security/v1alpha1"
 )
 
 // crossNamespaceEndpoints: namespace "evil" owns a selector-less Service
@@ -179,5 +181,89 @@ func TestEndpointAddressOfPod(t *testing.T) {
 				t.Errorf("endpoint workloads at %v, want %v", endpoints, want)
 			}
 		})
+	}
+}
+
+const spiffePrincipalDeny = `
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {amesh.dev/dataplane-mode: ambient}}
+---
+apiVersion: security.amesh.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: deny-evil, namespace: shop}
+spec:
+  action: DENY
+  rules:
+  - from: [{source: {principals: ["spiffe://cluster.local/ns/evil/sa/attacker"]}}]
+`
+
+// TestAuditSpiffePrincipalNotSilentlyIgnored: ztunnel and the waypoint
+// compare principals with the peer's ID without its "spiffe://" scheme
+// (store.Principal). A DENY naming the peer by its full SPIFFE ID then
+// never matches: the policy must be normalised, or reported invalid, not
+// accepted as "enforced".
+func TestAuditSpiffePrincipalNotSilentlyIgnored(t *testing.T) {
+	f := filepath.Join(t.TempDir(), "x.in.yaml")
+	if err := os.WriteFile(f, []byte(spiffePrincipalDeny), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out := Translate(Config{}, loadInput(t, f))
+	var principals []string
+	for _, a := range out.Authorizations {
+		if a.Name == "deny-evil" {
+			for _, r := range a.Rules {
+				for _, s := range r.From {
+					principals = append(principals, s.Principals...)
+				}
+			}
+		}
+	}
+	accepted := false
+	for _, s := range out.Statuses {
+		if s.Name == "deny-evil" {
+			for _, c := range s.Conditions {
+				if c.Type == "Accepted" && c.Status == "True" {
+					accepted = true
+				}
+			}
+		}
+	}
+	for _, p := range principals {
+		if strings.HasPrefix(p, "spiffe://") && accepted {
+			t.Errorf("DENY principal %q reaches the data plane unchanged and the policy is Accepted: it never matches a peer", p)
+		}
+	}
+}
+
+// TestPrincipalsWithoutScheme: principals written as SPIFFE IDs reach
+// the data plane without their scheme, in sources and source.principal
+// conditions, for ztunnel and for waypoints, DENY and ALLOW alike.
+func TestPrincipalsWithoutScheme(t *testing.T) {
+	for _, tc := range []struct{ in, want string }{
+		{"spiffe://cluster.local/ns/evil/sa/attacker", "cluster.local/ns/evil/sa/attacker"},
+		{"SPIFFE://cluster.local/ns/evil/sa/attacker", "cluster.local/ns/evil/sa/attacker"},
+		{"spiffe://cluster.local/ns/evil/*", "cluster.local/ns/evil/*"},
+		{"cluster.local/ns/evil/sa/attacker", "cluster.local/ns/evil/sa/attacker"},
+		{"*", "*"},
+		{"spiffe:/x", "spiffe:/x"},
+	} {
+		got := principals([]string{tc.in})
+		if len(got) != 1 || got[0] != tc.want {
+			t.Errorf("principals(%q) = %q, want %q", tc.in, got, tc.want)
+		}
+		var res translation
+		r := convertRule(v1alpha1.Rule{
+			From: []v1alpha1.RuleFrom{{Source: v1alpha1.Source{Principals: []string{tc.in}, NotPrincipals: []string{tc.in}}}},
+			When: []v1alpha1.Condition{{Key: "source.principal", Values: []string{tc.in}, NotValues: []string{tc.in}}},
+		}, false, &res)
+		for _, v := range [][]string{r.From[0].Principals, r.From[0].NotPrincipals, r.When[0].Values, r.When[0].NotValues} {
+			if len(v) != 1 || v[0] != tc.want {
+				t.Errorf("%q translated to %q, want %q", tc.in, v, tc.want)
+			}
+		}
+	}
+	if principals(nil) != nil {
+		t.Error("nil principals became non-nil")
 	}
 }

@@ -180,8 +180,8 @@ func convertRule(r v1alpha1.Rule, l4Only bool, res *translation) *pb.Rule {
 	for _, f := range r.From {
 		s := f.Source
 		src := &pb.Source{
-			Principals:    slices.Clone(s.Principals),
-			NotPrincipals: slices.Clone(s.NotPrincipals),
+			Principals:    principals(s.Principals),
+			NotPrincipals: principals(s.NotPrincipals),
 			Namespaces:    slices.Clone(s.Namespaces),
 			NotNamespaces: slices.Clone(s.NotNamespaces),
 			IpBlocks:      slices.Clone(s.IPBlocks),
@@ -234,14 +234,42 @@ func convertRule(r v1alpha1.Rule, l4Only bool, res *translation) *pb.Rule {
 				continue
 			}
 		}
-		out.When = append(out.When, &pb.Condition{
+		cond := &pb.Condition{
 			Key:       c.Key,
 			Values:    slices.Clone(c.Values),
 			NotValues: slices.Clone(c.NotValues),
-		})
+		}
+		if c.Key == "source.principal" {
+			cond.Values, cond.NotValues = principals(c.Values), principals(c.NotValues)
+		}
+		out.When = append(out.When, cond)
 	}
 	return out
 }
+
+// principals returns peer principals in the data plane's form, without the
+// "spiffe://" scheme: ztunnel and waypoints compare them with the peer's
+// SPIFFE ID stripped of it. A principal written as a full SPIFFE ID
+// ("spiffe://cluster.local/ns/a/sa/b", a natural way to name a peer) would
+// otherwise never match — a DENY silently not enforced — so the scheme is
+// removed (in any letter case: the scheme is case-insensitive, the data
+// plane's IDs are lower case). Patterns keep their wildcards
+// ("spiffe://cluster.local/*" becomes "cluster.local/*").
+func principals(ps []string) []string {
+	if ps == nil {
+		return nil
+	}
+	out := make([]string, len(ps))
+	for i, p := range ps {
+		if len(p) >= len(spiffeScheme) && strings.EqualFold(p[:len(spiffeScheme)], spiffeScheme) {
+			p = p[len(spiffeScheme):]
+		}
+		out[i] = p
+	}
+	return out
+}
+
+const spiffeScheme = "spiffe://"
 
 // ports parses port strings; bad ones are recorded and left out.
 func ports(ps []v1alpha1.Port, res *translation) []uint32 {

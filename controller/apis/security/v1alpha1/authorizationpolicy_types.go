@@ -91,7 +91,9 @@ type RuleTo struct {
 // +kubebuilder:validation:XValidation:rule="has(self.principals) || has(self.notPrincipals) || has(self.requestPrincipals) || has(self.notRequestPrincipals) || has(self.namespaces) || has(self.notNamespaces) || has(self.ipBlocks) || has(self.notIpBlocks)",message="a source needs at least one field"
 type Source struct {
 	// Principals are peer identities written without the "spiffe://"
-	// scheme: "<trust-domain>/ns/<namespace>/sa/<service-account>".
+	// scheme: "<trust-domain>/ns/<namespace>/sa/<service-account>". A
+	// leading "spiffe://" is removed (so a full SPIFFE ID matches too),
+	// here, in notPrincipals and in source.principal conditions.
 	// +optional
 	// +listType=atomic
 	// +kubebuilder:validation:MaxItems=256
