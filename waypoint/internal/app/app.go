@@ -337,7 +337,7 @@ func (a *App) handleTunnel(ctx context.Context, r *hbone.Request) (func(net.Conn
 	if a.draining.Load() {
 		return nil, fmt.Errorf("%w: draining", hbone.ErrUnreachable)
 	}
-	fn, err := a.tunnel.Accept(ctx, r.Peer.String(), sourceOf(r), r.Authority)
+	fn, err := a.tunnel.Accept(ctx, r.Peer.String(), sourceOf(r, a.cat.WorkloadByIP), r.Authority)
 	switch {
 	case err == nil:
 		return fn, nil
@@ -350,10 +350,32 @@ func (a *App) handleTunnel(ctx context.Context, r *hbone.Request) (func(net.Conn
 	}
 }
 
-// sourceOf returns the original client address: the "for" parameter of the
-// tunnel's Forwarded header (RFC 7239), else the HBONE peer address.
-func sourceOf(r *hbone.Request) netip.Addr {
-	for _, v := range r.Header.Values("Forwarded") {
+// sourceOf returns the original client address for policy (ipBlocks,
+// source.ip), consistent hashing and telemetry: the HBONE peer address.
+// ztunnel dials the waypoint from inside the source pod's network
+// namespace, so that address already is the client's, and unlike a
+// header it cannot be chosen by the peer. The "for" parameter of the
+// tunnel's Forwarded header (RFC 7239) is used only when it names another
+// address of the very workload that holds the peer address (a dual-stack
+// pod reaching the waypoint over the other family) according to byIP;
+// any other claim — another workload's address, an unknown address, a
+// peer address no workload holds — is ignored.
+func sourceOf(r *hbone.Request, byIP func(netip.Addr) *discoveryv1.Workload) netip.Addr {
+	peer := r.RemoteAddr.Addr().Unmap()
+	fwd, ok := forwardedFor(r.Header)
+	if !ok || fwd == peer || byIP == nil {
+		return peer
+	}
+	pw, fw := byIP(peer), byIP(fwd)
+	if pw == nil || fw == nil || pw.GetUid() == "" || pw.GetUid() != fw.GetUid() {
+		return peer
+	}
+	return fwd
+}
+
+// forwardedFor returns the first "for" address of the Forwarded headers.
+func forwardedFor(h http.Header) (netip.Addr, bool) {
+	for _, v := range h.Values("Forwarded") {
 		for _, elem := range strings.Split(v, ",") {
 			for _, pair := range strings.Split(elem, ";") {
 				k, val, ok := strings.Cut(strings.TrimSpace(pair), "=")
@@ -362,15 +384,16 @@ func sourceOf(r *hbone.Request) netip.Addr {
 				}
 				val = strings.Trim(val, `"`)
 				if ap, err := netip.ParseAddrPort(val); err == nil {
-					return ap.Addr().Unmap()
+					return ap.Addr().Unmap(), true
 				}
 				if ip, err := netip.ParseAddr(strings.Trim(val, "[]")); err == nil {
-					return ip.Unmap()
+					return ip.Unmap(), true
 				}
+				return netip.Addr{}, false
 			}
 		}
 	}
-	return r.RemoteAddr.Addr().Unmap()
+	return netip.Addr{}, false
 }
 
 // Run runs every component until ctx ends, then drains: readiness fails,

@@ -45,8 +45,8 @@ type ConnInfo struct {
 	// Peer is the verified mTLS identity of the HBONE client
 	// ("spiffe://..."); empty when there is none.
 	Peer string
-	// Source is the original client address (from the tunnel's Forwarded
-	// header, else the tunnel peer).
+	// Source is the original client address: the tunnel peer's (see the
+	// waypoint app's sourceOf).
 	Source netip.Addr
 	// Target is the tunnel's :authority, the address the client dialled
 	// (a service VIP and port).
