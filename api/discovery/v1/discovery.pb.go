@@ -36,11 +36,13 @@ const (
 type TunnelProtocol int32
 
 const (
-	// Plain TCP: the workload is not in the mesh (or its redirection is not
-	// enabled yet). ztunnel passes traffic through unencrypted.
+	// Plain TCP: the workload is not in the mesh. ztunnel passes traffic
+	// through unencrypted.
 	TunnelProtocol_TUNNEL_PROTOCOL_NONE TunnelProtocol = 0
-	// HBONE on port 15008: the workload is captured by ztunnel, or speaks HBONE
-	// natively (waypoints).
+	// HBONE on port 15008: the workload is enrolled in the mesh (whether or
+	// not its node agent has reported its capture rules in place yet: a pod
+	// being enrolled refuses connections until it is captured, it never
+	// receives plaintext), or speaks HBONE natively (waypoints).
 	TunnelProtocol_TUNNEL_PROTOCOL_HBONE TunnelProtocol = 1
 )
 

@@ -100,7 +100,13 @@ func (t *translator) podWorkload(pod *corev1.Pod) *pb.Workload {
 		// Waypoints speak HBONE natively.
 		w.TunnelProtocol = pb.TunnelProtocol_TUNNEL_PROTOCOL_HBONE
 		w.WaypointForGateway = wp.key()
-	} else if t.enrolled(pod) && pod.Annotations[label.Redirection] == label.RedirectionEnabled {
+	} else if t.enrolled(pod) {
+		// Enrolled means HBONE, whatever the node agent's redirection
+		// annotation says: peers must never send an enrolled pod
+		// plaintext. A pod whose capture is not in place yet (being
+		// enrolled, or its agent unable to annotate) refuses HBONE
+		// until it is — fail closed — rather than receiving
+		// plaintext.
 		w.TunnelProtocol = pb.TunnelProtocol_TUNNEL_PROTOCOL_HBONE
 	}
 	if wp := t.workloadWaypoint(pod); wp != nil {
