@@ -367,9 +367,9 @@ func (c *conn) writeLoop() {
 	}
 }
 
-// writeDirectLocked writes s's pending data from the calling goroutine
-// while nothing else waits for the socket: it frames the queued control
-// frames and a batch of s.pending and writes them itself instead of waking
+// writeDirectLocked writes s's pending data (and END_STREAM) from the
+// calling goroutine while nothing else waits for the socket: it frames the
+// queued control frames and a batch of s.pending and writes them itself instead of waking
 // the writer goroutine and waiting for it (two goroutine handoffs per Write
 // saved), batch after batch until s.pending is sent, flow control stops it,
 // or another stream queues data (then the writer takes over, round robin).
@@ -383,7 +383,7 @@ func (c *conn) writeDirectLocked(s *Stream) {
 		return
 	}
 	var bp *[]byte
-	for !c.closing && len(s.pending) > 0 && s.sendWindow > 0 && c.sendWindow > 0 &&
+	for !c.closing && s.sendableLocked() && (len(s.pending) == 0 || c.sendWindow > 0) &&
 		(len(c.wq) == 0 || len(c.wq) == 1 && c.wq[0] == s) {
 		if !s.inWQ {
 			s.inWQ = true
@@ -392,24 +392,55 @@ func (c *conn) writeDirectLocked(s *Stream) {
 		if bp == nil {
 			bp = batchPool.Get().(*[]byte)
 		}
-		c.writing = true
-		buf := c.fillLocked((*bp)[:0])
-		c.mu.Unlock()
-		_, err := c.nc.Write(buf)
-		if cap(buf) <= maxBatch+4*maxFrame {
-			*bp = buf[:0]
-		}
-		c.mu.Lock()
-		c.writing = false
-		if err != nil {
-			c.shutdownLocked(fmt.Errorf("%w: write: %w", errConnClosed, err), 0, false)
-		}
+		c.writeBatchLocked(bp)
 	}
 	if bp != nil {
 		batchPool.Put(bp)
 	}
 	if len(c.ctrl) > 0 || len(c.wq) > 0 || c.closing {
 		c.signalLocked()
+	}
+}
+
+// flushCtrlLocked writes the queued control frames (a header block) from
+// the calling goroutine when the socket is free and no stream data waits
+// (the writer would send the control frames first anyway), sparing the
+// writer goroutine's wake-up; otherwise it wakes the writer. As with
+// writeDirectLocked, c.mu is released during the socket write. A write
+// that finds the socket's buffer full waits for it to drain (the peer's
+// read loop drains it unless the peer is gone; keepalive then ends the
+// connection).
+func (c *conn) flushCtrlLocked() {
+	if c.writing || c.closing || len(c.wq) > 0 || len(c.ctrl) == 0 {
+		c.signalLocked()
+		return
+	}
+	bp := batchPool.Get().(*[]byte)
+	c.writeBatchLocked(bp)
+	batchPool.Put(bp)
+	if len(c.ctrl) > 0 || len(c.wq) > 0 || c.closing {
+		c.signalLocked()
+	}
+}
+
+// writeBatchLocked fills a batch in *bp and writes it from the calling
+// goroutine, holding the socket (c.writing) and releasing c.mu meanwhile.
+func (c *conn) writeBatchLocked(bp *[]byte) {
+	c.writing = true
+	buf := c.fillLocked((*bp)[:0])
+	if len(buf) == 0 {
+		c.writing = false
+		return
+	}
+	c.mu.Unlock()
+	_, err := c.nc.Write(buf)
+	if cap(buf) <= maxBatch+4*maxFrame {
+		*bp = buf[:0]
+	}
+	c.mu.Lock()
+	c.writing = false
+	if err != nil {
+		c.shutdownLocked(fmt.Errorf("%w: write: %w", errConnClosed, err), 0, false)
 	}
 }
 
@@ -527,7 +558,8 @@ func (c *conn) enqueueLocked(s *Stream) {
 	}
 }
 
-// writeHeadersLocked queues a header block (HEADERS + CONTINUATION).
+// writeHeadersLocked queues a header block (HEADERS + CONTINUATION); the
+// caller flushes it (flushCtrlLocked).
 func (c *conn) writeHeadersLocked(id uint32, fields []hpack.HeaderField, end bool) {
 	c.hbuf.Reset()
 	for _, f := range fields {
@@ -545,7 +577,6 @@ func (c *conn) writeHeadersLocked(id uint32, fields []hpack.HeaderField, end boo
 			_ = c.wfr.WriteContinuation(id, len(block) == 0, chunk)
 		}
 	}
-	c.signalLocked()
 }
 
 func (c *conn) writeRSTLocked(id uint32, code http2.ErrCode) {
@@ -1054,6 +1085,7 @@ func (c *conn) openStream(ctx context.Context, authority string, header http.Hea
 	s := c.newStreamLocked(c.nextID)
 	c.nextID += 2
 	c.writeHeadersLocked(s.id, fields, false)
+	c.flushCtrlLocked()
 
 	stop := context.AfterFunc(ctx, func() {
 		c.mu.Lock()

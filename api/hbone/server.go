@@ -307,8 +307,10 @@ func (s *Stream) respond(status int) {
 	end := status != http.StatusOK
 	c.writeHeadersLocked(s.id, []hpack.HeaderField{{Name: ":status", Value: strconv.Itoa(status)}}, end)
 	if !end {
+		c.flushCtrlLocked()
 		return
 	}
+	c.signalLocked()
 	s.endSent, s.endQueued = true, true
 	s.closed = true
 	c.consumedLocked(s, s.rbuf.n)

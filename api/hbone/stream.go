@@ -191,8 +191,9 @@ func (s *Stream) Write(p []byte) (int, error) {
 	s.pending = nil
 	s.wbusy = false
 	s.wcond.Broadcast()
-	if s.endQueued {
-		c.enqueueLocked(s) // a CloseWrite waited for this Write
+	if s.endQueued { // a CloseWrite waited for this Write
+		c.writeDirectLocked(s)
+		c.enqueueLocked(s)
 	}
 	return len(p), nil
 }
@@ -213,6 +214,9 @@ func (s *Stream) CloseWrite() error {
 		return s.err
 	}
 	s.endQueued = true
+	if !s.wbusy {
+		c.writeDirectLocked(s)
+	}
 	c.enqueueLocked(s)
 	return nil
 }
@@ -248,6 +252,7 @@ func (s *Stream) closeLocked() {
 		s.endQueued = true
 		s.rstAfterEnd = true
 		s.wbusy = false
+		c.writeDirectLocked(s)
 		c.enqueueLocked(s)
 	case !s.recvEnd:
 		c.resetLocked(s, http2.ErrCodeNo, net.ErrClosed)
