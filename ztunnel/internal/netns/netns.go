@@ -19,6 +19,7 @@ import (
 	"os"
 	"runtime"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -27,10 +28,15 @@ import (
 type Namespace struct {
 	f     *os.File
 	inode uint64
+	// home is the namespace of the process's threads (any thread not
+	// inside Do), where Do returns its thread. Kept open: opening it for
+	// every Do costs more than the two setns calls.
+	home *os.File
 }
 
 // FromFile takes ownership of an open network namespace file (from
-// /proc/<pid>/ns/net, a bind mount, or an SCM_RIGHTS descriptor).
+// /proc/<pid>/ns/net, a bind mount, or an SCM_RIGHTS descriptor). It must
+// not be called from inside Do.
 func FromFile(f *os.File) (*Namespace, error) {
 	var st unix.Stat_t
 	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
@@ -46,7 +52,12 @@ func FromFile(f *os.File) (*Namespace, error) {
 		f.Close()
 		return nil, fmt.Errorf("netns: %s is not a namespace file (fs type %#x)", f.Name(), fs.Type)
 	}
-	return &Namespace{f: f, inode: st.Ino}, nil
+	home, err := os.Open("/proc/thread-self/ns/net")
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("open own netns: %w", err)
+	}
+	return &Namespace{f: f, inode: st.Ino, home: home}, nil
 }
 
 // Open opens a network namespace by path.
@@ -63,29 +74,25 @@ func Open(path string) (*Namespace, error) {
 func (n *Namespace) Inode() uint64 { return n.inode }
 
 // Close closes the namespace file. Sockets opened in it stay usable.
-func (n *Namespace) Close() error { return n.f.Close() }
+func (n *Namespace) Close() error {
+	n.home.Close()
+	return n.f.Close()
+}
 
 // Do runs fn on a locked OS thread inside the namespace. If the thread
-// cannot return to its original namespace it is left locked, so the Go
+// cannot return to the process's namespace it is left locked, so the Go
 // runtime destroys it when fn's goroutine exits.
 func (n *Namespace) Do(fn func() error) error {
 	errc := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
-		orig, err := os.Open(fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid()))
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("open current netns: %w", err)
-			return
-		}
-		defer orig.Close()
 		if err := unix.Setns(int(n.f.Fd()), unix.CLONE_NEWNET); err != nil {
 			runtime.UnlockOSThread()
 			errc <- fmt.Errorf("setns: %w", err)
 			return
 		}
 		ferr := fn()
-		if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err != nil {
+		if err := unix.Setns(int(n.home.Fd()), unix.CLONE_NEWNET); err != nil {
 			// Keep the thread locked: it dies with this goroutine.
 			errc <- errors.Join(ferr, fmt.Errorf("setns back: %w", err))
 			return
@@ -168,27 +175,143 @@ func (n *Namespace) Listen(ctx context.Context, network, addr string, o SockOpts
 // Dial opens a TCP connection from inside the namespace (nil n: the current
 // namespace). A valid local address is bound first (with Transparent, any
 // address, for example the original client's).
+//
+// Only the socket is created on a thread inside the namespace (a socket
+// belongs to the namespace it was created in); binding and connecting
+// happen on the caller's goroutine like any non-blocking connect. Waiting
+// for the connection on the locked thread instead would cost two thread
+// handoffs per dial.
 func (n *Namespace) Dial(ctx context.Context, network, addr string, local netip.Addr, o SockOpts) (net.Conn, error) {
-	d := net.Dialer{Control: o.control}
+	if n == nil {
+		return dialer(local, o).DialContext(ctx, network, addr)
+	}
+	raddr, err := netip.ParseAddrPort(addr)
+	if err != nil || (network != "tcp" && network != "tcp4" && network != "tcp6") {
+		// Names to resolve, other networks: all of it inside.
+		var c net.Conn
+		err := n.Do(func() error {
+			var err error
+			c, err = dialer(local, o).DialContext(ctx, network, addr)
+			return err
+		})
+		return c, err
+	}
+	c, err := n.dialTCP(ctx, network, netip.AddrPortFrom(raddr.Addr().Unmap(), raddr.Port()), local.Unmap(), o)
+	if err != nil {
+		return nil, &net.OpError{Op: "dial", Net: network, Addr: net.TCPAddrFromAddrPort(raddr), Err: err}
+	}
+	return c, nil
+}
+
+func dialer(local netip.Addr, o SockOpts) *net.Dialer {
+	d := &net.Dialer{Control: o.control}
 	if local.IsValid() {
 		d.LocalAddr = &net.TCPAddr{IP: local.AsSlice()}
 	}
-	var c net.Conn
-	dial := func() error {
+	return d
+}
+
+func (n *Namespace) dialTCP(ctx context.Context, network string, raddr netip.AddrPort, local netip.Addr, o SockOpts) (net.Conn, error) {
+	family, sockNet := unix.AF_INET6, "tcp6"
+	if raddr.Addr().Is4() && (!local.IsValid() || local.Is4()) && network != "tcp6" {
+		family, sockNet = unix.AF_INET, "tcp4"
+	}
+	if (network == "tcp4" && family != unix.AF_INET) || (local.IsValid() && local.Is4() != raddr.Addr().Is4()) {
+		return nil, fmt.Errorf("address families of %s and %s do not match %s", local, raddr, network)
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	fd := -1
+	if err := n.Do(func() error {
 		var err error
-		c, err = d.DialContext(ctx, network, addr)
-		return err
+		fd, err = unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
+		return os.NewSyscallError("socket", err)
+	}); err != nil {
+		return nil, err
 	}
-	var err error
-	if n == nil {
-		err = dial()
-	} else {
-		err = n.Do(dial)
-	}
+	f := os.NewFile(uintptr(fd), "tcp") // non-blocking: registered with the runtime poller
+	defer f.Close()                     // FileConn below holds its own descriptor
+	rc, err := f.SyscallConn()
 	if err != nil {
 		return nil, err
 	}
-	return c, nil
+	var cerr error
+	if err := o.control(sockNet, "", rc); err != nil {
+		return nil, err
+	}
+	if err := rc.Control(func(fd uintptr) {
+		if local.IsValid() {
+			if cerr = unix.Bind(int(fd), sockaddr(netip.AddrPortFrom(local, 0))); cerr != nil {
+				cerr = os.NewSyscallError("bind", cerr)
+				return
+			}
+		}
+		cerr = unix.Connect(int(fd), sockaddr(raddr))
+	}); err != nil {
+		return nil, err
+	}
+	switch cerr {
+	case nil:
+	case unix.EINPROGRESS, unix.EALREADY, unix.EINTR:
+		if cerr = waitConnect(ctx, f, rc); cerr != nil {
+			return nil, cerr
+		}
+	default:
+		var errno unix.Errno
+		if errors.As(cerr, &errno) {
+			cerr = os.NewSyscallError("connect", errno)
+		}
+		return nil, cerr
+	}
+	return net.FileConn(f)
+}
+
+// waitConnect waits until the non-blocking connect of f's socket ends,
+// or ctx does.
+func waitConnect(ctx context.Context, f *os.File, rc syscall.RawConn) error {
+	if d, ok := ctx.Deadline(); ok {
+		_ = f.SetWriteDeadline(d)
+	}
+	stop := context.AfterFunc(ctx, func() { _ = f.SetWriteDeadline(time.Unix(1, 0)) })
+	defer stop()
+	var cerr error
+	err := rc.Write(func(fd uintptr) bool {
+		v, err := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ERROR)
+		if err != nil {
+			cerr = os.NewSyscallError("getsockopt", err)
+			return true
+		}
+		switch errno := unix.Errno(v); errno {
+		case 0:
+			// Writable without an error: connected, unless the wake-up
+			// came before the connect ended.
+			_, err := unix.Getpeername(int(fd))
+			return err == nil
+		case unix.EINPROGRESS, unix.EALREADY, unix.EINTR:
+			return false
+		default:
+			cerr = os.NewSyscallError("connect", errno)
+			return true
+		}
+	})
+	if err != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			return context.DeadlineExceeded
+		}
+		return err
+	}
+	return cerr
+}
+
+func sockaddr(ap netip.AddrPort) unix.Sockaddr {
+	if ap.Addr().Is4() {
+		return &unix.SockaddrInet4{Addr: ap.Addr().As4(), Port: int(ap.Port())}
+	}
+	return &unix.SockaddrInet6{Addr: ap.Addr().As16(), Port: int(ap.Port())}
 }
 
 // Mark returns a connection's SO_MARK.

@@ -199,3 +199,67 @@ func TestFromFileRejectsOrdinaryFiles(t *testing.T) {
 func unmap(ap netip.AddrPort) netip.AddrPort {
 	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 }
+
+// TestDialOutcomes: Dial connects from inside the namespace and reports
+// failures the way net.Dial does: refused, a connect that never completes
+// (bounded by the context's deadline), a cancelled context.
+func TestDialOutcomes(t *testing.T) {
+	testnet.RequireRoot(t)
+	ns := testnet.NewNS(t, "ztn-do")
+	h := ns.Open(t)
+	if _, err := exec.LookPath("iptables"); err != nil {
+		t.Skip("needs iptables")
+	}
+	// A black hole: SYNs to 10.88.0.2 are dropped.
+	ns.AddAddr(t, "lo", "10.88.0.1/24")
+	ns.Run(t, "iptables", "-A", "OUTPUT", "-p", "tcp", "-d", "10.88.0.2", "-j", "DROP")
+	ctx := context.Background()
+
+	ln, err := h.Listen(ctx, "tcp", "127.0.0.1:0", netns.SockOpts{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	got := accept(t, ln)
+	c, err := h.Dial(ctx, "tcp", addr, netip.Addr{}, netns.SockOpts{Mark: mark})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := <-got
+	if s == nil {
+		t.Fatal("accept failed")
+	}
+	if c.RemoteAddr().String() != addr || c.LocalAddr().String() != s.RemoteAddr().String() {
+		t.Errorf("addresses: local %s remote %s; the server sees %s at %s", c.LocalAddr(), c.RemoteAddr(), s.RemoteAddr(), addr)
+	}
+	c.Close()
+	s.Close()
+	ln.Close() // now nothing listens there
+
+	_, err = h.Dial(ctx, "tcp", addr, netip.Addr{}, netns.SockOpts{})
+	var oe *net.OpError
+	if !errors.Is(err, syscall.ECONNREFUSED) || !errors.As(err, &oe) || oe.Op != "dial" {
+		t.Errorf("dial to a closed port: %v; want a dial OpError with ECONNREFUSED", err)
+	}
+
+	tctx, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	_, err = h.Dial(tctx, "tcp", "10.88.0.2:80", netip.Addr{}, netns.SockOpts{})
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("dial into a black hole: %v; want the context's deadline", err)
+	}
+	if d := time.Since(start); d < 150*time.Millisecond || d > 2*time.Second {
+		t.Errorf("dial into a black hole returned after %v; want about 200ms", d)
+	}
+
+	cctx, cancel2 := context.WithCancel(ctx)
+	time.AfterFunc(100*time.Millisecond, cancel2)
+	_, err = h.Dial(cctx, "tcp", "10.88.0.2:80", netip.Addr{}, netns.SockOpts{})
+	if !errors.Is(err, context.Canceled) {
+		t.Errorf("cancelled dial: %v; want context.Canceled", err)
+	}
+	if _, err := h.Dial(cctx, "tcp", addr, netip.Addr{}, netns.SockOpts{}); !errors.Is(err, context.Canceled) {
+		t.Errorf("dial with a done context: %v; want context.Canceled", err)
+	}
+}
