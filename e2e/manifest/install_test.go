@@ -180,7 +180,11 @@ func checkRBAC(ctx context.Context, t *testing.T, cs kubernetes.Interface) {
 			{verb: "get", resource: "secrets", namespace: "kube-system"},
 			{verb: "delete", resource: "pods", namespace: "bookinfo"},
 			{verb: "update", group: "gateway.networking.k8s.io", resource: "gateways", namespace: "bookinfo"},
-			{verb: "delete", resource: "configmaps", namespace: "bookinfo"},
+			// It removes the amesh-root-cert ConfigMaps it published where no
+			// longer needed (only its own: labelled, with preconditions).
+			{verb: "delete", resource: "configmaps", namespace: "bookinfo", allowed: true},
+			{verb: "delete", resource: "secrets", namespace: "bookinfo"},
+			{verb: "delete", resource: "services", namespace: "bookinfo", allowed: true},
 			{verb: "create", group: "rbac.authorization.k8s.io", resource: "rolebindings", namespace: "bookinfo"},
 			{verb: "impersonate", resource: "serviceaccounts"},
 		},
