@@ -5,7 +5,7 @@ set -euo pipefail
 pkgs=(
   iptables nftables iproute2 conntrack     # capture rules and node networking
   containernetworking-plugins              # reference CNI plugins (bridge, host-local, loopback)
-  protobuf-compiler                        # protoc for `make generate` / verify
+  protobuf-compiler libprotobuf-dev        # protoc and the well-known .proto files (google/protobuf/*) for `make generate` / verify
   curl nghttp2-client wrk iperf3 nginx-light tcpdump  # real clients, load, baselines, captures
 )
 missing=()
