@@ -290,13 +290,15 @@ func (s *Store) Apply(typeURL string, upserts []Resource, removes []string) erro
 		}
 		s.mu.Lock()
 		defer s.mu.Unlock()
+		dirty := map[string][]*Workload{}
 		for _, n := range removes {
-			s.removeWorkloadLocked(n)
+			s.removeWorkloadLocked(n, dirty)
 		}
 		for _, w := range ws {
-			s.removeWorkloadLocked(w.Name)
-			s.addWorkloadLocked(w)
+			s.removeWorkloadLocked(w.Name, dirty)
+			s.addWorkloadLocked(w, dirty)
 		}
+		s.rebuildEndpointsLocked(dirty)
 	case discoveryv1.ServiceType:
 		ss := make([]*Service, 0, len(upserts))
 		for _, r := range upserts {
@@ -380,19 +382,22 @@ func (s *Store) Apply(typeURL string, upserts []Resource, removes []string) erro
 	return nil
 }
 
-func (s *Store) addWorkloadLocked(w *Workload) {
+// addWorkloadLocked indexes w. It records w under the services it is an
+// endpoint of in dirty; rebuildEndpointsLocked then publishes their new
+// lists.
+func (s *Store) addWorkloadLocked(w *Workload, dirty map[string][]*Workload) {
 	s.workloads[w.Name] = w
 	for _, a := range w.Addrs {
 		s.byIP[a] = append(s.byIP[a], w)
 	}
 	for svc := range w.Services {
-		eps := s.endpoints[svc]
-		i := sort.Search(len(eps), func(i int) bool { return eps[i].Name >= w.Name })
-		s.endpoints[svc] = slices.Insert(eps, i, w)
+		dirty[svc] = append(dirty[svc], w)
 	}
 }
 
-func (s *Store) removeWorkloadLocked(name string) {
+// removeWorkloadLocked unindexes a workload; the services it was an
+// endpoint of become dirty.
+func (s *Store) removeWorkloadLocked(name string, dirty map[string][]*Workload) {
 	w, ok := s.workloads[name]
 	if !ok {
 		return
@@ -407,13 +412,39 @@ func (s *Store) removeWorkloadLocked(name string) {
 		}
 	}
 	for svc := range w.Services {
-		// Copy on write: callers may hold the old slice.
-		l := slices.DeleteFunc(slices.Clone(s.endpoints[svc]), func(x *Workload) bool { return x.Name == name })
+		if _, ok := dirty[svc]; !ok {
+			dirty[svc] = nil
+		}
+	}
+}
+
+// rebuildEndpointsLocked recomputes the endpoint lists of the dirty
+// services once per update. A published list is never modified (Endpoints
+// and WaypointWorkloads hand it out, and the router iterates it without the
+// lock): each dirty service gets a fresh slice of its endpoints that are
+// still current, plus the workloads added to it (dirty maps each service
+// to them), sorted by name.
+func (s *Store) rebuildEndpointsLocked(dirty map[string][]*Workload) {
+	current := func(w *Workload) bool { return s.workloads[w.Name] == w }
+	for svc, added := range dirty {
+		old := s.endpoints[svc]
+		l := make([]*Workload, 0, len(old)+len(added))
+		for _, w := range old {
+			if current(w) {
+				l = append(l, w)
+			}
+		}
+		for _, w := range added {
+			if current(w) {
+				l = append(l, w)
+			}
+		}
 		if len(l) == 0 {
 			delete(s.endpoints, svc)
-		} else {
-			s.endpoints[svc] = l
+			continue
 		}
+		slices.SortFunc(l, func(a, b *Workload) int { return strings.Compare(a.Name, b.Name) })
+		s.endpoints[svc] = l
 	}
 }
 

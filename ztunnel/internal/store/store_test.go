@@ -8,8 +8,11 @@ import (
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"math/big"
 	"net/netip"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -319,4 +322,66 @@ func FuzzApply(f *testing.F) {
 			t.Fatal(err)
 		}
 	})
+}
+
+// TestEndpointsImmutable: the endpoint lists the store hands out (to the
+// router, which iterates them without the store's lock) never change
+// afterwards, whatever is added or removed — checked both directly and,
+// under -race, while another goroutine reads them.
+func TestEndpointsImmutable(t *testing.T) {
+	const svc = "default/echo.default.svc.cluster.local"
+	member := map[string]*discoveryv1.PortList{svc: ports(80, 8080)}
+	s := New("cluster.local")
+	// Room to grow in place: 6 endpoints (a backing array of 8), then more
+	// inserted in front.
+	var rs []Resource
+	for i := range 6 {
+		n := fmt.Sprintf("w-%03d", 100+i)
+		rs = append(rs, Resource{Name: n, Body: wl(n, "default", "echo", fmt.Sprintf("10.0.0.%d", 100+i), member)})
+	}
+	mustApply(t, s, discoveryv1.WorkloadType, rs, nil)
+
+	held := s.Endpoints(svc)
+	want := names(held)
+	wp := &discoveryv1.GatewayAddress{Service: svc}
+	heldWP := s.WaypointWorkloads(wp)
+
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			for _, l := range [][]*Workload{s.Endpoints(svc), s.WaypointWorkloads(wp)} {
+				for _, w := range l {
+					_ = w.Name
+				}
+			}
+		}
+	}()
+	for i := range 100 {
+		n := fmt.Sprintf("w-%03d", 99-i) // sorts before every existing one
+		mustApply(t, s, discoveryv1.WorkloadType, []Resource{{Name: n, Body: wl(n, "default", "echo", fmt.Sprintf("10.0.1.%d", i), member)}}, nil)
+		if i%10 == 0 {
+			mustApply(t, s, discoveryv1.WorkloadType, nil, []string{n})
+		}
+	}
+	close(stop)
+	<-done
+	if got := names(held); !slices.Equal(got, want) {
+		t.Fatalf("an endpoint list handed out earlier changed: %v, was %v", got, want)
+	}
+	if got := names(heldWP); !slices.Equal(got, want) {
+		t.Fatalf("a waypoint list handed out earlier changed: %v, was %v", got, want)
+	}
+	if got := len(s.Endpoints(svc)); got != 6+90 {
+		t.Fatalf("%d endpoints, want %d", got, 6+90)
+	}
+	if eps := s.Endpoints(svc); !slices.IsSortedFunc(eps, func(a, b *Workload) int { return strings.Compare(a.Name, b.Name) }) {
+		t.Fatalf("endpoints not sorted: %v", names(eps))
+	}
 }
