@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"maps"
 	"math/rand/v2"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -27,8 +29,46 @@ type Handler interface {
 	// resources, Body decoded; Scope empty) and removes (names the client
 	// held). It is called from Client.Run's goroutine, one response at a
 	// time. An error NACKs the response; the client's state (and, the
-	// handler must ensure, its own) stays as before.
+	// handler must ensure, its own) stays as before — unless the error is
+	// (or wraps) a *RejectedError: then the handler applied everything but
+	// the upserts it names, and the response is NACKed with their names.
 	Apply(typeURL string, upserts []*Resource, removes []string) error
+}
+
+// RejectedError is returned by a Handler that applied a response except
+// some of its upserts: the removes and every other upsert took effect. The
+// client then holds the applied upserts at their new version and keeps
+// holding the rejected names — at the version it held before, or at none
+// (an empty version) — because the handler may keep something in their
+// place (the previous version, or a fail-closed stand-in): a later removal
+// of one of them must still reach the handler, and a reconnection asks
+// for them again.
+type RejectedError struct {
+	// Rejected maps the name of each upsert that was not applied as sent
+	// to the reason.
+	Rejected map[string]error
+}
+
+// maxRejectedListed bounds how many rejected resources an error message
+// (and so a NACK's error detail) names.
+const maxRejectedListed = 10
+
+// Error names the rejected resources, sorted, with their reasons.
+func (e *RejectedError) Error() string {
+	names := slices.Sorted(maps.Keys(e.Rejected))
+	var b strings.Builder
+	fmt.Fprintf(&b, "%d resources rejected: ", len(names))
+	for i, n := range names {
+		if i == maxRejectedListed {
+			fmt.Fprintf(&b, "; and %d more", len(names)-i)
+			break
+		}
+		if i > 0 {
+			b.WriteString("; ")
+		}
+		fmt.Fprintf(&b, "%s: %v", n, e.Rejected[n])
+	}
+	return b.String()
 }
 
 // HandlerFunc adapts a function to Handler.
@@ -235,7 +275,8 @@ func (c *Client) session(ctx context.Context) (progressed bool, err error) {
 	}
 }
 
-// apply decodes and applies one response; on error nothing changes.
+// apply decodes and applies one response; on error nothing changes, except
+// for a *RejectedError from the handler (see there).
 func (c *Client) apply(resp *discoveryv3.DeltaDiscoveryResponse) error {
 	typeURL := resp.GetTypeUrl()
 	c.mu.Lock()
@@ -283,19 +324,29 @@ func (c *Client) apply(resp *discoveryv3.DeltaDiscoveryResponse) error {
 			removes = append(removes, n)
 		}
 	}
-	if err := c.opts.Handler.Apply(typeURL, upserts, removes); err != nil {
+	err := c.opts.Handler.Apply(typeURL, upserts, removes)
+	var rej *RejectedError
+	if err != nil && !errors.As(err, &rej) {
 		return err
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	m := c.state[typeURL]
 	for _, r := range upserts {
+		if rej != nil {
+			if _, bad := rej.Rejected[r.Name]; bad {
+				if _, ok := m[r.Name]; !ok {
+					m[r.Name] = "" // held, at no version the server has
+				}
+				continue
+			}
+		}
 		m[r.Name] = r.Version
 	}
 	for _, n := range removes {
 		delete(m, n)
 	}
-	return nil
+	return err
 }
 
 // handled records that resp was applied (aerr nil) or rejected, and marks

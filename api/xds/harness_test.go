@@ -199,10 +199,13 @@ func dial(t testing.TB, p *pki, addr, token string) *grpc.ClientConn {
 
 // store is a Handler that keeps what it was given and every call.
 type store struct {
-	mu      sync.Mutex
-	res     map[string]map[string]*xds.Resource
-	calls   []call
-	reject  func(typeURL string, r *xds.Resource) error
+	mu     sync.Mutex
+	res    map[string]map[string]*xds.Resource
+	calls  []call
+	reject func(typeURL string, r *xds.Resource) error
+	// partial: apply the resources reject accepts and report the others
+	// in an *xds.RejectedError, instead of rejecting the whole response.
+	partial bool
 	changed chan struct{}
 }
 
@@ -220,14 +223,25 @@ func (s *store) Apply(typeURL string, upserts []*xds.Resource, removes []string)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	c := call{typeURL: typeURL, removes: slices.Clone(removes)}
+	var rejected map[string]error
+	kept := upserts[:0:0]
 	for _, r := range upserts {
 		if s.reject != nil {
 			if err := s.reject(typeURL, r); err != nil {
-				return err
+				if !s.partial {
+					return err
+				}
+				if rejected == nil {
+					rejected = map[string]error{}
+				}
+				rejected[r.Name] = err
+				continue
 			}
 		}
+		kept = append(kept, r)
 		c.upserts = append(c.upserts, r.Name+"@"+r.Version)
 	}
+	upserts = kept
 	s.calls = append(s.calls, c)
 	m := s.res[typeURL]
 	if m == nil {
@@ -243,6 +257,9 @@ func (s *store) Apply(typeURL string, upserts []*xds.Resource, removes []string)
 	select {
 	case s.changed <- struct{}{}:
 	default:
+	}
+	if rejected != nil {
+		return &xds.RejectedError{Rejected: rejected}
 	}
 	return nil
 }

@@ -2,7 +2,9 @@ package xds_test
 
 import (
 	"errors"
+	"fmt"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -140,5 +142,76 @@ func TestNACKedVersionAfterReconnect(t *testing.T) {
 	}
 	if v := c.Versions(wlType); v["w1"] != good || len(v) != 1 {
 		t.Errorf("client holds %v, want w1@%s", v, good)
+	}
+}
+
+// TestPartialRejection: a Handler that applies a response except some of
+// its resources (an *xds.RejectedError) NACKs it, and the client holds
+// what was applied at its version and the rejected names too (at the
+// version held before, or none), so that a later removal of any of them
+// still reaches the Handler — the Handler may hold something in their
+// place — and a reconnection asks for the rejected ones again.
+func TestPartialRejection(t *testing.T) {
+	p, auth := newPKI(t), newAuthenticator()
+	reg := prometheus.NewRegistry()
+	srv := newServer(t, p, auth, reg)
+	must(t, srv.Set(wlType, []*xds.Resource{wl("w1", ""), wl("w2", "", "poison"), wl("w3", "")}))
+	st := rejectPoison(newStore())
+	st.partial = true
+	c := runClientOpts(t, xds.ClientOptions{Conn: dial(t, p, srv.addr, "z"), TypeURLs: []string{wlType}, Handler: st})
+	waitSynced(t, c)
+	if got := st.names(wlType); !slices.Equal(got, []string{"w1", "w3"}) {
+		t.Fatalf("handler holds %v, want [w1 w3]", got)
+	}
+	eventually(t, "the NACK", func() bool { return metricValue(t, reg, "amesh_xds_nacks_total") == 1 })
+	v := c.Versions(wlType)
+	if v["w1"] == "" || v["w3"] == "" {
+		t.Errorf("applied resources not held at their version: %v", v)
+	}
+	if got, ok := v["w2"]; !ok || got != "" {
+		t.Errorf("rejected new resource held as %q (present %v), want held without a version", got, ok)
+	}
+
+	// A rejected update of a held resource keeps the held version.
+	good := v["w1"]
+	must(t, srv.Update(wlType, []*xds.Resource{wl("w1", "", "poison")}, nil))
+	eventually(t, "the second NACK", func() bool { return metricValue(t, reg, "amesh_xds_nacks_total") == 2 })
+	if got := c.Versions(wlType)["w1"]; got != good {
+		t.Errorf("w1 held at %q after a rejected update, want %q", got, good)
+	}
+
+	// Removing the rejected resources reaches the handler.
+	n := st.ncalls()
+	must(t, srv.Update(wlType, nil, []string{"w1", "w2"}))
+	eventually(t, "the removals", func() bool {
+		for _, cl := range st.callsSince(n) {
+			if slices.Equal(slices.Sorted(slices.Values(cl.removes)), []string{"w1", "w2"}) {
+				return true
+			}
+		}
+		return false
+	})
+	if got := st.names(wlType); !slices.Equal(got, []string{"w3"}) {
+		t.Errorf("handler holds %v, want [w3]", got)
+	}
+	if v := c.Versions(wlType); len(v) != 1 || v["w3"] == "" {
+		t.Errorf("client holds %v, want only w3", v)
+	}
+}
+
+// TestRejectedErrorMessage: the NACK detail names the rejected resources,
+// sorted, and stays short when there are many.
+func TestRejectedErrorMessage(t *testing.T) {
+	e := &xds.RejectedError{Rejected: map[string]error{"b": errors.New("bad port"), "a": errors.New("bad cidr")}}
+	if got, want := e.Error(), "2 resources rejected: a: bad cidr; b: bad port"; got != want {
+		t.Errorf("Error() = %q, want %q", got, want)
+	}
+	many := &xds.RejectedError{Rejected: map[string]error{}}
+	for i := range 100 {
+		many.Rejected[fmt.Sprintf("r%03d", i)] = errors.New("bad")
+	}
+	msg := many.Error()
+	if !strings.HasPrefix(msg, "100 resources rejected: r000: bad; ") || !strings.HasSuffix(msg, "; and 90 more") {
+		t.Errorf("Error() = %q", msg)
 	}
 }

@@ -18,7 +18,9 @@
 // what each stream holds while gRPC sends it.
 //
 // Client subscribes (wildcard) to a list of type URLs, hands every response
-// to a Handler (an error NACKs it and keeps the old state), reconnects with
+// to a Handler (an error NACKs it and keeps the old state; a RejectedError
+// NACKs it with the names of the resources the handler could not apply and
+// keeps the rest), reconnects with
 // jittered exponential backoff, resumes with the versions it holds, and
 // keeps its state while disconnected. It is Synced once every type had a
 // whole first push handled (the last response of a split push), applied
