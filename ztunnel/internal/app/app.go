@@ -169,13 +169,19 @@ func Run(ctx context.Context, cfg config.Config, log *zap.Logger) error {
 	return g.Wait()
 }
 
-// apply feeds one discovery response into the store.
+// apply feeds one discovery response into the store. Resources the store
+// rejects are reported to the discovery client as such (it NACKs naming
+// them and keeps track of the rest, which the store applied).
 func apply(st *store.Store, typeURL string, ups []*xds.Resource, rm []string) error {
 	rs := make([]store.Resource, len(ups))
 	for i, u := range ups {
 		rs[i] = store.Resource{Name: u.Name, Body: u.Body}
 	}
-	return st.Apply(typeURL, rs, rm)
+	err := st.Apply(typeURL, rs, rm)
+	if rej, ok := errors.AsType[*store.RejectedError](err); ok {
+		return &xds.RejectedError{Rejected: rej.Rejected}
+	}
+	return err
 }
 
 // followBundles keeps the HBONE trust bundle equal to the roots published
@@ -238,6 +244,6 @@ func dump(st *store.Store, certs *identity.Store, px *proxy.Proxy, synced bool) 
 		"pods":      px.Dump(),
 		"workloads": protoList(d.Workloads), "services": protoList(d.Services),
 		"authorizations": protoList(d.Authorizations), "trustBundles": d.TrustBundles,
-		"endpoints": d.Endpoints, "certificates": certs.Snapshot(),
+		"endpoints": d.Endpoints, "rejected": d.Rejected, "certificates": certs.Snapshot(),
 	}
 }

@@ -322,6 +322,13 @@ func compileRule(r *discoveryv1.Rule) (rule, error) {
 	return out, nil
 }
 
+// DenyAll returns a DENY policy with one empty rule: it matches, and so
+// denies, every connection to the workloads its scope selects. It stands
+// in for a policy that could not be compiled.
+func DenyAll(name, namespace string, scope discoveryv1.Authorization_Scope) *Policy {
+	return &Policy{Name: name, Namespace: namespace, Scope: scope, Deny: true, rules: []rule{{}}}
+}
+
 // Rules reports how many rules the policy has.
 func (p *Policy) Rules() int { return len(p.rules) }
 

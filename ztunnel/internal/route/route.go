@@ -3,7 +3,8 @@
 // a service VIP, then as a workload IP; a bound waypoint takes the traffic
 // over HBONE; otherwise an endpoint is picked round robin, reached over
 // HBONE when it is captured and in plain TCP when not. Destinations the
-// mesh does not know pass through unchanged.
+// mesh does not know pass through unchanged; those that only rejected
+// discovery data claims are refused.
 package route
 
 import (
@@ -30,6 +31,10 @@ var (
 	ErrNoWaypoint = errors.New("no usable waypoint")
 	ErrNoPort     = errors.New("service has no such port")
 	ErrNoIdentity = errors.New("destination has no identity")
+	// ErrRejected: the destination is claimed only by discovery data that
+	// failed validation; it may well be in the mesh, so it is refused
+	// rather than passed through in plaintext.
+	ErrRejected = errors.New("destination's discovery data was rejected")
 )
 
 // Kind is how a connection is forwarded.
@@ -122,6 +127,9 @@ func (r *Router) Outbound(src Source, dst netip.AddrPort) (Plan, error) {
 			return Plan{}, err
 		}
 		return Plan{Targets: []Target{t}}, nil
+	}
+	if name, ok := r.store.Blocked(dst.Addr()); ok {
+		return Plan{}, fmt.Errorf("%w: %s claims %s", ErrRejected, name, dst.Addr())
 	}
 	return Plan{Targets: []Target{{Kind: Passthrough, Authority: dst}}}, nil
 }

@@ -256,3 +256,33 @@ func TestWaypointIdentities(t *testing.T) {
 		t.Fatalf("Waypoints(b2) = %v, want none", ids)
 	}
 }
+
+// TestRejectedDestination: an address that only rejected discovery data
+// claims is refused, never passed through in plaintext; a valid workload
+// claiming it decides as usual.
+func TestRejectedDestination(t *testing.T) {
+	bad := workload("bad", "10.0.0.7", captured)
+	bad.Body.(*discoveryv1.Workload).Services = map[string]*discoveryv1.PortList{echoSvc: {Ports: []*discoveryv1.Port{{ServicePort: 0}}}}
+	s := store.New("cluster.local")
+	if err := s.Apply(discoveryv1.WorkloadType, []store.Resource{bad, workload("ok", "10.0.0.8", captured)}, nil); err == nil {
+		t.Fatal("invalid workload accepted")
+	}
+	r := New(s)
+	if p, err := r.Outbound(Source{}, netip.MustParseAddrPort("10.0.0.7:8080")); !errors.Is(err, ErrRejected) {
+		t.Fatalf("to a rejected workload's address: plan %s, error %v; want ErrRejected", render(p), err)
+	}
+	if p, err := r.Outbound(Source{}, netip.MustParseAddrPort("10.0.0.8:8080")); err != nil || p.Targets[0].Kind != HBONE {
+		t.Fatalf("to the valid workload of the same response: plan %s, error %v", render(p), err)
+	}
+	// A valid workload taking the address decides.
+	if err := s.Apply(discoveryv1.WorkloadType, []store.Resource{workload("other", "10.0.0.7", captured)}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if p, err := r.Outbound(Source{}, netip.MustParseAddrPort("10.0.0.7:8080")); err != nil || p.Targets[0].Identity.String() != "spiffe://cluster.local/ns/default/sa/other" {
+		t.Fatalf("to a valid workload sharing the address: plan %s, error %v", render(p), err)
+	}
+	// Unknown addresses still pass through.
+	if p, err := r.Outbound(Source{}, netip.MustParseAddrPort("10.0.0.99:8080")); err != nil || p.Targets[0].Kind != Passthrough {
+		t.Fatalf("to an unknown address: plan %s, error %v", render(p), err)
+	}
+}

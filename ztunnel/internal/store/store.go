@@ -1,8 +1,9 @@
 // Package store holds ztunnel's view of the mesh: the workloads, services,
 // authorization policies and trust bundles streamed by the controller,
 // indexed by workload IP and by service VIP, and updated incrementally from
-// delta discovery responses. An update that fails validation changes
-// nothing (the discovery client NACKs it).
+// delta discovery responses. Each resource is validated on its own; one
+// that fails is reported (the discovery client NACKs the response naming
+// it) and handled fail-closed, while the others apply (see Store.Apply).
 package store
 
 import (
@@ -10,6 +11,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"sort"
@@ -98,8 +100,13 @@ type Store struct {
 	policies    map[string]*authz.Policy
 	rawPolicies map[string]*discoveryv1.Authorization
 	bundles     map[string]*Bundle
-	changed     chan struct{}
-	version     uint64
+	// rejected holds, by type URL and name, the resources whose last
+	// version failed validation; blocked indexes the addresses claimed by
+	// rejected workloads and services ("workload <name>", "service <name>").
+	rejected map[string]map[string]*rejection
+	blocked  map[netip.Addr]map[string]struct{}
+	changed  chan struct{}
+	version  uint64
 }
 
 // Bundle is a trust domain's roots.
@@ -121,6 +128,8 @@ func New(trustDomain string) *Store {
 		policies:    map[string]*authz.Policy{},
 		rawPolicies: map[string]*discoveryv1.Authorization{},
 		bundles:     map[string]*Bundle{},
+		rejected:    map[string]map[string]*rejection{},
+		blocked:     map[netip.Addr]map[string]struct{}{},
 		changed:     make(chan struct{}),
 	}
 }
@@ -270,21 +279,77 @@ func compileBundle(name string, b *discoveryv1.TrustBundle) (*Bundle, error) {
 	return out, nil
 }
 
-// Apply applies one delta update of typeURL: upserts replace resources by
-// name, removes delete them (unknown names are ignored). Every upsert is
-// validated first; on error nothing changes.
+// RejectedError lists the resources of an update that failed validation
+// (each reason wraps ErrInvalid). Everything else in the update was
+// applied. It wraps ErrInvalid.
+type RejectedError struct {
+	Rejected map[string]error
+}
+
+func (e *RejectedError) Error() string {
+	names := sortedKeys(e.Rejected)
+	msgs := make([]string, 0, min(len(names), 10))
+	for i, n := range names {
+		if i == 10 {
+			msgs = append(msgs, fmt.Sprintf("and %d more", len(names)-i))
+			break
+		}
+		msgs = append(msgs, e.Rejected[n].Error())
+	}
+	return fmt.Sprintf("%d of the update's resources rejected: %s", len(names), strings.Join(msgs, "; "))
+}
+
+func (e *RejectedError) Unwrap() error { return ErrInvalid }
+
+// rejection is the last version of a resource that failed validation.
+type rejection struct {
+	err error
+	// addrs are the addresses a rejected workload or service claims (those
+	// that parse): they are blocked (see Blocked).
+	addrs []netip.Addr
+	// standIn: a rejected authorization is replaced by a policy denying
+	// everything it might select (there was no valid version to keep).
+	standIn bool
+}
+
+// Apply applies one delta update of typeURL: removes delete resources by
+// name (unknown names are ignored) and upserts replace them. Each upsert is
+// validated on its own: the valid ones are applied, and the invalid ones
+// are reported in a *RejectedError and handled so that access never
+// widens (fail closed):
+//
+//   - a workload or service keeps its previous valid version if it had
+//     one; in any case the addresses the rejected version claims (those
+//     that parse) are blocked: a connection to an address that no valid
+//     workload or service claims, but a rejected one does, is refused
+//     instead of passing through in plaintext;
+//   - an authorization keeps its previous valid version if it had one;
+//     otherwise a stand-in denies all traffic to the workloads it selects
+//     (by its scope, namespace and name; everything when its scope is not
+//     known), whether it was an ALLOW or a DENY policy;
+//   - a trust bundle keeps its previous version (without one, peers of
+//     that trust domain cannot be verified anyway).
+//
+// A later valid version or a removal lifts the rejection.
 func (s *Store) Apply(typeURL string, upserts []Resource, removes []string) error {
+	rejected := map[string]error{}
 	switch typeURL {
 	case discoveryv1.WorkloadType:
 		ws := make([]*Workload, 0, len(upserts))
+		bad := map[string]*rejection{}
 		for _, r := range upserts {
 			w, ok := r.Body.(*discoveryv1.Workload)
+			var cw *Workload
+			var err error
 			if !ok {
-				return fmt.Errorf("%w: %s: body is %T", ErrInvalid, r.Name, r.Body)
+				err = fmt.Errorf("%w: workload %s: body is %T", ErrInvalid, r.Name, r.Body)
+			} else {
+				cw, err = s.compileWorkload(r.Name, w)
 			}
-			cw, err := s.compileWorkload(r.Name, w)
 			if err != nil {
-				return err
+				rejected[r.Name] = err
+				bad[r.Name] = &rejection{err: err, addrs: parseableAddrs(w.GetAddresses())}
+				continue
 			}
 			ws = append(ws, cw)
 		}
@@ -293,22 +358,33 @@ func (s *Store) Apply(typeURL string, upserts []Resource, removes []string) erro
 		dirty := map[string][]*Workload{}
 		for _, n := range removes {
 			s.removeWorkloadLocked(n, dirty)
+			s.unrejectLocked(typeURL, n)
 		}
 		for _, w := range ws {
 			s.removeWorkloadLocked(w.Name, dirty)
 			s.addWorkloadLocked(w, dirty)
+			s.unrejectLocked(typeURL, w.Name)
+		}
+		for n, rj := range bad {
+			s.rejectLocked(typeURL, n, rj)
 		}
 		s.rebuildEndpointsLocked(dirty)
 	case discoveryv1.ServiceType:
 		ss := make([]*Service, 0, len(upserts))
+		bad := map[string]*rejection{}
 		for _, r := range upserts {
 			sv, ok := r.Body.(*discoveryv1.Service)
+			var cs *Service
+			var err error
 			if !ok {
-				return fmt.Errorf("%w: %s: body is %T", ErrInvalid, r.Name, r.Body)
+				err = fmt.Errorf("%w: service %s: body is %T", ErrInvalid, r.Name, r.Body)
+			} else {
+				cs, err = compileService(r.Name, sv)
 			}
-			cs, err := compileService(r.Name, sv)
 			if err != nil {
-				return err
+				rejected[r.Name] = err
+				bad[r.Name] = &rejection{err: err, addrs: parseableAddrs(sv.GetAddresses())}
+				continue
 			}
 			ss = append(ss, cs)
 		}
@@ -316,6 +392,7 @@ func (s *Store) Apply(typeURL string, upserts []Resource, removes []string) erro
 		defer s.mu.Unlock()
 		for _, n := range removes {
 			s.removeServiceLocked(n)
+			s.unrejectLocked(typeURL, n)
 		}
 		for _, sv := range ss {
 			s.removeServiceLocked(sv.Name)
@@ -323,21 +400,33 @@ func (s *Store) Apply(typeURL string, upserts []Resource, removes []string) erro
 			for _, a := range sv.Addrs {
 				s.byVIP[a] = sv
 			}
+			s.unrejectLocked(typeURL, sv.Name)
+		}
+		for n, rj := range bad {
+			s.rejectLocked(typeURL, n, rj)
 		}
 	case discoveryv1.AuthorizationType:
 		ps := make([]*authz.Policy, 0, len(upserts))
 		raws := make([]*discoveryv1.Authorization, 0, len(upserts))
+		bad := map[string]*discoveryv1.Authorization{}
 		for _, r := range upserts {
 			a, ok := r.Body.(*discoveryv1.Authorization)
-			if !ok {
-				return fmt.Errorf("%w: %s: body is %T", ErrInvalid, r.Name, r.Body)
+			var p *authz.Policy
+			var err error
+			switch {
+			case !ok:
+				err = fmt.Errorf("%w: authorization %s: body is %T", ErrInvalid, r.Name, r.Body)
+			default:
+				if p, err = authz.Compile(a); err != nil {
+					err = fmt.Errorf("%w: authorization %s: %w", ErrInvalid, r.Name, err)
+				} else if p.Name != r.Name {
+					err = fmt.Errorf("%w: authorization %s is named %s", ErrInvalid, r.Name, p.Name)
+				}
 			}
-			p, err := authz.Compile(a)
 			if err != nil {
-				return fmt.Errorf("%w: %w", ErrInvalid, err)
-			}
-			if p.Name != r.Name {
-				return fmt.Errorf("%w: authorization %s is named %s", ErrInvalid, r.Name, p.Name)
+				rejected[r.Name] = err
+				bad[r.Name] = a
+				continue
 			}
 			ps = append(ps, p)
 			raws = append(raws, a)
@@ -347,31 +436,56 @@ func (s *Store) Apply(typeURL string, upserts []Resource, removes []string) erro
 		for _, n := range removes {
 			delete(s.policies, n)
 			delete(s.rawPolicies, n)
+			s.unrejectLocked(typeURL, n)
 		}
 		for i, p := range ps {
 			s.policies[p.Name] = p
 			s.rawPolicies[p.Name] = raws[i]
+			s.unrejectLocked(typeURL, p.Name)
+		}
+		for n, a := range bad {
+			rj := &rejection{err: rejected[n]}
+			prev := s.rejected[typeURL][n]
+			if _, held := s.policies[n]; !held || (prev != nil && prev.standIn) {
+				// Nothing valid to keep: deny what it might select.
+				p, raw := standIn(n, a)
+				s.policies[n] = p
+				s.rawPolicies[n] = raw
+				rj.standIn = true
+			}
+			s.rejectLocked(typeURL, n, rj)
 		}
 	case discoveryv1.TrustBundleType:
 		bs := make([]*Bundle, 0, len(upserts))
+		names := make([]string, 0, len(upserts))
 		for _, r := range upserts {
 			b, ok := r.Body.(*discoveryv1.TrustBundle)
+			var cb *Bundle
+			var err error
 			if !ok {
-				return fmt.Errorf("%w: %s: body is %T", ErrInvalid, r.Name, r.Body)
+				err = fmt.Errorf("%w: trust bundle %s: body is %T", ErrInvalid, r.Name, r.Body)
+			} else {
+				cb, err = compileBundle(r.Name, b)
 			}
-			cb, err := compileBundle(r.Name, b)
 			if err != nil {
-				return err
+				rejected[r.Name] = err
+				continue
 			}
 			bs = append(bs, cb)
+			names = append(names, r.Name)
 		}
 		s.mu.Lock()
 		defer s.mu.Unlock()
 		for _, n := range removes {
 			delete(s.bundles, n)
+			s.unrejectLocked(typeURL, n)
 		}
 		for i, b := range bs {
-			s.bundles[upserts[i].Name] = b
+			s.bundles[names[i]] = b
+			s.unrejectLocked(typeURL, names[i])
+		}
+		for n, err := range rejected {
+			s.rejectLocked(typeURL, n, &rejection{err: err})
 		}
 	default:
 		return fmt.Errorf("%w: %s", ErrUnknownType, typeURL)
@@ -379,7 +493,112 @@ func (s *Store) Apply(typeURL string, upserts []Resource, removes []string) erro
 	s.version++
 	close(s.changed)
 	s.changed = make(chan struct{})
+	if len(rejected) > 0 {
+		return &RejectedError{Rejected: rejected}
+	}
 	return nil
+}
+
+// parseableAddrs returns the well-formed addresses of a rejected resource.
+func parseableAddrs(raw [][]byte) []netip.Addr {
+	var out []netip.Addr
+	for _, b := range raw {
+		if len(b) != 4 && len(b) != 16 {
+			continue
+		}
+		if a, ok := netip.AddrFromSlice(b); ok {
+			out = append(out, a.Unmap())
+		}
+	}
+	return out
+}
+
+// standIn is the policy that replaces a rejected authorization without a
+// valid previous version: a DENY of every connection to what it might
+// select. Its scope and namespace come from the rejected body when they
+// are usable (the namespace also from the resource name "<ns>/<name>");
+// when they are not, the policy could select anything, and the stand-in
+// is global.
+func standIn(name string, a *discoveryv1.Authorization) (*authz.Policy, *discoveryv1.Authorization) {
+	ns := a.GetNamespace()
+	if i := strings.IndexByte(name, '/'); ns == "" && i > 0 {
+		ns = name[:i]
+	}
+	scope := a.GetScope()
+	switch scope {
+	case discoveryv1.Authorization_SCOPE_WORKLOAD:
+		// Selected by resource name from the workloads' policy lists;
+		// the namespace marks the namespace as having workload policies.
+	case discoveryv1.Authorization_SCOPE_NAMESPACE:
+		if ns == "" {
+			scope = discoveryv1.Authorization_SCOPE_GLOBAL
+		}
+	default:
+		scope = discoveryv1.Authorization_SCOPE_GLOBAL
+	}
+	p := authz.DenyAll(name, ns, scope)
+	raw := &discoveryv1.Authorization{
+		Name: strings.TrimPrefix(name, ns+"/"), Namespace: ns, Scope: scope,
+		Action: discoveryv1.Authorization_ACTION_DENY, Rules: []*discoveryv1.Rule{{}},
+	}
+	return p, raw
+}
+
+// rejectLocked records a rejected version and blocks its addresses.
+func (s *Store) rejectLocked(typeURL, name string, rj *rejection) {
+	s.unrejectLocked(typeURL, name)
+	m := s.rejected[typeURL]
+	if m == nil {
+		m = map[string]*rejection{}
+		s.rejected[typeURL] = m
+	}
+	m[name] = rj
+	key := blockKey(typeURL, name)
+	for _, a := range rj.addrs {
+		if s.blocked[a] == nil {
+			s.blocked[a] = map[string]struct{}{}
+		}
+		s.blocked[a][key] = struct{}{}
+	}
+}
+
+// unrejectLocked forgets a rejection (a valid version or a removal
+// arrived) and unblocks its addresses. A stand-in policy is not removed
+// here: the caller replaces or deletes it.
+func (s *Store) unrejectLocked(typeURL, name string) {
+	rj := s.rejected[typeURL][name]
+	if rj == nil {
+		return
+	}
+	delete(s.rejected[typeURL], name)
+	key := blockKey(typeURL, name)
+	for _, a := range rj.addrs {
+		delete(s.blocked[a], key)
+		if len(s.blocked[a]) == 0 {
+			delete(s.blocked, a)
+		}
+	}
+}
+
+func blockKey(typeURL, name string) string {
+	if typeURL == discoveryv1.ServiceType {
+		return "service " + name
+	}
+	return "workload " + name
+}
+
+// Blocked reports whether a is claimed by a rejected workload or service
+// (see Apply), and names one of them. Callers look up valid workloads and
+// services first: a blocked address that none of them claims must not be
+// treated as unknown to the mesh.
+func (s *Store) Blocked(a netip.Addr) (string, bool) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	keys := s.blocked[a.Unmap()]
+	if len(keys) == 0 {
+		return "", false
+	}
+	return slices.Min(slices.Collect(maps.Keys(keys))), true
 }
 
 // addWorkloadLocked indexes w. It records w under the services it is an
@@ -593,6 +812,9 @@ type Dump struct {
 	TrustBundles   map[string]DumpBundle
 	// Endpoints maps service names to endpoint workload names.
 	Endpoints map[string][]string
+	// Rejected lists, by type URL and name, the resources whose last
+	// version failed validation, and what stands in their place.
+	Rejected map[string]map[string]string
 }
 
 // DumpBundle describes one trust bundle.
@@ -626,6 +848,40 @@ func (s *Store) Snapshot() Dump {
 			db.Roots = append(db.Roots, DumpCert{Subject: c.Subject.String(), NotAfter: c.NotAfter.UTC().Format("2006-01-02T15:04:05Z")})
 		}
 		d.TrustBundles[n] = db
+	}
+	for typeURL, m := range s.rejected {
+		for n, rj := range m {
+			what := "not applied"
+			switch typeURL {
+			case discoveryv1.WorkloadType:
+				if s.workloads[n] != nil {
+					what = "previous version kept"
+				}
+			case discoveryv1.ServiceType:
+				if s.services[n] != nil {
+					what = "previous version kept"
+				}
+			case discoveryv1.AuthorizationType:
+				what = "previous version kept"
+				if rj.standIn {
+					what = "a stand-in denies all traffic to what it selects"
+				}
+			case discoveryv1.TrustBundleType:
+				if s.bundles[n] != nil {
+					what = "previous version kept"
+				}
+			}
+			if len(rj.addrs) > 0 {
+				what += "; its addresses are blocked where no valid resource claims them"
+			}
+			if d.Rejected == nil {
+				d.Rejected = map[string]map[string]string{}
+			}
+			if d.Rejected[typeURL] == nil {
+				d.Rejected[typeURL] = map[string]string{}
+			}
+			d.Rejected[typeURL][n] = rj.err.Error() + " (" + what + ")"
+		}
 	}
 	for svc, eps := range s.endpoints {
 		for _, w := range eps {

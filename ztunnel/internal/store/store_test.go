@@ -18,6 +18,8 @@ import (
 
 	discoveryv1 "github.com/amesh-dev/amesh/api/discovery/v1"
 	"google.golang.org/protobuf/proto"
+
+	"github.com/amesh-dev/amesh/ztunnel/internal/authz"
 )
 
 func ip(s string) []byte { return netip.MustParseAddr(s).AsSlice() }
@@ -123,47 +125,309 @@ func TestSharedIP(t *testing.T) {
 	}
 }
 
+// TestApplyRejects: each invalid resource is rejected on its own — the
+// error is a *RejectedError naming it (and wraps ErrInvalid) — while the
+// rest of the update (a valid upsert, a removal) applies.
 func TestApplyRejects(t *testing.T) {
+	bundle := func(name string, pems ...string) Resource {
+		return Resource{Name: name, Body: &discoveryv1.TrustBundle{TrustDomain: name, RootsPem: pems}}
+	}
+	root := string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: selfSigned(t).Raw}))
+	fine := map[string]Resource{
+		discoveryv1.WorkloadType: {Name: "fine", Body: wl("fine", "n", "sa", "10.0.0.5", nil)},
+		discoveryv1.ServiceType: {Name: "n/fine", Body: &discoveryv1.Service{Name: "fine", Namespace: "n",
+			Addresses: [][]byte{ip("10.96.0.5")}, Ports: []*discoveryv1.ServicePort{{ServicePort: 80}}}},
+		discoveryv1.AuthorizationType: {Name: "n/fine", Body: &discoveryv1.Authorization{Name: "fine", Namespace: "n", Scope: discoveryv1.Authorization_SCOPE_NAMESPACE}},
+		discoveryv1.TrustBundleType:   bundle("fine.example", root),
+	}
+	keep := map[string]Resource{
+		discoveryv1.WorkloadType: {Name: "keep", Body: wl("keep", "n", "sa", "10.0.0.1", nil)},
+		discoveryv1.ServiceType: {Name: "n/keep", Body: &discoveryv1.Service{Name: "keep", Namespace: "n",
+			Addresses: [][]byte{ip("10.96.0.1")}, Ports: []*discoveryv1.ServicePort{{ServicePort: 80}}}},
+		discoveryv1.AuthorizationType: {Name: "n/keep", Body: &discoveryv1.Authorization{Name: "keep", Namespace: "n", Scope: discoveryv1.Authorization_SCOPE_NAMESPACE}},
+		discoveryv1.TrustBundleType:   bundle("keep.example", root),
+	}
+	held := func(s *Store, typeURL, name string) bool {
+		d := s.Snapshot()
+		switch typeURL {
+		case discoveryv1.WorkloadType:
+			return s.Workload(name) != nil
+		case discoveryv1.ServiceType:
+			return s.Service(name) != nil
+		case discoveryv1.AuthorizationType:
+			for _, a := range d.Authorizations {
+				if a.GetNamespace()+"/"+a.GetName() == name {
+					return true
+				}
+			}
+			return false
+		default:
+			_, ok := d.TrustBundles[name]
+			return ok
+		}
+	}
 	tests := []struct {
 		name    string
 		typeURL string
 		res     Resource
-		unknown bool
 	}{
-		{"workload bad address", discoveryv1.WorkloadType, Resource{Name: "a", Body: &discoveryv1.Workload{Addresses: [][]byte{{1, 2, 3}}}}, false},
-		{"workload uid mismatch", discoveryv1.WorkloadType, Resource{Name: "a", Body: &discoveryv1.Workload{Uid: "b"}}, false},
-		{"workload no name", discoveryv1.WorkloadType, Resource{Body: &discoveryv1.Workload{}}, false},
-		{"workload bad trust domain", discoveryv1.WorkloadType, Resource{Name: "a", Body: &discoveryv1.Workload{ServiceAccount: "x", Namespace: "n", TrustDomain: "Bad Domain"}}, false},
-		{"workload port out of range", discoveryv1.WorkloadType, Resource{Name: "a", Body: &discoveryv1.Workload{Services: map[string]*discoveryv1.PortList{"n/s": ports(80, 70000)}}}, false},
-		{"workload bad waypoint", discoveryv1.WorkloadType, Resource{Name: "a", Body: &discoveryv1.Workload{Waypoint: &discoveryv1.GatewayAddress{}}}, false},
-		{"workload wrong body", discoveryv1.WorkloadType, Resource{Name: "a", Body: &discoveryv1.Service{}}, false},
-		{"service bad vip", discoveryv1.ServiceType, Resource{Name: "n/s", Body: &discoveryv1.Service{Addresses: [][]byte{{}}}}, false},
-		{"service port zero", discoveryv1.ServiceType, Resource{Name: "n/s", Body: &discoveryv1.Service{Ports: []*discoveryv1.ServicePort{{}}}}, false},
-		{"service bad waypoint address", discoveryv1.ServiceType, Resource{Name: "n/s", Body: &discoveryv1.Service{Waypoint: &discoveryv1.GatewayAddress{Address: []byte{1}}}}, false},
-		{"policy bad cidr", discoveryv1.AuthorizationType, Resource{Name: "n/p", Body: &discoveryv1.Authorization{Name: "p", Namespace: "n", Rules: []*discoveryv1.Rule{{From: []*discoveryv1.Source{{IpBlocks: []string{"x"}}}}}}}, false},
-		{"policy name mismatch", discoveryv1.AuthorizationType, Resource{Name: "n/q", Body: &discoveryv1.Authorization{Name: "p", Namespace: "n"}}, false},
-		{"bundle no certs", discoveryv1.TrustBundleType, Resource{Name: "cluster.local", Body: &discoveryv1.TrustBundle{RootsPem: []string{"garbage"}}}, false},
-		{"bundle bad cert", discoveryv1.TrustBundleType, Resource{Name: "cluster.local", Body: &discoveryv1.TrustBundle{RootsPem: []string{string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: []byte("x")}))}}}, false},
-		{"unknown type", "type.googleapis.com/foo", Resource{Name: "x"}, true},
+		{"workload bad address", discoveryv1.WorkloadType, Resource{Name: "a", Body: &discoveryv1.Workload{Addresses: [][]byte{{1, 2, 3}}}}},
+		{"workload uid mismatch", discoveryv1.WorkloadType, Resource{Name: "a", Body: &discoveryv1.Workload{Uid: "b"}}},
+		{"workload no name", discoveryv1.WorkloadType, Resource{Body: &discoveryv1.Workload{}}},
+		{"workload bad trust domain", discoveryv1.WorkloadType, Resource{Name: "a", Body: &discoveryv1.Workload{ServiceAccount: "x", Namespace: "n", TrustDomain: "Bad Domain"}}},
+		{"workload port out of range", discoveryv1.WorkloadType, Resource{Name: "a", Body: &discoveryv1.Workload{Services: map[string]*discoveryv1.PortList{"n/s": ports(80, 70000)}}}},
+		{"workload bad waypoint", discoveryv1.WorkloadType, Resource{Name: "a", Body: &discoveryv1.Workload{Waypoint: &discoveryv1.GatewayAddress{}}}},
+		{"workload wrong body", discoveryv1.WorkloadType, Resource{Name: "a", Body: &discoveryv1.Service{}}},
+		{"service bad vip", discoveryv1.ServiceType, Resource{Name: "n/s", Body: &discoveryv1.Service{Addresses: [][]byte{{}}}}},
+		{"service port zero", discoveryv1.ServiceType, Resource{Name: "n/s", Body: &discoveryv1.Service{Ports: []*discoveryv1.ServicePort{{}}}}},
+		{"service bad waypoint address", discoveryv1.ServiceType, Resource{Name: "n/s", Body: &discoveryv1.Service{Waypoint: &discoveryv1.GatewayAddress{Address: []byte{1}}}}},
+		{"policy bad cidr", discoveryv1.AuthorizationType, Resource{Name: "n/p", Body: &discoveryv1.Authorization{Name: "p", Namespace: "n", Rules: []*discoveryv1.Rule{{From: []*discoveryv1.Source{{IpBlocks: []string{"x"}}}}}}}},
+		{"policy name mismatch", discoveryv1.AuthorizationType, Resource{Name: "n/q", Body: &discoveryv1.Authorization{Name: "p", Namespace: "n"}}},
+		{"bundle no certs", discoveryv1.TrustBundleType, bundle("bad.example", "garbage")},
+		{"bundle bad cert", discoveryv1.TrustBundleType, bundle("bad.example", string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: []byte("x")})))},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			s := New("cluster.local")
-			// Existing state that a rejected update must not disturb.
-			mustApply(t, s, discoveryv1.WorkloadType, []Resource{{Name: "keep", Body: wl("keep", "n", "sa", "10.0.0.1", nil)}}, nil)
-			v := s.Version()
-			err := s.Apply(tt.typeURL, []Resource{{Name: "fine", Body: wl("fine", "n", "sa", "10.0.0.5", nil)}, tt.res}, []string{"keep"})
-			want := ErrInvalid
-			if tt.unknown {
-				want = ErrUnknownType
+			mustApply(t, s, tt.typeURL, []Resource{keep[tt.typeURL]}, nil)
+			err := s.Apply(tt.typeURL, []Resource{fine[tt.typeURL], tt.res}, []string{keep[tt.typeURL].Name})
+			rej, ok := errors.AsType[*RejectedError](err)
+			if !ok || !errors.Is(err, ErrInvalid) {
+				t.Fatalf("Apply error = %v, want a *RejectedError wrapping ErrInvalid", err)
 			}
-			if !errors.Is(err, want) {
-				t.Fatalf("Apply error = %v, want %v", err, want)
+			if len(rej.Rejected) != 1 || rej.Rejected[tt.res.Name] == nil {
+				t.Fatalf("rejected %v, want only %q", rej.Rejected, tt.res.Name)
 			}
-			if s.Version() != v || s.Workload("keep") == nil || s.Workload("fine") != nil {
-				t.Fatalf("a rejected update changed the store")
+			if !held(s, tt.typeURL, fine[tt.typeURL].Name) || held(s, tt.typeURL, keep[tt.typeURL].Name) {
+				t.Fatalf("the valid part of the update was not applied (fine held %v, keep held %v)",
+					held(s, tt.typeURL, fine[tt.typeURL].Name), held(s, tt.typeURL, keep[tt.typeURL].Name))
 			}
 		})
+	}
+	t.Run("unknown type", func(t *testing.T) {
+		s := New("cluster.local")
+		if err := s.Apply("type.googleapis.com/foo", []Resource{{Name: "x"}}, nil); !errors.Is(err, ErrUnknownType) || s.Version() != 0 {
+			t.Fatalf("Apply error = %v (version %d), want ErrUnknownType and no change", err, s.Version())
+		}
+	})
+}
+
+// decide evaluates the policies of a workload in ns (listing names) for a
+// connection from principal to port 8080.
+func decide(s *Store, ns string, names []string, principal string) authz.Decision {
+	return authz.Evaluate(s.Policies(ns, names), &authz.Conn{
+		SourceIP: netip.MustParseAddr("10.1.0.1"), Principal: principal, Namespace: strings.Split(principal, "/")[2],
+		DestinationIP: netip.MustParseAddr("10.0.0.1"), DestinationPort: 8080,
+	})
+}
+
+// TestRejectedPolicyFailsClosed: an Authorization that does not compile
+// never widens access. Good policies of the same response apply; the bad
+// one keeps its previous version, or else a stand-in denies everything it
+// selects, whether it was an ALLOW or a DENY.
+func TestRejectedPolicyFailsClosed(t *testing.T) {
+	const alice, bob = "cluster.local/ns/client/sa/alice", "cluster.local/ns/client/sa/bob"
+	pol := func(ns, name string, scope discoveryv1.Authorization_Scope, deny bool, principals ...string) Resource {
+		a := &discoveryv1.Authorization{Name: name, Namespace: ns, Scope: scope}
+		if deny {
+			a.Action = discoveryv1.Authorization_ACTION_DENY
+		}
+		if len(principals) > 0 {
+			a.Rules = []*discoveryv1.Rule{{From: []*discoveryv1.Source{{Principals: principals}}}}
+		}
+		return Resource{Name: ns + "/" + name, Body: a}
+	}
+	broken := func(r Resource) Resource {
+		a := proto.Clone(r.Body).(*discoveryv1.Authorization)
+		a.Rules = append(a.Rules, &discoveryv1.Rule{From: []*discoveryv1.Source{{IpBlocks: []string{"not-a-cidr"}}}})
+		return Resource{Name: r.Name, Body: a}
+	}
+	const ns, wlScope, global = discoveryv1.Authorization_SCOPE_NAMESPACE, discoveryv1.Authorization_SCOPE_WORKLOAD, discoveryv1.Authorization_SCOPE_GLOBAL
+	type check struct {
+		ns        string
+		names     []string
+		principal string
+		allowed   bool
+	}
+	tests := []struct {
+		name   string
+		before []Resource // applied first (valid)
+		update []Resource // one response with a bad policy
+		remove []string
+		checks []check
+	}{
+		{
+			name: "bad policy among good DENY policies at first sync",
+			update: []Resource{
+				pol("a", "deny-alice", ns, true, alice),
+				broken(pol("b", "allow-alice", ns, false, alice)),
+				pol("c", "deny-bob", global, true, bob),
+			},
+			checks: []check{
+				{"a", nil, alice, false}, // the good DENY applies
+				{"a", nil, bob, false},   // so does the global one
+				{"d", nil, alice, true},  // untouched namespaces stay open
+				{"b", nil, alice, false}, // the bad ALLOW's targets are closed
+			},
+		},
+		{
+			name:   "bad DENY alone denies its targets",
+			update: []Resource{broken(pol("a", "deny-alice", ns, true, alice))},
+			checks: []check{{"a", nil, alice, false}, {"a", nil, bob, false}, {"b", nil, bob, true}},
+		},
+		{
+			name:   "bad workload-scoped ALLOW denies the workloads listing it",
+			update: []Resource{broken(pol("a", "allow-alice", wlScope, false, alice))},
+			checks: []check{{"a", []string{"a/allow-alice"}, alice, false}, {"a", nil, alice, true}},
+		},
+		{
+			name: "unknown scope denies everywhere",
+			update: []Resource{{Name: "a/odd", Body: &discoveryv1.Authorization{
+				Name: "odd", Namespace: "a", Scope: discoveryv1.Authorization_Scope(42), Action: discoveryv1.Authorization_ACTION_ALLOW,
+			}}},
+			checks: []check{{"a", nil, alice, false}, {"z", nil, bob, false}},
+		},
+		{
+			name:   "a bad update keeps the previous version",
+			before: []Resource{pol("a", "deny-alice", ns, true, alice)},
+			update: []Resource{broken(pol("a", "deny-alice", ns, true, bob))},
+			checks: []check{{"a", nil, alice, false}, {"a", nil, bob, true}},
+		},
+		{
+			name:   "a bad update of a stand-in keeps denying",
+			before: nil,
+			update: []Resource{broken(pol("a", "allow-alice", ns, false, alice)), broken(pol("a", "x", ns, false, alice))},
+			remove: []string{"a/x"},
+			checks: []check{{"a", nil, alice, false}},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := New("cluster.local")
+			if tt.before != nil {
+				mustApply(t, s, discoveryv1.AuthorizationType, tt.before, nil)
+			}
+			err := s.Apply(discoveryv1.AuthorizationType, tt.update, nil)
+			if _, ok := errors.AsType[*RejectedError](err); !ok {
+				t.Fatalf("Apply error = %v, want a *RejectedError", err)
+			}
+			if tt.remove != nil {
+				mustApply(t, s, discoveryv1.AuthorizationType, nil, tt.remove)
+			}
+			for _, c := range tt.checks {
+				if d := decide(s, c.ns, c.names, c.principal); d.Allowed != c.allowed {
+					t.Errorf("%s → workload in %s %v: allowed %v (%s), want %v", c.principal, c.ns, c.names, d.Allowed, d.Reason, c.allowed)
+				}
+			}
+		})
+	}
+
+	t.Run("a valid version or a removal lifts the stand-in", func(t *testing.T) {
+		s := New("cluster.local")
+		bad := broken(pol("a", "allow-alice", ns, false, alice))
+		if err := s.Apply(discoveryv1.AuthorizationType, []Resource{bad}, nil); err == nil {
+			t.Fatal("bad policy accepted")
+		}
+		if decide(s, "a", nil, alice).Allowed {
+			t.Fatal("stand-in does not deny")
+		}
+		if d := s.Snapshot(); d.Rejected[discoveryv1.AuthorizationType]["a/allow-alice"] == "" {
+			t.Errorf("config dump does not list the rejection: %v", d.Rejected)
+		}
+		mustApply(t, s, discoveryv1.AuthorizationType, []Resource{pol("a", "allow-alice", ns, false, alice)}, nil)
+		if !decide(s, "a", nil, alice).Allowed || decide(s, "a", nil, bob).Allowed {
+			t.Fatal("the valid version does not replace the stand-in")
+		}
+		if d := s.Snapshot(); len(d.Rejected) != 0 && len(d.Rejected[discoveryv1.AuthorizationType]) != 0 {
+			t.Errorf("rejection still listed: %v", d.Rejected)
+		}
+		if err := s.Apply(discoveryv1.AuthorizationType, []Resource{bad}, nil); err == nil {
+			t.Fatal("bad policy accepted")
+		}
+		if !decide(s, "a", nil, alice).Allowed || decide(s, "a", nil, bob).Allowed {
+			t.Fatal("a bad update did not keep the valid version")
+		}
+		mustApply(t, s, discoveryv1.AuthorizationType, nil, []string{"a/allow-alice"})
+		if !decide(s, "a", nil, bob).Allowed {
+			t.Fatal("removing the policy left something denying")
+		}
+	})
+}
+
+// TestRejectedWorkload: an invalid workload does not disturb the others of
+// its response, keeps its previous version if it had one, and its
+// addresses are blocked (never unknown, which would pass through in
+// plaintext) where no valid workload or service claims them.
+func TestRejectedWorkload(t *testing.T) {
+	const svc = "default/echo.default.svc.cluster.local"
+	member := map[string]*discoveryv1.PortList{svc: ports(80, 8080)}
+	bad := func(uid, addr string) Resource {
+		w := wl(uid, "default", "echo", addr, map[string]*discoveryv1.PortList{
+			svc:             ports(80, 8080),
+			"default/other": ports(80, 70000), // out of range
+		})
+		return Resource{Name: uid, Body: w}
+	}
+	addr := netip.MustParseAddr
+	s := New("cluster.local")
+	err := s.Apply(discoveryv1.WorkloadType, []Resource{
+		{Name: "w1", Body: wl("w1", "default", "echo", "10.0.0.1", member)},
+		bad("w2", "10.0.0.2"),
+		{Name: "w3", Body: wl("w3", "default", "echo", "10.0.0.3", member)},
+	}, nil)
+	rej, ok := errors.AsType[*RejectedError](err)
+	if !ok || len(rej.Rejected) != 1 || rej.Rejected["w2"] == nil {
+		t.Fatalf("Apply error = %v, want w2 rejected", err)
+	}
+	if got := names(s.Endpoints(svc)); !slices.Equal(got, []string{"w1", "w3"}) {
+		t.Fatalf("endpoints %v, want [w1 w3]", got)
+	}
+	if s.Workload("w2") != nil || s.WorkloadByIP(addr("10.0.0.2")) != nil {
+		t.Fatal("the rejected workload is in the store")
+	}
+	if name, ok := s.Blocked(addr("10.0.0.2")); !ok || name != "workload w2" {
+		t.Fatalf("Blocked(10.0.0.2) = %q, %v", name, ok)
+	}
+	if _, ok := s.Blocked(addr("10.0.0.1")); ok {
+		t.Fatal("a valid workload's address is blocked")
+	}
+
+	// A bad update of w1 keeps its previous version; the address it
+	// moves to is blocked.
+	if err := s.Apply(discoveryv1.WorkloadType, []Resource{bad("w1", "10.0.0.9")}, nil); err == nil {
+		t.Fatal("bad update accepted")
+	}
+	if w := s.WorkloadByIP(addr("10.0.0.1")); w == nil || w.Name != "w1" || !w.HBONE() {
+		t.Fatalf("w1's previous version is gone: %v", w)
+	}
+	if _, ok := s.Blocked(addr("10.0.0.9")); !ok {
+		t.Fatal("the address of a rejected update is not blocked")
+	}
+
+	// A valid version, or a removal, lifts the block.
+	mustApply(t, s, discoveryv1.WorkloadType, []Resource{{Name: "w2", Body: wl("w2", "default", "echo", "10.0.0.2", member)}}, []string{"w1"})
+	for _, a := range []string{"10.0.0.2", "10.0.0.9"} {
+		if name, ok := s.Blocked(addr(a)); ok {
+			t.Errorf("%s still blocked by %s", a, name)
+		}
+	}
+	if got := names(s.Endpoints(svc)); !slices.Equal(got, []string{"w2", "w3"}) {
+		t.Fatalf("endpoints %v, want [w2 w3]", got)
+	}
+
+	// Services too.
+	err = s.Apply(discoveryv1.ServiceType, []Resource{
+		{Name: "default/bad", Body: &discoveryv1.Service{Addresses: [][]byte{ip("10.96.0.9")}, Ports: []*discoveryv1.ServicePort{{}}}},
+		{Name: svc, Body: &discoveryv1.Service{Addresses: [][]byte{ip("10.96.0.10")}, Ports: []*discoveryv1.ServicePort{{ServicePort: 80}}}},
+	}, nil)
+	if _, ok := errors.AsType[*RejectedError](err); !ok {
+		t.Fatalf("Apply error = %v", err)
+	}
+	if s.ServiceByVIP(addr("10.96.0.10")) == nil {
+		t.Fatal("the valid service was not applied")
+	}
+	if name, ok := s.Blocked(addr("10.96.0.9")); !ok || name != "service default/bad" {
+		t.Fatalf("Blocked(10.96.0.9) = %q, %v", name, ok)
 	}
 }
 
@@ -274,8 +538,8 @@ func selfSigned(t *testing.T) *x509.Certificate {
 }
 
 // FuzzApply feeds arbitrary protobuf bytes as each resource type: Apply
-// either rejects them with ErrInvalid (changing nothing) or accepts them,
-// and the indexes stay usable.
+// either rejects them in a *RejectedError or accepts them, the indexes
+// stay usable, and a removal leaves nothing behind.
 func FuzzApply(f *testing.F) {
 	seed, _ := proto.Marshal(wl("a", "ns", "sa", "10.0.0.1", map[string]*discoveryv1.PortList{"ns/s": ports(80, 8080)}))
 	f.Add(seed, uint8(0))
@@ -303,23 +567,28 @@ func FuzzApply(f *testing.F) {
 		if a, ok := body.(*discoveryv1.Authorization); ok {
 			name = a.GetNamespace() + "/" + a.GetName()
 		}
-		if err := s.Apply(typeURL, []Resource{{Name: name, Body: body}}, nil); err != nil {
-			if !errors.Is(err, ErrInvalid) {
-				t.Fatalf("error does not wrap ErrInvalid: %v", err)
-			}
-			if s.Version() != 0 {
-				t.Fatal("rejected update changed the store")
-			}
-			return
+		err := s.Apply(typeURL, []Resource{{Name: name, Body: body}}, nil)
+		if rej, ok := errors.AsType[*RejectedError](err); err != nil && (!ok || !errors.Is(err, ErrInvalid) || rej.Rejected[name] == nil) {
+			t.Fatalf("error is not a *RejectedError naming %q and wrapping ErrInvalid: %v", name, err)
 		}
 		for _, a := range []string{"10.0.0.1", "10.96.0.1", "::1"} {
 			s.WorkloadByIP(netip.MustParseAddr(a))
 			s.ServiceByVIP(netip.MustParseAddr(a))
+			s.Blocked(netip.MustParseAddr(a))
 		}
 		s.Policies("ns", []string{name})
 		s.Snapshot()
 		if err := s.Apply(typeURL, nil, []string{name}); err != nil {
 			t.Fatal(err)
+		}
+		// A removal leaves nothing behind: no block, no stand-in.
+		if d := s.Snapshot(); len(d.Workloads)+len(d.Services)+len(d.Authorizations)+len(d.TrustBundles)+len(d.Rejected[typeURL]) != 0 {
+			t.Fatalf("removal left %+v", d)
+		}
+		for _, a := range []string{"10.0.0.1", "10.96.0.1", "::1"} {
+			if _, ok := s.Blocked(netip.MustParseAddr(a)); ok {
+				t.Fatalf("%s still blocked after removal", a)
+			}
 		}
 	})
 }
