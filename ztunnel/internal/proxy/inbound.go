@@ -104,20 +104,28 @@ func (p *Proxy) hboneHandler(pd *pod) hbone.Handler {
 			DestinationIP: r.Authority.Addr(), DestinationPort: r.Authority.Port(),
 		}
 		labels := p.inboundLabels(pd, p.workload(pd), p.cfg.Store.WorkloadByIP(attrs.SourceIP), r.Peer, r.Authority.Port())
-		d := p.authorize(pd, &attrs, r.Peer, false)
-		acc.Policy = d.Policy
-		if !d.Allowed {
-			acc.Err, acc.Flags = fmt.Errorf("%w: %s", errDenied, d.Reason), telemetry.FlagDenied
-			labels.Flags = telemetry.FlagDenied
-			p.openClosed(labels)
-			p.accessLog(acc)
-			return nil, fmt.Errorf("%w: %w", hbone.ErrDenied, acc.Err)
-		}
+		// Registered for re-checks before the decision (see recheck).
 		tr := &tracked{inbound: true, attrs: attrs, peer: r.Peer}
 		if !pd.track(tr) {
 			acc.Err = errors.New("pod is shutting down")
 			p.accessLog(acc)
 			return nil, fmt.Errorf("%w: %w", hbone.ErrUnreachable, acc.Err)
+		}
+		d := p.authorize(pd, &attrs, r.Peer, false)
+		if f := p.authorized.Load(); f != nil {
+			(*f)()
+		}
+		acc.Policy = d.Policy
+		deny := func(reason string) (func(net.Conn), error) {
+			pd.untrack(tr)
+			acc.Err, acc.Flags = fmt.Errorf("%w: %s", errDenied, reason), telemetry.FlagDenied
+			labels.Flags = telemetry.FlagDenied
+			p.openClosed(labels)
+			p.accessLog(acc)
+			return nil, fmt.Errorf("%w: %w", hbone.ErrDenied, acc.Err)
+		}
+		if !d.Allowed {
+			return deny(d.Reason)
 		}
 		app, err := p.connectApp(ctx, pd, attrs.SourceIP, r.Authority)
 		if err != nil {
@@ -128,7 +136,10 @@ func (p *Proxy) hboneHandler(pd *pod) hbone.Handler {
 			p.accessLog(acc)
 			return nil, fmt.Errorf("%w: %w", hbone.ErrUnreachable, err)
 		}
-		tr.add(app)
+		tr.add(app) // closes app if a re-check revoked the connection meanwhile
+		if tr.revoked() {
+			return deny("policy changed while connecting")
+		}
 		return func(stream net.Conn) {
 			defer pd.untrack(tr)
 			tr.add(stream)
@@ -183,15 +194,7 @@ func (p *Proxy) plaintext(pd *pod, c *net.TCPConn) {
 	w := p.workload(pd)
 	labels := p.inboundLabels(pd, w, p.cfg.Store.WorkloadByIP(attrs.SourceIP), spiffeid.ID{}, dst.Port())
 	labels.Security = telemetry.None
-	d := p.authorize(pd, &attrs, spiffeid.ID{}, true)
-	acc.Policy = d.Policy
-	if !d.Allowed {
-		c.Close()
-		acc.Err, acc.Flags = fmt.Errorf("%w: %s", errDenied, d.Reason), telemetry.FlagDenied
-		labels.Flags = telemetry.FlagDenied
-		p.openClosed(labels)
-		return
-	}
+	// Registered for re-checks before the decision (see recheck).
 	tr := &tracked{inbound: true, attrs: attrs, plaintext: true}
 	if !pd.track(tr) {
 		c.Close()
@@ -199,6 +202,21 @@ func (p *Proxy) plaintext(pd *pod, c *net.TCPConn) {
 	}
 	defer pd.untrack(tr)
 	tr.add(c)
+	d := p.authorize(pd, &attrs, spiffeid.ID{}, true)
+	if f := p.authorized.Load(); f != nil {
+		(*f)()
+	}
+	acc.Policy = d.Policy
+	deny := func(reason string) {
+		c.Close()
+		acc.Err, acc.Flags = fmt.Errorf("%w: %s", errDenied, reason), telemetry.FlagDenied
+		labels.Flags = telemetry.FlagDenied
+		p.openClosed(labels)
+	}
+	if !d.Allowed {
+		deny(d.Reason)
+		return
+	}
 	app, err := p.connectApp(pd.ctx, pd, attrs.SourceIP, dst)
 	if err != nil {
 		c.Close()
@@ -207,7 +225,11 @@ func (p *Proxy) plaintext(pd *pod, c *net.TCPConn) {
 		p.openClosed(labels)
 		return
 	}
-	tr.add(app)
+	tr.add(app) // closes app if a re-check revoked the connection meanwhile
+	if tr.revoked() {
+		deny("policy changed while connecting")
+		return
+	}
 	m := p.cfg.Metrics.Open(labels)
 	acc.Received, acc.Sent, err = hbone.Splice(c, app)
 	c.Close()

@@ -18,6 +18,7 @@ import (
 	"slices"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/amesh-dev/amesh/api/identity"
@@ -97,6 +98,13 @@ type Proxy struct {
 	stopping bool
 	draining sync.WaitGroup // pods being drained
 	runCtx   context.Context
+
+	// rechecked is the store version that the last completed re-check of
+	// live connections covered.
+	rechecked atomic.Uint64
+	// authorized, when set (tests), runs after each inbound connection's
+	// authorization decision.
+	authorized atomic.Pointer[func()]
 }
 
 // New returns a proxy; Run must be called for it to work.
@@ -118,14 +126,19 @@ func (p *Proxy) Run(ctx context.Context) error {
 	p.mu.Lock()
 	p.runCtx = ctx
 	p.mu.Unlock()
+	ch := p.cfg.Store.Changed()
 	for {
-		ch := p.cfg.Store.Changed()
 		select {
 		case <-ctx.Done():
 			p.shutdown()
 			return nil
 		case <-ch:
+			// Wait for the next change from here on, before re-checking:
+			// a change during the re-check triggers another one.
+			ch = p.cfg.Store.Changed()
+			v := p.cfg.Store.Version()
 			p.recheck()
+			p.rechecked.Store(v)
 		}
 	}
 }
@@ -281,7 +294,10 @@ func (p *Proxy) release(id spiffeid.ID) {
 }
 
 // recheck re-authorizes every live inbound connection and closes those
-// that policy no longer allows.
+// that policy no longer allows. Inbound connections are registered
+// (pod.track) before their first authorization, so each one is either
+// registered before a re-check starts, or decided against a store at least
+// as new as the one the re-check reads: none escapes a policy change.
 func (p *Proxy) recheck() {
 	p.mu.Lock()
 	pods := make([]*pod, 0, len(p.pods))

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/netip"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -28,11 +29,13 @@ import (
 
 // env is one node with a proxy serving in-process.
 type env struct {
-	t     *testing.T
-	node  *testnet.Node
-	store *store.Store
-	proxy *Proxy
-	pods  map[string]*testnet.Pod
+	t      *testing.T
+	node   *testnet.Node
+	store  *store.Store
+	proxy  *Proxy
+	pods   map[string]*testnet.Pod
+	certs  *identity.Store
+	bundle *identity.Bundle
 }
 
 func enroll(t *testing.T, p *testnet.Pod) {
@@ -65,6 +68,7 @@ func newEnv(t *testing.T) *env {
 	bundle := identity.NewBundle()
 	bundle.Set(td, root.Roots())
 	certs := identity.NewStore(issuer{root}, identity.StoreOptions{TTL: time.Hour})
+	e.certs, e.bundle = certs, bundle
 	e.proxy = New(Config{
 		Store: e.store, Router: route.New(e.store), Metrics: telemetry.NewMetrics(prometheus.NewRegistry()),
 		Certs: certs, Bundle: bundle,
@@ -118,6 +122,20 @@ func (e *env) apply(typeURL string, rs ...store.Resource) {
 	e.t.Helper()
 	if err := e.store.Apply(typeURL, rs, nil); err != nil {
 		e.t.Fatal(err)
+	}
+}
+
+// rechecked waits until the proxy has re-checked its live connections
+// against the store as it is now.
+func (e *env) rechecked() {
+	e.t.Helper()
+	v := e.store.Version()
+	deadline := time.Now().Add(10 * time.Second)
+	for e.proxy.rechecked.Load() < v {
+		if time.Now().After(deadline) {
+			e.t.Fatalf("live connections not re-checked for store version %d within 10s", v)
+		}
+		time.Sleep(time.Millisecond)
 	}
 }
 
@@ -449,6 +467,78 @@ func TestIPv6(t *testing.T) {
 			}
 			if seen != tt.from.IP6.String() || !bytes.Equal(echoed, data) {
 				t.Fatalf("server saw %s (want %s), echoed %d of %d bytes", seen, tt.from.IP6, len(echoed), len(data))
+			}
+		})
+	}
+}
+
+// TestPolicyChangeWhileAdmitting: a policy change that lands right after a
+// new inbound connection was authorized, before it is connected, still
+// applies to it — for HBONE (401) and plaintext alike. The change is made
+// from the proxy's post-authorization hook, and the test waits for the
+// re-check of live connections to complete before letting the connection
+// go on: before the fix, the connection was not registered for re-checks
+// yet and got through under the old policy.
+func TestPolicyChangeWhileAdmitting(t *testing.T) {
+	e := newEnv(t)
+	a := e.pod("a", true)
+	b := e.pod("b", true)
+	u := e.pod("u", false)
+	e.apply(discoveryv1.WorkloadType, workloadOf(a, true), workloadOf(b, true), workloadOf(u, false))
+	tests := []struct {
+		name   string
+		client *testnet.Pod
+		change func() store.Resource
+	}{
+		{"hbone DENY", a, func() store.Resource {
+			return store.Resource{Name: "default/deny-a", Body: &discoveryv1.Authorization{
+				Name: "deny-a", Namespace: "default", Scope: discoveryv1.Authorization_SCOPE_NAMESPACE,
+				Action: discoveryv1.Authorization_ACTION_DENY,
+				Rules:  []*discoveryv1.Rule{{From: []*discoveryv1.Source{{Principals: []string{"cluster.local/ns/default/sa/a"}}}}},
+			}}
+		}},
+		{"plaintext DENY", u, func() store.Resource {
+			return store.Resource{Name: "default/deny-u", Body: &discoveryv1.Authorization{
+				Name: "deny-u", Namespace: "default", Scope: discoveryv1.Authorization_SCOPE_NAMESPACE,
+				Action: discoveryv1.Authorization_ACTION_DENY,
+				Rules:  []*discoveryv1.Rule{{From: []*discoveryv1.Source{{IpBlocks: []string{u.IP.String()}}}}},
+			}}
+		}},
+		{"plaintext switched to STRICT", u, func() store.Resource {
+			w := workloadOf(b, true)
+			w.Body.(*discoveryv1.Workload).MtlsMode = discoveryv1.MtlsMode_MTLS_MODE_STRICT
+			return w
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			// Allowed before the change.
+			if _, _, err := tt.client.Converse(b.IP.String()+":8080", []byte("x")); err != nil {
+				t.Fatalf("before the change: %v", err)
+			}
+			change := tt.change()
+			typeURL := discoveryv1.AuthorizationType
+			if _, ok := change.Body.(*discoveryv1.Workload); ok {
+				typeURL = discoveryv1.WorkloadType
+			}
+			var once sync.Once
+			hook := func() {
+				once.Do(func() {
+					e.apply(typeURL, change)
+					e.rechecked()
+				})
+			}
+			e.proxy.authorized.Store(&hook)
+			defer func() {
+				e.proxy.authorized.Store(nil)
+				if typeURL == discoveryv1.WorkloadType {
+					e.apply(discoveryv1.WorkloadType, workloadOf(b, true))
+				} else if err := e.store.Apply(typeURL, nil, []string{change.Name}); err != nil {
+					t.Error(err)
+				}
+			}()
+			if seen, _, err := tt.client.Converse(b.IP.String()+":8080", []byte("x")); err == nil {
+				t.Fatalf("connection admitted under the old policy survived the change (app saw %s)", seen)
 			}
 		})
 	}
