@@ -35,6 +35,11 @@ type pod struct {
 	conns map[*tracked]struct{}
 
 	tunnel *tunnel // HBONE client and server of the pod
+
+	// The certificate prefetch started by AddPod (both nil without one):
+	// prefetchCancel stops it, prefetched is closed when it has ended.
+	prefetchCancel context.CancelFunc
+	prefetched     chan struct{}
 }
 
 type podListener struct {
@@ -213,8 +218,21 @@ func (pd *pod) inboundConns() []*tracked {
 	return out
 }
 
-// stopAccepting closes the listeners; live connections go on.
+// stopPrefetch stops the pod's certificate prefetch and waits for it to
+// end.
+func (pd *pod) stopPrefetch() {
+	if pd.prefetchCancel != nil {
+		pd.prefetchCancel()
+		<-pd.prefetched
+	}
+}
+
+// stopAccepting closes the listeners and stops the certificate prefetch;
+// live connections go on.
 func (pd *pod) stopAccepting() {
+	if pd.prefetchCancel != nil {
+		pd.prefetchCancel()
+	}
 	pd.tunnel.stopAccepting()
 	pd.mu.Lock()
 	lns := pd.lns

@@ -161,7 +161,7 @@ func (p *Proxy) shutdown() {
 		go func() {
 			defer p.draining.Done()
 			pd.drain(p.cfg.DrainTimeout)
-			p.release(pd.id)
+			p.release(pd)
 		}()
 	}
 	p.draining.Wait()
@@ -207,19 +207,22 @@ func (p *Proxy) AddPod(uid string, info agent.PodInfo, ns *netns.Namespace) erro
 	}
 	p.pods[uid] = pd
 	p.idRefs[id]++
-	ctx := p.runCtx
-	p.mu.Unlock()
-	pd.serve()
 	// Fetch the certificate now so the first connection does not wait.
+	// The fetch ends with the pod (stopPrefetch) or with Run, and the
+	// pod's identity is released only after it.
 	if p.cfg.Certs != nil {
+		ctx, cancel := context.WithTimeout(p.runCtx, time.Minute)
+		pd.prefetchCancel, pd.prefetched = cancel, make(chan struct{})
 		go func() {
-			cctx, cancel := context.WithTimeout(ctx, time.Minute)
+			defer close(pd.prefetched)
 			defer cancel()
-			if _, err := p.cfg.Certs.Certificate(cctx, id); err != nil {
+			if _, err := p.cfg.Certs.Certificate(ctx, id); err != nil && ctx.Err() == nil {
 				p.log.Warn("prefetching certificate failed", zap.String("identity", id.String()), zap.Error(err))
 			}
 		}()
 	}
+	p.mu.Unlock()
+	pd.serve()
 	p.log.Info("pod added", zap.String("uid", uid), zap.String("pod", info.Namespace+"/"+info.Name),
 		zap.String("identity", id.String()), zap.Stringers("ips", info.IPs))
 	return nil
@@ -276,20 +279,27 @@ func (p *Proxy) RemovePod(uid string) {
 	go func() {
 		defer p.draining.Done()
 		pd.drain(p.cfg.DrainTimeout)
-		p.release(pd.id)
+		p.release(pd)
 	}()
 }
 
-func (p *Proxy) release(id spiffeid.ID) {
+// release drops a drained pod's reference to its identity, once the
+// pod's certificate prefetch has ended; the last reference releases the
+// certificate. Certs.Release is called under the lock, so that an AddPod
+// of the same identity comes wholly before (the reference it takes keeps
+// the certificate) or wholly after (its prefetch fetches a new one): its
+// prefetched certificate is never dropped.
+func (p *Proxy) release(pd *pod) {
+	pd.stopPrefetch()
 	p.mu.Lock()
-	p.idRefs[id]--
-	last := p.idRefs[id] <= 0
-	if last {
-		delete(p.idRefs, id)
+	defer p.mu.Unlock()
+	p.idRefs[pd.id]--
+	if p.idRefs[pd.id] > 0 {
+		return
 	}
-	p.mu.Unlock()
-	if last && p.cfg.Certs != nil {
-		p.cfg.Certs.Release(id)
+	delete(p.idRefs, pd.id)
+	if p.cfg.Certs != nil {
+		p.cfg.Certs.Release(pd.id)
 	}
 }
 

@@ -3,11 +3,13 @@ package proxy
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"crypto/x509"
 	"fmt"
 	"net/netip"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -36,6 +38,9 @@ type env struct {
 	pods   map[string]*testnet.Pod
 	certs  *identity.Store
 	bundle *identity.Bundle
+	// stop stops the proxy and the certificate store and waits for both
+	// Runs to return (idempotent; also called at cleanup).
+	stop func()
 }
 
 func enroll(t *testing.T, p *testnet.Pod) {
@@ -57,7 +62,11 @@ func workloadOf(p *testnet.Pod, captured bool) store.Resource {
 	return store.Resource{Name: p.Name, Body: w}
 }
 
-func newEnv(t *testing.T) *env {
+func newEnv(t *testing.T) *env { return newEnvWith(t, nil) }
+
+// newEnvWith builds an env whose proxy gets its certificates through
+// wrap(the certificate store) when wrap is not nil.
+func newEnvWith(t *testing.T, wrap func(Certs) Certs) *env {
 	testnet.RequireRoot(t)
 	e := &env{t: t, node: testnet.NewNode(t, 1), store: store.New("cluster.local"), pods: map[string]*testnet.Pod{}}
 	td := spiffeid.RequireTrustDomainFromString("cluster.local")
@@ -69,9 +78,13 @@ func newEnv(t *testing.T) *env {
 	bundle.Set(td, root.Roots())
 	certs := identity.NewStore(issuer{root}, identity.StoreOptions{TTL: time.Hour})
 	e.certs, e.bundle = certs, bundle
+	var pc Certs = certs
+	if wrap != nil {
+		pc = wrap(certs)
+	}
 	e.proxy = New(Config{
 		Store: e.store, Router: route.New(e.store), Metrics: telemetry.NewMetrics(prometheus.NewRegistry()),
-		Certs: certs, Bundle: bundle,
+		Certs: pc, Bundle: bundle,
 		Logger: zaptest.NewLogger(t), AccessLog: zaptest.NewLogger(t).Named("access"),
 		TrustDomain: "cluster.local", Mark: capture.Mark, DrainTimeout: 2 * time.Second,
 	})
@@ -79,14 +92,18 @@ func newEnv(t *testing.T) *env {
 	done := make(chan error, 2)
 	go func() { done <- e.proxy.Run(ctx) }()
 	go func() { done <- certs.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		for range 2 {
-			if err := <-done; err != nil {
-				t.Errorf("Run: %v", err)
+	var once sync.Once
+	e.stop = func() {
+		once.Do(func() {
+			cancel()
+			for range 2 {
+				if err := <-done; err != nil {
+					t.Errorf("Run: %v", err)
+				}
 			}
-		}
-	})
+		})
+	}
+	t.Cleanup(e.stop)
 	return e
 }
 
@@ -98,24 +115,29 @@ func (i issuer) Issue(_ context.Context, id spiffeid.ID, csr []byte, ttl time.Du
 }
 
 // pod adds a pod running the echo app on 8080; enrolled pods get capture
-// rules and are handed to the proxy.
+// rules and are handed to the proxy, with service account name.
 func (e *env) pod(name string, enrolled bool) *testnet.Pod {
 	p := e.node.AddPod(e.t, name)
 	p.Echo(e.t, 8080)
 	e.pods[name] = p
 	if enrolled {
 		enroll(e.t, p)
-		h, err := netns.Open(p.Path) // owned by the proxy
-		if err != nil {
-			e.t.Fatal(err)
-		}
-		if err := e.proxy.AddPod(name, agent.PodInfo{
-			Name: name, Namespace: "default", ServiceAccount: name, IPs: []netip.Addr{p.IP, p.IP6}, Node: "node1",
-		}, h); err != nil {
+		if err := e.addPod(p, name); err != nil {
 			e.t.Fatal(err)
 		}
 	}
 	return p
+}
+
+// addPod hands an enrolled pod to the proxy, running as service account sa.
+func (e *env) addPod(p *testnet.Pod, sa string) error {
+	h, err := netns.Open(p.Path) // owned by the proxy
+	if err != nil {
+		return err
+	}
+	return e.proxy.AddPod(p.Name, agent.PodInfo{
+		Name: p.Name, Namespace: "default", ServiceAccount: sa, IPs: []netip.Addr{p.IP, p.IP6}, Node: "node1",
+	}, h)
 }
 
 func (e *env) apply(typeURL string, rs ...store.Resource) {
@@ -541,5 +563,161 @@ func TestPolicyChangeWhileAdmitting(t *testing.T) {
 				t.Fatalf("connection admitted under the old policy survived the change (app saw %s)", seen)
 			}
 		})
+	}
+}
+
+// stallRelease holds up the release of one identity until unblocked.
+type stallRelease struct {
+	Certs
+	target    spiffeid.ID
+	armed     atomic.Bool
+	stalled   atomic.Bool
+	releasing chan struct{}
+	unblock   chan struct{}
+	fetched   atomic.Int64 // Certificate calls for target returned
+}
+
+func (s *stallRelease) Certificate(ctx context.Context, id spiffeid.ID) (*tls.Certificate, error) {
+	c, err := s.Certs.Certificate(ctx, id)
+	if id == s.target {
+		s.fetched.Add(1)
+	}
+	return c, err
+}
+
+func (s *stallRelease) Release(id spiffeid.ID) {
+	if id == s.target && s.armed.Load() && s.stalled.CompareAndSwap(false, true) {
+		close(s.releasing)
+		<-s.unblock
+	}
+	s.Certs.Release(id)
+}
+
+// held reports whether the certificate store holds an entry for id.
+func (e *env) held(id spiffeid.ID) bool {
+	for _, c := range e.certs.Snapshot() {
+		if c.ID == id {
+			return true
+		}
+	}
+	return false
+}
+
+// TestReleaseRace: when the last pod of a service account goes while a
+// new pod of the same service account arrives, the new pod's prefetched
+// certificate is not dropped by the old pod's release. The release is
+// held up at Certs.Release, which is where the old code had already
+// given up its lock: the new pod was then added and its certificate
+// prefetched, and dropped right after. The test gives AddPod a second to
+// get in that way before letting the release go on.
+func TestReleaseRace(t *testing.T) {
+	id := spiffeid.RequireFromString("spiffe://cluster.local/ns/default/sa/shared")
+	sr := &stallRelease{target: id, releasing: make(chan struct{}), unblock: make(chan struct{})}
+	e := newEnvWith(t, func(c Certs) Certs { sr.Certs = c; return sr })
+	p1 := e.node.AddPod(t, "p1")
+	p2 := e.node.AddPod(t, "p2")
+	enroll(t, p1)
+	enroll(t, p2)
+	if err := e.addPod(p1, "shared"); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "p1's certificate prefetch", func() bool { return sr.fetched.Load() == 1 })
+	if !e.held(id) {
+		t.Fatal("p1's certificate is not held")
+	}
+
+	sr.armed.Store(true)
+	e.proxy.RemovePod("p1")
+	select {
+	case <-sr.releasing:
+	case <-time.After(10 * time.Second):
+		t.Fatal("p1's identity was not released")
+	}
+	added := make(chan error, 1)
+	go func() { added <- e.addPod(p2, "shared") }()
+	// The old code adds p2 and prefetches its certificate now.
+	deadline := time.Now().Add(time.Second)
+	for sr.fetched.Load() == 1 && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	close(sr.unblock)
+	if err := <-added; err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "p2's certificate prefetch", func() bool { return sr.fetched.Load() > 1 })
+	if !e.held(id) {
+		t.Fatal("p2's prefetched certificate was dropped by p1's release")
+	}
+}
+
+// stallCertificate makes the certificate fetch of one identity outlive
+// its context until finish is closed.
+type stallCertificate struct {
+	Certs
+	target   spiffeid.ID
+	entered  chan struct{}
+	once     sync.Once
+	finish   chan struct{}
+	finished atomic.Bool
+}
+
+func (s *stallCertificate) Certificate(ctx context.Context, id spiffeid.ID) (*tls.Certificate, error) {
+	if id != s.target {
+		return s.Certs.Certificate(ctx, id)
+	}
+	s.once.Do(func() { close(s.entered) })
+	<-ctx.Done()
+	<-s.finish
+	s.finished.Store(true)
+	return nil, ctx.Err()
+}
+
+// TestRunWaitsForPrefetch: Run returns only after the certificate
+// prefetch AddPod started has ended. The prefetch is held up past Run's
+// end; the test gives Run a second to return early (the old code did, the
+// prefetch goroutine was not tracked) before letting the prefetch end.
+func TestRunWaitsForPrefetch(t *testing.T) {
+	id := spiffeid.RequireFromString("spiffe://cluster.local/ns/default/sa/slow")
+	sc := &stallCertificate{target: id, entered: make(chan struct{}), finish: make(chan struct{})}
+	e := newEnvWith(t, func(c Certs) Certs { sc.Certs = c; return sc })
+	p := e.node.AddPod(t, "slow")
+	enroll(t, p)
+	if err := e.addPod(p, "slow"); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-sc.entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no certificate prefetch")
+	}
+	returned := make(chan bool, 1)
+	go func() {
+		e.stop()
+		returned <- sc.finished.Load()
+	}()
+	select {
+	case finished := <-returned:
+		close(sc.finish)
+		if !finished {
+			t.Fatal("Run returned while the certificate prefetch was still running")
+		}
+		return
+	case <-time.After(time.Second):
+	}
+	close(sc.finish)
+	if finished := <-returned; !finished {
+		t.Fatal("Run returned while the certificate prefetch was still running")
+	}
+}
+
+// waitFor polls cond for up to 10 s.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }
