@@ -1,11 +1,15 @@
 package proxy
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"fmt"
+	"net"
+	"net/http"
 	"net/netip"
 	"strings"
 	"sync"
@@ -16,6 +20,7 @@ import (
 	"github.com/amesh-dev/amesh/api/ca"
 	"github.com/amesh-dev/amesh/api/capture"
 	discoveryv1 "github.com/amesh-dev/amesh/api/discovery/v1"
+	"github.com/amesh-dev/amesh/api/hbone"
 	"github.com/amesh-dev/amesh/api/identity"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -719,5 +724,141 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 			t.Fatalf("timed out waiting for %s", what)
 		}
 		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestInboundStatus drives the inbound HBONE handler with a real HBONE
+// client (from the node, with its own mesh identity) and checks the CONNECT
+// answers of DESIGN.md §4: 200 with the app's bytes flowing; 400 for an
+// authority that is not the pod's address, or that is one of ztunnel's own
+// ports; 401 on an L4 DENY; 503 when the application port refuses.
+func TestInboundStatus(t *testing.T) {
+	e := newEnv(t)
+	b := e.pod("b", true)
+	c := e.pod("c", false)
+	e.apply(discoveryv1.WorkloadType, workloadOf(b, true), workloadOf(c, false))
+	h := e.node.Open(t)
+	cl := hbone.NewClient(hbone.ClientConfig{
+		Certificates: e.certs.Certificate, Bundle: e.bundle,
+		Dial: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			return h.Dial(ctx, network, addr, netip.Addr{}, netns.SockOpts{})
+		},
+		Logger: zaptest.NewLogger(t).Named("client"),
+	})
+	defer cl.Close()
+	src := spiffeid.RequireFromString("spiffe://cluster.local/ns/default/sa/client")
+	bID := spiffeid.RequireFromString("spiffe://cluster.local/ns/default/sa/b")
+	denyClient := store.Resource{Name: "default/deny-client", Body: &discoveryv1.Authorization{
+		Name: "deny-client", Namespace: "default", Scope: discoveryv1.Authorization_SCOPE_NAMESPACE,
+		Action: discoveryv1.Authorization_ACTION_DENY,
+		Rules:  []*discoveryv1.Rule{{From: []*discoveryv1.Source{{Principals: []string{"cluster.local/ns/default/sa/client"}}}}},
+	}}
+	at := func(a netip.Addr, port uint16) netip.AddrPort { return netip.AddrPortFrom(a, port) }
+	tests := []struct {
+		name   string
+		target netip.AddrPort
+		policy *store.Resource
+		want   int
+	}{
+		{"the pod's app port", at(b.IP, 8080), nil, http.StatusOK},
+		{"the pod's app port over IPv6", at(b.IP6, 8080), nil, http.StatusOK},
+		{"another pod's address", at(c.IP, 8080), nil, http.StatusBadRequest},
+		{"the node's address", at(e.node.Gateway(), 8080), nil, http.StatusBadRequest},
+		{"ztunnel's HBONE port", at(b.IP, HBONEPort), nil, http.StatusBadRequest},
+		{"ztunnel's plaintext port", at(b.IP, PlaintextPort), nil, http.StatusBadRequest},
+		{"ztunnel's outbound port", at(b.IP, OutboundPort), nil, http.StatusBadRequest},
+		{"L4 DENY", at(b.IP, 8080), &denyClient, http.StatusUnauthorized},
+		{"the app port refuses", at(b.IP, 8081), nil, http.StatusServiceUnavailable},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if tt.policy != nil {
+				e.apply(discoveryv1.AuthorizationType, *tt.policy)
+				defer func() {
+					if err := e.store.Apply(discoveryv1.AuthorizationType, nil, []string{tt.policy.Name}); err != nil {
+						t.Error(err)
+					}
+				}()
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			proxy := at(b.IP, HBONEPort)
+			if tt.target.Addr().Is6() {
+				proxy = at(b.IP6, HBONEPort)
+			}
+			conn, err := cl.Dial(ctx, hbone.DialRequest{
+				Source: src, Expected: []spiffeid.ID{bID}, Proxy: proxy, Target: tt.target,
+			})
+			if tt.want != http.StatusOK {
+				var se *hbone.StatusError
+				if !errors.As(err, &se) || se.Code != tt.want {
+					if conn != nil {
+						conn.Close()
+					}
+					t.Fatalf("CONNECT %s: error %v, want status %d", tt.target, err, tt.want)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("CONNECT %s: %v", tt.target, err)
+			}
+			defer conn.Close()
+			_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
+			line, err := bufio.NewReader(conn).ReadString('\n')
+			want := "hello " + e.node.Gateway().String() + "\n"
+			if tt.target.Addr().Is6() {
+				want = "hello " + e.node.Gateway6().String() + "\n"
+			}
+			if err != nil || line != want {
+				t.Fatalf("greeting %q, %v; want %q (the app sees the client's address)", line, err, want)
+			}
+		})
+	}
+}
+
+// TestStrictClosesLivePlaintext: switching a destination from PERMISSIVE
+// to STRICT closes its live plaintext connections, and leaves its HBONE
+// ones alone.
+func TestStrictClosesLivePlaintext(t *testing.T) {
+	e := newEnv(t)
+	a := e.pod("a", true)
+	b := e.pod("b", true)
+	u := e.pod("u", false)
+	e.apply(discoveryv1.WorkloadType, workloadOf(a, true), workloadOf(b, true), workloadOf(u, false))
+	open := func(from *testnet.Pod) (net.Conn, *bufio.Reader) {
+		t.Helper()
+		h := from.Open(t)
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		c, err := h.Dial(ctx, "tcp", b.IP.String()+":8080", netip.Addr{}, netnsOpts())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+		r := bufio.NewReader(c)
+		if line, err := r.ReadString('\n'); err != nil || !strings.HasPrefix(line, "hello "+from.IP.String()) {
+			t.Fatalf("greeting %q, %v", line, err)
+		}
+		return c, r
+	}
+	plain, plainR := open(u)
+	tunneled, tunneledR := open(a)
+
+	strict := workloadOf(b, true)
+	strict.Body.(*discoveryv1.Workload).MtlsMode = discoveryv1.MtlsMode_MTLS_MODE_STRICT
+	e.apply(discoveryv1.WorkloadType, strict)
+	e.rechecked()
+
+	if _, err := plain.Write([]byte("ping\n")); err == nil {
+		if line, err := plainR.ReadString('\n'); err == nil {
+			t.Fatalf("live plaintext connection still open under STRICT (echoed %q)", line)
+		}
+	}
+	if _, err := tunneled.Write([]byte("ping\n")); err != nil {
+		t.Fatalf("HBONE connection broken by STRICT: %v", err)
+	}
+	if line, err := tunneledR.ReadString('\n'); err != nil || line != "ping\n" {
+		t.Fatalf("HBONE connection after STRICT: %q, %v", line, err)
 	}
 }
