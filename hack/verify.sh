@@ -30,6 +30,24 @@ done
 echo "== go build (workspace)"
 for m in "${modules[@]}"; do (cd "$m" && go build ./...) || fail=1; done
 
+# make build (the binaries of the local cluster and the demo) uses the
+# workspace; make unit and the images use GOWORK=off. Both must link the
+# same versions of every module, or the tests would not test what ships:
+# 'go work sync' brings the modules' requirements up to the workspace's.
+echo "== workspace and GOWORK=off select the same module versions"
+deps() { go list -deps -test -f '{{with .Module}}{{.Path}} {{.Version}}{{end}}' ./... | grep -v '^github.com/amesh-dev/amesh/' | sort -u; }
+for m in "${modules[@]}"; do
+  (
+    cd "$m"
+    if ! diff <(GOWORK=off deps) <(deps) >/tmp/amesh-verify-ws.$$; then
+      echo "$m: versions differ between GOWORK=off (<) and the workspace (>); run 'go work sync' and commit:"
+      cat /tmp/amesh-verify-ws.$$
+      exit 1
+    fi
+  ) || fail=1
+done
+rm -f /tmp/amesh-verify-ws.$$
+
 echo "== generated code is current"
 hack/generate.sh
 if [ -n "$(git status --porcelain -- api controller manifests e2e)" ]; then
