@@ -24,17 +24,18 @@ const ConditionWaypointBound = "amesh.dev/WaypointBound"
 // Reasons of ConditionWaypointBound and of binding problems.
 const (
 	ReasonBound = "Bound"
-	// ReasonGatewayNotFound: the named Gateway does not exist.
+	// ReasonGatewayNotFound: the named Gateway does not exist; the
+	// traffic bound to it is refused (see translator.boundWaypoint).
 	ReasonGatewayNotFound = "GatewayNotFound"
-	// ReasonNotAWaypoint: the Gateway is not of the waypoint class, or
-	// that class is missing, not amesh's or not accepted.
+	// ReasonNotAWaypoint: the Gateway is not of the waypoint class.
 	ReasonNotAWaypoint = "NotAWaypoint"
 	// ReasonWaypointForMismatch: the waypoint does not serve that kind of
 	// traffic (its amesh.dev/waypoint-for label).
 	ReasonWaypointForMismatch = "WaypointForMismatch"
 	// ReasonWaypointUnavailable: the Gateway is of the waypoint class,
-	// but that class is missing, not amesh's or not accepted, so no
-	// waypoint runs for it: the traffic bound to it is refused.
+	// but it is being deleted, or that class is missing, not amesh's or
+	// not accepted, so no waypoint runs for it: the traffic bound to it is
+	// refused.
 	ReasonWaypointUnavailable = "WaypointUnavailable"
 )
 
@@ -55,10 +56,9 @@ type BindingProblem struct {
 func (t *translator) explainBinding(b binding, services bool) (w *waypoint, reason, msg string) {
 	w = t.boundWaypoint(b.key)
 	switch {
-	case w != nil && w.unavailable && (services && w.servesServices() || !services && w.servesWorkloads()):
-		return nil, ReasonWaypointUnavailable, fmt.Sprintf("Gateway %s is not a waypoint amesh runs (%s): traffic bound to it is refused until it is",
-			b.key, t.notWaypointClass)
-	case w != nil && services && w.servesServices(), w != nil && !services && w.servesWorkloads():
+	case w != nil && w.unavailable && w.serving(services):
+		return nil, w.reason, w.unavailableMessage()
+	case w != nil && w.serving(services):
 		return w, ReasonBound, fmt.Sprintf("bound to waypoint %s", b.key)
 	case w != nil:
 		what := "services"
@@ -67,10 +67,8 @@ func (t *translator) explainBinding(b binding, services bool) (w *waypoint, reas
 		}
 		return nil, ReasonWaypointForMismatch, fmt.Sprintf("waypoint %s does not serve %s (%s=%s): traffic does not go through it",
 			b.key, what, label.WaypointFor, w.serves)
-	case t.gateways[b.key] != nil:
-		return nil, ReasonNotAWaypoint, t.notAWaypoint(b.key)
 	}
-	return nil, ReasonGatewayNotFound, fmt.Sprintf("waypoint Gateway %s not found: traffic does not go through a waypoint", b.key)
+	return nil, ReasonNotAWaypoint, t.notAWaypoint(b.key)
 }
 
 // serviceStatuses computes the WaypointBound condition of every Service

@@ -342,6 +342,11 @@ func (t *translator) parentVerdict(ns string, ref gwv1.ParentReference) (v paren
 	}
 	key := t.serviceKey(pns, name)
 	w := t.serviceWaypoints[key]
+	if rw := t.refusedServices[key]; rw != nil {
+		v.reason = ReasonWaypointUnavailable
+		v.msg = fmt.Sprintf("Service %s/%s: %s; the route is not applied", pns, name, rw.unavailableMessage())
+		return v, true
+	}
 	if w == nil {
 		v.reason = ReasonWaypointRequired
 		v.msg = fmt.Sprintf("Service %s/%s is not bound to a waypoint that serves services, and amesh applies routes at waypoints: "+

@@ -51,7 +51,9 @@ func (t *translator) translateServices() []*pb.Service {
 		}
 		if w := t.serviceWaypoint(s); w != nil {
 			r.Waypoint = w.address
-			if !w.unavailable { // nobody to configure, no policy enforced
+			if w.unavailable { // nobody to configure, no policy enforced
+				t.refusedServices[t.serviceKey(s.Namespace, s.Name)] = w
+			} else {
 				t.serviceWaypoints[t.serviceKey(s.Namespace, s.Name)] = w
 			}
 		}

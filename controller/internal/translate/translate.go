@@ -368,7 +368,9 @@ type translator struct {
 	// waypoints (the class is missing, not amesh's or not accepted);
 	// empty when they are. They are then in unavailable instead.
 	notWaypointClass string
-	unavailable      map[string]*waypoint
+	// unavailable holds the Gateways of the waypoint class that nobody
+	// runs (see waypoint.unavailable), by "<ns>/<name>".
+	unavailable map[string]*waypoint
 	// gateways holds every Gateway by "<ns>/<name>".
 	gateways map[string]*gwv1.Gateway
 	// ReplicaSets and Deployments by UID.
@@ -378,6 +380,9 @@ type translator struct {
 	perSA map[string][]*waypoint
 	// serviceWaypoints maps a bound service's resource name to its waypoint.
 	serviceWaypoints map[string]*waypoint
+	// refusedServices maps a service bound to an unavailable waypoint
+	// (its traffic is refused) to that waypoint.
+	refusedServices map[string]*waypoint
 	// apSelectors indexes WORKLOAD-scope authorizations by namespace and
 	// by their smallest "<key>=<value>"; those of the root namespace
 	// select in every namespace.
@@ -442,6 +447,7 @@ func newTranslator(cfg Config, full *Input) *translator {
 		deployments:      make(map[types.UID]*appsv1.Deployment, len(in.Deployments)),
 		perSA:            map[string][]*waypoint{},
 		serviceWaypoints: map[string]*waypoint{},
+		refusedServices:  map[string]*waypoint{},
 		apSelectors:      map[string]map[string][]apSelector{},
 		apRoot:           map[string][]apSelector{},
 		endpointPorts:    map[string]map[string][]*pb.Port{},

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 
 	pb "github.com/amesh-dev/amesh/api/discovery/v1"
 	corev1 "k8s.io/api/core/v1"
@@ -18,10 +19,19 @@ import (
 // waypoint is a Gateway of the waypoint class, while that class is amesh's
 // and accepted; else an unavailable one (see translator.unavailable).
 type waypoint struct {
+	// ns and name name the Gateway.
+	ns, name string
+	// gw is the Gateway; nil for the stand-in of a missing one.
 	gw *gwv1.Gateway
-	// unavailable: the class is not amesh's (missing, another
-	// controller's, being deleted, not accepted), so nobody runs it.
+	// unavailable: nobody runs this waypoint — its Gateway is missing or
+	// being deleted, or its class is not amesh's (missing, another
+	// controller's, being deleted, not accepted) — so traffic bound to it
+	// is refused (see unavailableAddress).
 	unavailable bool
+	// reason and why say why an unavailable waypoint is: the binding
+	// status reason (ReasonGatewayNotFound or ReasonWaypointUnavailable)
+	// and a phrase for its message.
+	reason, why string
 	// serves is the waypoint-for value: service, workload, all or none.
 	serves string
 	// serviceAccount is the for-service-account annotation, if any.
@@ -29,7 +39,27 @@ type waypoint struct {
 	address        *pb.GatewayAddress
 }
 
-func (w *waypoint) key() string { return w.gw.Namespace + "/" + w.gw.Name }
+func (w *waypoint) key() string { return w.ns + "/" + w.name }
+
+// serving reports whether the waypoint takes that kind of traffic
+// (services, else workloads).
+func (w *waypoint) serving(services bool) bool {
+	if services {
+		return w.servesServices()
+	}
+	return w.servesWorkloads()
+}
+
+// unavailableMessage is the binding status message of an unavailable
+// waypoint.
+func (w *waypoint) unavailableMessage() string {
+	if w.reason == ReasonGatewayNotFound {
+		return fmt.Sprintf("waypoint Gateway %s not found: traffic bound to it is refused, never sent around it; "+
+			"create the waypoint, or set %s=%s to send the traffic directly", w.key(), label.UseWaypoint, label.UseWaypointNone)
+	}
+	return fmt.Sprintf("Gateway %s is not a waypoint amesh runs (%s): traffic bound to it is refused, never sent around it",
+		w.key(), w.why)
+}
 
 // servesServices and servesWorkloads say which traffic the waypoint takes.
 func (w *waypoint) servesServices() bool {
@@ -48,18 +78,15 @@ func (t *translator) indexWaypoints() {
 		}
 	}
 	if ok, why := gatewayclass.Waypoint(class, t.cfg.WaypointClass, t.cfg.WaypointController); !ok {
-		// The deployer runs none of them, so they are not waypoints: no
-		// configuration, identity or root certificate for them, their
-		// pods are ordinary workloads. Traffic bound to one still goes
-		// to it and is refused (fail-closed: an address-less waypoint
-		// has no pods), rather than bypassing its policies.
 		t.notWaypointClass = why
 	}
 	for _, gw := range t.in.Gateways {
-		if string(gw.Spec.GatewayClassName) != t.cfg.WaypointClass || gw.DeletionTimestamp != nil {
+		if string(gw.Spec.GatewayClassName) != t.cfg.WaypointClass {
 			continue
 		}
 		w := &waypoint{
+			ns:             gw.Namespace,
+			name:           gw.Name,
 			gw:             gw,
 			serves:         gw.Labels[label.WaypointFor],
 			serviceAccount: gw.Annotations[label.ForServiceAccount],
@@ -69,38 +96,45 @@ func (t *translator) indexWaypoints() {
 		default:
 			w.serves = label.WaypointForService
 		}
-		w.address = &pb.GatewayAddress{
-			Service:   t.serviceKey(gw.Namespace, gw.Name),
-			HbonePort: label.HBONEPort,
-			Gateway:   w.key(),
-		}
-		if t.notWaypointClass != "" {
-			w.unavailable = true
-			t.unavailable[w.key()] = w
-			if w.serviceAccount != "" && w.serves != label.WaypointForNone {
-				k := gw.Namespace + "/" + w.serviceAccount
-				t.perSA[k] = append(t.perSA[k], w)
-			}
+		if gw.DeletionTimestamp != nil {
+			// On its way out: bindings to it are refused as if it were
+			// gone (the deployer no longer runs it), and it claims no
+			// service account (nor does the deployer count it).
+			t.setUnavailable(w, ReasonWaypointUnavailable, "it is being deleted")
 			continue
 		}
-		// The address is that of the deployer's Service (named after the
-		// Gateway and owned by it), else the one in the Gateway status.
-		if svc := t.svcByName[gw.Namespace+"/"+gw.Name]; svc != nil && ownedBy(svc, "Gateway", gw.UID) {
-			if a := parseIP(svc.Spec.ClusterIP); a != nil {
-				w.address.Address = a
+		if t.notWaypointClass != "" {
+			// The deployer runs none of them, so they are not waypoints:
+			// no configuration, identity or root certificate for them,
+			// their pods are ordinary workloads. Traffic bound to one
+			// is refused rather than bypassing its policies.
+			t.setUnavailable(w, ReasonWaypointUnavailable, t.notWaypointClass)
+		} else {
+			w.address = &pb.GatewayAddress{
+				Service:   t.serviceKey(gw.Namespace, gw.Name),
+				HbonePort: label.HBONEPort,
+				Gateway:   w.key(),
 			}
-		}
-		if w.address.Address == nil {
-			for _, a := range gw.Status.Addresses {
-				if a.Type == nil || *a.Type == gwv1.IPAddressType {
-					if ip := parseIP(a.Value); ip != nil {
-						w.address.Address = ip
-						break
+			// The address is that of the deployer's Service (named after
+			// the Gateway and owned by it), else the one in the Gateway
+			// status.
+			if svc := t.svcByName[gw.Namespace+"/"+gw.Name]; svc != nil && ownedBy(svc, "Gateway", gw.UID) {
+				if a := parseIP(svc.Spec.ClusterIP); a != nil {
+					w.address.Address = a
+				}
+			}
+			if w.address.Address == nil {
+				for _, a := range gw.Status.Addresses {
+					if a.Type == nil || *a.Type == gwv1.IPAddressType {
+						if ip := parseIP(a.Value); ip != nil {
+							w.address.Address = ip
+							break
+						}
 					}
 				}
 			}
+			t.waypoints[w.key()] = w
 		}
-		t.waypoints[w.key()] = w
 		if w.serviceAccount != "" && w.serves != label.WaypointForNone {
 			k := gw.Namespace + "/" + w.serviceAccount
 			t.perSA[k] = append(t.perSA[k], w)
@@ -219,12 +253,59 @@ func (t *translator) serviceWaypoint(svc *corev1.Service) *waypoint {
 }
 
 // boundWaypoint is the waypoint a binding to key sends traffic to: a
-// waypoint, else an unavailable one (traffic refused), else nil.
+// waypoint, else an unavailable one (traffic refused), else nil when the
+// Gateway exists but is not of the waypoint class.
+//
+// A binding to a Gateway that does not exist is refused too: the label says
+// that the traffic goes through a waypoint, and a missing one (not created
+// yet, or deleted and about to be re-created) must not let it bypass the
+// waypoint's policies. Which traffic the missing waypoint would take is
+// unknown, so it is taken to take all; the operator removes the label or
+// sets it to none to send traffic directly. A missing Gateway claims no
+// service account.
 func (t *translator) boundWaypoint(key string) *waypoint {
 	if w := t.waypoints[key]; w != nil {
 		return w
 	}
-	return t.unavailable[key]
+	if w := t.unavailable[key]; w != nil {
+		return w
+	}
+	if t.gateways[key] != nil {
+		return nil
+	}
+	ns, name, _ := strings.Cut(key, "/")
+	w := &waypoint{ns: ns, name: name, serves: label.WaypointForAll}
+	t.markUnavailable(w, ReasonGatewayNotFound, "the Gateway does not exist")
+	return w
+}
+
+// setUnavailable records w as an unavailable waypoint.
+func (t *translator) setUnavailable(w *waypoint, reason, why string) {
+	t.markUnavailable(w, reason, why)
+	t.unavailable[w.key()] = w
+}
+
+// markUnavailable makes w an unavailable waypoint: its address is one no
+// pod implements, so that ztunnel refuses the traffic bound to it.
+func (t *translator) markUnavailable(w *waypoint, reason, why string) {
+	w.unavailable, w.reason, w.why = true, reason, why
+	w.address = &pb.GatewayAddress{
+		Service:   unavailableService(w.ns, w.name),
+		HbonePort: label.HBONEPort,
+		Gateway:   w.key(),
+	}
+}
+
+// unavailableService is the service an unavailable waypoint's address
+// names: one that no Service resource can be (their hostnames are
+// <name>.<ns>.svc.<cluster domain>), so that the data plane finds no
+// waypoint pod for it and refuses the traffic. Naming the Service a
+// waypoint would have (<gw>.<ns>.svc…) would let anyone who may create a
+// Service of that name in the Gateway's namespace make their pods the
+// waypoint: ztunnel would send them the bound traffic and admit them past
+// the bound workloads' L4 policies.
+func unavailableService(ns, name string) string {
+	return ns + "/" + name + ".unavailable-waypoint.invalid"
 }
 
 // workloadWaypoint returns the waypoint that traffic addressed to the pod
@@ -276,12 +357,8 @@ func parseIP(s string) []byte {
 // notAWaypoint explains why the Gateway gw ("<ns>/<name>", which exists)
 // is not a waypoint.
 func (t *translator) notAWaypoint(key string) string {
-	gw := t.gateways[key]
-	if gw != nil && string(gw.Spec.GatewayClassName) == t.cfg.WaypointClass && t.notWaypointClass != "" {
-		return fmt.Sprintf("Gateway %s is not a waypoint: %s", key, t.notWaypointClass)
-	}
-	if gw != nil && gw.DeletionTimestamp != nil {
-		return fmt.Sprintf("Gateway %s is being deleted", key)
+	if w := t.unavailable[key]; w != nil {
+		return fmt.Sprintf("Gateway %s is not a waypoint: %s", key, w.why)
 	}
 	return fmt.Sprintf("Gateway %s is not a waypoint (its class is not %s)", key, t.cfg.WaypointClass)
 }

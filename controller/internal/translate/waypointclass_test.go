@@ -1,6 +1,7 @@
 package translate
 
 import (
+	pb "github.com/amesh-dev/amesh/api/discovery/v1"
 	"strings"
 	"testing"
 
@@ -94,6 +95,72 @@ func TestWaypointNeedsItsClass(t *testing.T) {
 				}
 				if reason != wantReason || !strings.Contains(msg, tc.why) {
 					t.Errorf("WaypointBound %s %q, want %s saying %q", reason, msg, wantReason, tc.why)
+				}
+			}
+		})
+	}
+}
+
+// TestBindingOutlivesItsGateway: a use-waypoint binding is refused, never
+// sent around the waypoint, while its Gateway is being deleted or missing
+// (kubectl waypoint delete, then apply), and bound again once it is back;
+// a long-lived Translator follows it.
+func TestBindingOutlivesItsGateway(t *testing.T) {
+	base := loadInput(t, "testdata/waypoint-gone.in.yaml")
+	now := metav1.Now()
+	live := base.Gateways[0].DeepCopy()
+	if live.Namespace+"/"+live.Name != "app/waypoint" {
+		t.Fatalf("first Gateway of the input is %s/%s", live.Namespace, live.Name)
+	}
+	live.DeletionTimestamp, live.Finalizers = nil, nil
+	deleting := live.DeepCopy()
+	deleting.DeletionTimestamp = &now
+	tr := NewTranslator(Config{})
+	for _, tc := range []struct {
+		name    string
+		gw      *gwv1.Gateway
+		reason  string
+		address bool
+	}{
+		{"running", live, ReasonBound, true},
+		{"being deleted", deleting, ReasonWaypointUnavailable, false},
+		{"gone", nil, ReasonGatewayNotFound, false},
+		{"re-created", live, ReasonBound, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			in := *base
+			in.Gateways = append([]*gwv1.Gateway(nil), base.Gateways[1:]...)
+			if tc.gw != nil {
+				in.Gateways = append(in.Gateways, tc.gw)
+			}
+			for _, out := range []*Output{Translate(Config{}, &in), tr.Translate(&in)} {
+				var svc *pb.Service
+				for _, s := range out.Services {
+					if s.Namespace == "app" && s.Name == "reviews" {
+						svc = s
+					}
+				}
+				if svc.GetWaypoint().GetGateway() != "app/waypoint" {
+					t.Fatalf("reviews: waypoint %v, want bound to app/waypoint whatever happens to it", svc.GetWaypoint())
+				}
+				wantService := "app/waypoint.app.svc.cluster.local"
+				if !tc.address {
+					wantService = "app/waypoint.unavailable-waypoint.invalid"
+				}
+				if got := svc.GetWaypoint().GetService(); got != wantService {
+					t.Errorf("reviews: waypoint service %q, want %q", got, wantService)
+				}
+				var reason string
+				for _, s := range out.ServiceStatuses {
+					if s.Namespace == "app" && s.Name == "reviews" && len(s.Conditions) == 1 {
+						reason = s.Conditions[0].Reason
+					}
+				}
+				if reason != tc.reason {
+					t.Errorf("reviews: WaypointBound reason %q, want %q", reason, tc.reason)
+				}
+				if (len(out.WaypointServices) > 0) != tc.address {
+					t.Errorf("%d WaypointServices, want some: %v", len(out.WaypointServices), tc.address)
 				}
 			}
 		})

@@ -59,6 +59,8 @@ func (t *translator) targets(ns string, refs []v1alpha1.PolicyTargetReference) t
 			switch {
 			case t.svcByName[ns+"/"+r.Name] == nil:
 				ts.unresolved = append(ts.unresolved, fmt.Sprintf("Service %s not found", r.Name))
+			case t.refusedServices[key] != nil:
+				ts.unresolved = append(ts.unresolved, fmt.Sprintf("Service %s: %s", r.Name, t.refusedServices[key].unavailableMessage()))
 			case t.serviceWaypoints[key] == nil:
 				ts.unresolved = append(ts.unresolved, fmt.Sprintf("Service %s is not bound to a waypoint that serves services", r.Name))
 			default:

@@ -21,7 +21,8 @@ func (r *root) deleteCommand() *cobra.Command {
 		Short: "Delete waypoints (default: the one named \"waypoint\")",
 		Long: `Delete waypoints of a namespace: the ones named, every one with --all, or the
 one named "waypoint". What amesh deployed for them goes with them. Labels that
-bind namespaces or services to a deleted waypoint are reported, not removed.`,
+bind namespaces or services to a deleted waypoint are reported, not removed:
+the traffic they bind is refused until the waypoint is back or they go.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if all && len(args) > 0 {
 				return errors.New("name waypoints or pass --all, not both")
@@ -90,14 +91,15 @@ func (r *root) delete(ctx context.Context, names []string, all bool) error {
 func (r *root) warnDangling(ctx context.Context, s *session, g *gwv1.Gateway) {
 	var n corev1.Namespace
 	if err := s.c.Get(ctx, client.ObjectKey{Name: g.Namespace}, &n); err == nil && boundHere(n.Labels, n.Name, g) {
-		r.warn("namespace %s is still bound to the deleted waypoint %s; unbind it with: kubectl label namespace %s %s-",
-			n.Name, g.Name, n.Name, label.UseWaypoint)
+		r.warn("namespace %s is still bound to the deleted waypoint %s: its traffic is refused until the waypoint is back; "+
+			"to send it directly instead: kubectl label namespace %s %s-", n.Name, g.Name, n.Name, label.UseWaypoint)
 	}
 	var svcs corev1.ServiceList
 	if err := s.c.List(ctx, &svcs, client.InNamespace(g.Namespace), client.MatchingLabels{label.UseWaypoint: g.Name}); err == nil {
 		for _, svc := range svcs.Items {
 			if boundHere(svc.Labels, svc.Namespace, g) {
-				r.warn("service %s/%s is still bound to the deleted waypoint %s", svc.Namespace, svc.Name, g.Name)
+				r.warn("service %s/%s is still bound to the deleted waypoint %s: its traffic is refused until the waypoint is back; "+
+					"to send it directly instead: kubectl label service -n %s %s %s-", svc.Namespace, svc.Name, g.Name, svc.Namespace, svc.Name, label.UseWaypoint)
 			}
 		}
 	}

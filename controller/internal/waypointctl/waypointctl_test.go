@@ -507,8 +507,10 @@ func TestPlugin(t *testing.T) {
 		r = p.ok("delete", "-n", "shop")
 		contains(t, "delete of the default waypoint", r.out, "waypoint shop/waypoint deleted")
 		contains(t, "dangling bindings", r.errOut,
-			"Warning: namespace shop is still bound to the deleted waypoint waypoint; unbind it with: kubectl label namespace shop amesh.dev/use-waypoint-",
-			"Warning: service shop/ratings is still bound to the deleted waypoint waypoint")
+			"Warning: namespace shop is still bound to the deleted waypoint waypoint: its traffic is refused until the waypoint is back; "+
+				"to send it directly instead: kubectl label namespace shop amesh.dev/use-waypoint-",
+			"Warning: service shop/ratings is still bound to the deleted waypoint waypoint: its traffic is refused until the waypoint is back; "+
+				"to send it directly instead: kubectl label service -n shop ratings amesh.dev/use-waypoint-")
 		p.fails("waypoint shop/nope not found", "delete", "-n", "shop", "nope")
 		p.fails("name waypoints or pass --all, not both", "delete", "-n", "shop", "--all", "x")
 
