@@ -165,6 +165,9 @@ func (a *Authorizer) Identify(ctx context.Context) (*Role, error) {
 	if ok, why := gatewayclass.Waypoint(gc, a.opts.WaypointClass, a.opts.WaypointController); !ok {
 		return nil, errorf(codes.PermissionDenied, "%s: Gateway %s/%s is not a waypoint: %s", c, c.Namespace, gw, why)
 	}
+	if v := gatewayclass.CheckGateway(g); !v.Accepted {
+		return nil, errorf(codes.PermissionDenied, "%s: Gateway %s/%s is not a waypoint: it is not accepted: %s", c, c.Namespace, gw, v.Message)
+	}
 	if err := a.waypointOwned(ctx, c, pod, g); err != nil {
 		return nil, err
 	}

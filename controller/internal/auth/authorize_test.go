@@ -26,9 +26,9 @@ import (
 // Gateway — controlled through its ReplicaSet by the Deployment the
 // Gateway controls, with a pod-bound token — is identified as that
 // waypoint only while the Gateway's class exists, names amesh's
-// controller, is not being deleted and is accepted; otherwise it is
-// refused (PermissionDenied) like any other pod, as the deployer would not
-// run it.
+// controller, is not being deleted and is accepted, and while the Gateway
+// itself is accepted (gatewayclass.CheckGateway); otherwise it is refused
+// (PermissionDenied) like any other pod, as the deployer would not run it.
 func TestWaypointNeedsItsClass(t *testing.T) {
 	k := kubetest.Start(t, kubetest.Options{})
 	s := runtime.NewScheme()
@@ -156,5 +156,38 @@ func TestWaypointNeedsItsClass(t *testing.T) {
 				t.Fatalf("Identify = %v, %v; want PermissionDenied saying %q", role, err, tc.why)
 			}
 		})
+	}
+
+	// The class is amesh's; the Gateway itself is rejected (spec.addresses),
+	// then fixed.
+	setAddresses := func(addrs []gwv1.GatewaySpecAddress) {
+		t.Helper()
+		if err := c.Get(ctx, client.ObjectKeyFromObject(gw), gw); err != nil {
+			t.Fatal(err)
+		}
+		gw.Spec.Addresses = addrs
+		if err := c.Update(ctx, gw); err != nil {
+			t.Fatal(err)
+		}
+	}
+	setAddresses([]gwv1.GatewaySpecAddress{{Type: new(gwv1.IPAddressType), Value: "10.0.0.1"}})
+	within := func(ok func(*Role, error) bool) (*Role, error) {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			role, err := a.Identify(call)
+			if ok(role, err) || time.Now().After(deadline) {
+				return role, err
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	if role, err := within(func(_ *Role, err error) bool { return status.Code(err) == codes.PermissionDenied }); status.Code(err) != codes.PermissionDenied ||
+		!strings.Contains(err.Error(), "spec.addresses is not supported") {
+		t.Fatalf("Gateway with spec.addresses: Identify = %v, %v; want PermissionDenied saying why", role, err)
+	}
+	setAddresses(nil)
+	if role, err := within(func(_ *Role, err error) bool { return err == nil }); err != nil || role.Kind != Waypoint {
+		t.Fatalf("Gateway fixed: Identify = %v, %v; want the waypoint", role, err)
 	}
 }

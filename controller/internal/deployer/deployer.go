@@ -185,7 +185,14 @@ func (d *Deployer) reconcileGateway(ctx context.Context, req reconcile.Request) 
 		if err := d.c.List(ctx, &siblings, client.InNamespace(gw.Namespace)); err != nil {
 			return reconcile.Result{}, fmt.Errorf("deployer: list gateways in %s: %w", gw.Namespace, err)
 		}
-		o.forSA = forServiceAccount(&gw, siblings.Items, d.opts.Class)
+		var unavailable string
+		switch {
+		case !v.deploy():
+			unavailable = "it is not accepted: " + v.accepted.message
+		case o.conflict != "":
+			unavailable = o.conflict
+		}
+		o.forSA = forServiceAccount(&gw, siblings.Items, d.opts.Class, unavailable)
 	}
 
 	st := gatewayStatus(&gw, v, o, d.now())

@@ -9,7 +9,6 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/util/validation"
 	metav1ac "k8s.io/client-go/applyconfigurations/meta/v1"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 	gwac "sigs.k8s.io/gateway-api/applyconfiguration/apis/v1"
@@ -17,9 +16,6 @@ import (
 	"github.com/amesh-dev/amesh/controller/internal/gatewayclass"
 	"github.com/amesh-dev/amesh/controller/internal/label"
 )
-
-// ProtocolHBONE is the protocol of a waypoint's listener.
-const ProtocolHBONE gwv1.ProtocolType = "HBONE"
 
 // ConditionForServiceAccount is the Gateway condition type that says
 // whether a waypoint annotated amesh.dev/for-service-account serves that
@@ -30,6 +26,10 @@ const (
 	ReasonServing              = "Serving"
 	ReasonConflicted           = "Conflicted"
 	ReasonNotServing           = "NotServing"
+	// ReasonWaypointUnavailable: the waypoint claims the service account
+	// but cannot run (not accepted, or blocked by another object of its
+	// name); the workloads' traffic is refused.
+	ReasonWaypointUnavailable = "WaypointUnavailable"
 )
 
 // cond is a condition before it becomes an apply configuration.
@@ -52,91 +52,17 @@ type listenerVerdict struct {
 type verdict struct {
 	accepted  cond
 	listeners []listenerVerdict
-	// notes are remarks added to the Accepted message (e.g. an unknown
-	// waypoint-for value).
-	notes []string
 }
 
 func (v verdict) deploy() bool { return v.accepted.status }
 
-// evaluate checks a waypoint Gateway against what amesh implements.
+// evaluate checks a waypoint Gateway against what amesh implements, by the
+// rule the translator and the authorizer share (gatewayclass.CheckGateway).
 func evaluate(gw *gwv1.Gateway) verdict {
-	var v verdict
-	for _, l := range gw.Spec.Listeners {
-		v.listeners = append(v.listeners, checkListener(l))
-	}
-	invalid := func(reason gwv1.GatewayConditionReason, format string, a ...any) verdict {
-		v.accepted = cond{string(gwv1.GatewayConditionAccepted), false, string(reason), fmt.Sprintf(format, a...)}
-		return v
-	}
-	if msgs := validation.IsDNS1035Label(gw.Name); len(msgs) > 0 {
-		return invalid(gwv1.GatewayReasonInvalid,
-			"a waypoint's name must be a DNS-1035 label because it names its Service: %s", strings.Join(msgs, "; "))
-	}
-	if len(gw.Spec.Addresses) > 0 {
-		return invalid(gwv1.GatewayReasonUnsupportedAddress,
-			"a waypoint's address is the cluster IP of its Service; spec.addresses is not supported")
-	}
-	if inf := gw.Spec.Infrastructure; inf != nil && inf.ParametersRef != nil {
-		return invalid(gwv1.GatewayReasonInvalidParameters,
-			"amesh waypoints take no parameters; remove spec.infrastructure.parametersRef (%s %s)", inf.ParametersRef.Kind, inf.ParametersRef.Name)
-	}
-	if sa, ok := gw.Annotations[label.ForServiceAccount]; ok {
-		if msgs := validation.IsDNS1123Subdomain(sa); len(msgs) > 0 {
-			return invalid(gwv1.GatewayReasonInvalid, "annotation %s=%q is not a service account name: %s",
-				label.ForServiceAccount, sa, strings.Join(msgs, "; "))
-		}
-	}
-	switch f, ok := gw.Labels[label.WaypointFor]; {
-	case !ok:
-	case f == label.WaypointForService, f == label.WaypointForWorkload, f == label.WaypointForAll, f == label.WaypointForNone:
-	default:
-		v.notes = append(v.notes, fmt.Sprintf("label %s=%q is not service, workload, all or none: the waypoint serves %q",
-			label.WaypointFor, f, label.WaypointForService))
-	}
-
-	var good int
-	var bad []string
-	for _, l := range v.listeners {
-		if l.ok {
-			good++
-		} else {
-			bad = append(bad, string(l.name))
-		}
-	}
-	switch {
-	case good == 0:
-		return invalid(gwv1.GatewayReasonListenersNotValid,
-			"a waypoint needs the listener {name: mesh, port: %d, protocol: %s}", portHBONE, ProtocolHBONE)
-	case len(bad) > 0:
-		v.accepted = cond{string(gwv1.GatewayConditionAccepted), true, string(gwv1.GatewayReasonListenersNotValid),
-			fmt.Sprintf("listeners %s are not valid and are ignored; the waypoint serves HBONE on %d", strings.Join(bad, ", "), portHBONE)}
-	default:
-		v.accepted = cond{string(gwv1.GatewayConditionAccepted), true, string(gwv1.GatewayReasonAccepted), "the waypoint is accepted"}
-	}
-	if len(v.notes) > 0 {
-		v.accepted.message += "; " + strings.Join(v.notes, "; ")
-	}
-	return v
-}
-
-// checkListener accepts only HBONE on 15008.
-func checkListener(l gwv1.Listener) listenerVerdict {
-	v := listenerVerdict{name: l.Name}
-	switch {
-	case l.Protocol != ProtocolHBONE:
-		v.reason = gwv1.ListenerReasonUnsupportedProtocol
-		v.msg = fmt.Sprintf("protocol %s is not supported by waypoints: use %s on port %d", l.Protocol, ProtocolHBONE, portHBONE)
-	case l.Port != portHBONE:
-		v.reason = gwv1.ListenerReasonPortUnavailable
-		v.msg = fmt.Sprintf("waypoints serve %s on port %d only, not %d", ProtocolHBONE, portHBONE, l.Port)
-	case l.TLS != nil:
-		v.reason = gwv1.ListenerReasonUnsupportedValue
-		v.msg = fmt.Sprintf("%s listeners take no tls: the mesh identity secures them", ProtocolHBONE)
-	default:
-		v.ok = true
-		v.reason = gwv1.ListenerReasonAccepted
-		v.msg = "the listener is accepted"
+	cv := gatewayclass.CheckGateway(gw)
+	v := verdict{accepted: cond{string(gwv1.GatewayConditionAccepted), cv.Accepted, string(cv.Reason), cv.Message}}
+	for _, l := range cv.Listeners {
+		v.listeners = append(v.listeners, listenerVerdict{name: l.Name, ok: l.OK, reason: l.Reason, msg: l.Message})
 	}
 	return v
 }
@@ -263,8 +189,11 @@ func truncate(s string, n int) string {
 
 // forServiceAccount decides the per-service-account condition of gw among
 // the waypoints of its namespace: the oldest claimant (then by name) wins,
-// as the translator decides.
-func forServiceAccount(gw *gwv1.Gateway, siblings []gwv1.Gateway, class string) *cond {
+// as the translator decides, whether or not it can be deployed: a claimant
+// that cannot (unavailable says why) keeps its claim, and the translator
+// refuses the service account's traffic rather than let it bypass the
+// waypoint.
+func forServiceAccount(gw *gwv1.Gateway, siblings []gwv1.Gateway, class, unavailable string) *cond {
 	sa, ok := gw.Annotations[label.ForServiceAccount]
 	if !ok {
 		return nil
@@ -289,6 +218,11 @@ func forServiceAccount(gw *gwv1.Gateway, siblings []gwv1.Gateway, class string) 
 	if w := claims[0]; w.Name != gw.Name {
 		return &cond{ConditionForServiceAccount, false, ReasonConflicted,
 			fmt.Sprintf("service account %s is already served by the older waypoint %s; this waypoint does not serve its workloads", sa, w.Name)}
+	}
+	if unavailable != "" {
+		return &cond{ConditionForServiceAccount, false, ReasonWaypointUnavailable,
+			fmt.Sprintf("the waypoint cannot run (%s): the traffic of the workloads running as service account %s "+
+				"is refused until it can (or loses the annotation %s)", unavailable, sa, label.ForServiceAccount)}
 	}
 	msg := fmt.Sprintf("the waypoint serves the workloads running as service account %s", sa)
 	if len(claims) > 1 {

@@ -180,7 +180,11 @@ func TestForServiceAccount(t *testing.T) {
 	gone := mk("gone", "reviews", t0.Add(-time.Hour), func(g *gwv1.Gateway) { g.DeletionTimestamp = ptrTo(metav1.NewTime(t0)) })
 	foreign := mk("foreign", "reviews", t0.Add(-time.Hour), func(g *gwv1.Gateway) { g.Spec.GatewayClassName = "other" })
 	elsewhere := mk("elsewhere", "reviews", t0.Add(-time.Hour), func(g *gwv1.Gateway) { g.Namespace = "ns2" })
-	all := []gwv1.Gateway{old, young, twinA, twinB, other, none, gone, foreign, elsewhere}
+	rejected := mk("rejected", "orders", t0.Add(-2*time.Hour), func(g *gwv1.Gateway) {
+		g.Spec.Addresses = []gwv1.GatewaySpecAddress{{Value: "10.0.0.1"}}
+	})
+	young2 := mk("young2", "orders", t0.Add(-90*time.Minute), nil)
+	all := []gwv1.Gateway{old, young, twinA, twinB, other, none, gone, foreign, elsewhere, rejected, young2}
 
 	for _, tc := range []struct {
 		name   string
@@ -194,9 +198,16 @@ func TestForServiceAccount(t *testing.T) {
 		{"same second: name decides", twinB, &cond{status: false, reason: ReasonConflicted}, "twin-a"},
 		{"alone", other, &cond{status: true, reason: ReasonServing}, "details"},
 		{"waypoint-for none serves nothing", none, &cond{status: false, reason: ReasonNotServing}, "none"},
+		{"the claimant that wins is not accepted: its service account's traffic is refused", rejected,
+			&cond{status: false, reason: ReasonWaypointUnavailable}, "service account orders is refused"},
+		{"an older claimant that is not accepted still wins", young2, &cond{status: false, reason: ReasonConflicted}, "older waypoint rejected"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			got := forServiceAccount(&tc.gw, all, "amesh-waypoint")
+			var unavailable string
+			if v := evaluate(&tc.gw); !v.deploy() {
+				unavailable = v.accepted.message
+			}
+			got := forServiceAccount(&tc.gw, all, "amesh-waypoint", unavailable)
 			if tc.want == nil {
 				if got != nil {
 					t.Fatalf("got %+v, want none", got)

@@ -1,6 +1,7 @@
-// Package gatewayclass decides whether a GatewayClass is amesh's waypoint
-// class, so that the deployer, the translator and the discovery/CA
-// authorizer agree on which Gateways are waypoints.
+// Package gatewayclass decides which Gateways are amesh waypoints — whether
+// a GatewayClass is amesh's waypoint class (Waypoint) and whether a Gateway
+// of that class is one amesh runs (CheckGateway) — so that the deployer, the
+// translator and the discovery/CA authorizer agree on them.
 package gatewayclass
 
 import (

@@ -103,13 +103,24 @@ func (t *translator) indexWaypoints() {
 			t.setUnavailable(w, ReasonWaypointUnavailable, "it is being deleted")
 			continue
 		}
-		if t.notWaypointClass != "" {
-			// The deployer runs none of them, so they are not waypoints:
-			// no configuration, identity or root certificate for them,
-			// their pods are ordinary workloads. Traffic bound to one
-			// is refused rather than bypassing its policies.
+		verdict := gatewayclass.CheckGateway(gw)
+		svc := t.svcByName[gw.Namespace+"/"+gw.Name]
+		switch {
+		// The deployer runs none of these, so they are not waypoints: no
+		// configuration, identity or root certificate for them, their
+		// pods are ordinary workloads. Traffic bound to one is refused
+		// rather than bypassing its policies.
+		case t.notWaypointClass != "":
 			t.setUnavailable(w, ReasonWaypointUnavailable, t.notWaypointClass)
-		} else {
+		case !verdict.Accepted:
+			t.setUnavailable(w, ReasonWaypointUnavailable, "the Gateway is not accepted: "+verdict.Message)
+		case svc != nil && !ownedBy(svc, "Gateway", gw.UID):
+			// The deployer does not deploy over another object; and the
+			// waypoint's address must never resolve to someone else's
+			// Service, whose pods ztunnel would take for the waypoint.
+			t.setUnavailable(w, ReasonWaypointUnavailable, fmt.Sprintf(
+				"the Service %s/%s does not belong to the Gateway, so the waypoint cannot be deployed", gw.Namespace, gw.Name))
+		default:
 			w.address = &pb.GatewayAddress{
 				Service:   t.serviceKey(gw.Namespace, gw.Name),
 				HbonePort: label.HBONEPort,
@@ -118,7 +129,7 @@ func (t *translator) indexWaypoints() {
 			// The address is that of the deployer's Service (named after
 			// the Gateway and owned by it), else the one in the Gateway
 			// status.
-			if svc := t.svcByName[gw.Namespace+"/"+gw.Name]; svc != nil && ownedBy(svc, "Gateway", gw.UID) {
+			if svc != nil {
 				if a := parseIP(svc.Spec.ClusterIP); a != nil {
 					w.address.Address = a
 				}

@@ -1,0 +1,118 @@
+package gatewayclass
+
+import (
+	"fmt"
+	"strings"
+
+	"k8s.io/apimachinery/pkg/util/validation"
+	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+
+	"github.com/amesh-dev/amesh/controller/internal/label"
+)
+
+// ProtocolHBONE is the protocol of a waypoint's listener.
+const ProtocolHBONE gwv1.ProtocolType = "HBONE"
+
+// Listener is the judgement of one listener of a waypoint Gateway.
+type Listener struct {
+	Name    gwv1.SectionName
+	OK      bool
+	Reason  gwv1.ListenerConditionReason
+	Message string
+}
+
+// Verdict is what amesh makes of a Gateway of its waypoint class: whether
+// it runs it (Accepted), and the Accepted condition's reason and message.
+type Verdict struct {
+	Accepted  bool
+	Reason    gwv1.GatewayConditionReason
+	Message   string
+	Listeners []Listener
+}
+
+// CheckGateway judges a Gateway of the waypoint class against what amesh
+// implements (its class is judged by Waypoint). The deployer runs only the
+// Gateways it accepts and reports the verdict in their status; the
+// translator and the authorizer treat the others as waypoints nobody runs.
+// It is pure: the same Gateway always gets the same verdict.
+func CheckGateway(gw *gwv1.Gateway) Verdict {
+	var v Verdict
+	for _, l := range gw.Spec.Listeners {
+		v.Listeners = append(v.Listeners, checkListener(l))
+	}
+	invalid := func(reason gwv1.GatewayConditionReason, format string, a ...any) Verdict {
+		v.Accepted, v.Reason, v.Message = false, reason, fmt.Sprintf(format, a...)
+		return v
+	}
+	if msgs := validation.IsDNS1035Label(gw.Name); len(msgs) > 0 {
+		return invalid(gwv1.GatewayReasonInvalid,
+			"a waypoint's name must be a DNS-1035 label because it names its Service: %s", strings.Join(msgs, "; "))
+	}
+	if len(gw.Spec.Addresses) > 0 {
+		return invalid(gwv1.GatewayReasonUnsupportedAddress,
+			"a waypoint's address is the cluster IP of its Service; spec.addresses is not supported")
+	}
+	if inf := gw.Spec.Infrastructure; inf != nil && inf.ParametersRef != nil {
+		return invalid(gwv1.GatewayReasonInvalidParameters,
+			"amesh waypoints take no parameters; remove spec.infrastructure.parametersRef (%s %s)", inf.ParametersRef.Kind, inf.ParametersRef.Name)
+	}
+	if sa, ok := gw.Annotations[label.ForServiceAccount]; ok {
+		if msgs := validation.IsDNS1123Subdomain(sa); len(msgs) > 0 {
+			return invalid(gwv1.GatewayReasonInvalid, "annotation %s=%q is not a service account name: %s",
+				label.ForServiceAccount, sa, strings.Join(msgs, "; "))
+		}
+	}
+	var notes []string
+	switch f, ok := gw.Labels[label.WaypointFor]; {
+	case !ok:
+	case f == label.WaypointForService, f == label.WaypointForWorkload, f == label.WaypointForAll, f == label.WaypointForNone:
+	default:
+		notes = append(notes, fmt.Sprintf("label %s=%q is not service, workload, all or none: the waypoint serves %q",
+			label.WaypointFor, f, label.WaypointForService))
+	}
+
+	var good int
+	var bad []string
+	for _, l := range v.Listeners {
+		if l.OK {
+			good++
+		} else {
+			bad = append(bad, string(l.Name))
+		}
+	}
+	switch {
+	case good == 0:
+		return invalid(gwv1.GatewayReasonListenersNotValid,
+			"a waypoint needs the listener {name: mesh, port: %d, protocol: %s}", label.HBONEPort, ProtocolHBONE)
+	case len(bad) > 0:
+		v.Accepted, v.Reason = true, gwv1.GatewayReasonListenersNotValid
+		v.Message = fmt.Sprintf("listeners %s are not valid and are ignored; the waypoint serves HBONE on %d", strings.Join(bad, ", "), label.HBONEPort)
+	default:
+		v.Accepted, v.Reason, v.Message = true, gwv1.GatewayReasonAccepted, "the waypoint is accepted"
+	}
+	if len(notes) > 0 {
+		v.Message += "; " + strings.Join(notes, "; ")
+	}
+	return v
+}
+
+// checkListener accepts only HBONE on 15008.
+func checkListener(l gwv1.Listener) Listener {
+	v := Listener{Name: l.Name}
+	switch {
+	case l.Protocol != ProtocolHBONE:
+		v.Reason = gwv1.ListenerReasonUnsupportedProtocol
+		v.Message = fmt.Sprintf("protocol %s is not supported by waypoints: use %s on port %d", l.Protocol, ProtocolHBONE, label.HBONEPort)
+	case l.Port != label.HBONEPort:
+		v.Reason = gwv1.ListenerReasonPortUnavailable
+		v.Message = fmt.Sprintf("waypoints serve %s on port %d only, not %d", ProtocolHBONE, label.HBONEPort, l.Port)
+	case l.TLS != nil:
+		v.Reason = gwv1.ListenerReasonUnsupportedValue
+		v.Message = fmt.Sprintf("%s listeners take no tls: the mesh identity secures them", ProtocolHBONE)
+	default:
+		v.OK = true
+		v.Reason = gwv1.ListenerReasonAccepted
+		v.Message = "the listener is accepted"
+	}
+	return v
+}

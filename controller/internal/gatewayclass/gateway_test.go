@@ -1,0 +1,63 @@
+package gatewayclass
+
+import (
+	"strings"
+	"testing"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+)
+
+// TestCheckGateway: the rule the deployer, the translator and the
+// authorizer share. The deployer's status tests cover the listener details.
+func TestCheckGateway(t *testing.T) {
+	gateway := func(name string, mutate func(*gwv1.Gateway)) *gwv1.Gateway {
+		gw := &gwv1.Gateway{
+			ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: name},
+			Spec: gwv1.GatewaySpec{
+				GatewayClassName: class,
+				Listeners:        []gwv1.Listener{{Name: "mesh", Port: 15008, Protocol: "HBONE"}},
+			},
+		}
+		if mutate != nil {
+			mutate(gw)
+		}
+		return gw
+	}
+	for _, tc := range []struct {
+		name     string
+		gw       *gwv1.Gateway
+		accepted bool
+		reason   gwv1.GatewayConditionReason
+		msg      string
+	}{
+		{"waypoint", gateway("waypoint", nil), true, gwv1.GatewayReasonAccepted, "accepted"},
+		{"an extra listener is ignored", gateway("waypoint", func(g *gwv1.Gateway) {
+			g.Spec.Listeners = append(g.Spec.Listeners, gwv1.Listener{Name: "http", Port: 80, Protocol: gwv1.HTTPProtocolType})
+		}), true, gwv1.GatewayReasonListenersNotValid, "listeners http are not valid and are ignored"},
+		{"no HBONE listener on 15008", gateway("waypoint", func(g *gwv1.Gateway) { g.Spec.Listeners[0].Port = 15009 }),
+			false, gwv1.GatewayReasonListenersNotValid, "needs the listener"},
+		{"no listener", gateway("waypoint", func(g *gwv1.Gateway) { g.Spec.Listeners = nil }),
+			false, gwv1.GatewayReasonListenersNotValid, "needs the listener"},
+		{"not DNS-1035", gateway("wp.v2", nil), false, gwv1.GatewayReasonInvalid, "DNS-1035"},
+		{"addresses", gateway("waypoint", func(g *gwv1.Gateway) {
+			g.Spec.Addresses = []gwv1.GatewaySpecAddress{{Value: "10.0.0.1"}}
+		}), false, gwv1.GatewayReasonUnsupportedAddress, "spec.addresses"},
+		{"parameters", gateway("waypoint", func(g *gwv1.Gateway) {
+			g.Spec.Infrastructure = &gwv1.GatewayInfrastructure{ParametersRef: &gwv1.LocalParametersReference{Kind: "ConfigMap", Name: "p"}}
+		}), false, gwv1.GatewayReasonInvalidParameters, "ConfigMap p"},
+		{"service account annotation that is no name", gateway("waypoint", func(g *gwv1.Gateway) {
+			g.Annotations = map[string]string{"amesh.dev/for-service-account": "Not_A_Name"}
+		}), false, gwv1.GatewayReasonInvalid, "Not_A_Name"},
+		{"unknown waypoint-for is said", gateway("waypoint", func(g *gwv1.Gateway) {
+			g.Labels = map[string]string{"amesh.dev/waypoint-for": "everything"}
+		}), true, gwv1.GatewayReasonAccepted, `"everything" is not service, workload, all or none`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			v := CheckGateway(tc.gw)
+			if v.Accepted != tc.accepted || v.Reason != tc.reason || !strings.Contains(v.Message, tc.msg) {
+				t.Errorf("CheckGateway = %v/%s %q, want %v/%s containing %q", v.Accepted, v.Reason, v.Message, tc.accepted, tc.reason, tc.msg)
+			}
+		})
+	}
+}
