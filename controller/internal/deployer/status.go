@@ -26,6 +26,9 @@ const (
 	ReasonServing              = "Serving"
 	ReasonConflicted           = "Conflicted"
 	ReasonNotServing           = "NotServing"
+	// ReasonWaypointForMismatch: the waypoint claims the service account
+	// but its waypoint-for label says it serves no workload traffic.
+	ReasonWaypointForMismatch = "WaypointForMismatch"
 	// ReasonWaypointUnavailable: the waypoint claims the service account
 	// but cannot run (not accepted, or blocked by another object of its
 	// name); the workloads' traffic is refused.
@@ -198,15 +201,22 @@ func forServiceAccount(gw *gwv1.Gateway, siblings []gwv1.Gateway, class, unavail
 	if !ok {
 		return nil
 	}
-	if gw.Labels[label.WaypointFor] == label.WaypointForNone {
+	switch f := gatewayclass.Serves(gw); {
+	case f == label.WaypointForNone:
 		return &cond{ConditionForServiceAccount, false, ReasonNotServing,
 			fmt.Sprintf("label %s=none: the waypoint serves no workloads of service account %s", label.WaypointFor, sa)}
+	case !gatewayclass.ServesWorkloads(f):
+		// Reported, not resolved either way: the label decides.
+		return &cond{ConditionForServiceAccount, false, ReasonWaypointForMismatch,
+			fmt.Sprintf("label %s=%s: the waypoint does not serve workload-addressed traffic, so the workloads running as service account %s "+
+				"do not go through it; set the label to %s or %s (or remove it) for them to",
+				label.WaypointFor, f, sa, label.WaypointForWorkload, label.WaypointForAll)}
 	}
 	var claims []metav1.ObjectMeta
 	for i := range siblings {
 		s := &siblings[i]
 		if s.Namespace != gw.Namespace || string(s.Spec.GatewayClassName) != class || s.DeletionTimestamp != nil ||
-			s.Annotations[label.ForServiceAccount] != sa || s.Labels[label.WaypointFor] == label.WaypointForNone {
+			s.Annotations[label.ForServiceAccount] != sa || !gatewayclass.ServesWorkloads(gatewayclass.Serves(s)) {
 			continue
 		}
 		claims = append(claims, s.ObjectMeta)

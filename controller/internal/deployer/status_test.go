@@ -184,7 +184,10 @@ func TestForServiceAccount(t *testing.T) {
 		g.Spec.Addresses = []gwv1.GatewaySpecAddress{{Value: "10.0.0.1"}}
 	})
 	young2 := mk("young2", "orders", t0.Add(-90*time.Minute), nil)
-	all := []gwv1.Gateway{old, young, twinA, twinB, other, none, gone, foreign, elsewhere, rejected, young2}
+	forServices := mk("for-services", "reviews", t0.Add(-2*time.Hour), func(g *gwv1.Gateway) {
+		g.Labels = map[string]string{"amesh.dev/waypoint-for": "service"}
+	})
+	all := []gwv1.Gateway{old, young, twinA, twinB, other, none, gone, foreign, elsewhere, rejected, young2, forServices}
 
 	for _, tc := range []struct {
 		name   string
@@ -198,6 +201,8 @@ func TestForServiceAccount(t *testing.T) {
 		{"same second: name decides", twinB, &cond{status: false, reason: ReasonConflicted}, "twin-a"},
 		{"alone", other, &cond{status: true, reason: ReasonServing}, "details"},
 		{"waypoint-for none serves nothing", none, &cond{status: false, reason: ReasonNotServing}, "none"},
+		{"waypoint-for service does not serve the service account's workloads, nor claims it", forServices,
+			&cond{status: false, reason: ReasonWaypointForMismatch}, "does not serve workload-addressed traffic"},
 		{"the claimant that wins is not accepted: its service account's traffic is refused", rejected,
 			&cond{status: false, reason: ReasonWaypointUnavailable}, "service account orders is refused"},
 		{"an older claimant that is not accepted still wins", young2, &cond{status: false, reason: ReasonConflicted}, "older waypoint rejected"},

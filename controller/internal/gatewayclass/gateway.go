@@ -68,7 +68,7 @@ func CheckGateway(gw *gwv1.Gateway) Verdict {
 	case f == label.WaypointForService, f == label.WaypointForWorkload, f == label.WaypointForAll, f == label.WaypointForNone:
 	default:
 		notes = append(notes, fmt.Sprintf("label %s=%q is not service, workload, all or none: the waypoint serves %q",
-			label.WaypointFor, f, label.WaypointForService))
+			label.WaypointFor, f, Serves(gw)))
 	}
 
 	var good int
@@ -94,6 +94,28 @@ func CheckGateway(gw *gwv1.Gateway) Verdict {
 		v.Message += "; " + strings.Join(notes, "; ")
 	}
 	return v
+}
+
+// Serves is the traffic a waypoint Gateway serves: its waypoint-for label
+// (service, workload, all or none) when that is one of those; otherwise
+// service, or workload for a per-service-account waypoint (annotation
+// for-service-account), whose point is to take its service account's
+// workload traffic.
+func Serves(gw *gwv1.Gateway) string {
+	switch f := gw.Labels[label.WaypointFor]; f {
+	case label.WaypointForService, label.WaypointForWorkload, label.WaypointForAll, label.WaypointForNone:
+		return f
+	}
+	if _, ok := gw.Annotations[label.ForServiceAccount]; ok {
+		return label.WaypointForWorkload
+	}
+	return label.WaypointForService
+}
+
+// ServesWorkloads reports whether a waypoint-for value takes traffic
+// addressed to workloads.
+func ServesWorkloads(serves string) bool {
+	return serves == label.WaypointForWorkload || serves == label.WaypointForAll
 }
 
 // checkListener accepts only HBONE on 15008.

@@ -61,3 +61,27 @@ func TestCheckGateway(t *testing.T) {
 		})
 	}
 }
+
+// TestServes: the waypoint-for label decides; without a valid one a
+// waypoint serves services, a per-service-account waypoint workloads.
+func TestServes(t *testing.T) {
+	for _, tc := range []struct {
+		labels, annotations map[string]string
+		want                string
+		workloads           bool
+	}{
+		{nil, nil, "service", false},
+		{map[string]string{"amesh.dev/waypoint-for": "all"}, nil, "all", true},
+		{map[string]string{"amesh.dev/waypoint-for": "everything"}, nil, "service", false},
+		{nil, map[string]string{"amesh.dev/for-service-account": "sa"}, "workload", true},
+		{map[string]string{"amesh.dev/waypoint-for": "bogus"}, map[string]string{"amesh.dev/for-service-account": "sa"}, "workload", true},
+		{map[string]string{"amesh.dev/waypoint-for": "service"}, map[string]string{"amesh.dev/for-service-account": "sa"}, "service", false},
+		{map[string]string{"amesh.dev/waypoint-for": "none"}, map[string]string{"amesh.dev/for-service-account": "sa"}, "none", false},
+	} {
+		gw := &gwv1.Gateway{ObjectMeta: metav1.ObjectMeta{Name: "w", Labels: tc.labels, Annotations: tc.annotations}}
+		if got := Serves(gw); got != tc.want || ServesWorkloads(got) != tc.workloads {
+			t.Errorf("labels %v annotations %v: Serves = %q (workloads %v), want %q (%v)", tc.labels, tc.annotations,
+				got, ServesWorkloads(got), tc.want, tc.workloads)
+		}
+	}
+}

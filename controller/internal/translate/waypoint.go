@@ -66,9 +66,7 @@ func (w *waypoint) servesServices() bool {
 	return w.serves == label.WaypointForService || w.serves == label.WaypointForAll
 }
 
-func (w *waypoint) servesWorkloads() bool {
-	return w.serves == label.WaypointForWorkload || w.serves == label.WaypointForAll
-}
+func (w *waypoint) servesWorkloads() bool { return gatewayclass.ServesWorkloads(w.serves) }
 
 func (t *translator) indexWaypoints() {
 	var class *gwv1.GatewayClass
@@ -88,13 +86,8 @@ func (t *translator) indexWaypoints() {
 			ns:             gw.Namespace,
 			name:           gw.Name,
 			gw:             gw,
-			serves:         gw.Labels[label.WaypointFor],
+			serves:         gatewayclass.Serves(gw),
 			serviceAccount: gw.Annotations[label.ForServiceAccount],
-		}
-		switch w.serves {
-		case label.WaypointForService, label.WaypointForWorkload, label.WaypointForAll, label.WaypointForNone:
-		default:
-			w.serves = label.WaypointForService
 		}
 		if gw.DeletionTimestamp != nil {
 			// On its way out: bindings to it are refused as if it were
@@ -146,7 +139,10 @@ func (t *translator) indexWaypoints() {
 			}
 			t.waypoints[w.key()] = w
 		}
-		if w.serviceAccount != "" && w.serves != label.WaypointForNone {
+		// A per-service-account waypoint takes its service account's
+		// workload traffic only if it serves workloads (the deployer's
+		// ForServiceAccount condition says when it does not).
+		if w.serviceAccount != "" && w.servesWorkloads() {
 			k := gw.Namespace + "/" + w.serviceAccount
 			t.perSA[k] = append(t.perSA[k], w)
 		}

@@ -17,6 +17,7 @@ import (
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 	gwac "sigs.k8s.io/gateway-api/applyconfiguration/apis/v1"
 
+	"github.com/amesh-dev/amesh/controller/internal/gatewayclass"
 	"github.com/amesh-dev/amesh/controller/internal/label"
 )
 
@@ -30,6 +31,25 @@ type applyOptions struct {
 	wait            bool
 	timeout         time.Duration
 	output          string
+}
+
+// defaults fills in the flags the user did not give: the name ("waypoint",
+// or "<sa>-waypoint" for a service account's waypoint) and what the
+// waypoint serves (services, or workloads for a service account's
+// waypoint: its point is to take that account's workload traffic).
+func (o *applyOptions) defaults(nameGiven, forGiven bool) {
+	if !nameGiven {
+		o.name = DefaultName
+		if o.serviceAccount != "" {
+			o.name = o.serviceAccount + "-waypoint"
+		}
+	}
+	if !forGiven {
+		o.forTraffic = label.WaypointForService
+		if o.serviceAccount != "" {
+			o.forTraffic = label.WaypointForWorkload
+		}
+	}
 }
 
 func (o *applyOptions) validate() error {
@@ -57,14 +77,15 @@ func (o *applyOptions) validate() error {
 }
 
 func (r *root) applyCommand() *cobra.Command {
-	o := &applyOptions{forTraffic: label.WaypointForService, timeout: 90 * time.Second}
+	o := &applyOptions{timeout: 90 * time.Second}
 	cmd := &cobra.Command{
 		Use:   "apply [-n namespace] [--name waypoint] [--for service|workload|all] [--service-account sa] [--enroll-namespace [--overwrite]] [--wait [--timeout 90s]]",
 		Short: "Create or update a waypoint",
 		Long: `Create or update a waypoint in a namespace.
 
 With --service-account the waypoint serves the workloads running as that
-service account (no label needed); its name then defaults to <sa>-waypoint.
+service account (no label needed); its name then defaults to <sa>-waypoint
+and --for to workload (with --for service it would not take their traffic).
 With --enroll-namespace the namespace is bound to the waypoint (label
 amesh.dev/use-waypoint); a namespace already bound to another waypoint is
 left alone unless --overwrite is given. With --wait the command returns once
@@ -74,12 +95,7 @@ the waypoint is programmed, showing its progress.`,
   kubectl waypoint apply -n bookinfo --name l7 --for all -o yaml`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if !cmd.Flags().Changed("name") {
-				o.name = DefaultName
-				if o.serviceAccount != "" {
-					o.name = o.serviceAccount + "-waypoint"
-				}
-			}
+			o.defaults(cmd.Flags().Changed("name"), cmd.Flags().Changed("for"))
 			if err := o.validate(); err != nil {
 				return err
 			}
@@ -88,7 +104,7 @@ the waypoint is programmed, showing its progress.`,
 	}
 	f := cmd.Flags()
 	f.StringVar(&o.name, "name", "", "name of the waypoint (default \"waypoint\", or \"<sa>-waypoint\" with --service-account)")
-	f.StringVar(&o.forTraffic, "for", o.forTraffic, "traffic the waypoint serves: service, workload or all")
+	f.StringVar(&o.forTraffic, "for", "", "traffic the waypoint serves: service, workload or all (default service, or workload with --service-account)")
 	f.StringVar(&o.serviceAccount, "service-account", "", "make this a waypoint for the workloads running as this service account")
 	f.BoolVar(&o.enrollNamespace, "enroll-namespace", false, "bind the namespace to the waypoint (label amesh.dev/use-waypoint)")
 	f.BoolVar(&o.overwrite, "overwrite", false, "with --enroll-namespace: replace the namespace's binding to another waypoint")
@@ -119,7 +135,11 @@ func (r *root) apply(ctx context.Context, o *applyOptions) error {
 	case !r.isWaypoint(&existing):
 		return fmt.Errorf("a Gateway %s/%s exists and is not a waypoint (class %s); choose another --name", ns, o.name, existing.Spec.GatewayClassName)
 	}
-	if o.serviceAccount != "" {
+	if o.serviceAccount != "" && !gatewayclass.ServesWorkloads(o.forTraffic) {
+		r.warn("a waypoint for service account %s with --for %s does not serve workload-addressed traffic: "+
+			"the workloads running as %s will not go through it (use --for workload or all for them to)", o.serviceAccount, o.forTraffic, o.serviceAccount)
+	}
+	if o.serviceAccount != "" && gatewayclass.ServesWorkloads(o.forTraffic) {
 		if other, err := r.serviceAccountWaypoint(ctx, s, o.serviceAccount, o.name); err != nil {
 			return err
 		} else if other != "" {
@@ -186,7 +206,7 @@ func (r *root) apply(ctx context.Context, o *applyOptions) error {
 }
 
 // serviceAccountWaypoint returns another waypoint of the namespace that
-// claims sa, if any.
+// claims sa (and serves workloads, so takes its traffic), if any.
 func (r *root) serviceAccountWaypoint(ctx context.Context, s *session, sa, except string) (string, error) {
 	var list gwv1.GatewayList
 	if err := s.c.List(ctx, &list, client.InNamespace(s.namespace)); err != nil {
@@ -194,7 +214,8 @@ func (r *root) serviceAccountWaypoint(ctx context.Context, s *session, sa, excep
 	}
 	for i := range list.Items {
 		g := &list.Items[i]
-		if g.Name != except && r.isWaypoint(g) && g.DeletionTimestamp == nil && g.Annotations[label.ForServiceAccount] == sa {
+		if g.Name != except && r.isWaypoint(g) && g.DeletionTimestamp == nil && g.Annotations[label.ForServiceAccount] == sa &&
+			gatewayclass.ServesWorkloads(gatewayclass.Serves(g)) {
 			return g.Name, nil
 		}
 	}

@@ -21,6 +21,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
+	"github.com/amesh-dev/amesh/controller/internal/gatewayclass"
 	"github.com/amesh-dev/amesh/controller/internal/label"
 )
 
@@ -134,12 +135,7 @@ func (r *root) list(ctx context.Context, all bool, output string) error {
 }
 
 // serves is the traffic a waypoint serves.
-func serves(g *gwv1.Gateway) string {
-	if f, ok := g.Labels[label.WaypointFor]; ok {
-		return f
-	}
-	return label.WaypointForService
-}
+func serves(g *gwv1.Gateway) string { return gatewayclass.Serves(g) }
 
 func orDash(s string) string {
 	if s == "" {

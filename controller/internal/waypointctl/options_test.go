@@ -42,6 +42,32 @@ func TestApplyOptionsValidate(t *testing.T) {
 	}
 }
 
+// TestApplyDefaults: a service account's waypoint is named after it and
+// serves workloads unless told otherwise.
+func TestApplyDefaults(t *testing.T) {
+	for _, tc := range []struct {
+		name                string
+		o                   applyOptions
+		nameGiven, forGiven bool
+		wantName, wantFor   string
+	}{
+		{"plain", applyOptions{}, false, false, "waypoint", "service"},
+		{"service account", applyOptions{serviceAccount: "reviews"}, false, false, "reviews-waypoint", "workload"},
+		{"service account, --for all", applyOptions{serviceAccount: "reviews", forTraffic: "all"}, false, true, "reviews-waypoint", "all"},
+		{"service account, --for service is kept", applyOptions{serviceAccount: "reviews", forTraffic: "service"}, false, true,
+			"reviews-waypoint", "service"},
+		{"--name and --for", applyOptions{name: "l7", forTraffic: "all"}, true, true, "l7", "all"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			o := tc.o
+			o.defaults(tc.nameGiven, tc.forGiven)
+			if o.name != tc.wantName || o.forTraffic != tc.wantFor {
+				t.Errorf("name %q, for %q; want %q, %q", o.name, o.forTraffic, tc.wantName, tc.wantFor)
+			}
+		})
+	}
+}
+
 func TestExplain(t *testing.T) {
 	gr := schema.GroupResource{Group: "gateway.networking.k8s.io", Resource: "gateways"}
 	refused := &url.Error{Op: "Get", URL: "https://10.0.0.1:6443/api", Err: &net.OpError{Op: "dial", Net: "tcp", Err: syscall.ECONNREFUSED}}

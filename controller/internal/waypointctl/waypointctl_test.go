@@ -335,8 +335,8 @@ func TestPlugin(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if gw.Annotations["amesh.dev/for-service-account"] != "reviews" {
-			t.Errorf("annotations %v", gw.Annotations)
+		if gw.Annotations["amesh.dev/for-service-account"] != "reviews" || gw.Labels["amesh.dev/waypoint-for"] != "workload" {
+			t.Errorf("annotations %v, labels %v; want the service account, for workloads", gw.Annotations, gw.Labels)
 		}
 		p.fails("service account reviews in namespace shop is already served by waypoint reviews-waypoint",
 			"apply", "-n", "shop", "--name", "reviews-2", "--service-account", "reviews")
@@ -390,8 +390,8 @@ func TestPlugin(t *testing.T) {
 		if f := strings.Fields(lines[2]); f[1] != "all" || f[2] != "-" || f[4] != "True" {
 			t.Errorf("row %q: want for=all, no service account, programmed", lines[2])
 		}
-		if f := strings.Fields(lines[1]); f[1] != "service" || f[2] != "reviews" {
-			t.Errorf("row %q: want for=service and the service account", lines[1])
+		if f := strings.Fields(lines[1]); f[1] != "workload" || f[2] != "reviews" {
+			t.Errorf("row %q: want for=workload (a service account's waypoint) and the service account", lines[1])
 		}
 
 		r = p.ok("list", "-A")
