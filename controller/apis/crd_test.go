@@ -107,6 +107,33 @@ apiVersion: security.amesh.dev/v1alpha1
 kind: AuthorizationPolicy
 spec:
   rules: [{from: [{source: {}}]}]`, "a source needs at least one field"},
+		{"service account without namespace", `
+apiVersion: security.amesh.dev/v1alpha1
+kind: AuthorizationPolicy
+spec:
+  rules: [{from: [{source: {serviceAccounts: [teller]}}]}]`, "spec.rules[0].from[0].source.serviceAccounts[0]"},
+		{"service account as a principal", `
+apiVersion: security.amesh.dev/v1alpha1
+kind: AuthorizationPolicy
+spec:
+  rules: [{from: [{source: {notServiceAccounts: [cluster.local/ns/bank/sa/teller]}}]}]`, "spec.rules[0].from[0].source.notServiceAccounts[0]"},
+		{"service account wildcard", `
+apiVersion: security.amesh.dev/v1alpha1
+kind: AuthorizationPolicy
+spec:
+  rules: [{from: [{source: {serviceAccounts: [bank/ok, "bank/*"]}}]}]`, "spec.rules[0].from[0].source.serviceAccounts[1]"},
+		{"service accounts with principals", `
+apiVersion: security.amesh.dev/v1alpha1
+kind: AuthorizationPolicy
+spec:
+  rules: [{from: [{source: {serviceAccounts: [bank/teller], principals: [cluster.local/ns/bank/sa/teller]}}]}]`,
+			"serviceAccounts and notServiceAccounts cannot be combined with principals, notPrincipals, namespaces or notNamespaces"},
+		{"service accounts with namespaces", `
+apiVersion: security.amesh.dev/v1alpha1
+kind: AuthorizationPolicy
+spec:
+  rules: [{from: [{source: {notServiceAccounts: [bank/teller], namespaces: [bank]}}]}]`,
+			"serviceAccounts and notServiceAccounts cannot be combined with principals, notPrincipals, namespaces or notNamespaces"},
 		{"empty operation", `
 apiVersion: security.amesh.dev/v1alpha1
 kind: AuthorizationPolicy

@@ -4,8 +4,11 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/amesh-dev/amesh/controller/apis/security/v1alpha1"
 )
@@ -256,7 +259,7 @@ func TestPrincipalsWithoutScheme(t *testing.T) {
 		r := convertRule(v1alpha1.Rule{
 			From: []v1alpha1.RuleFrom{{Source: v1alpha1.Source{Principals: []string{tc.in}, NotPrincipals: []string{tc.in}}}},
 			When: []v1alpha1.Condition{{Key: "source.principal", Values: []string{tc.in}, NotValues: []string{tc.in}}},
-		}, false, &res)
+		}, "cluster.local", false, &res)
 		for _, v := range [][]string{r.From[0].Principals, r.From[0].NotPrincipals, r.When[0].Values, r.When[0].NotValues} {
 			if len(v) != 1 || v[0] != tc.want {
 				t.Errorf("%q translated to %q, want %q", tc.in, v, tc.want)
@@ -265,5 +268,64 @@ func TestPrincipalsWithoutScheme(t *testing.T) {
 	}
 	if principals(nil) != nil {
 		t.Error("nil principals became non-nil")
+	}
+}
+
+// TestServiceAccountSources: serviceAccounts and notServiceAccounts become
+// principals in the configured trust domain, for ztunnel and waypoints;
+// what admission refuses (combined with principals, malformed) is handled
+// fail-safe if it gets through: an ALLOW rule is omitted, a DENY rule
+// denies more.
+func TestServiceAccountSources(t *testing.T) {
+	policy := func(action v1alpha1.AuthorizationAction, src v1alpha1.Source) *v1alpha1.AuthorizationPolicy {
+		return &v1alpha1.AuthorizationPolicy{
+			ObjectMeta: metav1.ObjectMeta{Namespace: "bank", Name: "p"},
+			Spec: v1alpha1.AuthorizationPolicySpec{Action: action, Rules: []v1alpha1.Rule{
+				{From: []v1alpha1.RuleFrom{{Source: src}}},
+			}},
+		}
+	}
+	tr := newTranslator(Config{TrustDomain: "example.org"}.WithDefaults(), &Input{})
+	for _, tc := range []struct {
+		name          string
+		ap            *v1alpha1.AuthorizationPolicy
+		rules         int
+		principals    []string
+		notPrincipals []string
+		invalid       bool
+	}{
+		{"allow by service account", policy(v1alpha1.ActionAllow, v1alpha1.Source{ServiceAccounts: []string{"bank/teller"}}),
+			1, []string{"example.org/ns/bank/sa/teller"}, nil, false},
+		{"deny all but one", policy(v1alpha1.ActionDeny, v1alpha1.Source{NotServiceAccounts: []string{"bank/teller", "audit/a.b"}}),
+			1, nil, []string{"example.org/ns/bank/sa/teller", "example.org/ns/audit/sa/a.b"}, false},
+		{"exclusions merge", policy(v1alpha1.ActionDeny, v1alpha1.Source{NotPrincipals: []string{"x/ns/y/sa/z"},
+			NotServiceAccounts: []string{"bank/teller"}}),
+			1, nil, []string{"x/ns/y/sa/z", "example.org/ns/bank/sa/teller"}, false},
+		{"allow with principals too: omitted", policy(v1alpha1.ActionAllow, v1alpha1.Source{Principals: []string{"example.org/ns/a/sa/b"},
+			ServiceAccounts: []string{"bank/teller"}}), 0, nil, nil, true},
+		{"deny with principals too: the principals alone", policy(v1alpha1.ActionDeny, v1alpha1.Source{
+			Principals: []string{"example.org/ns/a/sa/b"}, ServiceAccounts: []string{"bank/teller"}}),
+			1, []string{"example.org/ns/a/sa/b"}, nil, true},
+		{"malformed allow: omitted", policy(v1alpha1.ActionAllow, v1alpha1.Source{ServiceAccounts: []string{"teller"}}), 0, nil, nil, true},
+		{"malformed deny: any peer", policy(v1alpha1.ActionDeny, v1alpha1.Source{ServiceAccounts: []string{"Bank/teller"}}), 1, nil, nil, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			for _, l4 := range []bool{true, false} {
+				a, res := tr.translateAuthorization(tc.ap, l4)
+				if (len(res.invalid) > 0) != tc.invalid {
+					t.Errorf("l4 %v: invalid %q, want some: %v", l4, res.invalid, tc.invalid)
+				}
+				if len(a.Rules) != tc.rules {
+					t.Fatalf("l4 %v: %d rules, want %d", l4, len(a.Rules), tc.rules)
+				}
+				if tc.rules == 0 {
+					continue
+				}
+				src := a.Rules[0].From[0]
+				if !slices.Equal(src.Principals, tc.principals) || !slices.Equal(src.NotPrincipals, tc.notPrincipals) {
+					t.Errorf("l4 %v: principals %q, not %q; want %q, not %q", l4, src.Principals, src.NotPrincipals, tc.principals, tc.notPrincipals)
+				}
+			}
+		})
 	}
 }

@@ -10,6 +10,7 @@ import (
 
 	pb "github.com/amesh-dev/amesh/api/discovery/v1"
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/util/validation"
 
 	"github.com/amesh-dev/amesh/controller/apis/security/v1alpha1"
 )
@@ -156,7 +157,7 @@ func (t *translator) translateAuthorization(ap *v1alpha1.AuthorizationPolicy, l4
 	}
 	for _, r := range ap.Spec.Rules {
 		var rr translation
-		rule := convertRule(r, l4Only, &rr)
+		rule := convertRule(r, t.cfg.TrustDomain, l4Only, &rr)
 		res.l7 = append(res.l7, rr.l7...)
 		res.invalid = append(res.invalid, rr.invalid...)
 		if !deny && (len(rr.invalid) > 0 || (l4Only && len(rr.l7) > 0)) {
@@ -174,8 +175,9 @@ func (t *translator) translateAuthorization(ap *v1alpha1.AuthorizationPolicy, l4
 }
 
 // convertRule converts one rule; with l4Only it leaves out L7 attributes
-// and records them in res.
-func convertRule(r v1alpha1.Rule, l4Only bool, res *translation) *pb.Rule {
+// and records them in res. td is the mesh's trust domain (service accounts
+// become principals in it).
+func convertRule(r v1alpha1.Rule, td string, l4Only bool, res *translation) *pb.Rule {
 	out := &pb.Rule{}
 	for _, f := range r.From {
 		s := f.Source
@@ -187,6 +189,22 @@ func convertRule(r v1alpha1.Rule, l4Only bool, res *translation) *pb.Rule {
 			IpBlocks:      slices.Clone(s.IPBlocks),
 			NotIpBlocks:   slices.Clone(s.NotIPBlocks),
 		}
+		// Service accounts are principals in the mesh's trust domain,
+		// understood by ztunnel and waypoints alike. Both lists match
+		// exactly what they name (a service account name has no "*").
+		sas := serviceAccountPrincipals(s.ServiceAccounts, td, res)
+		if len(s.ServiceAccounts) > 0 && len(s.Principals) > 0 {
+			// The peer would have to match both lists, which one list
+			// of principals cannot say (admission refuses this): the
+			// service accounts are ignored, so an ALLOW rule is
+			// omitted and a DENY rule denies more, never less.
+			res.invalid = append(res.invalid, "serviceAccounts together with principals")
+		} else {
+			src.Principals = append(src.Principals, sas...)
+		}
+		// Not one of the principals and not one of the service
+		// accounts: one list of exclusions says both.
+		src.NotPrincipals = append(src.NotPrincipals, serviceAccountPrincipals(s.NotServiceAccounts, td, res)...)
 		if len(s.RequestPrincipals) > 0 {
 			res.addL7("requestPrincipals")
 		}
@@ -270,6 +288,22 @@ func principals(ps []string) []string {
 }
 
 const spiffeScheme = "spiffe://"
+
+// serviceAccountPrincipals turns "<namespace>/<name>" service accounts into
+// principals "<td>/ns/<namespace>/sa/<name>"; malformed ones are recorded
+// in res and left out.
+func serviceAccountPrincipals(sas []string, td string, res *translation) []string {
+	var out []string
+	for _, sa := range sas {
+		ns, name, ok := strings.Cut(sa, "/")
+		if !ok || len(validation.IsDNS1123Label(ns)) > 0 || len(validation.IsDNS1123Subdomain(name)) > 0 {
+			res.invalid = append(res.invalid, fmt.Sprintf("service account %q (want <namespace>/<name>)", sa))
+			continue
+		}
+		out = append(out, td+"/ns/"+ns+"/sa/"+name)
+	}
+	return out
+}
 
 // ports parses port strings; bad ones are recorded and left out.
 func ports(ps []v1alpha1.Port, res *translation) []uint32 {

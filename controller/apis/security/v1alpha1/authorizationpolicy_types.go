@@ -88,7 +88,8 @@ type RuleTo struct {
 // match exactly, by prefix ("abc*"), by suffix ("*abc"), or any present
 // value ("*").
 //
-// +kubebuilder:validation:XValidation:rule="has(self.principals) || has(self.notPrincipals) || has(self.requestPrincipals) || has(self.notRequestPrincipals) || has(self.namespaces) || has(self.notNamespaces) || has(self.ipBlocks) || has(self.notIpBlocks)",message="a source needs at least one field"
+// +kubebuilder:validation:XValidation:rule="has(self.principals) || has(self.notPrincipals) || has(self.requestPrincipals) || has(self.notRequestPrincipals) || has(self.namespaces) || has(self.notNamespaces) || has(self.serviceAccounts) || has(self.notServiceAccounts) || has(self.ipBlocks) || has(self.notIpBlocks)",message="a source needs at least one field"
+// +kubebuilder:validation:XValidation:rule="!(has(self.serviceAccounts) || has(self.notServiceAccounts)) || !(has(self.principals) || has(self.notPrincipals) || has(self.namespaces) || has(self.notNamespaces))",message="serviceAccounts and notServiceAccounts cannot be combined with principals, notPrincipals, namespaces or notNamespaces"
 type Source struct {
 	// Principals are peer identities written without the "spiffe://"
 	// scheme: "<trust-domain>/ns/<namespace>/sa/<service-account>". A
@@ -133,6 +134,27 @@ type Source struct {
 	// +kubebuilder:validation:items:MinLength=1
 	// +kubebuilder:validation:items:MaxLength=253
 	NotNamespaces []string `json:"notNamespaces,omitempty"`
+	// ServiceAccounts are the peer's Kubernetes service accounts, written
+	// "<namespace>/<name>" (as Istio's source.serviceAccounts): the peer's
+	// verified identity must be
+	// "<trust-domain>/ns/<namespace>/sa/<name>" in the mesh's trust
+	// domain. Exact match only (no wildcards). They spare writing the
+	// trust domain of principals, and cannot be combined with principals
+	// or namespaces.
+	// +optional
+	// +listType=atomic
+	// +kubebuilder:validation:MaxItems=64
+	// +kubebuilder:validation:items:MaxLength=317
+	// +kubebuilder:validation:items:Pattern=`^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?/[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$`
+	ServiceAccounts []string `json:"serviceAccounts,omitempty"`
+	// NotServiceAccounts: the peer's service account is none of these
+	// ("<namespace>/<name>").
+	// +optional
+	// +listType=atomic
+	// +kubebuilder:validation:MaxItems=64
+	// +kubebuilder:validation:items:MaxLength=317
+	// +kubebuilder:validation:items:Pattern=`^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?/[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$`
+	NotServiceAccounts []string `json:"notServiceAccounts,omitempty"`
 	// IPBlocks are peer source addresses: single IPs or CIDRs.
 	// +optional
 	// +listType=atomic

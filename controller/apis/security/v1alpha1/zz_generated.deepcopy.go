@@ -562,6 +562,16 @@ func (in *Source) DeepCopyInto(out *Source) {
 		*out = make([]string, len(*in))
 		copy(*out, *in)
 	}
+	if in.ServiceAccounts != nil {
+		in, out := &in.ServiceAccounts, &out.ServiceAccounts
+		*out = make([]string, len(*in))
+		copy(*out, *in)
+	}
+	if in.NotServiceAccounts != nil {
+		in, out := &in.NotServiceAccounts, &out.NotServiceAccounts
+		*out = make([]string, len(*in))
+		copy(*out, *in)
+	}
 	if in.IPBlocks != nil {
 		in, out := &in.IPBlocks, &out.IPBlocks
 		*out = make([]string, len(*in))
