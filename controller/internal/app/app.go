@@ -158,6 +158,12 @@ func (a *App) Run(ctx context.Context) error {
 			Namespaces: map[string]cache.Config{cfg.Namespace: {}},
 			Field:      fields.OneTermEqualSelector("metadata.name", cfg.CASecret),
 		},
+		// Only the root certificate ConfigMaps (at most one a
+		// namespace), watched so that the leader repairs them at once
+		// when edited or deleted. By name rather than by the
+		// controller's label: a copy whose label was removed is seen
+		// too, and the operator's own (which the controller keeps
+		// current in the namespaces that need it) as well.
 		&corev1.ConfigMap{}: {Field: fields.OneTermEqualSelector("metadata.name", cfg.RootCertConfigMap)},
 	}
 	// Only the Deployments and ServiceAccounts the deployer makes, and
@@ -237,13 +243,16 @@ func (a *App) Run(ctx context.Context) error {
 	})
 
 	w := &writers{
-		status:   policystatus.NewWriter(mgr.GetClient()),
-		events:   mgr.GetEventRecorder("amesh-controller"),
-		reported: map[string]string{},
-		roots:    rootcert.NewPublisher(mgr.GetClient(), cfg.RootCertConfigMap),
-		keys:     keys,
-		log:      a.log.Named("writer"),
-		notify:   make(chan struct{}, 1),
+		status:       policystatus.NewWriter(mgr.GetClient()),
+		events:       mgr.GetEventRecorder("amesh-controller"),
+		reported:     map[string]string{},
+		roots:        rootcert.NewPublisher(mgr.GetClient(), cfg.RootCertConfigMap),
+		keys:         keys,
+		log:          a.log.Named("writer"),
+		notify:       make(chan struct{}, 1),
+		informers:    mgr.GetCache(),
+		rootCertName: cfg.RootCertConfigMap,
+		rootsNotify:  make(chan struct{}, 1),
 	}
 	loop := push.New(push.Options{
 		Informers: mgr.GetCache(),
@@ -587,6 +596,13 @@ type writers struct {
 	keys     *keyring
 	log      *zap.Logger
 	notify   chan struct{}
+	// informers and rootCertName: the root ConfigMaps are watched (the
+	// cache holds only ConfigMaps of that name), and any change to one —
+	// an edit, a deletion — makes the writer check them all at once
+	// (rootsNotify), rather than after the next unrelated change.
+	informers    cache.Informers
+	rootCertName string
+	rootsNotify  chan struct{}
 
 	mu     sync.Mutex
 	latest *translate.Output
@@ -608,22 +624,70 @@ func (w *writers) kick() {
 	}
 }
 
+// watchRoots kicks rootsNotify whenever a root certificate ConfigMap is
+// added, changed or deleted; the returned function stops it.
+func (w *writers) watchRoots(ctx context.Context) (func(), error) {
+	inf, err := w.informers.GetInformer(ctx, &corev1.ConfigMap{})
+	if err != nil {
+		return nil, fmt.Errorf("writer: watch ConfigMaps: %w", err)
+	}
+	kick := func(obj any) {
+		if d, ok := obj.(toolscache.DeletedFinalStateUnknown); ok {
+			obj = d.Obj
+		}
+		if cm, ok := obj.(*corev1.ConfigMap); ok && cm.Name == w.rootCertName {
+			select {
+			case w.rootsNotify <- struct{}{}:
+			default:
+			}
+		}
+	}
+	reg, err := inf.AddEventHandler(toolscache.ResourceEventHandlerFuncs{
+		AddFunc:    kick,
+		UpdateFunc: func(_, n any) { kick(n) },
+		DeleteFunc: kick,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("writer: watch ConfigMaps: %w", err)
+	}
+	return func() { _ = inf.RemoveEventHandler(reg) }, nil
+}
+
 func (w *writers) Start(ctx context.Context) error {
 	w.log.Info("leading: writing policy status and root certificate ConfigMaps")
+	stop, err := w.watchRoots(ctx)
+	if err != nil {
+		return err
+	}
+	defer stop()
 	retry := time.NewTimer(time.Hour)
 	retry.Stop()
 	defer retry.Stop()
 	for {
+		rootsOnly := false
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-w.notify:
+		case <-w.rootsNotify:
+			rootsOnly = true
 		case <-retry.C:
 		}
 		w.mu.Lock()
 		out := w.latest
 		w.mu.Unlock()
 		if out == nil {
+			continue
+		}
+		if rootsOnly {
+			// A root ConfigMap changed (our own writes included: they
+			// find nothing left to do).
+			if n, r, err := w.roots.Sync(ctx, out.RootCertNamespaces, w.keys.rootsPEM()); err != nil && ctx.Err() == nil {
+				w.log.Warn("root certificate ConfigMaps: repair failed; retrying", zap.Error(err))
+				retry.Reset(2 * time.Second)
+			} else if n > 0 || r > 0 {
+				w.log.Info("root certificate ConfigMaps repaired", zap.Int("namespaces", n), zap.Int("removed", r))
+			}
 			continue
 		}
 		var errs []error
