@@ -542,9 +542,15 @@ func (rt roundTripper) RoundTrip(out *http.Request) (*http.Response, error) {
 		// out is the reverse proxy's private copy; Do sends a shallow copy
 		// of it per attempt (the transport may still touch a failed one),
 		// each reading the body through its own replay view.
+		var view *replayView
 		var body io.ReadCloser
 		if ex.body != nil {
-			body = ex.body.view()
+			if view, err = ex.body.next(); err != nil {
+				cancel()
+				ex.release()
+				return nil, err
+			}
+			body = view
 		}
 		resp, err := ex.cluster.Do(actx, out, body, ep)
 		status := 0
@@ -562,6 +568,15 @@ func (rt roundTripper) RoundTrip(out *http.Request) (*http.Response, error) {
 				ex.flag("URX")
 				retryable = false
 			}
+		}
+		// The retry is decided with the attempt's view killed in the same
+		// step: from here on the abandoned transport takes nothing more
+		// from the client, so the next attempt replays the whole body.
+		if retryable && ex.body != nil && !ex.body.retire(view) {
+			last := len(ex.retryAdm) - 1
+			ex.retryAdm[last].Release()
+			ex.retryAdm = ex.retryAdm[:last]
+			retryable = false
 		}
 		if !retryable {
 			if err != nil {
@@ -798,7 +813,11 @@ func (p *Proxy) mirror(r *http.Request, ex *exchange, ms []*discoveryv1.RequestM
 	default:
 		// Read the (small, known-size) body once; the main request and the
 		// mirrors then use copies.
-		b, err := io.ReadAll(io.LimitReader(ex.body.view(), int64(p.maxReplay)+1))
+		v, err := ex.body.next()
+		if err != nil {
+			return
+		}
+		b, err := io.ReadAll(io.LimitReader(v, int64(p.maxReplay)+1))
 		if err != nil || len(b) > p.maxReplay {
 			return
 		}
