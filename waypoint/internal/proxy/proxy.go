@@ -557,8 +557,14 @@ func (rt roundTripper) RoundTrip(out *http.Request) (*http.Response, error) {
 		if resp != nil {
 			status = resp.StatusCode
 		}
-		ex.cluster.Report(ep, status, err)
-		retryable := attempt < retries && ctx.Err() == nil &&
+		// An attempt that failed because the downstream client went away
+		// (cancelled the request, broke its upload) says nothing about the
+		// endpoint: not reported to outlier detection, not retried.
+		clientGone := err != nil && (errors.Is(ctx.Err(), context.Canceled) || ex.body != nil && ex.body.clientFailed())
+		if !clientGone {
+			ex.cluster.Report(ep, status, err)
+		}
+		retryable := !clientGone && attempt < retries && ctx.Err() == nil &&
 			(err != nil && !errors.Is(err, upstream.ErrOverflow) || slices.Contains(codes, uint32(status))) &&
 			(ex.body == nil || ex.body.replayable())
 		if retryable {

@@ -2,7 +2,9 @@ package proxy
 
 import (
 	"bytes"
+	"context"
 	"io"
+	"net"
 	"net/http"
 	"strings"
 	"sync"
@@ -565,5 +567,100 @@ func TestAccessLog(t *testing.T) {
 	}
 	if tid, _ := f["trace_id"].(string); len(tid) != 32 {
 		t.Errorf("trace_id %v", f["trace_id"])
+	}
+}
+
+// TestClientGoneIsNotUpstreamFailure: requests that fail because the
+// downstream client went away (cancelled while waiting for the response,
+// or a broken upload) neither count against the endpoint for outlier
+// detection nor are retried.
+func TestClientGoneIsNotUpstreamFailure(t *testing.T) {
+	for _, cl := range clients() {
+		for _, how := range []string{"cancelled", "broken upload"} {
+			if how == "broken upload" && cl.name != "http1" {
+				continue // written by hand below, as HTTP/1.1
+			}
+			t.Run(cl.name+" "+how, func(t *testing.T) {
+				e := newEnv(t)
+				var calls atomic.Int32
+				entered := make(chan struct{}, 16)
+				e.service("od", 80, "http", backend(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+					if r.URL.Path == "/ok" {
+						_, _ = io.WriteString(w, "ok")
+						return
+					}
+					calls.Add(1)
+					entered <- struct{}{}
+					if _, err := io.Copy(io.Discard, r.Body); err != nil {
+						return
+					}
+					<-r.Context().Done()
+				})))
+				e.waypoint(&discoveryv1.WaypointService{Service: key("od"),
+					HttpRoutes: []*discoveryv1.HTTPRoute{{Namespace: "default", Name: "r", Rules: []*discoveryv1.HTTPRouteRule{{
+						Backends: []*discoveryv1.BackendRef{{Service: key("od"), Port: 80, Weight: 1}},
+						Retry:    &discoveryv1.RetryPolicy{Attempts: 3, Backoff: durationpb.New(time.Millisecond)},
+					}}}},
+					TrafficPolicy: &discoveryv1.TrafficPolicy{OutlierDetection: &discoveryv1.OutlierDetection{
+						Consecutive_5Xx: 1, ConsecutiveGatewayErrors: 1, BaseEjectionTime: durationpb.New(time.Minute), MaxEjectionPercent: 100}}})
+				url := e.front("od", 80, false)
+				const n = 5
+				for range n {
+					switch how {
+					case "cancelled":
+						ctx, cancel := context.WithCancel(context.Background())
+						req, _ := http.NewRequestWithContext(ctx, "GET", url+"/hang", nil)
+						errc := make(chan error, 1)
+						go func() {
+							resp, err := cl.c.Do(req)
+							if err == nil {
+								resp.Body.Close()
+							}
+							errc <- err
+						}()
+						select {
+						case <-entered:
+							cancel()
+							if err := <-errc; err == nil {
+								t.Fatal("cancelled request succeeded")
+							}
+						case err := <-errc:
+							cancel()
+							t.Errorf("request answered before reaching the backend: %v", err)
+						}
+					case "broken upload":
+						c, err := net.Dial("tcp", strings.TrimPrefix(url, "http://"))
+						if err != nil {
+							t.Fatal(err)
+						}
+						_, _ = io.WriteString(c, "POST /upload HTTP/1.1\r\nHost: od\r\nTransfer-Encoding: chunked\r\n\r\n400\r\n"+strings.Repeat("x", 1024)+"\r\n")
+						select {
+						case <-entered:
+						case <-time.After(5 * time.Second):
+							t.Error("upload never reached the backend")
+						}
+						c.Close() // mid-body
+					}
+				}
+				cluster, err := e.cat.Cluster(key("od"), 80)
+				if err != nil {
+					t.Fatal(err)
+				}
+				// The waypoint notices a gone client asynchronously: wait
+				// for it to finish with each request.
+				for deadline := time.Now().Add(5 * time.Second); cluster.Endpoints()[0].Outstanding() != 0 && time.Now().Before(deadline); {
+					time.Sleep(10 * time.Millisecond)
+				}
+				if got := cluster.Ejections(); got != 0 {
+					t.Errorf("%d ejections of a healthy endpoint after %d requests whose client went away", got, n)
+				}
+				if got := calls.Load(); got != n {
+					t.Errorf("backend saw %d attempts for %d requests, want one each (never a retry)", got, n)
+				}
+				if resp, body := get(t, cl.c, url+"/ok"); resp.StatusCode != 200 || body != "ok" {
+					t.Errorf("then: %d %q", resp.StatusCode, body)
+				}
+			})
+		}
 	}
 }

@@ -495,6 +495,10 @@ func (c *Cluster) DialEndpoint(ctx context.Context, in *HashInput) (*Endpoint, n
 			return ep, conn, nil
 		}
 		lastErr = &ConnectError{Endpoint: ep.Addr, Err: err}
+		if ctx.Err() != nil {
+			// The client gave up: nothing learnt about the endpoint.
+			return nil, nil, lastErr
+		}
 		c.Report(ep, 0, lastErr)
 	}
 	return nil, nil, lastErr

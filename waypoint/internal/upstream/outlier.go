@@ -1,6 +1,7 @@
 package upstream
 
 import (
+	"context"
 	"errors"
 	"time"
 )
@@ -12,11 +13,15 @@ import (
 // endpoint for base_ejection_time × its ejection count, as long as no more
 // than max_ejection_percent of the endpoints are ejected (one endpoint may
 // always be ejected). The ejection count decays by one per interval spent
-// without an ejection.
+// without an ejection. A cancelled attempt (context.Canceled: the caller
+// gave up, typically because its own client went away) is not reported.
 func (c *Cluster) Report(ep *Endpoint, status int, err error) {
 	s := c.cur.Load()
 	od := s.od
 	if od == nil || (od.GetConsecutive_5Xx() == 0 && od.GetConsecutiveGatewayErrors() == 0) {
+		return
+	}
+	if errors.Is(err, context.Canceled) {
 		return
 	}
 	gateway := err != nil || status == 502 || status == 503 || status == 504

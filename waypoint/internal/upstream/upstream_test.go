@@ -485,3 +485,22 @@ func TestIdleTimeout(t *testing.T) {
 		})
 	}
 }
+
+// TestOutlierIgnoresCancelled: an attempt cancelled by its caller (the
+// downstream client went away) says nothing about the endpoint.
+func TestOutlierIgnoresCancelled(t *testing.T) {
+	c := New(Options{Name: "x", Dial: tcpDial})
+	c.Update(eps(2), &discoveryv1.TrafficPolicy{OutlierDetection: &discoveryv1.OutlierDetection{
+		Consecutive_5Xx: 1, ConsecutiveGatewayErrors: 1, MaxEjectionPercent: 100}})
+	ep := c.Endpoints()[0]
+	for range 5 {
+		c.Report(ep, 0, fmt.Errorf("round trip: %w", context.Canceled))
+	}
+	if c.Ejected(ep) || c.Ejections() != 0 {
+		t.Fatal("ejected for cancelled attempts")
+	}
+	c.Report(ep, 0, context.DeadlineExceeded) // a timeout does count
+	if !c.Ejected(ep) {
+		t.Fatal("not ejected after a timeout")
+	}
+}
