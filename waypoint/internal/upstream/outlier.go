@@ -6,11 +6,18 @@ import (
 	"time"
 )
 
+// MaxEjectionTime caps an outlier ejection (base_ejection_time × the
+// endpoint's ejection count), unless base_ejection_time alone is longer: it
+// is Envoy's max_ejection_time default. The discovery API has no field for
+// it yet, so it is fixed.
+const MaxEjectionTime = 300 * time.Second
+
 // Report records the outcome of one attempt to ep for outlier detection:
 // status is the response code, or 0 with err set when no response came.
 // Consecutive 5xx responses (connect failures and resets count) and
 // consecutive gateway errors (502, 503, 504, connect failures) eject the
-// endpoint for base_ejection_time × its ejection count, as long as no more
+// endpoint for base_ejection_time × its ejection count (at most
+// MaxEjectionTime, or base_ejection_time if longer), as long as no more
 // than max_ejection_percent of the endpoints are ejected (one endpoint may
 // always be ejected). The ejection count decays by one per interval spent
 // without an ejection. A cancelled attempt (context.Canceled: the caller
@@ -85,8 +92,13 @@ func (c *Cluster) eject(s *snapshot, ep *Endpoint) {
 		decay := uint32(quiet / interval)
 		st.ejections -= min(decay, st.ejections)
 	}
-	st.ejections++
-	st.ejectedUntil = now.Add(base * time.Duration(st.ejections))
+	// The multiplier stops growing once it reaches the cap (so that it
+	// decays from there, as Envoy's does).
+	limit := max(MaxEjectionTime, base)
+	if time.Duration(st.ejections)*base < limit {
+		st.ejections++
+	}
+	st.ejectedUntil = now.Add(min(base*time.Duration(st.ejections), limit))
 	st.lastEject = now
 	for until := st.ejectedUntil.UnixNano(); ; {
 		cur := c.ejectedUntil.Load()

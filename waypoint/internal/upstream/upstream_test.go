@@ -504,3 +504,35 @@ func TestOutlierIgnoresCancelled(t *testing.T) {
 		t.Fatal("not ejected after a timeout")
 	}
 }
+
+// TestEjectionTimeCapped: base_ejection_time × ejections is capped at
+// MaxEjectionTime (Envoy's max_ejection_time default), or at the base
+// when that is longer.
+func TestEjectionTimeCapped(t *testing.T) {
+	for _, tc := range []struct {
+		base, want time.Duration
+	}{
+		{30 * time.Second, MaxEjectionTime},
+		{10 * time.Minute, 10 * time.Minute},
+	} {
+		t.Run(tc.base.String(), func(t *testing.T) {
+			clk := &clock{t: time.Unix(1000, 0)}
+			c := New(Options{Name: "x", Dial: tcpDial, Now: clk.now})
+			c.Update(eps(2), &discoveryv1.TrafficPolicy{OutlierDetection: &discoveryv1.OutlierDetection{
+				Consecutive_5Xx: 1, BaseEjectionTime: durationpb.New(tc.base), Interval: durationpb.New(time.Hour), MaxEjectionPercent: 100}})
+			ep := c.Endpoints()[0]
+			var longest time.Duration
+			for range 40 {
+				c.Report(ep, 500, nil)
+				start := clk.now()
+				for c.Ejected(ep) {
+					clk.add(time.Second)
+				}
+				longest = max(longest, clk.now().Sub(start))
+			}
+			if longest != tc.want {
+				t.Fatalf("longest ejection %v, want %v", longest, tc.want)
+			}
+		})
+	}
+}
