@@ -143,6 +143,9 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (*App, error) {
 	}
 	a.keys = authn.NewKeyCache(authn.Options{})
 	a.cat = catalog.New(catalog.Options{Dial: a.dialEndpoint, Keys: a.keys, Logger: log.Named("catalog"), Gateway: cfg.Gateway})
+	a.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "amesh_waypoint_invalid_local_rate_limits",
+		Help: "Services (and this waypoint's Gateway) whose LocalRateLimit cannot be enforced; their requests are refused with 503."},
+		func() float64 { return float64(a.cat.InvalidRateLimits()) }))
 	var access *zap.Logger
 	a.stopAccess = func() error { return nil }
 	if cfg.AccessLog {

@@ -593,7 +593,8 @@ func TestEndToEndThroughHBONE(t *testing.T) {
 		for _, want := range []string{`istio_requests_total{`, `reporter="waypoint"`, `source_principal="spiffe://cluster.local/ns/frontend/sa/web"`,
 			`destination_principal="spiffe://cluster.local/ns/default/sa/reviews"`, `connection_security_policy="mutual_tls"`,
 			`response_code="403"`, `request_protocol="grpc"`, `istio_tcp_connections_opened_total{`,
-			`amesh_xds_client_updates_total{result="applied",type="amesh.discovery.v1.Workload"}`} {
+			`amesh_xds_client_updates_total{result="applied",type="amesh.discovery.v1.Workload"}`,
+			"amesh_waypoint_invalid_local_rate_limits 0"} {
 			if !bytes.Contains(b, []byte(want)) {
 				t.Errorf("metrics lack %s", want)
 			}

@@ -55,8 +55,11 @@ type Target struct {
 	Authn    *authn.Authenticator
 	// Limiter is shared by all ports of the service; nil when unset.
 	Limiter *ratelimit.Bucket
-	Fault   *discoveryv1.FaultInjection
-	Policy  *discoveryv1.TrafficPolicy
+	// LimiterErr is set (and Limiter nil) when the service's LocalRateLimit
+	// cannot be enforced: its HTTP requests are refused (fail closed).
+	LimiterErr error
+	Fault      *discoveryv1.FaultInjection
+	Policy     *discoveryv1.TrafficPolicy
 	// Workload is set for traffic addressed to a workload's own IP (its
 	// Key is "workload:<uid>"); Service is then a stand-in for labels.
 	Workload *discoveryv1.Workload
@@ -113,6 +116,7 @@ type Catalog struct {
 type limiterEntry struct {
 	cfg *discoveryv1.LocalRateLimit
 	b   *ratelimit.Bucket
+	err error // cfg is invalid
 }
 
 type clusterKey struct {
@@ -290,12 +294,12 @@ func (c *Catalog) rebuild() {
 		}
 		az := authz.Compile(ws.GetAuthorizations())
 		an := authn.New(ws.GetRequestAuthentications(), c.keys, authn.Options{})
-		lim := c.limiter(key, ws.GetTrafficPolicy().GetLocalRateLimit())
+		lim, limErr := c.limiter(key, ws.GetTrafficPolicy().GetLocalRateLimit())
 		liveLimiters[key] = true
 		for _, sp := range svc.GetPorts() {
 			t := &Target{Key: key, Service: svc, Port: sp.GetServicePort(), Protocol: protocol(sp),
 				Routes: route.Compile(key, sp.GetServicePort(), ws.GetHttpRoutes(), ws.GetGrpcRoutes()),
-				Authz:  az, Authn: an, Limiter: lim, Fault: ws.GetTrafficPolicy().GetFault(), Policy: ws.GetTrafficPolicy()}
+				Authz:  az, Authn: an, Limiter: lim, LimiterErr: limErr, Fault: ws.GetTrafficPolicy().GetFault(), Policy: ws.GetTrafficPolicy()}
 			for _, err := range t.Routes.Errors() {
 				c.log.Warn("route problem", zap.String("service", key), zap.Error(err))
 			}
@@ -365,7 +369,7 @@ func (c *Catalog) workloadTargets(s *snapshot, liveLimiters map[string]bool) {
 	az := authz.Compile(c.gw.GetAuthorizations())
 	an := authn.New(c.gw.GetRequestAuthentications(), c.keys, authn.Options{})
 	lk := gatewayLimiterKey + c.gateway
-	lim := c.limiter(lk, tp.GetLocalRateLimit())
+	lim, limErr := c.limiter(lk, tp.GetLocalRateLimit())
 	liveLimiters[lk] = true
 	for uid, w := range c.workloads {
 		if w.GetWaypoint().GetGateway() != c.gateway || len(w.GetAddresses()) == 0 {
@@ -374,7 +378,7 @@ func (c *Catalog) workloadTargets(s *snapshot, liveLimiters map[string]bool) {
 		key := workloadPrefix + uid
 		pseudo := &discoveryv1.Service{Name: w.GetWorkloadName(), Namespace: w.GetNamespace()}
 		base := &Target{Key: key, Service: pseudo, Protocol: "tcp", Workload: w,
-			Authz: az, Authn: an, Limiter: lim, Fault: tp.GetFault(), Policy: tp}
+			Authz: az, Authn: an, Limiter: lim, LimiterErr: limErr, Fault: tp.GetFault(), Policy: tp}
 		ports := c.workloadPorts(w)
 		for port, proto := range ports {
 			c.wlProto[clusterKey{key, port}] = proto
@@ -473,22 +477,39 @@ func endpointOf(w *discoveryv1.Workload, addr netip.AddrPort) upstream.Endpoint 
 	}
 }
 
-func (c *Catalog) limiter(key string, cfg *discoveryv1.LocalRateLimit) *ratelimit.Bucket {
+// limiter returns the token bucket of key's LocalRateLimit (nil when there
+// is none), or the reason it cannot be enforced. An invalid one fails
+// closed: the caller refuses the requests it would have limited. It is
+// logged once per configuration.
+func (c *Catalog) limiter(key string, cfg *discoveryv1.LocalRateLimit) (*ratelimit.Bucket, error) {
 	if cfg == nil {
 		delete(c.limiters, key)
-		return nil
+		return nil, nil
 	}
 	if e := c.limiters[key]; e != nil && proto.Equal(e.cfg, cfg) {
-		return e.b // keep the bucket's tokens across unrelated updates
+		return e.b, e.err // keep the bucket's tokens across unrelated updates
 	}
 	b, err := ratelimit.New(cfg, nil)
 	if err != nil {
-		c.log.Warn("local rate limit ignored", zap.String("service", key), zap.Error(err))
-		delete(c.limiters, key)
-		return nil
+		c.log.Error("invalid local rate limit: requests refused until it is fixed", zap.String("service", key), zap.Error(err))
 	}
-	c.limiters[key] = &limiterEntry{cfg: cfg, b: b}
-	return b
+	c.limiters[key] = &limiterEntry{cfg: cfg, b: b, err: err}
+	return b, err
+}
+
+// InvalidRateLimits counts the services (and this waypoint's Gateway) whose
+// LocalRateLimit cannot be enforced, and whose requests are therefore
+// refused.
+func (c *Catalog) InvalidRateLimits() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := 0
+	for _, e := range c.limiters {
+		if e.err != nil {
+			n++
+		}
+	}
+	return n
 }
 
 func protocol(sp *discoveryv1.ServicePort) string {

@@ -308,7 +308,14 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if id != nil {
 		ex.reqPrin = id.Principal
 	}
-	// Local rate limit.
+	// Local rate limit. One that cannot be enforced refuses everything
+	// (fail closed; the catalog logged why).
+	if t.LimiterErr != nil {
+		ex.flag("RLSE")
+		ex.details = "local_rate_limit_invalid_config"
+		p.local(rw, r, ex, http.StatusServiceUnavailable, "local_rate_limit_invalid_config")
+		return
+	}
 	if t.Limiter != nil && !t.Limiter.Allow() {
 		ex.flag("RL")
 		p.local(rw, r, ex, http.StatusTooManyRequests, "local_rate_limited")

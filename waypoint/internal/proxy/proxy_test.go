@@ -14,6 +14,7 @@ import (
 
 	discoveryv1 "github.com/amesh-dev/amesh/api/discovery/v1"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 )
 
@@ -662,5 +663,38 @@ func TestClientGoneIsNotUpstreamFailure(t *testing.T) {
 				}
 			})
 		}
+	}
+}
+
+// TestInvalidRateLimitFailsClosed: a LocalRateLimit that cannot be
+// enforced refuses the service's requests (503, flag RLSE) rather than
+// letting them through unlimited; a valid one replacing it serves again.
+func TestInvalidRateLimitFailsClosed(t *testing.T) {
+	e := newEnv(t)
+	e.service("rl", 80, "http", named(t, "rl"))
+	ws := &discoveryv1.WaypointService{Service: key("rl"), TrafficPolicy: &discoveryv1.TrafficPolicy{
+		LocalRateLimit: &discoveryv1.LocalRateLimit{MaxTokens: 10, TokensPerFill: 1}}} // no fill interval
+	e.waypoint(ws)
+	url := e.front("rl", 80, false)
+	for _, cl := range clients() {
+		resp, body := get(t, cl.c, url+"/")
+		if resp.StatusCode != 503 || body != "local_rate_limit_invalid_config" {
+			t.Fatalf("%s: invalid rate limit: %d %q", cl.name, resp.StatusCode, body)
+		}
+	}
+	if !hasFlag(t, e, "RLSE") {
+		t.Error("no istio_requests_total with response_flags=RLSE")
+	}
+	if n := e.cat.InvalidRateLimits(); n != 1 {
+		t.Errorf("InvalidRateLimits = %d, want 1", n)
+	}
+	ws = proto.Clone(ws).(*discoveryv1.WaypointService)
+	ws.TrafficPolicy.LocalRateLimit.FillInterval = durationpb.New(time.Second)
+	e.waypoint(ws)
+	if resp, body := get(t, http.DefaultClient, url+"/"); resp.StatusCode != 200 || body != "rl" {
+		t.Fatalf("valid rate limit: %d %q", resp.StatusCode, body)
+	}
+	if n := e.cat.InvalidRateLimits(); n != 0 {
+		t.Errorf("InvalidRateLimits = %d, want 0", n)
 	}
 }
