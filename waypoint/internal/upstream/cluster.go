@@ -97,14 +97,31 @@ type limits struct {
 	maxConns, maxPending, maxRequests, maxRetries int64
 }
 
+// Circuit-breaker limits of a cluster whose policy leaves them unset (0):
+// Envoy's defaults. Istio raises Envoy's to 2³²−1 unless a DestinationRule
+// sets them; amesh keeps them bounded, so that one slow or flooded backend
+// cannot take all of a waypoint's memory and connections.
+const (
+	DefaultMaxConnections     = 1024
+	DefaultMaxPendingRequests = 1024
+	DefaultMaxRequests        = 1024
+	DefaultMaxRetries         = 3
+)
+
 func limitsOf(cb *discoveryv1.CircuitBreaker) limits {
 	l := limits{maxConns: int64(cb.GetMaxConnections()), maxPending: int64(cb.GetMaxPendingRequests()),
 		maxRequests: int64(cb.GetMaxRequests()), maxRetries: int64(cb.GetMaxRetries())}
+	if l.maxConns == 0 {
+		l.maxConns = DefaultMaxConnections
+	}
 	if l.maxPending == 0 {
-		l.maxPending = 1024
+		l.maxPending = DefaultMaxPendingRequests
+	}
+	if l.maxRequests == 0 {
+		l.maxRequests = DefaultMaxRequests
 	}
 	if l.maxRetries == 0 {
-		l.maxRetries = 3
+		l.maxRetries = DefaultMaxRetries
 	}
 	return l
 }
@@ -278,12 +295,10 @@ func (a *Admission) Release() {
 // The admission must be released when the request is done.
 func (c *Cluster) Admit() (Admission, error) {
 	l := c.cur.Load().limits
-	if l.maxRequests > 0 && c.requests.Add(1) > l.maxRequests {
+	if c.requests.Add(1) > l.maxRequests {
 		c.requests.Add(-1)
 		c.overflows.Add(1)
 		return Admission{}, fmt.Errorf("%w: max requests %d", ErrOverflow, l.maxRequests)
-	} else if l.maxRequests == 0 {
-		c.requests.Add(1)
 	}
 	if c.pending.Load() >= l.maxPending {
 		c.requests.Add(-1)
@@ -412,7 +427,7 @@ func (c *Cluster) dialContext(ctx context.Context, _, addr string) (net.Conn, er
 func (c *Cluster) acquireConn(ctx context.Context, limit int64) error {
 	for {
 		c.connMu.Lock()
-		if limit == 0 || c.conns < limit {
+		if c.conns < limit {
 			c.conns++
 			c.connMu.Unlock()
 			return nil

@@ -536,3 +536,42 @@ func TestEjectionTimeCapped(t *testing.T) {
 		})
 	}
 }
+
+// TestCircuitBreakerDefaults: limits a policy leaves unset take Envoy's
+// defaults (1024 connections, pending requests and requests, 3 retries),
+// not unlimited.
+func TestCircuitBreakerDefaults(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		tp   *discoveryv1.TrafficPolicy
+		want limits
+	}{
+		{"no policy", nil, limits{maxConns: 1024, maxPending: 1024, maxRequests: 1024, maxRetries: 3}},
+		{"retries only", &discoveryv1.TrafficPolicy{CircuitBreaker: &discoveryv1.CircuitBreaker{MaxRetries: 7}},
+			limits{maxConns: 1024, maxPending: 1024, maxRequests: 1024, maxRetries: 7}},
+		{"all set", &discoveryv1.TrafficPolicy{CircuitBreaker: &discoveryv1.CircuitBreaker{MaxConnections: 1, MaxPendingRequests: 2, MaxRequests: 3, MaxRetries: 4}},
+			limits{maxConns: 1, maxPending: 2, maxRequests: 3, maxRetries: 4}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := New(Options{Name: "x", Dial: tcpDial})
+			c.Update(eps(1), tc.tp)
+			if got := c.cur.Load().limits; got != tc.want {
+				t.Fatalf("limits %+v, want %+v", got, tc.want)
+			}
+			var adms []Admission
+			for range tc.want.maxRequests {
+				a, err := c.Admit()
+				if err != nil {
+					t.Fatal(err)
+				}
+				adms = append(adms, a)
+			}
+			if _, err := c.Admit(); !errors.Is(err, ErrOverflow) {
+				t.Fatalf("request %d admitted: %v", tc.want.maxRequests+1, err)
+			}
+			for i := range adms {
+				adms[i].Release()
+			}
+		})
+	}
+}
