@@ -152,7 +152,7 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (*App, error) {
 		access, a.stopAccess = telemetry.NewAccessLog(os.Stdout)
 	}
 	a.proxy = proxy.New(proxy.Options{Catalog: a.cat, Metrics: metrics, Tracer: a.tracer, AccessLog: access,
-		Logger: log.Named("proxy"), ClusterID: cfg.ClusterID})
+		Logger: log.Named("proxy"), ClusterID: cfg.ClusterID, RequestBodyIdleTimeout: bodyIdle(cfg.RequestBodyIdleTimeout)})
 	a.tunnel = tunnel.New(tunnel.Options{Catalog: a.cat, Proxy: a.proxy, Metrics: metrics, Logger: log.Named("tunnel"),
 		ClusterID: cfg.ClusterID, Limits: tunnel.Limits{DrainTimeout: cfg.DrainTimeout}})
 	a.hserver = hbone.NewServer(hbone.ServerConfig{Certificate: a.store.GetCertificate(a.self), Bundle: a.bundle, TrustDomain: a.td,
@@ -471,4 +471,12 @@ func (a *App) Run(ctx context.Context) error {
 	wg.Wait()
 	a.log.Info("waypoint stopped")
 	return err
+}
+
+// bodyIdle maps the configuration's "0: none" to the proxy's (negative).
+func bodyIdle(d time.Duration) time.Duration {
+	if d == 0 {
+		return -1
+	}
+	return d
 }

@@ -10,6 +10,8 @@ import (
 	"fmt"
 	"net"
 	"time"
+
+	"github.com/amesh-dev/amesh/waypoint/internal/proxy"
 )
 
 // Config is the waypoint's configuration.
@@ -54,6 +56,10 @@ type Config struct {
 
 	// UpstreamHBONEPort is the HBONE port of endpoints' ztunnels (15008).
 	UpstreamHBONEPort uint16
+
+	// RequestBodyIdleTimeout ends a request (408) whose client sent no body
+	// bytes for this long while nothing was sent to it either; 0: none.
+	RequestBodyIdleTimeout time.Duration
 }
 
 // DefaultConfig returns the defaults.
@@ -68,6 +74,8 @@ func DefaultConfig() Config {
 		AccessLog:     true,
 		TraceSampling: 0.01,
 		LogLevel:      "info",
+
+		RequestBodyIdleTimeout: proxy.DefaultRequestBodyIdleTimeout,
 	}
 }
 
@@ -94,6 +102,8 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	fs.BoolVar(&c.OTLPInsecure, "otlp-insecure", c.OTLPInsecure, "no TLS to the OTLP collector")
 	fs.Float64Var(&c.TraceSampling, "trace-sampling", c.TraceSampling, "sampling ratio for new traces (0-1)")
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "debug, info, warn or error")
+	fs.DurationVar(&c.RequestBodyIdleTimeout, "request-body-idle-timeout", c.RequestBodyIdleTimeout,
+		"end a request (408) whose client sends no body bytes for this long while nothing is sent to it (0: never)")
 }
 
 // Validate reports every problem at once.
@@ -121,6 +131,9 @@ func (c *Config) Validate() error {
 	}
 	if c.DrainTimeout <= 0 {
 		errs = append(errs, errors.New("drain timeout must be positive"))
+	}
+	if c.RequestBodyIdleTimeout < 0 {
+		errs = append(errs, errors.New("request body idle timeout must not be negative"))
 	}
 	if c.TraceSampling < 0 || c.TraceSampling > 1 {
 		errs = append(errs, fmt.Errorf("trace sampling %v is outside 0-1", c.TraceSampling))

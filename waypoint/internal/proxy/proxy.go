@@ -95,6 +95,12 @@ type Options struct {
 	// MaxMirrors bounds concurrent mirrored requests (default 256); beyond
 	// it mirrors are dropped.
 	MaxMirrors int
+	// RequestBodyIdleTimeout bounds how long a request waits for the
+	// client's next body bytes, while nothing is sent to the client
+	// either: then the request ends with 408 (flag SI) or, once its
+	// response has started, a reset. Default DefaultRequestBodyIdleTimeout;
+	// negative: none.
+	RequestBodyIdleTimeout time.Duration
 }
 
 // Proxy is the HTTP handler. Safe for concurrent use.
@@ -106,6 +112,7 @@ type Proxy struct {
 	log       *zap.Logger
 	clusterID string
 	maxReplay int
+	bodyIdle  time.Duration
 	mirrors   chan struct{}
 	mirrorWG  sync.WaitGroup
 	mirrorMu  sync.Mutex
@@ -123,6 +130,12 @@ func New(opts Options) *Proxy {
 	}
 	if p.maxReplay <= 0 {
 		p.maxReplay = 64 << 10
+	}
+	switch p.bodyIdle = opts.RequestBodyIdleTimeout; {
+	case p.bodyIdle == 0:
+		p.bodyIdle = DefaultRequestBodyIdleTimeout
+	case p.bodyIdle < 0:
+		p.bodyIdle = 0
 	}
 	n := opts.MaxMirrors
 	if n <= 0 {
@@ -186,6 +199,7 @@ type exchange struct {
 
 	rw      recorder
 	reqBody countingBody
+	watch   bodyWatch
 	attrs   authz.Attributes
 	tried   [2]*upstream.Endpoint
 	// Circuit-breaker admissions and the attempt's cancel, released when
@@ -256,13 +270,22 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if r.Body != nil && r.Body != http.NoBody {
 		ex.reqBody.ReadCloser = r.Body
 		r.Body = &ex.reqBody
+		if p.bodyIdle > 0 {
+			ex.watch.timeout, ex.watch.rc = p.bodyIdle, http.NewResponseController(w)
+			ex.reqBody.watch, ex.rw.watch = &ex.watch, &ex.watch
+		}
 	}
 	var ctx context.Context = ex
 	if p.tracer != nil {
 		ctx, ex.span = p.tracer.Start(ctx, spanName(r.Method), r.Header)
 	}
 	r = r.WithContext(ctx)
-	defer func() { p.finish(ex, rw, r, ex.reqBody.n.Load()) }()
+	defer func() {
+		if ex.reqBody.watch != nil {
+			ex.watch.stop()
+		}
+		p.finish(ex, rw, r, ex.reqBody.n.Load())
+	}()
 
 	ex.reqID = r.Header.Get("X-Request-Id")
 	if ex.reqID == "" {
@@ -422,6 +445,16 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel = context.WithTimeout(ctx, m.Rule.RequestTimeout)
 		defer cancel()
 		r = r.WithContext(ctx)
+	}
+	if ex.body != nil {
+		// The upstream may answer while the body is still coming (HTTP/2
+		// always allows it): the HTTP/1.1 server must then not consume the
+		// rest of the body itself before writing the response headers.
+		rc := ex.watch.rc
+		if rc == nil {
+			rc = http.NewResponseController(w)
+		}
+		_ = rc.EnableFullDuplex()
 	}
 	p.rp.ServeHTTP(rw, r)
 }
@@ -703,6 +736,12 @@ func (p *Proxy) errorHandler(w http.ResponseWriter, r *http.Request, err error) 
 	code := http.StatusServiceUnavailable
 	var ce *upstream.ConnectError
 	switch {
+	case ex.reqBody.watch != nil && ex.watch.timedOut():
+		ex.flag("SI")
+		ex.details = "stream_idle_timeout"
+		p.log.Debug("request body idle", zap.Error(err), zap.String("request_id", ex.reqID))
+		p.local(w, r, ex, http.StatusRequestTimeout, "stream timeout")
+		return
 	case errors.Is(err, upstream.ErrOverflow):
 		ex.flag("UO")
 	case errors.Is(err, upstream.ErrNoHealthy):
@@ -879,6 +918,7 @@ type recorder struct {
 	http.ResponseWriter
 	code  int
 	bytes int64
+	watch *bodyWatch // told of writes; nil without a body idle timeout
 }
 
 func (w *recorder) WriteHeader(code int) {
@@ -894,6 +934,9 @@ func (w *recorder) Write(b []byte) (int, error) {
 	}
 	n, err := w.ResponseWriter.Write(b)
 	w.bytes += int64(n)
+	if w.watch != nil && n > 0 {
+		w.watch.touch()
+	}
 	return n, err
 }
 
@@ -911,13 +954,22 @@ func (w *recorder) Flush() {
 // be reading when the handler finishes, hence the atomic.
 type countingBody struct {
 	io.ReadCloser
-	n atomic.Int64
+	n     atomic.Int64
+	watch *bodyWatch // nil: no idle timeout
 }
 
 func (b *countingBody) Read(p []byte) (int, error) {
+	if b.watch == nil {
+		n, err := b.ReadCloser.Read(p)
+		b.n.Add(int64(n))
+		return n, err
+	}
+	if err := b.watch.enter(); err != nil {
+		return 0, err
+	}
 	n, err := b.ReadCloser.Read(p)
 	b.n.Add(int64(n))
-	return n, err
+	return n, b.watch.exit(err)
 }
 
 func headerSize(h http.Header) int64 {

@@ -698,3 +698,112 @@ func TestInvalidRateLimitFailsClosed(t *testing.T) {
 		t.Errorf("InvalidRateLimits = %d, want 0", n)
 	}
 }
+
+// TestRequestBodyIdleTimeout: a client that stops sending its body gets
+// 408 (flag SI) once the idle timeout passes, and its upstream request
+// ends; a client quiet while its response streams is not cut.
+func TestRequestBodyIdleTimeout(t *testing.T) {
+	e := newEnv(t)
+	e.proxy.bodyIdle = 300 * time.Millisecond
+	var held atomic.Int32
+	e.service("up", 80, "http2", backend(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		held.Add(1)
+		defer held.Add(-1)
+		if r.URL.Path == "/stream" {
+			rc := http.NewResponseController(w)
+			for range 10 { // 1 s of response while the client is quiet
+				_, _ = io.WriteString(w, "tick ")
+				_ = rc.Flush()
+				time.Sleep(100 * time.Millisecond)
+			}
+		}
+		b, err := io.ReadAll(r.Body)
+		if err != nil {
+			return
+		}
+		_, _ = w.Write(b)
+	})))
+	e.waypoint(&discoveryv1.WaypointService{Service: key("up")})
+	url := e.front("up", 80, false)
+	for _, cl := range clients() {
+		t.Run(cl.name, func(t *testing.T) {
+			upload := func(path string, pause time.Duration) (int, string, error) {
+				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				defer cancel()
+				pr, pw := io.Pipe()
+				go func() {
+					_, _ = io.WriteString(pw, "begin ")
+					select {
+					case <-time.After(pause):
+						_, _ = io.WriteString(pw, "end")
+						pw.Close()
+					case <-ctx.Done():
+						pw.CloseWithError(ctx.Err())
+					}
+				}()
+				req, _ := http.NewRequestWithContext(ctx, "POST", url+path, pr)
+				resp, err := cl.c.Do(req)
+				if err != nil {
+					return 0, "", err
+				}
+				b, err := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				return resp.StatusCode, string(b), err
+			}
+			if code, body, err := upload("/stalled", time.Hour); err != nil || code != http.StatusRequestTimeout || body != "stream timeout" {
+				t.Fatalf("stalled body: %d %q %v", code, body, err)
+			}
+			for deadline := time.Now().Add(3 * time.Second); held.Load() != 0 && time.Now().Before(deadline); {
+				time.Sleep(10 * time.Millisecond)
+			}
+			if n := held.Load(); n != 0 {
+				t.Fatalf("%d upstream requests held after the body stalled", n)
+			}
+			if code, body, err := upload("/stream", 1200*time.Millisecond); err != nil || code != 200 || body != strings.Repeat("tick ", 10)+"begin end" {
+				t.Fatalf("quiet client of a streaming response: %d %q %v", code, body, err)
+			}
+		})
+	}
+	if !hasFlag(t, e, "SI") {
+		t.Error("no istio_requests_total with response_flags=SI")
+	}
+}
+
+// TestFullDuplexHTTP1: an HTTP/1.1 client may read its response while it
+// still sends its body (as Envoy allows); the waypoint's server must not
+// consume the rest of the body itself before writing the response.
+func TestFullDuplexHTTP1(t *testing.T) {
+	e := newEnv(t)
+	e.proxy.bodyIdle = 0 // no idle timeout: this is about the body alone
+	e.service("up", 80, "http", backend(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		rc := http.NewResponseController(w)
+		_ = rc.EnableFullDuplex()
+		_, _ = io.WriteString(w, "ready ")
+		_ = rc.Flush()
+		b, _ := io.ReadAll(r.Body)
+		_, _ = w.Write(b)
+	})))
+	e.waypoint(&discoveryv1.WaypointService{Service: key("up")})
+	url := e.front("up", 80, false)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	pr, pw := io.Pipe()
+	go func() { <-ctx.Done(); pw.CloseWithError(ctx.Err()) }()
+	go func() { _, _ = io.WriteString(pw, "begin ") }()
+	req, _ := http.NewRequestWithContext(ctx, "POST", url+"/", pr)
+	resp, err := (&http.Client{Transport: &http.Transport{}}).Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	first := make([]byte, len("ready "))
+	if _, err := io.ReadFull(resp.Body, first); err != nil {
+		t.Fatalf("response before the body ended: %v", err)
+	}
+	_, _ = io.WriteString(pw, "end")
+	pw.Close()
+	rest, err := io.ReadAll(resp.Body)
+	if err != nil || string(rest) != "begin end" {
+		t.Fatalf("upstream echoed %q %v, want the whole body", rest, err)
+	}
+}

@@ -38,7 +38,9 @@ var (
 	ErrUnreachable = errors.New("no reachable endpoint")
 )
 
-// Limits bound what one client can make the HTTP server hold.
+// Limits bound what one client can make the HTTP server hold. A stalled
+// request body is bounded by the proxy (proxy.Options.RequestBodyIdleTimeout),
+// which knows when it is waiting for the client.
 type Limits struct {
 	// ReadHeaderTimeout bounds slow headers (slowloris); default 10s.
 	ReadHeaderTimeout time.Duration

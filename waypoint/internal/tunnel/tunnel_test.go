@@ -3,6 +3,7 @@ package tunnel
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -17,11 +18,14 @@ import (
 	"time"
 
 	discoveryv1 "github.com/amesh-dev/amesh/api/discovery/v1"
+	"github.com/amesh-dev/amesh/api/hbone"
+	"github.com/amesh-dev/amesh/api/identity/identitytest"
 	"github.com/amesh-dev/amesh/waypoint/internal/catalog"
 	"github.com/amesh-dev/amesh/waypoint/internal/proxy"
 	"github.com/amesh-dev/amesh/waypoint/internal/telemetry"
 	"github.com/amesh-dev/amesh/waypoint/internal/upstream"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"go.uber.org/zap/zaptest"
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
@@ -35,7 +39,9 @@ import (
 )
 
 // fixture runs a tunnel Server whose "tunnels" are plain loopback TCP
-// connections: each accepted connection is one tunnel to target.
+// connections (each accepted connection is one tunnel to target) or, with
+// fixtureOptions.hbone, real HBONE streams (mTLS, HTTP/2 CONNECT) to an
+// HBONE server handing them to the tunnel Server, as the waypoint does.
 type fixture struct {
 	t      *testing.T
 	srv    *Server
@@ -45,11 +51,26 @@ type fixture struct {
 	cancel context.CancelFunc
 	done   chan error
 	once   sync.Once
+	// dial opens one tunnel.
+	dial func(ctx context.Context) (net.Conn, error)
+}
+
+// fixtureOptions vary a fixture.
+type fixtureOptions struct {
+	// hbone serves the tunnels over real HBONE.
+	hbone bool
+	// bodyIdle is the proxy's request body idle timeout.
+	bodyIdle time.Duration
 }
 
 var vip = netip.MustParseAddrPort("10.96.7.7:80")
 
 func newFixture(t *testing.T, appProto string, backend net.Listener, ws *discoveryv1.WaypointService, limits Limits) *fixture {
+	t.Helper()
+	return newFixtureWith(t, appProto, backend, ws, limits, fixtureOptions{})
+}
+
+func newFixtureWith(t *testing.T, appProto string, backend net.Listener, ws *discoveryv1.WaypointService, limits Limits, opts fixtureOptions) *fixture {
 	t.Helper()
 	var d net.Dialer
 	dial := func(ctx context.Context, ep *upstream.Endpoint) (net.Conn, error) {
@@ -77,7 +98,7 @@ func newFixture(t *testing.T, appProto string, backend net.Listener, ws *discove
 	}
 	reg := prometheus.NewRegistry()
 	m := telemetry.NewMetrics(reg)
-	p := proxy.New(proxy.Options{Catalog: cat, Metrics: m, Logger: log})
+	p := proxy.New(proxy.Options{Catalog: cat, Metrics: m, Logger: log, RequestBodyIdleTimeout: opts.bodyIdle})
 	srv := New(Options{Catalog: cat, Proxy: p, Metrics: m, Logger: log, Limits: limits})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -86,6 +107,15 @@ func newFixture(t *testing.T, appProto string, backend net.Listener, ws *discove
 	ctx, cancel := context.WithCancel(context.Background())
 	f := &fixture{t: t, srv: srv, cat: cat, front: ln.Addr().String(), target: vip, cancel: cancel, done: make(chan error, 1)}
 	go func() { f.done <- srv.Run(ctx) }()
+	f.dial = func(ctx context.Context) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "tcp", f.front)
+	}
+	if opts.hbone {
+		f.serveHBONE(ctx, ln)
+		t.Cleanup(func() { ln.Close(); f.stop() })
+		return f
+	}
 	go func() {
 		for {
 			c, err := ln.Accept()
@@ -109,6 +139,42 @@ func newFixture(t *testing.T, appProto string, backend net.Listener, ws *discove
 		f.stop()
 	})
 	return f
+}
+
+// serveHBONE serves HBONE on ln: each CONNECT is decided by the tunnel
+// Server's Accept (as the waypoint's handler does) and its stream served by
+// it; f.dial opens streams with a client identity.
+func (f *fixture) serveHBONE(ctx context.Context, ln net.Listener) {
+	ca := identitytest.Must("cluster.local")
+	wpCert, wpID := ca.MustLeaf("default", "waypoint")
+	clientCert, clientID := ca.MustLeaf("client", "c")
+	hs := hbone.NewServer(hbone.ServerConfig{
+		Certificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return wpCert, nil },
+		Bundle:      ca.Bundle(), TrustDomain: ca.TrustDomain, DrainTimeout: 100 * time.Millisecond,
+		Handler: func(ctx context.Context, r *hbone.Request) (func(net.Conn), error) {
+			fn, err := f.srv.Accept(ctx, r.Peer.String(), r.RemoteAddr.Addr(), r.Authority)
+			switch {
+			case err == nil:
+				return fn, nil
+			case errors.Is(err, ErrUnknownTarget):
+				return nil, fmt.Errorf("%w: %w", hbone.ErrBadTarget, err)
+			case errors.Is(err, ErrDenied):
+				return nil, fmt.Errorf("%w: %w", hbone.ErrDenied, err)
+			}
+			return nil, fmt.Errorf("%w: %w", hbone.ErrUnreachable, err)
+		},
+	})
+	served := make(chan struct{})
+	go func() { _ = hs.Serve(ctx, ln); close(served) }()
+	hc := hbone.NewClient(hbone.ClientConfig{
+		Certificates: func(context.Context, spiffeid.ID) (*tls.Certificate, error) { return clientCert, nil },
+		Bundle:       ca.Bundle(),
+	})
+	f.t.Cleanup(func() { hc.Close(); f.stop(); <-served })
+	proxyAddr := netip.MustParseAddrPort(ln.Addr().String())
+	f.dial = func(ctx context.Context) (net.Conn, error) {
+		return hc.Dial(ctx, hbone.DialRequest{Source: clientID, Expected: []spiffeid.ID{wpID}, Proxy: proxyAddr, Target: f.target})
+	}
 }
 
 func (f *fixture) stop() {
@@ -279,26 +345,44 @@ func heapMB() float64 {
 }
 
 // TestHostileClients: oversized headers are refused, slowloris connections
-// are cut at the header timeout, and an HTTP/2 rapid-reset flood neither
-// grows memory without bound nor starves a well-behaved client.
+// are cut at the header timeout, a stalled request body is cut at the body
+// idle timeout (408) and releases its upstream request, and an HTTP/2
+// rapid-reset flood neither grows memory without bound nor starves a
+// well-behaved client — over plain tunnels and over real HBONE streams
+// (many tunnels sharing one mTLS connection, as from a hostile peer's
+// ztunnel).
 func TestHostileClients(t *testing.T) {
-	var inflight atomic.Int32
+	for _, transport := range []string{"tcp", "hbone"} {
+		t.Run(transport, func(t *testing.T) { testHostileClients(t, transport == "hbone") })
+	}
+}
+
+func testHostileClients(t *testing.T, overHBONE bool) {
+	var inflight, bodies atomic.Int32
 	slow := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		inflight.Add(1)
 		defer inflight.Add(-1)
-		if r.URL.Path == "/slow" {
+		switch r.URL.Path {
+		case "/slow":
 			select {
 			case <-time.After(2 * time.Second):
 			case <-r.Context().Done():
 			}
+		case "/upload":
+			bodies.Add(1)
+			defer bodies.Add(-1)
+			_, _ = io.Copy(io.Discard, r.Body)
 		}
 		_, _ = io.WriteString(w, "ok")
 	})
-	f := newFixture(t, "http", httpBackend(t, slow), nil, Limits{ReadHeaderTimeout: 300 * time.Millisecond, MaxHeaderBytes: 8 << 10, MaxConcurrentStreams: 100})
-	client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-		var d net.Dialer
-		return d.DialContext(ctx, "tcp", f.front)
-	}}}
+	f := newFixtureWith(t, "http", httpBackend(t, slow), nil,
+		Limits{ReadHeaderTimeout: 300 * time.Millisecond, MaxHeaderBytes: 8 << 10, MaxConcurrentStreams: 100},
+		fixtureOptions{hbone: overHBONE, bodyIdle: 300 * time.Millisecond})
+	dial := func(ctx context.Context, _, _ string) (net.Conn, error) { return f.dial(ctx) }
+	client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DialContext: dial}}
+	var p http.Protocols
+	p.SetUnencryptedHTTP2(true)
+	h2c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{Protocols: &p, DialContext: dial}}
 	good := func() error {
 		resp, err := client.Get("http://svc/")
 		if err != nil {
@@ -331,7 +415,7 @@ func TestHostileClients(t *testing.T) {
 	t.Run("slowloris", func(t *testing.T) {
 		var conns []net.Conn
 		for range 50 {
-			c, err := net.Dial("tcp", f.front)
+			c, err := f.dial(context.Background())
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -357,8 +441,46 @@ func TestHostileClients(t *testing.T) {
 		}
 	})
 
+	t.Run("stalled body", func(t *testing.T) {
+		for _, tc := range []struct {
+			name string
+			c    *http.Client
+		}{{"http1", client}, {"h2c", h2c}} {
+			t.Run(tc.name, func(t *testing.T) {
+				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				defer cancel()
+				pr, pw := io.Pipe()
+				go func() {
+					_, _ = io.WriteString(pw, "the beginning, and then nothing")
+					<-ctx.Done()
+					pw.CloseWithError(ctx.Err()) // the client transport waits for its body
+				}()
+				start := time.Now()
+				req, _ := http.NewRequestWithContext(ctx, "POST", "http://svc/upload", pr)
+				resp, err := tc.c.Do(req)
+				if err != nil {
+					t.Fatalf("stalled upload: %v after %v", err, time.Since(start))
+				}
+				resp.Body.Close()
+				if resp.StatusCode != http.StatusRequestTimeout {
+					t.Fatalf("stalled upload: %d after %v, want 408", resp.StatusCode, time.Since(start))
+				}
+				deadline := time.Now().Add(3 * time.Second)
+				for bodies.Load() != 0 && time.Now().Before(deadline) {
+					time.Sleep(10 * time.Millisecond)
+				}
+				if n := bodies.Load(); n != 0 {
+					t.Fatalf("%d upstream requests still held after the client's body stalled", n)
+				}
+				if err := good(); err != nil {
+					t.Fatal(err)
+				}
+			})
+		}
+	})
+
 	t.Run("http2 rapid reset", func(t *testing.T) {
-		c, err := net.Dial("tcp", f.front)
+		c, err := f.dial(context.Background())
 		if err != nil {
 			t.Fatal(err)
 		}
