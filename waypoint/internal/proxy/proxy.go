@@ -341,6 +341,9 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	if t.Limiter != nil && !t.Limiter.Allow() {
 		ex.flag("RL")
+		// Whole seconds to the next fill, rounded up (RFC 9110 delay-seconds).
+		ra := (t.Limiter.RetryAfter() + time.Second - 1) / time.Second
+		rw.Header().Set("Retry-After", strconv.FormatInt(int64(max(ra, 1)), 10))
 		p.local(rw, r, ex, http.StatusTooManyRequests, "local_rate_limited")
 		return
 	}

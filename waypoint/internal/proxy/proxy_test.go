@@ -332,6 +332,9 @@ func TestRateLimitFaultAndAuthz(t *testing.T) {
 	for range 20 {
 		resp, _ := get(t, http.DefaultClient, url+"/")
 		codes[resp.StatusCode]++
+		if ra := resp.Header.Get("Retry-After"); resp.StatusCode == 429 && ra != "3600" && ra != "3599" {
+			t.Fatalf("429 with Retry-After %q, want the ~3600 s to the next fill", ra)
+		}
 	}
 	if codes[200] != 7 || codes[429] != 13 {
 		t.Fatalf("rate limit: %v, want exactly 7×200 and 13×429", codes)
