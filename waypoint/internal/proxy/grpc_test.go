@@ -2,6 +2,8 @@ package proxy
 
 import (
 	"context"
+	"io"
+	"maps"
 	"net"
 	"net/http"
 	"strings"
@@ -192,5 +194,54 @@ func TestGRPCRouteFilters(t *testing.T) {
 		default:
 			t.Fatalf("mirror saw %d calls, want %d", i, n)
 		}
+	}
+}
+
+// TestGRPCStatusLabelBounded: the grpc_response_status label takes one of
+// the 17 gRPC codes or "unknown", whatever an upstream writes in its
+// grpc-status (the label set must stay bounded).
+func TestGRPCStatusLabelBounded(t *testing.T) {
+	e := newEnv(t)
+	e.service("g", 9090, "grpc", backend(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/grpc")
+		w.Header().Set("Trailer", "Grpc-Status")
+		w.WriteHeader(200)
+		w.Header().Set("Grpc-Status", strings.TrimPrefix(r.URL.Path, "/"))
+	})))
+	e.waypoint(&discoveryv1.WaypointService{Service: key("g")})
+	url := e.front("g", 9090, true)
+	var p http.Protocols
+	p.SetUnencryptedHTTP2(true)
+	c := &http.Client{Transport: &http.Transport{Protocols: &p}}
+	for _, st := range []string{"0", "16", "17", "007", "-1", "banana", "99999999999999999999"} {
+		req, _ := http.NewRequest("POST", url+"/"+st, strings.NewReader(""))
+		req.Header.Set("Content-Type", "application/grpc")
+		resp, err := c.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+	}
+	mfs, err := e.reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]bool{}
+	for _, mf := range mfs {
+		if mf.GetName() != "istio_requests_total" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "grpc_response_status" {
+					got[l.GetValue()] = true
+				}
+			}
+		}
+	}
+	want := map[string]bool{"0": true, "16": true, "unknown": true}
+	if !maps.Equal(got, want) {
+		t.Fatalf("grpc_response_status values %v, want %v", got, want)
 	}
 }

@@ -1009,6 +1009,7 @@ func (p *Proxy) finish(ex *exchange, rw *recorder, r *http.Request, bodyIn int64
 				grpcStatus = s
 			}
 		}
+		grpcStatus = grpcStatusLabel(grpcStatus)
 	}
 	if p.metrics != nil {
 		var l telemetry.Labels
@@ -1085,6 +1086,21 @@ func (a *accessEntry) MarshalLogObject(enc zapcore.ObjectEncoder) error {
 	enc.AddString("downstream_remote_address", ex.ci.sourceString())
 	enc.AddString("user_agent", r.UserAgent())
 	return nil
+}
+
+// grpcStatusLabel bounds an upstream's grpc-status for telemetry: one of the
+// 17 gRPC codes as written by gRPC ("0" to "16"), "unknown" for anything
+// else, "" when there is none.
+func grpcStatusLabel(s string) string {
+	if s == "" {
+		return ""
+	}
+	if len(s) <= 2 {
+		if n, err := strconv.Atoi(s); err == nil && n >= 0 && n <= 16 && statusText[n] == s {
+			return statusText[n]
+		}
+	}
+	return "unknown"
 }
 
 // statusText holds the decimal response codes, so that labelling a
