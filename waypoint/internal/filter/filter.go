@@ -5,6 +5,7 @@ package filter
 import (
 	"net"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
 
@@ -77,7 +78,8 @@ func replacePrefix(path, prefix, repl string) string {
 // Redirect computes the Location and status code of a RequestRedirect for r.
 // scheme is the scheme the client used ("http" inside the mesh) and port the
 // service port the request arrived on; path is the normalised request path
-// and prefix the matched path prefix.
+// (decoded, as matched) and prefix the matched path prefix. The Location's
+// path is escaped.
 func Redirect(r *http.Request, rd *discoveryv1.RequestRedirect, scheme string, port uint32, path, prefix string) (string, int) {
 	code := int(rd.GetStatusCode())
 	if code == 0 {
@@ -104,6 +106,10 @@ func Redirect(r *http.Request, rd *discoveryv1.RequestRedirect, scheme string, p
 	if rd.GetPath() != nil {
 		path = ReplacePath(path, prefix, rd.GetPath())
 	}
+	// The Location needs the path escaped: a decoded "?" or "#" would
+	// start a query or fragment. The client's own escaping is kept when
+	// the path is unchanged.
+	path = (&url.URL{Path: path, RawPath: r.URL.RawPath}).EscapedPath()
 	authority := host
 	if outPort != 0 && outPort != wellKnownPort(outScheme) {
 		authority = net.JoinHostPort(host, strconv.Itoa(int(outPort)))

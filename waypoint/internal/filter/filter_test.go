@@ -67,6 +67,14 @@ func TestRedirect(t *testing.T) {
 			&discoveryv1.RequestRedirect{Port: 8443, Scheme: "https"}, "https://reviews:8443/a", 302},
 		{"prefix replace", "http://reviews:9080/v1/items",
 			&discoveryv1.RequestRedirect{Path: &discoveryv1.PathModifier{Kind: &discoveryv1.PathModifier_ReplacePrefixMatch{ReplacePrefixMatch: "/v2"}}}, "http://reviews:9080/v2/items", 302},
+		// The Location carries the path escaped: a decoded "?" or "#" would
+		// start a query or fragment, a CR LF would split the header.
+		{"escaped path kept", "http://reviews:9080/a%3Fb%23c%20d?q=%3F",
+			&discoveryv1.RequestRedirect{Hostname: "ratings"}, "http://ratings:9080/a%3Fb%23c%20d?q=%3F", 302},
+		{"escaped rest after prefix replace", "http://reviews:9080/v1/a%3Fb%0D%0Ax",
+			&discoveryv1.RequestRedirect{Path: &discoveryv1.PathModifier{Kind: &discoveryv1.PathModifier_ReplacePrefixMatch{ReplacePrefixMatch: "/v 2"}}}, "http://reviews:9080/v%202/a%3Fb%0D%0Ax", 302},
+		{"full path replaced and escaped", "http://reviews:9080/x",
+			&discoveryv1.RequestRedirect{Path: &discoveryv1.PathModifier{Kind: &discoveryv1.PathModifier_ReplaceFullPath{ReplaceFullPath: "/new?"}}}, "http://reviews:9080/new%3F", 302},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -90,6 +90,11 @@ func TestRoutingFiltersAndRedirect(t *testing.T) {
 					Path: &discoveryv1.PathModifier{Kind: &discoveryv1.PathModifier_ReplaceFullPath{ReplaceFullPath: "/new"}}, StatusCode: 301}}}},
 			},
 			{
+				Matches: []*discoveryv1.HTTPRouteMatch{{Path: &discoveryv1.PathMatch{Value: "/moved"}}},
+				Filters: []*discoveryv1.HTTPFilter{{Kind: &discoveryv1.HTTPFilter_RequestRedirect{RequestRedirect: &discoveryv1.RequestRedirect{
+					Hostname: "elsewhere"}}}},
+			},
+			{
 				Matches:  []*discoveryv1.HTTPRouteMatch{{Path: &discoveryv1.PathMatch{Value: "/"}}},
 				Backends: []*discoveryv1.BackendRef{{Service: key("reviews"), Port: 80, Weight: 1}},
 			},
@@ -116,6 +121,11 @@ func TestRoutingFiltersAndRedirect(t *testing.T) {
 	resp, _ = get(t, noRedirect(), url+"/old?x=y", "host", "reviews:80")
 	if resp.StatusCode != 301 || resp.Header.Get("Location") != "http://reviews/new?x=y" {
 		t.Errorf("redirect %d %q", resp.StatusCode, resp.Header.Get("Location"))
+	}
+	// The Location keeps the path escaped: %3F is not a query.
+	resp, _ = get(t, noRedirect(), url+"/moved/a%3Fb?c=d", "host", "reviews:80")
+	if resp.StatusCode != 302 || resp.Header.Get("Location") != "http://elsewhere/moved/a%3Fb?c=d" {
+		t.Errorf("redirect of an escaped path: %d %q", resp.StatusCode, resp.Header.Get("Location"))
 	}
 	// Path normalisation: /api/../old is /old.
 	resp, _ = get(t, noRedirect(), url+"/x/../old")
