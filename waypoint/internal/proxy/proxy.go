@@ -581,7 +581,7 @@ func (rt roundTripper) RoundTrip(out *http.Request) (*http.Response, error) {
 			return nil, err
 		}
 		tried = append(tried, ep)
-		actx, cancel := attemptContext(ctx, rule.BackendTimeout)
+		actx, cancel := attemptContext(ctx, rule.BackendTimeout, attempt < retries)
 		// out is the reverse proxy's private copy; Do sends a shallow copy
 		// of it per attempt (the transport may still touch a failed one),
 		// each reading the body through its own replay view.
@@ -654,7 +654,12 @@ func (rt roundTripper) RoundTrip(out *http.Request) (*http.Response, error) {
 			return resp, nil
 		}
 		if resp != nil {
-			_, _ = io.CopyN(io.Discard, resp.Body, 64<<10)
+			// Drain a little of the failure's body so that an HTTP/1.1
+			// connection can be reused, but not for long: cancelling the
+			// attempt ends a body that trickles.
+			stop := time.AfterFunc(retryDrainTime, cancel)
+			_, _ = io.CopyN(io.Discard, resp.Body, retryDrainBytes)
+			stop.Stop()
 			resp.Body.Close()
 		}
 		cancel()
@@ -672,16 +677,27 @@ func (rt roundTripper) RoundTrip(out *http.Request) (*http.Response, error) {
 	}
 }
 
+// A failed attempt's response body is drained before a retry for at most
+// retryDrainBytes and retryDrainTime.
+const (
+	retryDrainBytes = 64 << 10
+	retryDrainTime  = 100 * time.Millisecond
+)
+
 func noCancel() {}
 
 // attemptContext bounds one attempt by the backend request timeout, if any.
-// The cancel function is handed to the response body, so it is returned
-// rather than deferred.
-func attemptContext(ctx context.Context, d time.Duration) (context.Context, context.CancelFunc) {
-	if d <= 0 {
-		return ctx, noCancel
+// An attempt that may be retried can be cancelled on its own (its response
+// body's drain is bounded in time). The cancel function is handed to the
+// response body, so it is returned rather than deferred.
+func attemptContext(ctx context.Context, d time.Duration, retriable bool) (context.Context, context.CancelFunc) {
+	switch {
+	case d > 0:
+		return context.WithTimeout(ctx, d)
+	case retriable:
+		return context.WithCancel(ctx)
 	}
-	return context.WithTimeout(ctx, d)
+	return ctx, noCancel
 }
 
 // doneBody ends the exchange's upstream attempt when the response body is

@@ -820,3 +820,40 @@ func TestFullDuplexHTTP1(t *testing.T) {
 		t.Fatalf("upstream echoed %q %v, want the whole body", rest, err)
 	}
 }
+
+// TestRetryAfterSlowFailureBody: the body of a failed attempt is drained
+// before a retry (to reuse the connection) only briefly: an upstream that
+// trickles its 503 body does not hold the retry back.
+func TestRetryAfterSlowFailureBody(t *testing.T) {
+	e := newEnv(t)
+	var calls atomic.Int32
+	e.service("up", 80, "http", backend(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if calls.Add(1) > 1 {
+			_, _ = io.WriteString(w, "ok")
+			return
+		}
+		w.WriteHeader(503)
+		rc := http.NewResponseController(w)
+		for {
+			if _, err := io.WriteString(w, "x"); err != nil || rc.Flush() != nil {
+				return
+			}
+			select {
+			case <-time.After(10 * time.Millisecond):
+			case <-r.Context().Done():
+				return
+			}
+		}
+	})))
+	e.waypoint(&discoveryv1.WaypointService{Service: key("up"), HttpRoutes: []*discoveryv1.HTTPRoute{{Namespace: "default", Name: "r",
+		Rules: []*discoveryv1.HTTPRouteRule{{
+			Backends: []*discoveryv1.BackendRef{{Service: key("up"), Port: 80, Weight: 1}},
+			Retry:    &discoveryv1.RetryPolicy{Attempts: 1, Codes: []uint32{503}, Backoff: durationpb.New(time.Millisecond)},
+		}}}}})
+	url := e.front("up", 80, false)
+	start := time.Now()
+	resp, body := get(t, &http.Client{Timeout: 5 * time.Second}, url+"/")
+	if resp.StatusCode != 200 || body != "ok" || time.Since(start) > 2*time.Second {
+		t.Fatalf("retry after a trickled 503 body: %d %q after %v", resp.StatusCode, body, time.Since(start))
+	}
+}
