@@ -688,12 +688,15 @@ func TestPoliciesAndResilienceThroughHBONE(t *testing.T) {
 	valid := token(t, key1, jwt.Claims{Issuer: "https://issuer.example", Subject: "alice", Audience: jwt.Audience{"api"}, Expiry: jwt.NewNumericDate(now.Add(time.Hour))})
 	expired := token(t, key1, jwt.Claims{Issuer: "https://issuer.example", Subject: "alice", Audience: jwt.Audience{"api"}, Expiry: jwt.NewNumericDate(now.Add(-time.Hour))})
 	wrongAud := token(t, key1, jwt.Claims{Issuer: "https://issuer.example", Subject: "alice", Audience: jwt.Audience{"other"}, Expiry: jwt.NewNumericDate(now.Add(time.Hour))})
-	do := func(path, tok string) (int, string, http.Header) {
+	// Signed by the configured issuer's key, but naming another issuer.
+	wrongIss := token(t, key1, jwt.Claims{Issuer: "https://evil.example", Subject: "alice", Audience: jwt.Audience{"api"}, Expiry: jwt.NewNumericDate(now.Add(time.Hour))})
+	h2c := cl.h2c(netip.AddrPortFrom(apiVIP, 80))
+	doWith := func(c *http.Client, path, tok string) (int, string, http.Header) {
 		req, _ := http.NewRequest("GET", "http://api"+path, nil)
 		if tok != "" {
 			req.Header.Set("Authorization", "Bearer "+tok)
 		}
-		resp, err := hc.Do(req)
+		resp, err := c.Do(req)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -701,22 +704,36 @@ func TestPoliciesAndResilienceThroughHBONE(t *testing.T) {
 		resp.Body.Close()
 		return resp.StatusCode, string(b), resp.Header
 	}
+	do := func(path, tok string) (int, string, http.Header) { return doWith(hc, path, tok) }
 	used := 0
-	t.Run("jwt", func(t *testing.T) {
-		code, _, h := do("/", expired)
-		used++
-		if code != 401 || !strings.Contains(h.Get("Www-Authenticate"), `error="invalid_token"`) {
-			t.Fatalf("expired: %d %v", code, h)
-		}
-		if code, _, _ := do("/", wrongAud); code != 401 {
-			t.Fatalf("wrong audience: %d", code)
-		}
-		used++
-		if code, _, _ := do("/", ""); code != 403 {
-			t.Fatalf("no token with a request-principal ALLOW: %d", code)
-		}
-		used++
-	})
+	for _, c := range []struct {
+		name string
+		c    *http.Client
+	}{{"jwt http1", hc}, {"jwt h2c", h2c}} {
+		t.Run(c.name, func(t *testing.T) {
+			for _, tc := range []struct {
+				name, tok, challenge string
+				code                 int
+			}{
+				{"expired", expired, "expired", 401},
+				{"wrong audience", wrongAud, "audience", 401},
+				{"wrong issuer", wrongIss, "issuer is not configured", 401},
+				{"no token with a request-principal ALLOW", "", "", 403},
+				{"valid", valid, "", 200},
+			} {
+				code, _, h := doWith(c.c, "/", tc.tok)
+				used++
+				if code != tc.code {
+					t.Fatalf("%s: %d, want %d", tc.name, code, tc.code)
+				}
+				if ch := h.Get("Www-Authenticate"); tc.challenge != "" &&
+					(!strings.Contains(ch, `error="invalid_token"`) || !strings.Contains(ch, tc.challenge)) {
+					t.Fatalf("%s: www-authenticate %q", tc.name, ch)
+				}
+			}
+		})
+	}
+	valids := 2 // taken from the bucket by the "valid" cases above
 	t.Run("retries and outlier ejection", func(t *testing.T) {
 		for i := range 10 {
 			code, body, _ := do("/", valid)
@@ -748,7 +765,7 @@ func TestPoliciesAndResilienceThroughHBONE(t *testing.T) {
 		}
 		// 30 tokens in the bucket: the JWT and authz refusals above came
 		// before the limiter and took none.
-		if want := 30 - 11; ok != want || limited != 40-used+5-want {
+		if want := 30 - 11 - valids; ok != want || limited != 40-used+5-want {
 			t.Fatalf("ok %d limited %d, want %d ok", ok, limited, want)
 		}
 	})

@@ -16,20 +16,22 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 )
 
-// clients returns an HTTP/1.1 client (a body of unknown length goes out
-// chunked) and an h2c client, each with its own connection pool.
-func clients() []struct {
+type testClient struct {
 	name string
 	c    *http.Client
-} {
+}
+
+// clients returns an HTTP/1.1 client (a body of unknown length goes out
+// chunked) and an h2c client, each with its own connection pool (closed
+// when the test ends).
+func clients(t testing.TB) []testClient {
 	var p http.Protocols
 	p.SetUnencryptedHTTP2(true)
-	return []struct {
-		name string
-		c    *http.Client
-	}{
-		{"http1", &http.Client{Timeout: 20 * time.Second, Transport: &http.Transport{}}},
-		{"h2c", &http.Client{Timeout: 20 * time.Second, Transport: &http.Transport{Protocols: &p}}},
+	h1, h2 := &http.Transport{}, &http.Transport{Protocols: &p}
+	t.Cleanup(func() { h1.CloseIdleConnections(); h2.CloseIdleConnections() })
+	return []testClient{
+		{"http1", &http.Client{Timeout: 20 * time.Second, Transport: h1}},
+		{"h2c", &http.Client{Timeout: 20 * time.Second, Transport: h2}},
 	}
 }
 
@@ -49,7 +51,7 @@ func TestRetryBodyNeverTruncated(t *testing.T) {
 	full := make([]byte, 140<<10)
 	_, _ = rand.Read(full)
 	for _, up := range []string{"http", "http2"} {
-		for _, cl := range clients() {
+		for _, cl := range clients(t) {
 			for _, sc := range []string{"crosses the replay limit during the failure", "client stalls during the retry"} {
 				t.Run(fmt.Sprintf("%s client, %s upstream, %s", cl.name, up, sc), func(t *testing.T) {
 					stall := sc == "client stalls during the retry"
