@@ -273,6 +273,9 @@ func TestTimeouts(t *testing.T) {
 		e := newEnv(t)
 		var calls atomic.Int32
 		slow := backend(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.URL.Path == "/retry/warm" {
+				return // opens the upstream connection (so that the first attempt below is not cut short by a dial)
+			}
 			if calls.Add(1) == 1 || r.URL.Path == "/always-slow" {
 				select {
 				case <-time.After(2 * time.Second):
@@ -288,8 +291,8 @@ func TestTimeouts(t *testing.T) {
 				{
 					Matches:               []*discoveryv1.HTTPRouteMatch{{Path: &discoveryv1.PathMatch{Value: "/retry"}}},
 					Backends:              []*discoveryv1.BackendRef{{Service: key("slow"), Port: 80, Weight: 1}},
-					BackendRequestTimeout: durationpb.New(100 * time.Millisecond),
-					RequestTimeout:        durationpb.New(time.Second),
+					BackendRequestTimeout: durationpb.New(250 * time.Millisecond),
+					RequestTimeout:        durationpb.New(1500 * time.Millisecond),
 					Retry:                 &discoveryv1.RetryPolicy{Attempts: 1},
 				},
 				{
@@ -299,9 +302,10 @@ func TestTimeouts(t *testing.T) {
 				},
 			}}}})
 		url := e.front("slow", 80, false)
+		get(t, c, url+"/retry/warm")
 		start := time.Now()
 		resp, body := get(t, c, url+"/retry")
-		if resp.StatusCode != 200 || body != "fast" || time.Since(start) > time.Second {
+		if resp.StatusCode != 200 || body != "fast" || time.Since(start) > 1500*time.Millisecond {
 			t.Fatalf("per-try timeout + retry: %d %q in %v", resp.StatusCode, body, time.Since(start))
 		}
 		start = time.Now()
