@@ -234,8 +234,13 @@ func podInfo(p *corev1.Pod, ips []netip.Addr) PodInfo {
 	return PodInfo{UID: string(p.UID), Name: p.Name, Namespace: p.Namespace, ServiceAccount: sa, IPs: ips, ProbePorts: ProbePorts(p)}
 }
 
+// terminal reports whether a pod's containers are over for good (phase
+// Succeeded or Failed). A deletion timestamp alone is not the end: the pod
+// runs on through its grace period, serving and opening connections, and
+// stays in the mesh until it is over, its sandbox's CNI DEL arrives or
+// the pod object is gone.
 func terminal(p *corev1.Pod) bool {
-	return p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed || p.DeletionTimestamp != nil
+	return p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed
 }
 
 // reconcile brings one pod in line; retry asks for a later retry without
@@ -247,12 +252,18 @@ func (w *Watcher) reconcile(ctx context.Context, key string) (retry bool, err er
 	}
 	p, err := w.pods.Pods(ns).Get(name)
 	if apierrors.IsNotFound(err) {
+		// The pod object is gone. Normally its sandbox's CNI DEL came
+		// first; when it did not (a forced deletion, whose containers may
+		// still run), the pod leaves the mesh the way an unlabelled one
+		// does: its connections through ztunnel are drained, never let
+		// out in clear text. A DEL arriving meanwhile removes the rules.
+		var errs []error
 		for uid, info := range w.node.Enrolled() {
 			if info.Namespace == ns && info.Name == name {
-				return false, w.node.Forget(ctx, uid)
+				errs = append(errs, w.node.Gone(ctx, uid))
 			}
 		}
-		return false, nil
+		return false, errors.Join(errs...)
 	}
 	if err != nil {
 		return false, err

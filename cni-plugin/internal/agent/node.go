@@ -541,6 +541,17 @@ func (n *Node) Forget(ctx context.Context, uid string) error {
 	return err
 }
 
+// Gone handles a pod whose object was deleted before its sandbox's CNI
+// DEL arrived: it leaves the mesh as Unenroll does (its processes may
+// still run), and the recorded sandbox is dropped.
+func (n *Node) Gone(ctx context.Context, uid string) error {
+	err := n.unenroll(ctx, uid, true)
+	n.mu.Lock()
+	delete(n.sandboxes, uid)
+	n.mu.Unlock()
+	return err
+}
+
 // Check verifies that an enrolled pod's rules are intact and ztunnel has
 // it.
 func (n *Node) Check(uid string) error {
