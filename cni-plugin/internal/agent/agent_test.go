@@ -104,6 +104,13 @@ type harness struct {
 
 func newHarness(t testing.TB) *harness {
 	t.Helper()
+	return newHarnessVersion(t, "1.0.0")
+}
+
+// newHarnessVersion is newHarness with the node's conflist written in
+// the given CNI spec version (libcni passes it to every plugin).
+func newHarnessVersion(t testing.TB, cniVersion string) *harness {
+	t.Helper()
 	if skipReason != "" {
 		t.Skip(skipReason)
 	}
@@ -130,10 +137,10 @@ func newHarness(t testing.TB) *harness {
 			t.Fatal(err)
 		}
 	}
-	conflist := fmt.Sprintf(`{"cniVersion":"1.0.0","name":"podnet","plugins":[
+	conflist := fmt.Sprintf(`{"cniVersion":%q,"name":"podnet","plugins":[
 	  {"type":"bridge","bridge":"cni0","isGateway":true,
 	   "ipam":{"type":"host-local","dataDir":%q,"ranges":[[{"subnet":%q}]],"routes":[{"dst":"0.0.0.0/0"}]}}]}`,
-		filepath.Join(dir, "ipam"), h.subnet.String())
+		cniVersion, filepath.Join(dir, "ipam"), h.subnet.String())
 	if err := os.WriteFile(filepath.Join(h.confDir, "10-podnet.conflist"), []byte(conflist), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -603,6 +610,50 @@ func TestCNIChain(t *testing.T) {
 	}
 	if err := h.inNode(func() error { return h.cni.GetStatusNetworkList(context.Background(), st) }); cniCode(err) != int(types.ErrPluginNotAvailable) {
 		t.Fatalf("STATUS with agent down = %v, want code 50", err)
+	}
+}
+
+// TestCNIChain031: the node's conflist is CNI 0.3.1 (kindnet, flannel and
+// Calico write that version, and libcni passes it to every plugin of the
+// chain): ADD and DEL work through the whole chain, enrolled pods get
+// their rules, and CHECK — not defined before 0.4.0 — is refused.
+func TestCNIChain031(t *testing.T) {
+	h := newHarnessVersion(t, "0.3.1")
+	h.startAgent()
+	z := h.ztunnel()
+	if l := h.list(); l.CNIVersion != "0.3.1" || l.Plugins[len(l.Plugins)-1].Network.Type != "amesh-cni" {
+		t.Fatalf("chained conflist: version %q, last plugin %q", l.CNIVersion, l.Plugins[len(l.Plugins)-1].Network.Type)
+	}
+	enrolledNS := h.namespace("mesh031", true)
+	plainNS := h.namespace("plain031", false)
+	a := h.pod(enrolledNS, "a", nil)
+	b := h.pod(plainNS, "b", nil)
+	for _, p := range []*testPod{a, b} {
+		if err := h.add(p); err != nil {
+			t.Fatalf("ADD %s through a 0.3.1 chain: %v", p.Name, err)
+		}
+	}
+	h.wantRules(a)
+	h.wantNoRules(b)
+	if err := z.Expect("add "+string(a.UID), 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	h.wantAnnotation(a, "enabled")
+	got, err := h.dialOut(a, 9999)
+	if want := "ztunnel " + netip.AddrPortFrom(h.gw, 9999).String(); err != nil || got != want {
+		t.Fatalf("a → node: %q, %v; want %q", got, err, want)
+	}
+	if err := h.check(a); err == nil {
+		t.Fatal("CHECK accepted on a 0.3.1 list")
+	}
+	for _, p := range []*testPod{a, b} {
+		if err := h.del(p); err != nil {
+			t.Fatalf("DEL %s through a 0.3.1 chain: %v", p.Name, err)
+		}
+	}
+	h.wantNoRules(a)
+	if err := z.Expect("delete "+string(a.UID), 5*time.Second); err != nil {
+		t.Fatal(err)
 	}
 }
 

@@ -8,11 +8,15 @@ import (
 	"flag"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/containernetworking/cni/libcni"
 	"go.uber.org/zap/zaptest"
+
+	amesh "github.com/amesh-dev/amesh/cni-plugin/internal/plugin"
 )
 
 var update = flag.Bool("update", false, "rewrite the golden files")
@@ -99,6 +103,19 @@ func TestGolden(t *testing.T) {
 				t.Fatalf("Ensure = %v, %v; want changed", changed, err)
 			}
 			compareDir(t, filepath.Join(base, "out"), readDir(t, conf))
+			// The runtime hands the list's cniVersion to every plugin of
+			// the chain: amesh-cni must speak it.
+			primary, err := Primary(conf)
+			if err != nil {
+				t.Fatal(err)
+			}
+			list, err := libcni.ConfListFromFile(primary)
+			if err != nil {
+				t.Fatalf("installed conflist: %v", err)
+			}
+			if !slices.Contains(amesh.SupportedVersions(), list.CNIVersion) {
+				t.Errorf("installed conflist has cniVersion %q; amesh-cni speaks %v", list.CNIVersion, amesh.SupportedVersions())
+			}
 			if fi, err := os.Stat(filepath.Join(bin, PluginType)); err != nil || fi.Mode().Perm() != 0o755 {
 				t.Fatalf("plugin binary: %v %v", fi, err)
 			}

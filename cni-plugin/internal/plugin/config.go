@@ -18,7 +18,13 @@ import (
 const Type = "amesh-cni"
 
 // SupportedVersions returns the CNI spec versions this plugin speaks.
-func SupportedVersions() []string { return []string{"0.4.0", "1.0.0", "1.1.0"} }
+// 0.3.0 and 0.3.1 matter: kindnet, flannel and Calico write "0.3.1"
+// conflists, and the runtime passes the list's version to every plugin of
+// the chain. (CHECK is defined from 0.4.0 on, STATUS from 1.1.0.)
+func SupportedVersions() []string { return []string{"0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"} }
+
+// checkVersion is the first spec version that defines CHECK.
+const checkVersion = "0.4.0"
 
 // DefaultExcludeNamespaces returns the namespaces that are never enrolled:
 // the mesh's own pods and the cluster's system pods.
@@ -82,6 +88,9 @@ func parseConfig(stdin []byte) (*NetConf, error) {
 		conf.timeout = d
 	}
 	if conf.RawPrevResult != nil {
+		// prevResult comes in the configuration's version (types/040
+		// reads 0.3.x and 0.4.0, types/100 1.x); it is converted to the
+		// current result type, and printed back in the config's version.
 		if err := version.ParsePrevResult(&conf.PluginConf); err != nil {
 			return nil, types.NewError(types.ErrDecodingFailure, "amesh-cni: cannot parse prevResult", err.Error())
 		}

@@ -31,6 +31,7 @@ import (
 
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
+	"github.com/containernetworking/cni/pkg/version"
 	"golang.org/x/sys/unix"
 
 	"github.com/amesh-dev/amesh/cni-plugin/internal/agentapi"
@@ -185,6 +186,10 @@ func Check(a *skel.CmdArgs) error {
 	inv, err := load(a)
 	if err != nil {
 		return err
+	}
+	if ok, err := version.GreaterThanOrEqualTo(inv.conf.CNIVersion, checkVersion); err != nil || !ok {
+		return types.NewError(types.ErrIncompatibleCNIVersion, "amesh-cni: CHECK is not defined before CNI spec "+checkVersion,
+			fmt.Sprintf("config version %q", inv.conf.CNIVersion))
 	}
 	if inv.conf.result == nil {
 		return types.NewError(types.ErrInvalidNetworkConfig, "amesh-cni: CHECK needs prevResult", "")

@@ -2,6 +2,7 @@ package plugin
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -34,6 +35,9 @@ func TestMain(m *testing.M) {
 	os.RemoveAll(dir)
 	os.Exit(code)
 }
+
+// prev031 is a 0.3.1 result as ptp/bridge + host-local return it.
+const prev031 = `{"cniVersion":"0.3.1","interfaces":[{"name":"eth0","sandbox":"/var/run/netns/x"}],"ips":[{"version":"4","address":"10.1.0.5/24","gateway":"10.1.0.1","interface":0}],"routes":[{"dst":"0.0.0.0/0"}],"dns":{}}`
 
 const prev10 = `{"cniVersion":"1.0.0","interfaces":[{"name":"eth0","sandbox":"/var/run/netns/x"}],"ips":[{"address":"10.1.0.5/24","interface":0}]}`
 
@@ -77,7 +81,13 @@ func TestErrors(t *testing.T) {
 		{"not json", "ADD", `{"cniVersion":`, podArgs("x"), types.ErrDecodingFailure},
 		{"empty stdin", "ADD", ``, podArgs("x"), types.ErrDecodingFailure},
 		{"wrong field type", "ADD", conf("1.0.0", `,"excludeNamespaces":"kube-system","prevResult":`+prev10), podArgs("x"), types.ErrDecodingFailure},
-		{"unsupported version", "ADD", conf("0.3.1", `,"prevResult":`+prev10), podArgs("x"), types.ErrIncompatibleCNIVersion},
+		{"unsupported version", "ADD", conf("0.2.0", `,"prevResult":`+prev10), podArgs("x"), types.ErrIncompatibleCNIVersion},
+		// kindnet, flannel and Calico write 0.3.1 conflists; libcni passes
+		// the list's version to every plugin of the chain.
+		{"agent down, 0.3.1", "ADD", conf("0.3.1", `,"prevResult":`+prev031), podArgs("kube-system"), 0},
+		{"agent down, 0.3.0", "ADD", conf("0.3.0", `,"prevResult":`+strings.Replace(prev031, "0.3.1", "0.3.0", 1)), podArgs("kube-system"), 0},
+		{"0.3.1 prevResult bad ip", "ADD", conf("0.3.1", `,"prevResult":{"cniVersion":"0.3.1","ips":[{"version":"4","address":"10.1.0.500/24"}]}`), podArgs("x"), types.ErrDecodingFailure},
+		{"DEL 0.3.1 agent down", "DEL", conf("0.3.1", ``), podArgs("mesh"), 0},
 		{"garbage version", "ADD", conf("one", `,"prevResult":`+prev10), podArgs("x"), types.ErrIncompatibleCNIVersion},
 		{"future version", "ADD", conf("9.0.0", `,"prevResult":`+prev10), podArgs("x"), types.ErrIncompatibleCNIVersion},
 		{"no prevResult", "ADD", conf("1.0.0", ``), podArgs("x"), types.ErrInvalidNetworkConfig},
@@ -95,7 +105,8 @@ func TestErrors(t *testing.T) {
 		{"DEL agent down", "DEL", conf("1.0.0", ``), podArgs("mesh"), 0},
 		{"DEL malformed", "DEL", `nope`, podArgs("mesh"), types.ErrDecodingFailure},
 		{"CHECK agent down enrolled", "CHECK", conf("1.0.0", `,"prevResult":`+prev10), podArgs("mesh"), types.ErrTryAgainLater},
-		{"CHECK 0.3.1 not allowed", "CHECK", conf("0.3.1", `,"prevResult":`+prev10), podArgs("mesh"), types.ErrIncompatibleCNIVersion},
+		{"CHECK 0.3.1 not defined", "CHECK", conf("0.3.1", `,"prevResult":`+prev031), podArgs("mesh"), types.ErrIncompatibleCNIVersion},
+		{"CHECK 0.3.0 not defined", "CHECK", conf("0.3.0", `,"prevResult":`+prev031), podArgs("mesh"), types.ErrIncompatibleCNIVersion},
 		{"STATUS agent down", "STATUS", conf("1.1.0", ``), "", types.ErrPluginNotAvailable},
 		{"unknown command", "FROB", conf("1.0.0", ``), "", types.ErrInvalidEnvironmentVariables},
 	} {
@@ -123,6 +134,44 @@ func TestErrors(t *testing.T) {
 	}
 }
 
+// TestResultVersion: ADD prints prevResult in the configuration's own
+// version, as the runtime (and the next plugin) expects it.
+func TestResultVersion(t *testing.T) {
+	dir := t.TempDir()
+	withVersion := func(prev, from, to string) string {
+		return strings.Replace(prev, `"cniVersion":"`+from+`"`, `"cniVersion":"`+to+`"`, 1)
+	}
+	for _, tc := range []struct{ v, prev string }{
+		{"0.3.0", withVersion(prev031, "0.3.1", "0.3.0")},
+		{"0.3.1", prev031},
+		{"0.4.0", withVersion(prev031, "0.3.1", "0.4.0")},
+		{"1.0.0", prev10},
+		{"1.1.0", withVersion(prev10, "1.0.0", "1.1.0")},
+	} {
+		v, prev := tc.v, tc.prev
+		t.Run(v, func(t *testing.T) {
+			stdin := fmt.Sprintf(`{"cniVersion":%q,"name":"n","type":"amesh-cni","agentSocket":%q,"stateFile":%q,"prevResult":%s}`,
+				v, filepath.Join(dir, "none.sock"), filepath.Join(dir, "none.json"), prev)
+			out, e := run(t, "ADD", stdin, "K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=p;K8S_POD_UID=u")
+			if e != nil {
+				t.Fatalf("ADD: %+v", e)
+			}
+			var res struct {
+				CNIVersion string `json:"cniVersion"`
+				IPs        []struct {
+					Address string `json:"address"`
+				} `json:"ips"`
+			}
+			if err := json.Unmarshal([]byte(out), &res); err != nil {
+				t.Fatalf("result %q: %v", out, err)
+			}
+			if res.CNIVersion != v || len(res.IPs) != 1 || res.IPs[0].Address != "10.1.0.5/24" {
+				t.Fatalf("result = %s, want version %s with 10.1.0.5/24", out, v)
+			}
+		})
+	}
+}
+
 func TestVersion(t *testing.T) {
 	out, e := run(t, "VERSION", `{"cniVersion":"1.0.0"}`, "")
 	if e != nil {
@@ -140,6 +189,7 @@ func FuzzParse(f *testing.F) {
 	f.Add([]byte(`{"cniVersion":"1.0.0","name":"n","type":"amesh-cni","prevResult":`+prev10+`}`), "K8S_POD_NAME=a;K8S_POD_NAMESPACE=b")
 	f.Add([]byte(`{"cniVersion":"0.4.0","prevResult":{"ips":[{"version":"4","address":"10.0.0.1/8","gateway":"10.0.0.254"}],"routes":[{"dst":"0.0.0.0/0"}],"dns":{}}}`), "")
 	f.Add([]byte(`{"cniVersion":"1.1.0","prevResult":{"cniVersion":"0.4.0"}}`), "IgnoreUnknown=1")
+	f.Add([]byte(`{"cniVersion":"0.3.1","name":"kindnet","type":"amesh-cni","prevResult":`+prev031+`}`), "K8S_POD_NAME=a;K8S_POD_NAMESPACE=b")
 	f.Add([]byte(`{"cniVersion":"1.0.0","prevResult":{"interfaces":[{"name":"x","mac":"zz"}],"ips":[{"address":"1.2.3.4/33","interface":99}]}}`), "a=b=c")
 	f.Fuzz(func(t *testing.T, stdin []byte, args string) {
 		conf, err := parseConfig(stdin)
@@ -226,5 +276,19 @@ func TestAgentSilent(t *testing.T) {
 				t.Errorf("DEL with a silent agent = %+v, want success", e)
 			}
 		})
+	}
+}
+
+// TestCheckBefore040: CHECK is not part of the 0.3.x specs; the plugin
+// itself refuses it with "incompatible version" (not only skel's dispatch).
+func TestCheckBefore040(t *testing.T) {
+	for _, v := range []string{"0.3.0", "0.3.1"} {
+		err := Check(&skel.CmdArgs{ContainerID: "c", Netns: "/nonexistent", IfName: "eth0",
+			Args:      "K8S_POD_NAMESPACE=mesh;K8S_POD_NAME=p",
+			StdinData: []byte(`{"cniVersion":"` + v + `","name":"n","type":"amesh-cni","prevResult":` + strings.Replace(prev031, "0.3.1", v, 1) + `}`)})
+		var e *types.Error
+		if !errors.As(err, &e) || e.Code != types.ErrIncompatibleCNIVersion {
+			t.Errorf("CHECK %s = %v, want code %d", v, err, types.ErrIncompatibleCNIVersion)
+		}
 	}
 }
