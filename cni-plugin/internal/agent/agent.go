@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync/atomic"
 	"time"
 
@@ -88,7 +89,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
 	node := NewNode(log.Named("node"), nil, cfg.NodeName, cfg.ProcRoot, cfg.HostNetns, cfg.LeaveTimeout)
-	watch := NewWatcher(log.Named("watch"), client, node, cfg.NodeName, cfg.ExcludeNamespaces, cfg.StateFile, cfg.Resync)
+	watch := NewWatcher(log.Named("watch"), client, node, cfg.NodeName, cfg.ExcludeNamespaces, cfg.Resync)
 	zsrv := zdsserver.New(zdsserver.Config{Socket: cfg.ZDSSocket, AckTimeout: cfg.AckTimeout,
 		Snapshot: node.Snapshot, Ready: watch.Initialized(), Logger: log.Named("zds"), Registerer: reg})
 	node.SetZDS(zsrv)
@@ -102,9 +103,17 @@ func (a *Agent) Run(ctx context.Context) error {
 	}, func() float64 { return float64(node.Leaving()) })
 	reg.MustRegister(enrolled, leaving)
 
+	// Bootstrap order: the plugin's socket listens (a plugin call waits
+	// in its backlog until the server below takes it) and the state file
+	// is written before the plugin is chained in, so that no pod is ever
+	// refused for want of an agent that is in fact starting.
 	ln, err := listenUnix(cfg.AgentSocket)
 	if err != nil {
 		return fmt.Errorf("agent: plugin socket: %w", err)
+	}
+	if err := writeState(cfg); err != nil {
+		ln.Close()
+		return err
 	}
 	var installed atomic.Bool
 	if !cfg.InstallCNI {
@@ -161,6 +170,21 @@ func (a *Agent) Run(ctx context.Context) error {
 		return nil
 	}
 	return err
+}
+
+// writeState writes the plugin's fallback for when this agent cannot be
+// reached: the namespaces it never enrols (their pods may start without
+// it; every other pod is refused until it is back).
+func writeState(cfg Config) error {
+	excluded := slices.Clone(cfg.ExcludeNamespaces)
+	if excluded == nil {
+		excluded = []string{}
+	}
+	slices.Sort(excluded)
+	if err := agentapi.WriteState(cfg.StateFile, &agentapi.State{ExcludedNamespaces: excluded, Updated: time.Now().UTC()}); err != nil {
+		return fmt.Errorf("agent: state file: %w", err)
+	}
+	return nil
 }
 
 func monitor(reg *prometheus.Registry, ready func() error) http.Handler {

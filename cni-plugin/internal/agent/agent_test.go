@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -34,6 +35,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
 	"github.com/amesh-dev/amesh/api/capture"
+	"github.com/amesh-dev/amesh/cni-plugin/internal/agentapi"
 	"github.com/amesh-dev/amesh/cni-plugin/internal/ztunneltest"
 )
 
@@ -200,13 +202,18 @@ func (h *harness) startAgent() {
 		}
 	}
 	h.t.Cleanup(h.stopAgent)
-	// Ready when the plugin is chained and the state file written.
+	// Ready (/readyz) when the caches are synced and the plugin is
+	// installed and chained.
 	h.eventually("agent ready", func() error {
-		if _, err := os.Stat(filepath.Join(h.binDir, "amesh-cni")); err != nil {
+		resp, err := http.Get("http://" + h.cfg.MonitorAddr + "/readyz")
+		if err != nil {
 			return err
 		}
-		_, err := os.Stat(h.cfg.StateFile)
-		return err
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			return fmt.Errorf("/readyz: %s", resp.Status)
+		}
+		return nil
 	})
 }
 
@@ -594,18 +601,35 @@ func TestCNIChain(t *testing.T) {
 		t.Fatalf("plain ADD without ztunnel: %v", err)
 	}
 
-	// Agent down: enrolled ADD fails with "try again later", plain passes.
+	// Agent down: every ADD fails with "try again later" — the plugin
+	// cannot know whether a pod is enrolled (a pod of a plain namespace
+	// may be by its own label) — except in the namespaces the agent
+	// excludes from the mesh.
 	h.stopAgent()
+	if st, err := agentapi.ReadState(h.cfg.StateFile); err != nil || !slices.Equal(st.ExcludedNamespaces, []string{"amesh-system", "kube-system"}) {
+		t.Fatalf("state file left for the plugin = %+v, %v; want the agent's excluded namespaces", st, err)
+	}
 	g := h.pod(enrolledNS, "g", nil)
 	if err := h.add(g); cniCode(err) != int(types.ErrTryAgainLater) {
 		t.Fatalf("enrolled ADD with agent down = %v (code %d), want code 11", err, cniCode(err))
 	}
 	h.wantNoRules(g)
 	p := h.pod(plainNS, "p", nil)
-	if err := h.add(p); err != nil {
-		t.Fatalf("plain ADD with agent down: %v", err)
+	if err := h.add(p); cniCode(err) != int(types.ErrTryAgainLater) {
+		t.Fatalf("plain ADD with agent down = %v (code %d), want code 11", err, cniCode(err))
 	}
 	if err := h.del(p); err != nil {
+		t.Fatalf("DEL with agent down: %v", err)
+	}
+	optIn := h.pod(plainNS, "opt-in", map[string]string{LabelDataplaneMode: ModeAmbient})
+	if err := h.add(optIn); cniCode(err) != int(types.ErrTryAgainLater) {
+		t.Fatalf("ADD of a pod enrolled by its own label with agent down = %v (code %d), want code 11", err, cniCode(err))
+	}
+	sys := h.pod("kube-system", fmt.Sprintf("sys-%d", rand.IntN(1e6)), nil)
+	if err := h.add(sys); err != nil {
+		t.Fatalf("ADD in an excluded namespace with agent down: %v", err)
+	}
+	if err := h.del(sys); err != nil {
 		t.Fatalf("DEL with agent down: %v", err)
 	}
 	if err := h.inNode(func() error { return h.cni.GetStatusNetworkList(context.Background(), st) }); cniCode(err) != int(types.ErrPluginNotAvailable) {
@@ -663,12 +687,10 @@ func TestLabelAfterPodsRun(t *testing.T) {
 	h := newHarness(t)
 	nsName := h.namespace("late", false)
 
-	// "early" started before the agent existed: its netns is found by IP
-	// through /proc (a process lives in it).
+	// "early" started before the agent existed (the chain had no
+	// amesh-cni yet): its netns is found by IP through /proc (a process
+	// lives in it).
 	early := h.pod(nsName, "early", nil)
-	h.cfg.InstallCNI = true
-	h.startAgent()
-	h.stopAgent()
 	if err := h.add(early); err != nil {
 		t.Fatal(err)
 	}

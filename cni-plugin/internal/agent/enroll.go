@@ -34,11 +34,6 @@ func ShouldEnroll(pod *corev1.Pod, ns *corev1.Namespace, exclude []string) bool 
 	return ns != nil && ns.Labels[LabelDataplaneMode] == ModeAmbient
 }
 
-// NamespaceEnrolled reports whether a namespace is labelled for the mesh.
-func NamespaceEnrolled(ns *corev1.Namespace, exclude []string) bool {
-	return ns.Labels[LabelDataplaneMode] == ModeAmbient && !slices.Contains(exclude, ns.Name)
-}
-
 // ProbePorts returns the pod ports its kubelet probes (HTTP, TCP, gRPC)
 // connect to, named ports resolved against the container's ports.
 func ProbePorts(pod *corev1.Pod) []uint16 {

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"slices"
 	"sync/atomic"
 	"time"
 
@@ -22,21 +21,18 @@ import (
 	listersv1 "k8s.io/client-go/listers/core/v1"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/util/workqueue"
-
-	"github.com/amesh-dev/amesh/cni-plugin/internal/agentapi"
 )
 
 // Watcher keeps the node's enrolment in line with Kubernetes: it watches
-// the namespaces and this node's pods, enrols and unenrols pods, writes
-// the redirection annotation and the plugin's state file.
+// the namespaces and this node's pods, enrols and unenrols pods and writes
+// the redirection annotation.
 type Watcher struct {
-	log       *zap.Logger
-	client    kubernetes.Interface
-	node      *Node
-	nodeName  string
-	exclude   []string
-	stateFile string
-	resync    time.Duration
+	log      *zap.Logger
+	client   kubernetes.Interface
+	node     *Node
+	nodeName string
+	exclude  []string
+	resync   time.Duration
 
 	factory   informers.SharedInformerFactory
 	nsFactory informers.SharedInformerFactory
@@ -47,12 +43,11 @@ type Watcher struct {
 	synced    atomic.Bool
 	// initialized is closed after the first reconciliation of every pod.
 	initialized chan struct{}
-	lastState   []string
 }
 
 // NewWatcher allocates a Watcher.
-func NewWatcher(log *zap.Logger, client kubernetes.Interface, node *Node, nodeName string, exclude []string, stateFile string, resync time.Duration) *Watcher {
-	w := &Watcher{log: log, client: client, node: node, nodeName: nodeName, exclude: exclude, stateFile: stateFile,
+func NewWatcher(log *zap.Logger, client kubernetes.Interface, node *Node, nodeName string, exclude []string, resync time.Duration) *Watcher {
+	w := &Watcher{log: log, client: client, node: node, nodeName: nodeName, exclude: exclude,
 		resync: resync, initialized: make(chan struct{})}
 	w.factory = informers.NewSharedInformerFactoryWithOptions(client, resync,
 		informers.WithTweakListOptions(func(o *metav1.ListOptions) {
@@ -98,13 +93,7 @@ func (w *Watcher) namespaceChanged(o any) {
 	for _, p := range objs {
 		w.enqueuePod(p)
 	}
-	if w.synced.Load() {
-		w.queue.Add(stateKey)
-	}
 }
-
-// stateKey asks the worker to rewrite the state file.
-const stateKey = "\x00state"
 
 // Initialized is closed once every pod of the node has been reconciled
 // after the caches synced.
@@ -131,7 +120,6 @@ func (w *Watcher) Run(ctx context.Context) error {
 		}
 	}
 	w.synced.Store(true)
-	w.queue.Add(stateKey)
 	w.log.Info("kubernetes caches synced", zap.String("node", w.nodeName))
 
 	// Initial pass, before ztunnel is served: every pod of the node is
@@ -168,13 +156,7 @@ func (w *Watcher) work(ctx context.Context) bool {
 		return false
 	}
 	defer w.queue.Done(key)
-	var err error
-	var retry bool
-	if key == stateKey {
-		err = w.writeState()
-	} else {
-		retry, err = w.reconcile(ctx, key)
-	}
+	retry, err := w.reconcile(ctx, key)
 	switch {
 	case err != nil:
 		w.log.Warn("reconcile failed; retrying", zap.String("key", key), zap.Error(err))
@@ -185,31 +167,6 @@ func (w *Watcher) work(ctx context.Context) bool {
 		w.queue.Forget(key)
 	}
 	return true
-}
-
-func (w *Watcher) writeState() error {
-	all, err := w.nss.List(labels.Everything())
-	if err != nil {
-		return err
-	}
-	var enrolled []string
-	for _, ns := range all {
-		if NamespaceEnrolled(ns, w.exclude) {
-			enrolled = append(enrolled, ns.Name)
-		}
-	}
-	slices.Sort(enrolled)
-	if w.lastState != nil && slices.Equal(enrolled, w.lastState) {
-		return nil
-	}
-	if err := agentapi.WriteState(w.stateFile, &agentapi.State{EnrolledNamespaces: enrolled, Updated: time.Now().UTC()}); err != nil {
-		return fmt.Errorf("state file: %w", err)
-	}
-	if enrolled == nil {
-		enrolled = []string{}
-	}
-	w.lastState = enrolled
-	return nil
 }
 
 // podInfo builds the enrolment view of a pod; ips override the status IPs

@@ -16,10 +16,12 @@
 // malformed request, 500 when the agent failed (for add: the pod must not
 // start), 503 when the agent is not ready yet.
 //
-// When the plugin cannot reach the agent it decides from the state file
-// (State, DefaultStateFile) that the agent keeps up to date: a pod in a
-// namespace listed as enrolled — or any pod when the file is missing — is
-// refused (fail closed).
+// When the plugin cannot reach the agent it refuses the pod (fail closed:
+// it cannot tell whether the pod is enrolled, by its namespace's label or
+// its own), unless the pod's namespace is one the agent excludes from the
+// mesh, as listed in the state file (State, DefaultStateFile) the agent
+// writes when it starts. Without a readable state file only the mesh's own
+// SystemNamespace passes, so that the mesh can always come up.
 package agentapi
 
 import (
@@ -43,6 +45,8 @@ const (
 	DefaultStateFile = "/var/run/amesh/cni-state.json"
 	// MaxBody bounds request and response bodies.
 	MaxBody = 64 << 10
+	// SystemNamespace is the mesh's own namespace (DESIGN.md §2).
+	SystemNamespace = "amesh-system"
 )
 
 // Paths of the endpoints.
@@ -190,14 +194,15 @@ func (c *Client) call(ctx context.Context, method, path string, body any) (*PodR
 
 // State is what the plugin falls back on when the agent is unreachable.
 type State struct {
-	// EnrolledNamespaces are the namespaces labelled for the mesh.
-	EnrolledNamespaces []string `json:"enrolledNamespaces"`
+	// ExcludedNamespaces are the namespaces the agent never enrols (its
+	// configuration): their pods may start while the agent is away.
+	ExcludedNamespaces []string `json:"excludedNamespaces"`
 	// Updated is when the agent last wrote the file.
 	Updated time.Time `json:"updated"`
 }
 
-// Enrolled reports whether ns is listed as enrolled.
-func (s *State) Enrolled(ns string) bool { return slices.Contains(s.EnrolledNamespaces, ns) }
+// Excluded reports whether ns is listed as excluded from the mesh.
+func (s *State) Excluded(ns string) bool { return slices.Contains(s.ExcludedNamespaces, ns) }
 
 // ReadState reads the state file.
 func ReadState(path string) (*State, error) {

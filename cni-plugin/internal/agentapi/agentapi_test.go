@@ -78,11 +78,11 @@ func TestState(t *testing.T) {
 	if _, err := ReadState(p); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("ReadState missing = %v", err)
 	}
-	if err := WriteState(p, &State{EnrolledNamespaces: []string{"a", "b"}}); err != nil {
+	if err := WriteState(p, &State{ExcludedNamespaces: []string{"a", "b"}}); err != nil {
 		t.Fatal(err)
 	}
 	s, err := ReadState(p)
-	if err != nil || !s.Enrolled("a") || s.Enrolled("c") {
+	if err != nil || !s.Excluded("a") || s.Excluded("c") {
 		t.Fatalf("ReadState = %+v, %v", s, err)
 	}
 	if err := os.WriteFile(p, []byte("{"), 0o644); err != nil {

@@ -14,9 +14,10 @@
 //	agent answers an error                      → error 100 (redirection failed)
 //	agent took the request but did not answer
 //	(timed out, went away)                      → error 11 (try again later)
-//	agent unreachable, namespace enrolled per
-//	state file, or state file unreadable        → error 11 (try again later)
-//	agent unreachable, namespace not enrolled   → pass through
+//	agent unreachable, namespace excluded per
+//	its state file (no readable state file:
+//	the system namespace amesh-system)          → pass through
+//	agent unreachable, any other pod            → error 11 (try again later)
 //
 // DEL never fails because the agent is away or silent (the agent
 // reconciles pods that vanished meanwhile); CHECK follows ADD's rules;
@@ -109,19 +110,31 @@ func (inv *invocation) ctx() (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.Background(), inv.conf.timeout)
 }
 
-// unreachable decides for a pod when the agent cannot be reached.
+// unreachable decides for a pod when the agent cannot be reached. Whether
+// the pod is enrolled cannot be known (its own label, or its namespace
+// labelled while the agent was away, enrols it), and a pod that starts
+// unprotected stays so for its connections' lifetime: every pod is
+// refused, except those of the namespaces the agent excludes from the mesh
+// (its state file's list) — without that list, those of the mesh's own
+// namespace, so that the mesh can always come up.
 func (inv *invocation) unreachable(cause error) error {
+	ns := inv.req.PodNamespace
 	st, err := agentapi.ReadState(inv.conf.StateFile)
+	switch {
+	case err == nil && st.ExcludedNamespaces != nil:
+		if st.Excluded(ns) {
+			return nil
+		}
+	case ns == agentapi.SystemNamespace:
+		return nil
+	}
+	details := cause.Error()
 	if err != nil {
-		return types.NewError(types.ErrTryAgainLater,
-			"amesh-cni: node agent unreachable and its state unknown; refusing the pod (fail closed)",
-			fmt.Sprintf("%v; state file: %v", cause, err))
+		details += "; state file: " + err.Error()
 	}
-	if st.Enrolled(inv.req.PodNamespace) {
-		return types.NewError(types.ErrTryAgainLater,
-			"amesh-cni: node agent unreachable; namespace is enrolled, refusing the pod (fail closed)", cause.Error())
-	}
-	return nil
+	return types.NewError(types.ErrTryAgainLater,
+		fmt.Sprintf("amesh-cni: node agent unreachable; refusing pod %s/%s until it is back (fail closed: only the namespaces it excludes from the mesh start without it)",
+			ns, inv.req.PodName), details)
 }
 
 func agentFailed(op string, err error) error {

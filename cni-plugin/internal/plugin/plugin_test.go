@@ -64,7 +64,9 @@ func TestErrors(t *testing.T) {
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "none.sock")
 	state := filepath.Join(dir, "state.json")
-	if err := agentapi.WriteState(state, &agentapi.State{EnrolledNamespaces: []string{"mesh"}}); err != nil {
+	// The agent excludes "infra" besides the defaults; this conflist's
+	// entry predates that (it lists only the defaults).
+	if err := agentapi.WriteState(state, &agentapi.State{ExcludedNamespaces: []string{"amesh-system", "infra", "kube-system"}}); err != nil {
 		t.Fatal(err)
 	}
 	conf := func(version, extra string) string {
@@ -93,18 +95,25 @@ func TestErrors(t *testing.T) {
 		{"no prevResult", "ADD", conf("1.0.0", ``), podArgs("x"), types.ErrInvalidNetworkConfig},
 		{"prevResult not an object", "ADD", conf("1.0.0", `,"prevResult":[1,2]`), podArgs("x"), types.ErrDecodingFailure},
 		{"prevResult bad ip", "ADD", conf("1.0.0", `,"prevResult":{"cniVersion":"1.0.0","ips":[{"address":"10.1.0.500/24"}]}`), podArgs("x"), types.ErrDecodingFailure},
-		{"prevResult bad interface index", "ADD", conf("1.0.0", `,"prevResult":{"cniVersion":"1.0.0","ips":[{"address":"10.1.0.5/24","interface":-7}]}`), podArgs("x"), 0},
+		{"prevResult bad interface index", "ADD", conf("1.0.0", `,"prevResult":{"cniVersion":"1.0.0","ips":[{"address":"10.1.0.5/24","interface":-7}]}`), podArgs("infra"), 0},
 		{"bad agentTimeout", "ADD", conf("1.0.0", `,"agentTimeout":"soon","prevResult":`+prev10), podArgs("x"), types.ErrInvalidNetworkConfig},
 		{"bad CNI_ARGS", "ADD", conf("1.0.0", `,"prevResult":`+prev10), "K8S_POD_NAME", types.ErrInvalidEnvironmentVariables},
-		{"agent down, plain namespace", "ADD", conf("1.0.0", `,"prevResult":`+prev10), podArgs("plain"), 0},
+		// Agent unreachable: every pod is refused (a pod may be enrolled
+		// by its own label, or its namespace labelled while the agent was
+		// away), except those of the namespaces the agent excludes.
+		{"agent down, plain namespace", "ADD", conf("1.0.0", `,"prevResult":`+prev10), podArgs("plain"), types.ErrTryAgainLater},
 		{"agent down, enrolled namespace", "ADD", conf("1.0.0", `,"prevResult":`+prev10), podArgs("mesh"), types.ErrTryAgainLater},
 		{"agent down, excluded namespace", "ADD", conf("1.0.0", `,"prevResult":`+prev10), podArgs("kube-system"), 0},
+		{"agent down, excluded per state file", "ADD", conf("1.0.0", `,"prevResult":`+prev10), podArgs("infra"), 0},
 		{"agent down, not a pod", "ADD", conf("1.0.0", `,"prevResult":`+prev10), "", 0},
-		{"agent down, 0.4.0", "ADD", conf("0.4.0", `,"prevResult":{"cniVersion":"0.4.0","ips":[{"version":"4","address":"10.1.0.5/24"}]}`), podArgs("plain"), 0},
-		{"agent down, 1.1.0", "ADD", conf("1.1.0", `,"prevResult":`+strings.Replace(prev10, "1.0.0", "1.1.0", 1)), podArgs("plain"), 0},
+		{"agent down, 0.4.0", "ADD", conf("0.4.0", `,"prevResult":{"cniVersion":"0.4.0","ips":[{"version":"4","address":"10.1.0.5/24"}]}`), podArgs("plain"), types.ErrTryAgainLater},
+		{"agent down, 0.4.0, excluded", "ADD", conf("0.4.0", `,"prevResult":{"cniVersion":"0.4.0","ips":[{"version":"4","address":"10.1.0.5/24"}]}`), podArgs("infra"), 0},
+		{"agent down, 1.1.0", "ADD", conf("1.1.0", `,"prevResult":`+strings.Replace(prev10, "1.0.0", "1.1.0", 1)), podArgs("infra"), 0},
 		{"DEL agent down", "DEL", conf("1.0.0", ``), podArgs("mesh"), 0},
 		{"DEL malformed", "DEL", `nope`, podArgs("mesh"), types.ErrDecodingFailure},
 		{"CHECK agent down enrolled", "CHECK", conf("1.0.0", `,"prevResult":`+prev10), podArgs("mesh"), types.ErrTryAgainLater},
+		{"CHECK agent down plain", "CHECK", conf("1.0.0", `,"prevResult":`+prev10), podArgs("plain"), types.ErrTryAgainLater},
+		{"CHECK agent down excluded per state file", "CHECK", conf("1.0.0", `,"prevResult":`+prev10), podArgs("infra"), 0},
 		{"CHECK 0.3.1 not defined", "CHECK", conf("0.3.1", `,"prevResult":`+prev031), podArgs("mesh"), types.ErrIncompatibleCNIVersion},
 		{"CHECK 0.3.0 not defined", "CHECK", conf("0.3.0", `,"prevResult":`+prev031), podArgs("mesh"), types.ErrIncompatibleCNIVersion},
 		{"STATUS agent down", "STATUS", conf("1.1.0", ``), "", types.ErrPluginNotAvailable},
@@ -125,12 +134,41 @@ func TestErrors(t *testing.T) {
 			}
 		})
 	}
-	// With no state file at all, an unknown pod is refused (fail closed).
-	if err := os.Remove(state); err != nil {
+	// The refusal says why, for kubectl describe.
+	if _, e := run(t, "ADD", conf("1.0.0", `,"prevResult":`+prev10), podArgs("plain")); e == nil || !strings.Contains(e.Msg, "node agent unreachable") {
+		t.Errorf("refusal message = %+v, want it to name the unreachable node agent", e)
+	}
+
+	// No state file (or an unreadable one): only the mesh's own system
+	// namespace passes, so that the mesh can always come up. (This entry
+	// excludes nothing itself.)
+	noExcl := conf("1.0.0", `,"excludeNamespaces":[],"prevResult":`+prev10)
+	for _, stateContent := range []string{"", "{not json"} {
+		if stateContent == "" {
+			if err := os.Remove(state); err != nil && !os.IsNotExist(err) {
+				t.Fatal(err)
+			}
+		} else if err := os.WriteFile(state, []byte(stateContent), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		for ns, want := range map[string]uint{"plain": types.ErrTryAgainLater, "infra": types.ErrTryAgainLater,
+			"kube-system": types.ErrTryAgainLater, agentapi.SystemNamespace: 0} {
+			_, e := run(t, "ADD", noExcl, podArgs(ns))
+			if (want == 0) != (e == nil) || (e != nil && e.Code != want) {
+				t.Errorf("state %q: ADD in %s with agent down = %+v, want code %d", stateContent, ns, e, want)
+			}
+		}
+	}
+	// A state file of an older agent (no exclusion list) says nothing
+	// either.
+	if err := agentapi.WriteState(state, &agentapi.State{}); err != nil {
 		t.Fatal(err)
 	}
-	if _, e := run(t, "ADD", conf("1.0.0", `,"prevResult":`+prev10), podArgs("plain")); e == nil || e.Code != types.ErrTryAgainLater {
-		t.Fatalf("ADD with agent down and no state = %+v, want code 11", e)
+	if _, e := run(t, "ADD", noExcl, podArgs(agentapi.SystemNamespace)); e != nil {
+		t.Errorf("old state file: ADD in %s = %+v, want success", agentapi.SystemNamespace, e)
+	}
+	if _, e := run(t, "ADD", noExcl, podArgs("kube-system")); e == nil || e.Code != types.ErrTryAgainLater {
+		t.Errorf("old state file: ADD in kube-system = %+v, want code 11", e)
 	}
 }
 
@@ -260,7 +298,7 @@ func TestAgentSilent(t *testing.T) {
 			dir := t.TempDir()
 			sock := filepath.Join(dir, "agent.sock")
 			state := filepath.Join(dir, "state.json")
-			if err := agentapi.WriteState(state, &agentapi.State{EnrolledNamespaces: []string{"mesh"}}); err != nil {
+			if err := agentapi.WriteState(state, &agentapi.State{ExcludedNamespaces: []string{"plain"}}); err != nil {
 				t.Fatal(err)
 			}
 			silentAgent(t, sock, hold)
