@@ -1,7 +1,8 @@
 // Command amesh-cni-agent is the amesh node agent (DaemonSet, privileged,
 // host network): it installs the amesh-cni plugin and redirects enrolled
 // pods' traffic into ztunnel. With -uninstall it removes the plugin from
-// the node and exits.
+// the node and exits; with -daemonset-name it does so by itself when it
+// stops because its DaemonSet is being deleted.
 package main
 
 import (
@@ -29,6 +30,7 @@ func main() {
 func run() error {
 	cfg := agent.DefaultConfig()
 	cfg.NodeName = os.Getenv("NODE_NAME")
+	cfg.DaemonSetNamespace = os.Getenv("POD_NAMESPACE")
 	fs := flag.NewFlagSet("amesh-cni-agent", flag.ContinueOnError)
 	cfg.RegisterFlags(fs)
 	uninstall := fs.Bool("uninstall", false, "remove the plugin from the CNI configuration and bin dir, then exit")
@@ -47,7 +49,7 @@ func run() error {
 	}
 	defer func() { _ = log.Sync() }()
 	if *uninstall {
-		return install.New(install.Config{ConfDir: cfg.CNIConfDir, BinDir: cfg.CNIBinDir, Logger: log}).Uninstall()
+		return install.New(install.Config{ConfDir: cfg.CNIConfDir, BinDir: cfg.CNIBinDir, StateFile: cfg.StateFile, Logger: log}).Uninstall()
 	}
 	if err := cfg.Validate(); err != nil {
 		return err

@@ -134,6 +134,14 @@ func (a *Agent) Run(ctx context.Context) error {
 		return fmt.Errorf("agent: monitor: %w", err)
 	}
 
+	var self *selfWatch
+	if cfg.InstallCNI && cfg.DaemonSetName != "" {
+		self = newSelfWatch(log.Named("self"), client, cfg.DaemonSetNamespace, cfg.DaemonSetName, cfg.Resync)
+	} else if cfg.InstallCNI {
+		log.Info("no -daemonset-name: the plugin stays chained when the agent stops (amesh-cni-agent -uninstall removes it)")
+	}
+	var uninstall atomic.Bool
+
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return zsrv.Run(gctx) })
 	g.Go(func() error { return watch.Run(gctx) })
@@ -141,13 +149,35 @@ func (a *Agent) Run(ctx context.Context) error {
 		defer os.Remove(cfg.AgentSocket)
 		return agentapi.Serve(gctx, ln, handler, 10*time.Second)
 	})
+	var in *install.Installer
 	if cfg.InstallCNI {
-		in := install.New(install.Config{
-			ConfDir: cfg.CNIConfDir, BinDir: cfg.CNIBinDir, PluginBinary: cfg.PluginBinary,
+		in = install.New(install.Config{
+			ConfDir: cfg.CNIConfDir, BinDir: cfg.CNIBinDir, PluginBinary: cfg.PluginBinary, StateFile: cfg.StateFile,
 			Entry:  install.Entry{AgentSocket: cfg.AgentSocket, StateFile: cfg.StateFile, ExcludeNamespaces: cfg.ExcludeNamespaces},
 			Logger: log.Named("install"),
 		})
 		g.Go(func() error { return in.Run(gctx, func() { installed.Store(true) }) })
+	}
+	if self != nil {
+		g.Go(func() error { return self.Run(gctx) })
+		g.Go(func() error {
+			<-gctx.Done()
+			if ctx.Err() == nil {
+				return nil // stopping on an error, not a signal: keep everything
+			}
+			// Decided while the rest shuts down (the pod's grace period is
+			// short); acted upon once the installer has stopped.
+			dctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+			defer cancel()
+			yes, reason := self.decide(dctx, client)
+			uninstall.Store(yes)
+			if yes {
+				log.Info("the agent is being uninstalled: unchaining the plugin", zap.String("reason", reason))
+			} else {
+				log.Info("the plugin stays chained for the next agent", zap.String("reason", reason))
+			}
+			return nil
+		})
 	}
 	g.Go(func() error {
 		errc := make(chan error, 1)
@@ -166,6 +196,13 @@ func (a *Agent) Run(ctx context.Context) error {
 	log.Info("node agent started", zap.String("node", cfg.NodeName), zap.String("monitor", monLn.Addr().String()))
 	err = g.Wait()
 	node.Close()
+	if uninstall.Load() {
+		if uerr := in.Uninstall(); uerr != nil {
+			err = errors.Join(err, fmt.Errorf("agent: uninstall: %w", uerr))
+		} else {
+			log.Info("amesh-cni removed from the CNI configuration, with its binary and state file")
+		}
+	}
 	if ctx.Err() != nil && (err == nil || errors.Is(err, context.Canceled) || errors.Is(err, http.ErrServerClosed)) {
 		return nil
 	}

@@ -44,6 +44,7 @@ const nodeName = "node-a"
 // Shared by the tests of this package (set up in TestMain).
 var (
 	restCfg    *rest.Config
+	testEnv    *envtest.Environment
 	pluginPath string // built amesh-cni
 	skipReason string
 )
@@ -77,6 +78,7 @@ func run(m *testing.M) int {
 		return 1
 	}
 	env := &envtest.Environment{}
+	testEnv = env
 	restCfg, err = env.Start()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "envtest:", err)

@@ -26,6 +26,15 @@ type Config struct {
 	CNIBinDir    string // CNI bin dir
 	PluginBinary string // the amesh-cni binary to install
 
+	// DaemonSetName and DaemonSetNamespace name the agent's own DaemonSet
+	// (namespace default $POD_NAMESPACE, from the downward API). On
+	// SIGTERM the agent asks for it: if it is gone or being deleted (an
+	// uninstall), the agent unchains the plugin and removes its binary and
+	// the state file; otherwise (a restart, a rolling update) everything
+	// stays. Empty name: the agent never unchains itself.
+	DaemonSetName      string
+	DaemonSetNamespace string
+
 	AgentSocket string // plugin ↔ agent socket
 	StateFile   string // plugin fallback state
 	ZDSSocket   string // ztunnel ↔ agent socket
@@ -93,6 +102,9 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.CNIConfDir, "cni-conf-dir", c.CNIConfDir, "CNI configuration directory")
 	fs.StringVar(&c.CNIBinDir, "cni-bin-dir", c.CNIBinDir, "CNI plugin directory")
 	fs.StringVar(&c.PluginBinary, "plugin-binary", c.PluginBinary, "amesh-cni binary to install")
+	fs.StringVar(&c.DaemonSetName, "daemonset-name", c.DaemonSetName,
+		"the agent's own DaemonSet: when it is gone or being deleted at SIGTERM, the agent uninstalls the plugin (empty: never)")
+	fs.StringVar(&c.DaemonSetNamespace, "daemonset-namespace", c.DaemonSetNamespace, "namespace of the agent's DaemonSet (default $POD_NAMESPACE)")
 	fs.StringVar(&c.AgentSocket, "agent-socket", c.AgentSocket, "unix socket the plugin calls")
 	fs.StringVar(&c.StateFile, "state-file", c.StateFile, "state file the plugin falls back on")
 	fs.StringVar(&c.ZDSSocket, "zds-socket", c.ZDSSocket, "unix socket ztunnel connects to")
@@ -121,6 +133,9 @@ func (c *Config) Validate() error {
 	}
 	if c.InstallCNI && (c.CNIConfDir == "" || c.CNIBinDir == "") {
 		errs = append(errs, errors.New("CNI conf and bin dirs are required to install the plugin"))
+	}
+	if c.DaemonSetName != "" && c.DaemonSetNamespace == "" {
+		errs = append(errs, errors.New("the DaemonSet's namespace is required with its name (-daemonset-namespace or $POD_NAMESPACE)"))
 	}
 	if c.AckTimeout <= 0 || c.LeaveTimeout <= 0 || c.Resync < 0 {
 		errs = append(errs, errors.New("ack and leave timeouts must be positive and resync non-negative"))

@@ -44,6 +44,9 @@ type Config struct {
 	ConfDir      string // CNI conf dir, e.g. /etc/cni/net.d
 	BinDir       string // CNI bin dir, e.g. /opt/cni/bin
 	PluginBinary string // the amesh-cni binary to copy ("" = do not copy)
+	// StateFile is the agent's state file for the plugin; Uninstall
+	// removes it ("" = leave it).
+	StateFile string
 	// Entry is amesh-cni's settings in the conflist (besides "type").
 	Entry Entry
 	// Poll is the fallback re-check interval besides fsnotify (default 30s).
@@ -241,8 +244,8 @@ func (in *Installer) Ensure() (bool, error) {
 	return true, nil
 }
 
-// Uninstall removes amesh-cni from every configuration in the conf dir
-// and deletes the binary. It is idempotent.
+// Uninstall removes amesh-cni from every configuration in the conf dir,
+// then deletes the binary and the state file. It is idempotent.
 func (in *Installer) Uninstall() error {
 	entries, err := os.ReadDir(in.cfg.ConfDir)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -272,6 +275,11 @@ func (in *Installer) Uninstall() error {
 	}
 	if in.cfg.BinDir != "" {
 		if err := os.Remove(filepath.Join(in.cfg.BinDir, PluginType)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("install: %w", err)
+		}
+	}
+	if in.cfg.StateFile != "" {
+		if err := os.Remove(in.cfg.StateFile); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return fmt.Errorf("install: %w", err)
 		}
 	}

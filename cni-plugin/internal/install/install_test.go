@@ -96,7 +96,11 @@ func TestGolden(t *testing.T) {
 			if err := os.WriteFile(plugin, []byte("#!/bin/sh\n"), 0o755); err != nil {
 				t.Fatal(err)
 			}
-			in := New(Config{ConfDir: conf, BinDir: bin, PluginBinary: plugin, Entry: testEntry(), Logger: zaptest.NewLogger(t)})
+			state := filepath.Join(t.TempDir(), "cni-state.json")
+			if err := os.WriteFile(state, []byte(`{"excludedNamespaces":[]}`), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			in := New(Config{ConfDir: conf, BinDir: bin, PluginBinary: plugin, StateFile: state, Entry: testEntry(), Logger: zaptest.NewLogger(t)})
 
 			changed, err := in.Ensure()
 			if err != nil || !changed {
@@ -130,6 +134,9 @@ func TestGolden(t *testing.T) {
 			compareDir(t, filepath.Join(base, "uninstalled"), readDir(t, conf))
 			if _, err := os.Stat(filepath.Join(bin, PluginType)); !errors.Is(err, os.ErrNotExist) {
 				t.Fatalf("binary left after uninstall: %v", err)
+			}
+			if _, err := os.Stat(state); !errors.Is(err, os.ErrNotExist) {
+				t.Fatalf("state file left after uninstall: %v", err)
 			}
 			if err := in.Uninstall(); err != nil {
 				t.Fatalf("second Uninstall: %v", err)
