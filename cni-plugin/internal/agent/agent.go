@@ -91,8 +91,16 @@ func (a *Agent) Run(ctx context.Context) error {
 	node := NewNode(log.Named("node"), nil, cfg.NodeName, cfg.ProcRoot, cfg.HostNetns, cfg.LeaveTimeout)
 	watch := NewWatcher(log.Named("watch"), client, node, cfg.NodeName, cfg.ExcludeNamespaces, cfg.Resync)
 	zsrv := zdsserver.New(zdsserver.Config{Socket: cfg.ZDSSocket, AckTimeout: cfg.AckTimeout,
-		Snapshot: node.Snapshot, Ready: watch.Initialized(), Logger: log.Named("zds"), Registerer: reg})
+		Snapshot: node.Snapshot, SnapshotResult: node.SnapshotResult, Ready: watch.Initialized(),
+		Logger: log.Named("zds"), Registerer: reg})
 	node.SetZDS(zsrv)
+	node.SetNotify(func(info PodInfo, acked bool) {
+		if acked {
+			watch.Enqueue(info.Namespace, info.Name) // annotate enabled
+		} else {
+			watch.Retry(info.Namespace, info.Name)
+		}
+	})
 	handler := &cniHandler{log: log.Named("cni"), node: node, watch: watch, exclude: cfg.ExcludeNamespaces}
 	enrolled := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "amesh_cni_enrolled_pods", Help: "Pods of this node whose traffic is redirected to ztunnel.",
@@ -101,7 +109,11 @@ func (a *Agent) Run(ctx context.Context) error {
 		Name: "amesh_cni_leaving_pods",
 		Help: "Pods that left the mesh whose connections through ztunnel are still draining (their capture rules stay until they end).",
 	}, func() float64 { return float64(node.Leaving()) })
-	reg.MustRegister(enrolled, leaving)
+	unacked := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "amesh_cni_unacknowledged_pods",
+		Help: "Enrolled pods whose rules are in place but that no ztunnel has acknowledged (none connected, or it refused them; retried with backoff).",
+	}, func() float64 { return float64(node.Unacknowledged()) })
+	reg.MustRegister(enrolled, leaving, unacked)
 
 	// Bootstrap order: the plugin's socket listens (a plugin call waits
 	// in its backlog until the server below takes it) and the state file

@@ -172,6 +172,13 @@ func freeAddr(t testing.TB) string {
 	return l.Addr().String()
 }
 
+// metrics returns the agent's /metrics page.
+func (h *harness) metrics() string {
+	h.t.Helper()
+	_, body := h.get("/metrics")
+	return body
+}
+
 // get fetches a monitor endpoint.
 func (h *harness) get(path string) (int, string) {
 	h.t.Helper()
@@ -789,7 +796,10 @@ func TestLabelAfterPodsRun(t *testing.T) {
 }
 
 // TestRestartKeepsPods: after an agent restart, ztunnel's first snapshot
-// already holds the enrolled pods (the agent reconciles before serving).
+// already holds the enrolled pods (the agent reconciles before serving),
+// ztunnel gets each of them once (no second add after the snapshot), and
+// their annotation stays "enabled" throughout: a restart does not flap
+// enrolled pods through "pending".
 func TestRestartKeepsPods(t *testing.T) {
 	h := newHarness(t)
 	h.startAgent()
@@ -802,9 +812,39 @@ func TestRestartKeepsPods(t *testing.T) {
 	h.runIn(p)
 	h.setRunning(p)
 	h.wantAnnotation(p, "enabled")
-	z.Close()
-	h.stopAgent()
+	if !strings.Contains(h.metrics(), "amesh_cni_unacknowledged_pods 0") {
+		t.Errorf("metrics: want amesh_cni_unacknowledged_pods 0")
+	}
 
+	// Every annotation value the pod has from now on.
+	cur, err := h.k8s.CoreV1().Pods(nsName).Get(context.Background(), p.Name, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	wctx, stopWatch := context.WithCancel(context.Background())
+	defer stopWatch()
+	w, err := h.k8s.CoreV1().Pods(nsName).Watch(wctx, metav1.ListOptions{
+		FieldSelector: "metadata.name=" + p.Name, ResourceVersion: cur.ResourceVersion})
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := make(chan string, 100)
+	go func() {
+		defer close(seen)
+		for ev := range w.ResultChan() {
+			if o, ok := ev.Object.(*corev1.Pod); ok {
+				v, has := o.Annotations[AnnotationRedirection]
+				if !has {
+					v = "<none>"
+				}
+				seen <- v
+			}
+		}
+	}()
+
+	// The agent restarts; ztunnel (still serving the pod) reconnects.
+	h.stopAgent()
+	z.Close()
 	h.startAgent()
 	z2, err := ztunneltest.Dial(h.cfg.ZDSSocket)
 	if err != nil {
@@ -817,8 +857,77 @@ func TestRestartKeepsPods(t *testing.T) {
 	if err := z2.Expect("snapshot_sent", 5*time.Second); err != nil {
 		t.Fatal(err)
 	}
+	if ev, err := z2.Next(2 * time.Second); err == nil {
+		t.Fatalf("after the snapshot ztunnel got %q; want nothing (the snapshot's add was acknowledged)", ev)
+	}
 	h.wantRules(p)
 	h.wantAnnotation(p, "enabled")
+	if !strings.Contains(h.metrics(), "amesh_cni_unacknowledged_pods 0") {
+		t.Errorf("metrics after the restart: want amesh_cni_unacknowledged_pods 0")
+	}
+	stopWatch()
+	for v := range seen {
+		if v != "enabled" {
+			t.Errorf("the pod's annotation became %q during the restart; want it enabled throughout", v)
+		}
+	}
+}
+
+// TestSnapshotRejectionRetried: a ztunnel that refuses a pod in its
+// snapshot does not serve it; the agent shows it (annotation pending,
+// amesh_cni_unacknowledged_pods) and retries with backoff until ztunnel
+// takes it.
+func TestSnapshotRejectionRetried(t *testing.T) {
+	h := newHarness(t)
+	h.startAgent()
+	z := h.ztunnel()
+	nsName := h.namespace("reject", true)
+	p := h.pod(nsName, "p", nil)
+	if err := h.add(p); err != nil {
+		t.Fatal(err)
+	}
+	h.runIn(p)
+	h.setRunning(p)
+	h.wantAnnotation(p, "enabled")
+
+	// ztunnel restarts and now refuses the pod (it cannot get its
+	// certificate yet, say).
+	z.Close()
+	z2, err := ztunneltest.Dial(h.cfg.ZDSSocket, string(p.UID))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(z2.Close)
+	if err := z2.Expect("add "+string(p.UID), 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if err := z2.Expect("snapshot_sent", 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	h.wantAnnotation(p, "pending")
+	h.eventually("metric of the refused pod", func() error {
+		if m := h.metrics(); !strings.Contains(m, "amesh_cni_unacknowledged_pods 1") {
+			return errors.New("amesh_cni_unacknowledged_pods is not 1")
+		}
+		return nil
+	})
+	// Retried: another add (refused again), then, once ztunnel takes it,
+	// enabled and served.
+	if err := z2.Expect("add "+string(p.UID), 5*time.Second); err != nil {
+		t.Fatalf("the refused pod was not retried: %v", err)
+	}
+	z2.Accept(string(p.UID))
+	h.eventually("ztunnel serves the pod", func() error {
+		if !z2.Serving(string(p.UID)) {
+			return errors.New("not served")
+		}
+		return nil
+	})
+	h.wantAnnotation(p, "enabled")
+	h.wantRules(p)
+	if !strings.Contains(h.metrics(), "amesh_cni_unacknowledged_pods 0") {
+		t.Errorf("metrics: want amesh_cni_unacknowledged_pods 0")
+	}
 }
 
 // TestSandboxRecreated: the runtime recreates a pod's sandbox (same pod,

@@ -124,14 +124,17 @@ func (w *Watcher) Run(ctx context.Context) error {
 
 	// Initial pass, before ztunnel is served: every pod of the node is
 	// brought in line (rules installed or removed), so that ztunnel's first
-	// snapshot already holds every enrolled pod.
+	// snapshot already holds every enrolled pod. No ztunnel can be
+	// connected yet: the enrolled pods are adopted, not handed off, and
+	// the snapshot's answers confirm them (Node.SnapshotResult), so a
+	// restart neither repeats adds nor flips enabled pods to pending.
 	all, err := w.pods.List(labels.Everything())
 	if err != nil {
 		return err
 	}
 	for _, p := range all {
 		key := p.Namespace + "/" + p.Name
-		if retry, err := w.reconcile(ctx, key); err != nil || retry {
+		if retry, err := w.reconcile(ctx, key, true); err != nil || retry {
 			w.queue.AddRateLimited(key)
 		}
 	}
@@ -156,7 +159,7 @@ func (w *Watcher) work(ctx context.Context) bool {
 		return false
 	}
 	defer w.queue.Done(key)
-	retry, err := w.reconcile(ctx, key)
+	retry, err := w.reconcile(ctx, key, false)
 	switch {
 	case err != nil:
 		w.log.Warn("reconcile failed; retrying", zap.String("key", key), zap.Error(err))
@@ -201,8 +204,9 @@ func terminal(p *corev1.Pod) bool {
 }
 
 // reconcile brings one pod in line; retry asks for a later retry without
-// an error (e.g. pending on ztunnel).
-func (w *Watcher) reconcile(ctx context.Context, key string) (retry bool, err error) {
+// an error (e.g. pending on ztunnel). initial marks the first pass after
+// the agent started (enrolled pods are adopted: see Run).
+func (w *Watcher) reconcile(ctx context.Context, key string, initial bool) (retry bool, err error) {
 	ns, name, err := cache.SplitMetaNamespaceKey(key)
 	if err != nil {
 		return false, nil
@@ -250,6 +254,21 @@ func (w *Watcher) reconcile(ctx context.Context, key string) (retry bool, err er
 			return false, w.annotate(ctx, p, st)
 		}
 		return false, nil
+	}
+	if initial || w.node.AwaitingSnapshot(uid) {
+		// First pass after a restart, or adopted then and no ztunnel
+		// snapshot has taken it yet: the snapshot hands it over.
+		st, err := w.node.Adopt(ctx, info)
+		if err == nil && st == StatusPending && p.Annotations[AnnotationRedirection] == string(StatusEnabled) {
+			// Enabled before the restart, and ztunnel still serves it:
+			// the snapshot confirms it (or, refused, sends it back here).
+			return false, nil
+		}
+		if err != nil {
+			w.log.Info("pod not enrolled yet", zap.String("pod", key), zap.String("status", string(st)), zap.Error(err))
+			return true, w.annotate(ctx, p, st)
+		}
+		return false, w.annotate(ctx, p, st)
 	}
 	st, eerr := w.node.Enroll(ctx, info)
 	if err := w.annotate(ctx, p, st); err != nil {
@@ -299,6 +318,10 @@ func isPod(p *corev1.Pod, uid string) bool {
 
 // Enqueue asks for a pod to be reconciled (after a CNI ADD).
 func (w *Watcher) Enqueue(namespace, name string) { w.queue.Add(namespace + "/" + name) }
+
+// Retry asks for a pod to be reconciled again after the backoff of its
+// earlier failures (a ztunnel refused it).
+func (w *Watcher) Retry(namespace, name string) { w.queue.AddRateLimited(namespace + "/" + name) }
 
 // lookup returns a pod and its namespace, from the caches or, when the
 // cache does not have them yet, from the API server. uid, when known (the

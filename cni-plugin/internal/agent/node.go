@@ -68,6 +68,9 @@ type pod struct {
 	netns   *os.File
 	capture capture.Config
 	acked   bool
+	// awaiting: adopted (Adopt) and not acknowledged: the next snapshot
+	// hands it to ztunnel, and its answer (SnapshotResult) decides.
+	awaiting bool
 }
 
 // Node holds the enrolled pods of this node and performs enrolment:
@@ -80,6 +83,9 @@ type Node struct {
 	hostNetns string // path of the node's netns ("" = the agent's own)
 
 	leaveTimeout time.Duration
+	// notify hears of a pod whose hand-off a ztunnel answered outside
+	// Enroll (in a snapshot): acknowledged, or refused (to retry).
+	notify func(info PodInfo, acked bool)
 
 	op sync.Mutex // serialises Enroll/Unenroll
 
@@ -105,6 +111,55 @@ func NewNode(log *zap.Logger, zds *zdsserver.Server, nodeName, procRoot, hostNet
 
 // SetZDS sets the ZDS server (wiring: the server needs Snapshot first).
 func (n *Node) SetZDS(z *zdsserver.Server) { n.zds = z }
+
+// SetNotify sets the function told about snapshot answers (wiring, before
+// the ZDS server runs).
+func (n *Node) SetNotify(f func(info PodInfo, acked bool)) { n.notify = f }
+
+// SnapshotResult records ztunnel's answer to a pod of a snapshot
+// (zdsserver.Config.SnapshotResult): acknowledged, the pod is enabled
+// without another add; refused, it is pending and retried.
+func (n *Node) SnapshotResult(w zdsserver.Workload, err error) {
+	n.mu.Lock()
+	p := n.pods[w.UID]
+	if p == nil || p.netns != w.Netns {
+		n.mu.Unlock()
+		return // unenrolled or re-enrolled meanwhile
+	}
+	p.acked, p.awaiting = err == nil, false
+	info := p.info
+	n.mu.Unlock()
+	if err != nil {
+		n.log.Warn("ztunnel refused a pod in its snapshot; retrying", zap.String("pod", info.Namespace+"/"+info.Name), zap.Error(err))
+	}
+	if n.notify != nil {
+		n.notify(info, err == nil)
+	}
+}
+
+// AwaitingSnapshot reports whether a pod was adopted and waits for a
+// ztunnel snapshot to hand it over (until then the watcher adopts it
+// again rather than sending an add of its own).
+func (n *Node) AwaitingSnapshot(uid string) bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	p := n.pods[uid]
+	return p != nil && p.awaiting
+}
+
+// Unacknowledged counts the pods whose rules are in place but that no
+// ztunnel has acknowledged (not connected yet, or refused them).
+func (n *Node) Unacknowledged() int {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	c := 0
+	for _, p := range n.pods {
+		if !p.acked {
+			c++
+		}
+	}
+	return c
+}
 
 // RecordSandbox remembers the sandbox (container ID and netns path) a CNI
 // ADD reported for a pod: the pod's current sandbox from now on.
@@ -243,6 +298,21 @@ func (n *Node) probeSources(ips []netip.Addr) []netip.Addr {
 // is pending when the rules are in place but ztunnel did not acknowledge
 // (err says why), failed when the rules could not be installed.
 func (n *Node) Enroll(ctx context.Context, info PodInfo) (Status, error) {
+	return n.enroll(ctx, info, true)
+}
+
+// Adopt is Enroll without the hand-off: the pod is recorded, with its
+// rules in place, and goes to ztunnel in the next snapshot (whose answer
+// SnapshotResult records). It serves the agent's first pass after a
+// restart, before any ztunnel can be connected: the pods ztunnel already
+// serves are confirmed by the snapshot, with no second add and no
+// interim "pending". The status is enabled only for a pod already
+// acknowledged, else pending (with a nil error).
+func (n *Node) Adopt(ctx context.Context, info PodInfo) (Status, error) {
+	return n.enroll(ctx, info, false)
+}
+
+func (n *Node) enroll(ctx context.Context, info PodInfo, handOff bool) (Status, error) {
 	n.op.Lock()
 	defer n.op.Unlock()
 	// Back in the mesh while leaving it: Install below replaces the
@@ -284,12 +354,20 @@ func (n *Node) Enroll(ctx context.Context, info PodInfo) (Status, error) {
 		p = &pod{netns: netns}
 		n.pods[info.UID] = p
 	}
-	changed := !p.info.equal(info)
+	if !p.info.equal(info) {
+		p.acked = false // ztunnel must hear of the change
+	}
 	p.info, p.capture = info, cfg
-	acked := p.acked && !changed
+	acked := p.acked
 	n.mu.Unlock()
 	if acked {
 		return StatusEnabled, nil
+	}
+	if !handOff {
+		n.mu.Lock()
+		p.awaiting = !p.acked
+		n.mu.Unlock()
+		return StatusPending, nil
 	}
 	if n.zds == nil {
 		return StatusPending, zdsserver.ErrNoZtunnel
@@ -298,7 +376,7 @@ func (n *Node) Enroll(ctx context.Context, info PodInfo) (Status, error) {
 		return StatusPending, fmt.Errorf("pod %s/%s: hand-off to ztunnel: %w", info.Namespace, info.Name, err)
 	}
 	n.mu.Lock()
-	p.acked = true
+	p.acked, p.awaiting = true, false
 	n.mu.Unlock()
 	n.log.Info("pod enrolled", zap.String("pod", info.Namespace+"/"+info.Name), zap.String("uid", info.UID))
 	return StatusEnabled, nil

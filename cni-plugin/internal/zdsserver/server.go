@@ -56,7 +56,13 @@ type Config struct {
 	LivenessInterval time.Duration
 	// Snapshot returns the pods to send on every (re)connection.
 	Snapshot func() []Workload
-	Logger   *zap.Logger
+	// SnapshotResult, when set, hears ztunnel's answer to each pod of a
+	// snapshot: nil when it acknowledged the pod, an ErrRejected error
+	// when it refused it (it then does not serve the pod; the caller
+	// retries). It is not called when the connection fails mid-snapshot
+	// (the next connection gets a new snapshot).
+	SnapshotResult func(w Workload, err error)
+	Logger         *zap.Logger
 	// Ready, when set, holds back every connection's snapshot until it is
 	// closed (the agent has reconciled its pods after a restart).
 	Ready <-chan struct{}
@@ -297,15 +303,18 @@ func (s *Server) snapshot(sess *session) error {
 		} else {
 			m = &zdsv1.AgentMessage{Payload: &zdsv1.AgentMessage_Keep{Keep: &zdsv1.KeepWorkload{Uid: w.UID}}}
 		}
-		if err := s.exchange(sess, m, fd, time.Now().Add(s.cfg.AckTimeout)); err != nil {
-			if errors.Is(err, ErrRejected) {
-				// ztunnel refused one pod: it will not serve it, but the
-				// others still go through. The agent retries it on its
-				// next change.
-				s.log.Warn("ztunnel rejected a pod in the snapshot", zap.String("uid", w.UID), zap.Error(err))
-				continue
-			}
+		err := s.exchange(sess, m, fd, time.Now().Add(s.cfg.AckTimeout))
+		if err != nil && !errors.Is(err, ErrRejected) {
 			return err
+		}
+		if err != nil {
+			// ztunnel refused one pod: it will not serve it, but the
+			// others still go through. SnapshotResult tells the agent,
+			// which retries the pod with backoff.
+			s.log.Warn("ztunnel rejected a pod in the snapshot", zap.String("uid", w.UID), zap.Error(err))
+		}
+		if s.cfg.SnapshotResult != nil {
+			s.cfg.SnapshotResult(w, err)
 		}
 	}
 	return s.exchange(sess, &zdsv1.AgentMessage{Payload: &zdsv1.AgentMessage_SnapshotSent{SnapshotSent: &zdsv1.SnapshotSent{}}}, nil,

@@ -505,3 +505,51 @@ func TestTwoZtunnels(t *testing.T) {
 		t.Fatalf("%d ztunnels connected after the newest stalled, want 1", n)
 	}
 }
+
+// TestSnapshotResult: the caller hears ztunnel's answer to every pod of a
+// snapshot — a refused pod is not served and must be retried; the others
+// are acknowledged.
+func TestSnapshotResult(t *testing.T) {
+	needRoot(t)
+	_, fdA := newPodNS(t)
+	_, fdB := newPodNS(t)
+	known := &pods{}
+	known.set(Workload{UID: "a", Info: info("a"), Netns: fdA}, Workload{UID: "b", Info: info("b"), Netns: fdB})
+	type answer struct {
+		uid string
+		err error
+	}
+	answers := make(chan answer, 10)
+	sock := filepath.Join(t.TempDir(), "zds.sock")
+	s := New(Config{Socket: sock, Snapshot: known.get, Logger: zaptest.NewLogger(t),
+		SnapshotResult: func(w Workload, err error) { answers <- answer{w.UID, err} }})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	})
+	z := dialZtunnel(t, sock, "b")
+	z.expect(t, "add a", "add b", "snapshot_sent")
+	got := map[string]error{}
+	for range 2 {
+		select {
+		case a := <-answers:
+			got[a.uid] = a.err
+		case <-time.After(5 * time.Second):
+			t.Fatalf("answers: %v", got)
+		}
+	}
+	if err, ok := got["a"]; !ok || err != nil {
+		t.Errorf("pod a: answer %v (reported %v), want acknowledged", err, ok)
+	}
+	if err := got["b"]; !errors.Is(err, ErrRejected) {
+		t.Errorf("pod b: answer %v, want ErrRejected", err)
+	}
+	if !z.serves("a") || z.serves("b") {
+		t.Errorf("ztunnel serves a=%v b=%v, want a only", z.serves("a"), z.serves("b"))
+	}
+}

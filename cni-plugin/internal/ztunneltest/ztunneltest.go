@@ -29,14 +29,14 @@ import (
 type Ztunnel struct {
 	conn   *zds.Conn
 	events chan string
-	reject map[string]bool
 	// Stall, when set, stops acknowledging messages.
 	Stall atomic.Bool
 
-	mu    sync.Mutex
-	pods  map[string]net.Listener
-	nets  map[string]uint64 // netns inode per uid
-	conns map[net.Conn]bool // live connections
+	mu     sync.Mutex
+	reject map[string]bool
+	pods   map[string]net.Listener
+	nets   map[string]uint64 // netns inode per uid
+	conns  map[net.Conn]bool // live connections
 }
 
 // Dial connects to the agent's ZDS socket (retrying for up to 5s while it
@@ -82,6 +82,19 @@ func (z *Ztunnel) Close() {
 	}
 }
 
+// Accept stops refusing the adds of uid.
+func (z *Ztunnel) Accept(uid string) {
+	z.mu.Lock()
+	defer z.mu.Unlock()
+	delete(z.reject, uid)
+}
+
+func (z *Ztunnel) rejects(uid string) bool {
+	z.mu.Lock()
+	defer z.mu.Unlock()
+	return z.reject[uid]
+}
+
 // Serving reports whether the ztunnel holds the pod.
 func (z *Ztunnel) Serving(uid string) bool {
 	z.mu.Lock()
@@ -101,7 +114,7 @@ func (z *Ztunnel) loop() {
 		case *zdsv1.AgentMessage_Add:
 			uid := p.Add.GetUid()
 			ev = "add " + uid
-			if z.reject[uid] {
+			if z.rejects(uid) {
 				ackErr = "refused"
 			} else if err := z.listenIn(uid, fd); err != nil {
 				ackErr = err.Error()
