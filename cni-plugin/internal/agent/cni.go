@@ -91,16 +91,35 @@ func (h *cniHandler) Add(ctx context.Context, r *agentapi.PodRequest) (bool, err
 	return true, nil
 }
 
+// uidFor names the pod a CNI request concerns: the pod whose current
+// sandbox it is, else the pod of the runtime's K8S_POD_UID (or the mirror
+// pod of that static pod, which is what the agent enrolled). The name
+// decides only when the runtime passes no UID: a late DEL of a replaced
+// pod's sandbox (a StatefulSet pod force-deleted and recreated under the
+// same name) must not touch the new pod.
 func (h *cniHandler) uidFor(ctx context.Context, r *agentapi.PodRequest) string {
-	for uid, info := range h.node.Enrolled() {
+	if uid, ok := h.node.SandboxOwner(r.ContainerID); ok {
+		return uid
+	}
+	enrolled := h.node.Enrolled()
+	if r.PodUID != "" {
+		if _, ok := enrolled[r.PodUID]; ok {
+			return r.PodUID
+		}
+		if p, _, err := h.watch.lookup(ctx, r.PodNamespace, r.PodName, r.PodUID); err == nil && p != nil {
+			return string(p.UID) // the mirror of a static pod
+		}
+		return r.PodUID
+	}
+	for uid, info := range enrolled {
 		if info.Namespace == r.PodNamespace && info.Name == r.PodName {
 			return uid
 		}
 	}
-	if p, _, err := h.watch.lookup(ctx, r.PodNamespace, r.PodName, r.PodUID); err == nil && p != nil {
+	if p, _, err := h.watch.lookup(ctx, r.PodNamespace, r.PodName, ""); err == nil && p != nil {
 		return string(p.UID)
 	}
-	return r.PodUID
+	return ""
 }
 
 func (h *cniHandler) Del(ctx context.Context, r *agentapi.PodRequest) error {

@@ -13,6 +13,7 @@ import (
 	"k8s.io/client-go/util/retry"
 
 	"github.com/amesh-dev/amesh/api/capture"
+	"github.com/amesh-dev/amesh/cni-plugin/internal/ztunneltest"
 )
 
 // enrolRunning creates a pod in nsName, runs the CNI ADD, starts a
@@ -135,4 +136,64 @@ func (h *harness) wantNoRulesEventually(p *testPod) {
 		}
 		return nil
 	})
+}
+
+// TestLateDelAfterPodReplaced: a StatefulSet pod is force-deleted and
+// recreated under the same name on the same node; the agent restarts
+// (it remembers no sandbox); then the CNI DEL of the old pod's sandbox
+// arrives, late. It names the old pod's UID: the new pod, enrolled under
+// the same namespace/name, must keep its rules and stay served.
+func TestLateDelAfterPodReplaced(t *testing.T) {
+	h := newHarness(t)
+	h.startAgent()
+	z := h.ztunnel()
+	nsName := h.namespace("sts", true)
+	ctx := context.Background()
+
+	old := h.pod(nsName, "web-0", nil)
+	if err := h.add(old); err != nil {
+		t.Fatal(err)
+	}
+	h.wantRules(old)
+	zero := int64(0)
+	if err := h.k8s.CoreV1().Pods(nsName).Delete(ctx, old.Name, metav1.DeleteOptions{GracePeriodSeconds: &zero}); err != nil {
+		t.Fatal(err)
+	}
+	h.wantNoRulesEventually(old) // its object is gone: it left the mesh
+
+	cur := h.enrolRunning(nsName, "web-0")
+	if cur.UID == old.UID {
+		t.Fatal("the recreated pod has the old UID")
+	}
+	h.stopAgent()
+	z.Close()
+	h.startAgent()
+	z2, err := ztunneltest.Dial(h.cfg.ZDSSocket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(z2.Close)
+	if err := z2.Expect("snapshot_sent", 15*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if !z2.Serving(string(cur.UID)) {
+		t.Fatal("the restarted agent did not hand the current pod to ztunnel")
+	}
+
+	// The old sandbox's DEL, late.
+	if err := h.del(old); err != nil {
+		t.Fatalf("late DEL: %v", err)
+	}
+	h.wantRules(cur)
+	if err := z2.Expect("delete "+string(cur.UID), 500*time.Millisecond); err == nil {
+		t.Fatal("ztunnel was told to drop the current pod on the old pod's DEL")
+	}
+	h.wantCaptured(cur, 9999)
+	h.wantAnnotation(cur, "enabled")
+
+	// The current pod's own DEL still cleans up.
+	if err := h.del(cur); err != nil {
+		t.Fatal(err)
+	}
+	h.wantNoRules(cur)
 }

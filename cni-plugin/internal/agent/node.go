@@ -169,6 +169,22 @@ func (n *Node) RecordSandbox(uid, containerID, netnsPath string) {
 	n.sandboxes[uid] = sandbox{containerID: containerID, netns: netnsPath}
 }
 
+// SandboxOwner returns the pod whose current sandbox (per its last CNI
+// ADD) is containerID.
+func (n *Node) SandboxOwner(containerID string) (string, bool) {
+	if containerID == "" {
+		return "", false
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	for uid, sb := range n.sandboxes {
+		if sb.containerID == containerID {
+			return uid, true
+		}
+	}
+	return "", false
+}
+
 // StaleSandbox reports whether containerID names a sandbox of the pod
 // other than the one its last CNI ADD reported: the runtime replaced the
 // sandbox and a DEL of the old one arrives late. Without a record (the
