@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -40,6 +41,12 @@ import (
 )
 
 const nodeName = "node-a"
+
+// subnetBase and subnetSeq give each harness its own pod subnet.
+var (
+	subnetBase = rand.Uint32N(250)
+	subnetSeq  atomic.Uint32
+)
 
 // Shared by the tests of this package (set up in TestMain).
 var (
@@ -133,7 +140,9 @@ func newHarnessVersion(t testing.TB, cniVersion string) *harness {
 	}
 	dir := t.TempDir()
 	h := &harness{t: t, node: node, dir: dir, confDir: filepath.Join(dir, "net.d"), binDir: filepath.Join(dir, "bin")}
-	h.subnet = netip.MustParsePrefix(fmt.Sprintf("198.19.%d.0/24", rand.IntN(250)))
+	// A subnet of its own: the pods of every harness of this test run
+	// stay in the API server, and the agent finds pods by IP.
+	h.subnet = netip.MustParsePrefix(fmt.Sprintf("198.19.%d.0/24", (subnetBase+subnetSeq.Add(1))%250))
 	h.gw = h.subnet.Addr().Next()
 	h.k8s = kubernetes.NewForConfigOrDie(restCfg)
 	for _, d := range []string{h.confDir, h.binDir} {
