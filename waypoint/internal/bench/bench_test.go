@@ -44,9 +44,27 @@ import (
 const (
 	childEnv      = "WAYPOINT_BENCH_CHILD"
 	childHBONEEnv = "WAYPOINT_BENCH_HBONE_DIR"
+	// childUpstreamEnv, with childHBONEEnv, makes the waypoint child reach
+	// the backend over HBONE through the stand-in ztunnel at this address.
+	childUpstreamEnv = "WAYPOINT_BENCH_UPSTREAM_HBONE"
+	// ztunnelEnv runs the child as the destination's stand-in ztunnel in
+	// front of this backend (credentials in childHBONEEnv's directory).
+	ztunnelEnv = "WAYPOINT_BENCH_ZTUNNEL"
+	// upstreamHBONEMark follows the address a waypoint child prints when
+	// its upstream leg is HBONE, so that a baseline binary that predates
+	// the mode (and would dial the backend in plain TCP) is not mistaken
+	// for one.
+	upstreamHBONEMark = " upstream=hbone"
 )
 
 func TestMain(m *testing.M) {
+	if backend := os.Getenv(ztunnelEnv); backend != "" {
+		if err := ztunnel(backend, os.Getenv(childHBONEEnv)); err != nil {
+			fmt.Fprintln(os.Stderr, "bench ztunnel:", err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
 	if backend := os.Getenv(childEnv); backend != "" {
 		if err := child(backend); err != nil {
 			fmt.Fprintln(os.Stderr, "bench child:", err)
@@ -57,18 +75,130 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
+// benchTD is the trust domain of the benchmark's identities.
+var benchTD = spiffeid.RequireTrustDomainFromString("cluster.local")
+
+// loadCredentials reads name.pem, name-key.pem and roots.pem from dir.
+func loadCredentials(dir, name string) (*tls.Certificate, *identity.Bundle, error) {
+	cert, err := tls.LoadX509KeyPair(filepath.Join(dir, name+".pem"), filepath.Join(dir, name+"-key.pem"))
+	if err != nil {
+		return nil, nil, err
+	}
+	roots, err := os.ReadFile(filepath.Join(dir, "roots.pem"))
+	if err != nil {
+		return nil, nil, err
+	}
+	bundle := identity.NewBundle()
+	if err := bundle.SetPEM(benchTD, roots); err != nil {
+		return nil, nil, err
+	}
+	return &cert, bundle, nil
+}
+
+// ztunnel stands in for the destination pod's ztunnel (DESIGN.md §4
+// "Inbound"): an HBONE server with the destination workload's identity
+// that refuses any authority but the backend's, connects to the backend
+// before answering 200 and splices. It leaves out what the real one adds
+// per connection (L4 authorization, IP_TRANSPARENT, metrics, access log),
+// so its CPU is a lower bound of ztunnel's. It prints its address and
+// serves until stdin closes.
+func ztunnel(backend, dir string) error {
+	bap, err := netip.ParseAddrPort(backend)
+	if err != nil {
+		return err
+	}
+	cert, bundle, err := loadCredentials(dir, "ztunnel")
+	if err != nil {
+		return err
+	}
+	ctx, cancel := signal.NotifyContext(context.Background(), syscall.SIGTERM)
+	defer cancel()
+	go func() { _, _ = io.Copy(io.Discard, os.Stdin); cancel() }()
+	var d net.Dialer
+	hs := hbone.NewServer(hbone.ServerConfig{
+		Certificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return cert, nil },
+		Bundle:      bundle, TrustDomain: benchTD,
+		Handler: func(ctx context.Context, r *hbone.Request) (func(net.Conn), error) {
+			if r.Authority != bap {
+				return nil, fmt.Errorf("%w: %s", hbone.ErrBadTarget, r.Authority)
+			}
+			app, err := d.DialContext(ctx, "tcp", backend)
+			if err != nil {
+				return nil, fmt.Errorf("%w: %w", hbone.ErrUnreachable, err)
+			}
+			return func(stream net.Conn) {
+				_, _, _ = hbone.Splice(stream, app)
+				app.Close()
+			}, nil
+		},
+	})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	fmt.Println(ln.Addr().String())
+	return hs.Serve(ctx, ln)
+}
+
 // child runs the waypoint's L7 path (tunnel server, proxy with metrics,
 // JSON access log and trace propagation) in its own process, in front of
-// backend, with each accepted TCP connection standing for one tunnel. It
-// prints its address and serves until stdin closes.
+// backend. Without childHBONEEnv each accepted TCP connection stands for
+// one tunnel; with it the child terminates HBONE with the waypoint's
+// identity. Its upstream leg is plain TCP to the backend, or, with
+// childUpstreamEnv, HBONE with the waypoint's identity to the stand-in
+// ztunnel there, as dialEndpoint in internal/app does for a workload in
+// the mesh. It prints its address and serves until stdin closes.
 func child(backend string) error {
 	bap, err := netip.ParseAddrPort(backend)
 	if err != nil {
 		return err
 	}
+	dir, upstreamZtunnel := os.Getenv(childHBONEEnv), os.Getenv(childUpstreamEnv)
+	var (
+		cert   *tls.Certificate
+		bundle *identity.Bundle
+	)
+	if dir != "" {
+		if cert, bundle, err = loadCredentials(dir, "waypoint"); err != nil {
+			return err
+		}
+	}
 	var d net.Dialer
 	dial := func(ctx context.Context, ep *upstream.Endpoint) (net.Conn, error) {
 		return d.DialContext(ctx, "tcp", ep.Addr.String())
+	}
+	tunnelProtocol := discoveryv1.TunnelProtocol_TUNNEL_PROTOCOL_NONE
+	if upstreamZtunnel != "" {
+		if cert == nil {
+			return fmt.Errorf("%s needs %s", childUpstreamEnv, childHBONEEnv)
+		}
+		ztAddr, err := netip.ParseAddrPort(upstreamZtunnel)
+		if err != nil {
+			return err
+		}
+		self, err := identity.ID(benchTD.Name(), "default", "waypoint")
+		if err != nil {
+			return err
+		}
+		hc := hbone.NewClient(hbone.ClientConfig{
+			Certificates: func(context.Context, spiffeid.ID) (*tls.Certificate, error) { return cert, nil },
+			Bundle:       bundle,
+		})
+		defer hc.Close()
+		// As App.dialEndpoint, with the stand-in ztunnel's port for 15008
+		// (it shares the workload's address, 127.0.0.1).
+		dial = func(ctx context.Context, ep *upstream.Endpoint) (net.Conn, error) {
+			if !ep.HBONE {
+				return nil, fmt.Errorf("endpoint %s is not in the mesh", ep.Addr)
+			}
+			want, err := spiffeid.FromString(ep.Identity)
+			if err != nil {
+				return nil, fmt.Errorf("endpoint identity %q: %w", ep.Identity, err)
+			}
+			return hc.Dial(ctx, hbone.DialRequest{Source: self, Expected: []spiffeid.ID{want},
+				Proxy: netip.AddrPortFrom(ep.Addr.Addr(), ztAddr.Port()), Target: ep.Addr})
+		}
+		tunnelProtocol = discoveryv1.TunnelProtocol_TUNNEL_PROTOCOL_HBONE
 	}
 	log := zap.NewNop()
 	cat := catalog.New(catalog.Options{Dial: dial, Logger: log})
@@ -80,7 +210,7 @@ func child(backend string) error {
 		&discoveryv1.Service{Name: "bench", Namespace: "default", Hostname: "bench.default.svc.cluster.local", Addresses: [][]byte{v4[:]},
 			Ports: []*discoveryv1.ServicePort{{ServicePort: 80, TargetPort: uint32(bap.Port()), AppProtocol: "http"}}},
 		&discoveryv1.Workload{Uid: "b", Name: "bench", Namespace: "default", Addresses: [][]byte{b4[:]}, ServiceAccount: "bench",
-			Services: map[string]*discoveryv1.PortList{key: {}}},
+			TunnelProtocol: tunnelProtocol, Services: map[string]*discoveryv1.PortList{key: {}}},
 		&discoveryv1.WaypointService{Service: key, HttpRoutes: []*discoveryv1.HTTPRoute{{Namespace: "default", Name: "r",
 			Rules: []*discoveryv1.HTTPRouteRule{
 				{Matches: []*discoveryv1.HTTPRouteMatch{{Path: &discoveryv1.PathMatch{Value: "/api"}}}, Backends: []*discoveryv1.BackendRef{{Service: key, Port: 80, Weight: 1}}},
@@ -193,30 +323,21 @@ func child(backend string) error {
 		}
 		defer func() { pprof.StopCPUProfile(); f.Close() }()
 	}
-	if dir := os.Getenv(childHBONEEnv); dir != "" {
+	if cert != nil {
 		// HBONE mode: terminate mTLS + HTTP/2 CONNECT like the real waypoint.
-		cert, err := tls.LoadX509KeyPair(filepath.Join(dir, "waypoint.pem"), filepath.Join(dir, "waypoint-key.pem"))
-		if err != nil {
-			return err
-		}
-		roots, err := os.ReadFile(filepath.Join(dir, "roots.pem"))
-		if err != nil {
-			return err
-		}
-		bundle := identity.NewBundle()
-		tdID := spiffeid.RequireTrustDomainFromString("cluster.local")
-		if err := bundle.SetPEM(tdID, roots); err != nil {
-			return err
-		}
 		hs := hbone.NewServer(hbone.ServerConfig{
-			Certificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return &cert, nil },
-			Bundle:      bundle, TrustDomain: tdID,
+			Certificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return cert, nil },
+			Bundle:      bundle, TrustDomain: benchTD,
 			Handler: func(ctx context.Context, r *hbone.Request) (func(net.Conn), error) {
 				return srv.Accept(ctx, r.Peer.String(), r.RemoteAddr.Addr(), r.Authority)
 			},
 		})
 		go func() { _ = hs.Serve(ctx, ln) }()
-		fmt.Println(ln.Addr().String())
+		if upstreamZtunnel != "" {
+			fmt.Println(ln.Addr().String() + upstreamHBONEMark)
+		} else {
+			fmt.Println(ln.Addr().String())
+		}
 		return srv.Run(ctx)
 	}
 	go func() {
@@ -348,12 +469,12 @@ func waitListening(b *testing.B, addr string) {
 	b.Fatalf("%s never listened", addr)
 }
 
-// startWaypoint runs bin (a build of this test binary: os.Args[0], or a
-// baseline's) as the waypoint child; with hboneDir set the child
-// terminates HBONE with the credentials there.
-func startWaypoint(b *testing.B, bin, backend, hboneDir string) (string, int) {
+// startChild runs bin (a build of this test binary: os.Args[0], or a
+// baseline's) as a child process with env added, and returns the line it
+// prints first (its address, perhaps with a mark) and its PID.
+func startChild(b *testing.B, bin string, env ...string) (string, int) {
 	cmd := exec.Command(bin, "-test.run=^$")
-	cmd.Env = append(os.Environ(), childEnv+"="+backend, childHBONEEnv+"="+hboneDir)
+	cmd.Env = append(os.Environ(), env...)
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
 		b.Fatal(err)
@@ -379,11 +500,29 @@ func startWaypoint(b *testing.B, bin, backend, hboneDir string) (string, int) {
 	})
 	line, err := bufio.NewReader(out).ReadString('\n')
 	if err != nil {
-		b.Fatalf("waypoint child: %v", err)
+		b.Fatalf("bench child: %v", err)
 	}
-	addr := strings.TrimSpace(line)
+	return strings.TrimSpace(line), cmd.Process.Pid
+}
+
+// startWaypoint runs bin as the waypoint child; with hboneDir set the
+// child terminates HBONE with the credentials there, and with zt (a
+// stand-in ztunnel's address) set as well its upstream leg is HBONE to zt.
+// ok is false if bin cannot do what was asked (a baseline that predates
+// the mode).
+func startWaypoint(b *testing.B, bin, backend, hboneDir, zt string) (addr string, pid int, ok bool) {
+	line, pid := startChild(b, bin, childEnv+"="+backend, childHBONEEnv+"="+hboneDir, childUpstreamEnv+"="+zt)
+	addr, marked := strings.CutSuffix(line, upstreamHBONEMark)
 	waitListening(b, addr)
-	return addr, cmd.Process.Pid
+	return addr, pid, marked == (zt != "")
+}
+
+// startZtunnel runs the destination's stand-in ztunnel (see ztunnel) in
+// front of backend, with the credentials in hboneDir.
+func startZtunnel(b *testing.B, backend, hboneDir string) (string, int) {
+	addr, pid := startChild(b, os.Args[0], ztunnelEnv+"="+backend, childHBONEEnv+"="+hboneDir)
+	waitListening(b, addr)
+	return addr, pid
 }
 
 // cpuSeconds is utime+stime of the processes.
@@ -490,11 +629,11 @@ func fixedRate(b *testing.B, addr string, qps int, d time.Duration) (p50, p99, a
 	return p50, p99, r.ActualQPS
 }
 
-// hboneCredentials issues the waypoint's and a client's certificates from a
-// fresh CA and writes the waypoint's to a directory for the child.
+// hboneCredentials issues the waypoint's, the destination workload's (for
+// the stand-in ztunnel) and a client's certificates from a fresh CA and
+// writes the first two to a directory for the children.
 func hboneCredentials(b *testing.B) (string, *tls.Certificate, *identity.Bundle) {
-	tdID := spiffeid.RequireTrustDomainFromString("cluster.local")
-	auth, err := ca.NewRoot(tdID, time.Hour)
+	auth, err := ca.NewRoot(benchTD, time.Hour)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -520,14 +659,16 @@ func hboneCredentials(b *testing.B) (string, *tls.Certificate, *identity.Bundle)
 	}
 	dir := b.TempDir()
 	_, wc, wk := issue("default", "waypoint")
-	for name, data := range map[string][]byte{"waypoint.pem": wc, "waypoint-key.pem": wk, "roots.pem": auth.RootsPEM()} {
+	_, zc, zk := issue("default", "bench") // the backend workload's service account
+	for name, data := range map[string][]byte{"waypoint.pem": wc, "waypoint-key.pem": wk,
+		"ztunnel.pem": zc, "ztunnel-key.pem": zk, "roots.pem": auth.RootsPEM()} {
 		if err := os.WriteFile(filepath.Join(dir, name), data, 0o600); err != nil {
 			b.Fatal(err)
 		}
 	}
 	client, _, _ := issue("load", "wrk")
 	bundle := identity.NewBundle()
-	bundle.Set(tdID, auth.Roots())
+	bundle.Set(benchTD, auth.Roots())
 	return dir, client, bundle
 }
 
@@ -568,9 +709,17 @@ func hboneShim(b *testing.B, waypoint string, cert *tls.Certificate, bundle *ide
 
 // BenchmarkProxies compares, in one run: the backend directly, nginx as a
 // reverse proxy, and the waypoint's L7 path (and, with BENCH_BASELINE set
-// to a test binary built from an earlier commit, that commit's waypoint). Metrics per target:
-// req/s at 64 connections; p50/p99 at 1,000 req/s and the p50/p99 added over
-// direct; CPU cores the proxy used per 1,000 req/s; proxy RSS (peak).
+// to a test binary built from an earlier commit, that commit's waypoint).
+// The waypoint runs in three set-ups: "waypoint" with each downstream TCP
+// connection standing for a tunnel and plain TCP to the backend,
+// "waypoint-hbone" behind inbound HBONE (a client-ztunnel shim in this
+// process) and still plain TCP to the backend, and "waypoint-hbone-mesh"
+// with both legs HBONE as in production — client → HBONE → waypoint →
+// HBONE (waypoint identity) → stand-in destination ztunnel (its own
+// process) → backend. Metrics per target: req/s at 64 connections; p50/p99
+// at 1,000 req/s and the p50/p99 added over direct; CPU cores the proxy
+// used per 1,000 req/s and its peak RSS, and the same of the stand-in
+// ztunnel where there is one.
 func BenchmarkProxies(b *testing.B) {
 	for _, tool := range []string{"wrk"} {
 		if _, err := exec.LookPath(tool); err != nil {
@@ -580,18 +729,27 @@ func BenchmarkProxies(b *testing.B) {
 	backend, nginxAddr, nginxPIDs := startNginx(b)
 	dir, clientCert, bundle := hboneCredentials(b)
 	type target struct {
-		name string
-		addr string
-		pids func() []int
+		name    string
+		addr    string
+		pids    func() []int // the proxy's processes
+		ztunnel []int        // the stand-in destination ztunnel's
 	}
 	waypoints := func(bin, suffix string) []target {
-		wpAddr, wpPID := startWaypoint(b, bin, backend, "")
-		wpHBONE, wpHBONEPID := startWaypoint(b, bin, backend, dir)
+		wpAddr, wpPID, _ := startWaypoint(b, bin, backend, "", "")
+		wpHBONE, wpHBONEPID, _ := startWaypoint(b, bin, backend, dir, "")
 		shim := hboneShim(b, wpHBONE, clientCert, bundle)
-		return []target{
-			{"waypoint" + suffix, wpAddr, func() []int { return []int{wpPID} }},
-			{"waypoint-hbone" + suffix, shim, func() []int { return []int{wpHBONEPID} }},
+		ts := []target{
+			{"waypoint" + suffix, wpAddr, func() []int { return []int{wpPID} }, nil},
+			{"waypoint-hbone" + suffix, shim, func() []int { return []int{wpHBONEPID} }, nil},
 		}
+		zt, ztPID := startZtunnel(b, backend, dir)
+		wpMesh, wpMeshPID, ok := startWaypoint(b, bin, backend, dir, zt)
+		if !ok {
+			b.Logf("%s: its waypoint has no HBONE upstream mode; no waypoint-hbone-mesh%s", bin, suffix)
+			return ts
+		}
+		meshShim := hboneShim(b, wpMesh, clientCert, bundle)
+		return append(ts, target{"waypoint-hbone-mesh" + suffix, meshShim, func() []int { return []int{wpMeshPID} }, []int{ztPID}})
 	}
 	dur := 5 * time.Second // per phase and round
 	if s := os.Getenv("BENCH_SECONDS"); s != "" {
@@ -599,14 +757,19 @@ func BenchmarkProxies(b *testing.B) {
 			dur = time.Duration(n) * time.Second
 		}
 	}
-	targets := []target{{"direct", backend, nil}, {"nginx", nginxAddr, nginxPIDs}}
+	targets := []target{{name: "direct", addr: backend}, {name: "nginx", addr: nginxAddr, pids: nginxPIDs}}
 	current := waypoints(os.Args[0], "")
 	if base := os.Getenv("BENCH_BASELINE"); base != "" {
 		// A baseline build of this benchmark (go test -c of an earlier
 		// commit) runs its waypoint next to the current one, each pair
 		// measured back to back so that both see the same machine.
 		before := waypoints(base, "-before")
-		targets = append(targets, before[0], current[0], before[1], current[1])
+		for i, t := range current {
+			if i < len(before) {
+				targets = append(targets, before[i])
+			}
+			targets = append(targets, t)
+		}
 	} else {
 		targets = append(targets, current...)
 	}
@@ -626,8 +789,8 @@ func BenchmarkProxies(b *testing.B) {
 	// over the rounds, latency the median of the rounds' percentiles, CPU
 	// the total over the fixed-rate phases.
 	type acc struct {
-		reqs, secs, cpu, served float64
-		p50s, p99s              []float64
+		reqs, secs, cpu, ztCPU, served float64
+		p50s, p99s                     []float64
 	}
 	res := make([]acc, len(targets))
 	for _, t := range targets {
@@ -638,9 +801,9 @@ func BenchmarkProxies(b *testing.B) {
 			rps := wrk(b, t.addr, 64, dur)
 			res[i].reqs += rps * dur.Seconds()
 			res[i].secs += dur.Seconds()
-			var cpu0 float64
+			var cpu0, ztCPU0 float64
 			if t.pids != nil {
-				cpu0 = cpuSeconds(t.pids())
+				cpu0, ztCPU0 = cpuSeconds(t.pids()), cpuSeconds(t.ztunnel)
 			}
 			start := time.Now()
 			p50, p99, actual := fixedRate(b, t.addr, 1000, dur)
@@ -648,6 +811,7 @@ func BenchmarkProxies(b *testing.B) {
 			res[i].p50s, res[i].p99s = append(res[i].p50s, p50), append(res[i].p99s, p99)
 			if t.pids != nil {
 				res[i].cpu += cpuSeconds(t.pids()) - cpu0
+				res[i].ztCPU += cpuSeconds(t.ztunnel) - ztCPU0
 				res[i].served += actual * elapsed
 			}
 		}
@@ -677,6 +841,10 @@ func BenchmarkProxies(b *testing.B) {
 				b.ReportMetric(r.cpu/(r.served/1000), "cores/1krps")
 				b.ReportMetric(rssMB(t.pids(), "VmHWM"), "peak-RSS-MB")
 				b.ReportMetric(rssMB(t.pids(), "VmRSS"), "RSS-MB")
+			}
+			if t.ztunnel != nil {
+				b.ReportMetric(r.ztCPU/(r.served/1000), "ztunnel-cores/1krps")
+				b.ReportMetric(rssMB(t.ztunnel, "VmHWM"), "ztunnel-peak-RSS-MB")
 			}
 		})
 	}
