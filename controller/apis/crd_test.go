@@ -75,6 +75,24 @@ func TestCRDAdmission(t *testing.T) {
 		t.Fatalf("only %d policies in the golden inputs", valid)
 	}
 
+	// Defaults the schema fills in.
+	t.Run("defaults", func(t *testing.T) {
+		u := decode(t, `
+apiVersion: traffic.amesh.dev/v1alpha1
+kind: BackendTrafficPolicy
+spec:
+  targetRefs: [{group: "", kind: Service, name: a}]
+  outlierDetection: {consecutive5xx: 1}`)
+		u.SetNamespace("default")
+		u.SetName("defaults")
+		if err := c.Create(context.Background(), u, client.FieldValidation("Strict")); err != nil {
+			t.Fatal(err)
+		}
+		if got, _, _ := unstructured.NestedString(u.Object, "spec", "outlierDetection", "maxEjectionTime"); got != "300s" {
+			t.Errorf("outlierDetection.maxEjectionTime defaulted to %q, want 300s", got)
+		}
+	})
+
 	for _, tc := range []struct{ name, doc, want string }{
 		{"selector and targetRefs", `
 apiVersion: security.amesh.dev/v1alpha1
@@ -259,6 +277,12 @@ kind: BackendTrafficPolicy
 spec:
   targetRefs: [{group: "", kind: Service, name: a}]
   outlierDetection: {interval: 1s}`, "consecutive5xx or consecutiveGatewayErrors is required"},
+		{"max ejection time zero", `
+apiVersion: traffic.amesh.dev/v1alpha1
+kind: BackendTrafficPolicy
+spec:
+  targetRefs: [{group: "", kind: Service, name: a}]
+  outlierDetection: {consecutive5xx: 1, maxEjectionTime: 0s}`, "maxEjectionTime must be positive"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			u := decode(t, tc.doc)

@@ -3629,8 +3629,12 @@ type OutlierDetection struct {
 	BaseEjectionTime         *durationpb.Duration   `protobuf:"bytes,4,opt,name=base_ejection_time,json=baseEjectionTime,proto3" json:"base_ejection_time,omitempty"`
 	// 0–100.
 	MaxEjectionPercent uint32 `protobuf:"varint,5,opt,name=max_ejection_percent,json=maxEjectionPercent,proto3" json:"max_ejection_percent,omitempty"`
-	unknownFields      protoimpl.UnknownFields
-	sizeCache          protoimpl.SizeCache
+	// Caps an ejection (base_ejection_time × the endpoint's ejection count),
+	// unless base_ejection_time alone is longer; unset: 300 s (Envoy's
+	// default).
+	MaxEjectionTime *durationpb.Duration `protobuf:"bytes,6,opt,name=max_ejection_time,json=maxEjectionTime,proto3" json:"max_ejection_time,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *OutlierDetection) Reset() {
@@ -3696,6 +3700,13 @@ func (x *OutlierDetection) GetMaxEjectionPercent() uint32 {
 		return x.MaxEjectionPercent
 	}
 	return 0
+}
+
+func (x *OutlierDetection) GetMaxEjectionTime() *durationpb.Duration {
+	if x != nil {
+		return x.MaxEjectionTime
+	}
+	return nil
 }
 
 type ConnectionPool struct {
@@ -4276,13 +4287,14 @@ const file_discovery_v1_discovery_proto_rawDesc = "" +
 	"\x14max_pending_requests\x18\x02 \x01(\rR\x12maxPendingRequests\x12!\n" +
 	"\fmax_requests\x18\x03 \x01(\rR\vmaxRequests\x12\x1f\n" +
 	"\vmax_retries\x18\x04 \x01(\rR\n" +
-	"maxRetries\"\xab\x02\n" +
+	"maxRetries\"\xf2\x02\n" +
 	"\x10OutlierDetection\x12'\n" +
 	"\x0fconsecutive_5xx\x18\x01 \x01(\rR\x0econsecutive5xx\x12<\n" +
 	"\x1aconsecutive_gateway_errors\x18\x02 \x01(\rR\x18consecutiveGatewayErrors\x125\n" +
 	"\binterval\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\binterval\x12G\n" +
 	"\x12base_ejection_time\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\x10baseEjectionTime\x120\n" +
-	"\x14max_ejection_percent\x18\x05 \x01(\rR\x12maxEjectionPercent\"\xd1\x01\n" +
+	"\x14max_ejection_percent\x18\x05 \x01(\rR\x12maxEjectionPercent\x12E\n" +
+	"\x11max_ejection_time\x18\x06 \x01(\v2\x19.google.protobuf.DurationR\x0fmaxEjectionTime\"\xd1\x01\n" +
 	"\x0eConnectionPool\x12B\n" +
 	"\x0fconnect_timeout\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\x0econnectTimeout\x12<\n" +
 	"\fidle_timeout\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\vidleTimeout\x12=\n" +
@@ -4463,20 +4475,21 @@ var file_discovery_v1_discovery_proto_depIdxs = []int32{
 	59, // 66: amesh.discovery.v1.HashCookie.ttl:type_name -> google.protobuf.Duration
 	59, // 67: amesh.discovery.v1.OutlierDetection.interval:type_name -> google.protobuf.Duration
 	59, // 68: amesh.discovery.v1.OutlierDetection.base_ejection_time:type_name -> google.protobuf.Duration
-	59, // 69: amesh.discovery.v1.ConnectionPool.connect_timeout:type_name -> google.protobuf.Duration
-	59, // 70: amesh.discovery.v1.ConnectionPool.idle_timeout:type_name -> google.protobuf.Duration
-	59, // 71: amesh.discovery.v1.LocalRateLimit.fill_interval:type_name -> google.protobuf.Duration
-	54, // 72: amesh.discovery.v1.FaultInjection.delay:type_name -> amesh.discovery.v1.FaultDelay
-	55, // 73: amesh.discovery.v1.FaultInjection.abort:type_name -> amesh.discovery.v1.FaultAbort
-	59, // 74: amesh.discovery.v1.FaultDelay.duration:type_name -> google.protobuf.Duration
-	11, // 75: amesh.discovery.v1.Workload.ServicesEntry.value:type_name -> amesh.discovery.v1.PortList
-	2,  // 76: amesh.discovery.v1.Workload.PortMtlsModesEntry.value:type_name -> amesh.discovery.v1.MtlsMode
-	46, // 77: amesh.discovery.v1.WaypointService.BackendPoliciesEntry.value:type_name -> amesh.discovery.v1.TrafficPolicy
-	78, // [78:78] is the sub-list for method output_type
-	78, // [78:78] is the sub-list for method input_type
-	78, // [78:78] is the sub-list for extension type_name
-	78, // [78:78] is the sub-list for extension extendee
-	0,  // [0:78] is the sub-list for field type_name
+	59, // 69: amesh.discovery.v1.OutlierDetection.max_ejection_time:type_name -> google.protobuf.Duration
+	59, // 70: amesh.discovery.v1.ConnectionPool.connect_timeout:type_name -> google.protobuf.Duration
+	59, // 71: amesh.discovery.v1.ConnectionPool.idle_timeout:type_name -> google.protobuf.Duration
+	59, // 72: amesh.discovery.v1.LocalRateLimit.fill_interval:type_name -> google.protobuf.Duration
+	54, // 73: amesh.discovery.v1.FaultInjection.delay:type_name -> amesh.discovery.v1.FaultDelay
+	55, // 74: amesh.discovery.v1.FaultInjection.abort:type_name -> amesh.discovery.v1.FaultAbort
+	59, // 75: amesh.discovery.v1.FaultDelay.duration:type_name -> google.protobuf.Duration
+	11, // 76: amesh.discovery.v1.Workload.ServicesEntry.value:type_name -> amesh.discovery.v1.PortList
+	2,  // 77: amesh.discovery.v1.Workload.PortMtlsModesEntry.value:type_name -> amesh.discovery.v1.MtlsMode
+	46, // 78: amesh.discovery.v1.WaypointService.BackendPoliciesEntry.value:type_name -> amesh.discovery.v1.TrafficPolicy
+	79, // [79:79] is the sub-list for method output_type
+	79, // [79:79] is the sub-list for method input_type
+	79, // [79:79] is the sub-list for extension type_name
+	79, // [79:79] is the sub-list for extension extendee
+	0,  // [0:79] is the sub-list for field type_name
 }
 
 func init() { file_discovery_v1_discovery_proto_init() }

@@ -293,6 +293,7 @@ func trafficPolicy(s *trafficv1alpha1.BackendTrafficPolicySpec) (tp *pb.TrafficP
 			Interval:                 dur("outlierDetection.interval", od.Interval),
 			BaseEjectionTime:         dur("outlierDetection.baseEjectionTime", od.BaseEjectionTime),
 			MaxEjectionPercent:       u32(od.MaxEjectionPercent),
+			MaxEjectionTime:          dur("outlierDetection.maxEjectionTime", od.MaxEjectionTime),
 		}
 		if od.MaxEjectionPercent == nil {
 			tp.OutlierDetection.MaxEjectionPercent = 10
@@ -302,6 +303,14 @@ func trafficPolicy(s *trafficv1alpha1.BackendTrafficPolicySpec) (tp *pb.TrafficP
 		}
 		if od.BaseEjectionTime == nil {
 			tp.OutlierDetection.BaseEjectionTime = durationpb.New(30 * time.Second)
+		}
+		// Unset in policies stored before the field had a default; zero
+		// only in those stored before it was validated.
+		if mx := tp.OutlierDetection.MaxEjectionTime; mx == nil || mx.AsDuration() == 0 {
+			if mx != nil {
+				bad = append(bad, fmt.Sprintf("outlierDetection.maxEjectionTime %q: must be positive (300s used)", *od.MaxEjectionTime))
+			}
+			tp.OutlierDetection.MaxEjectionTime = durationpb.New(300 * time.Second)
 		}
 	}
 	if cp := s.ConnectionPool; cp != nil {

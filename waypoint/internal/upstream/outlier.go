@@ -6,18 +6,19 @@ import (
 	"time"
 )
 
-// MaxEjectionTime caps an outlier ejection (base_ejection_time × the
-// endpoint's ejection count), unless base_ejection_time alone is longer: it
-// is Envoy's max_ejection_time default. The discovery API has no field for
-// it yet, so it is fixed.
-const MaxEjectionTime = 300 * time.Second
+// DefaultMaxEjectionTime caps an outlier ejection (base_ejection_time ×
+// the endpoint's ejection count) when the policy sets no
+// max_ejection_time, unless base_ejection_time alone is longer: it is
+// Envoy's default.
+const DefaultMaxEjectionTime = 300 * time.Second
 
 // Report records the outcome of one attempt to ep for outlier detection:
 // status is the response code, or 0 with err set when no response came.
 // Consecutive 5xx responses (connect failures and resets count) and
 // consecutive gateway errors (502, 503, 504, connect failures) eject the
 // endpoint for base_ejection_time × its ejection count (at most
-// MaxEjectionTime, or base_ejection_time if longer), as long as no more
+// max_ejection_time, default DefaultMaxEjectionTime, or base_ejection_time
+// if longer), as long as no more
 // than max_ejection_percent of the endpoints are ejected (one endpoint may
 // always be ejected). The ejection count decays by one per interval spent
 // without an ejection. A cancelled attempt (context.Canceled: the caller
@@ -94,7 +95,11 @@ func (c *Cluster) eject(s *snapshot, ep *Endpoint) {
 	}
 	// The multiplier stops growing once it reaches the cap (so that it
 	// decays from there, as Envoy's does).
-	limit := max(MaxEjectionTime, base)
+	limit := s.od.GetMaxEjectionTime().AsDuration()
+	if limit <= 0 {
+		limit = DefaultMaxEjectionTime
+	}
+	limit = max(limit, base)
 	if time.Duration(st.ejections)*base < limit {
 		st.ejections++
 	}

@@ -506,20 +506,29 @@ func TestOutlierIgnoresCancelled(t *testing.T) {
 }
 
 // TestEjectionTimeCapped: base_ejection_time × ejections is capped at
-// MaxEjectionTime (Envoy's max_ejection_time default), or at the base
-// when that is longer.
+// max_ejection_time (DefaultMaxEjectionTime, Envoy's default, when unset),
+// or at the base when that is longer.
 func TestEjectionTimeCapped(t *testing.T) {
 	for _, tc := range []struct {
-		base, want time.Duration
+		name            string
+		base, max, want time.Duration
 	}{
-		{30 * time.Second, MaxEjectionTime},
-		{10 * time.Minute, 10 * time.Minute},
+		{"default cap", 30 * time.Second, 0, DefaultMaxEjectionTime},
+		{"base above the default cap", 10 * time.Minute, 0, 10 * time.Minute},
+		{"cap a multiple of base", 30 * time.Second, 2 * time.Minute, 2 * time.Minute},
+		{"cap between multiples", 30 * time.Second, 100 * time.Second, 100 * time.Second},
+		{"cap above the default", 30 * time.Second, 10 * time.Minute, 10 * time.Minute},
+		{"base above the cap", time.Minute, 30 * time.Second, time.Minute},
 	} {
-		t.Run(tc.base.String(), func(t *testing.T) {
+		t.Run(tc.name, func(t *testing.T) {
 			clk := &clock{t: time.Unix(1000, 0)}
 			c := New(Options{Name: "x", Dial: tcpDial, Now: clk.now})
-			c.Update(eps(2), &discoveryv1.TrafficPolicy{OutlierDetection: &discoveryv1.OutlierDetection{
-				Consecutive_5Xx: 1, BaseEjectionTime: durationpb.New(tc.base), Interval: durationpb.New(time.Hour), MaxEjectionPercent: 100}})
+			od := &discoveryv1.OutlierDetection{Consecutive_5Xx: 1, BaseEjectionTime: durationpb.New(tc.base),
+				Interval: durationpb.New(time.Hour), MaxEjectionPercent: 100}
+			if tc.max > 0 {
+				od.MaxEjectionTime = durationpb.New(tc.max)
+			}
+			c.Update(eps(2), &discoveryv1.TrafficPolicy{OutlierDetection: od})
 			ep := c.Endpoints()[0]
 			var longest time.Duration
 			for range 40 {

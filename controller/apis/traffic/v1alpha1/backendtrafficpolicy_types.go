@@ -158,8 +158,9 @@ type CircuitBreaker struct {
 }
 
 // OutlierDetection ejects an endpoint after consecutive errors for
-// baseEjectionTime × number of ejections, never more than
-// maxEjectionPercent of the endpoints at once.
+// baseEjectionTime × number of ejections (at most maxEjectionTime, or
+// baseEjectionTime if that is longer), never more than maxEjectionPercent
+// of the endpoints at once.
 //
 // +kubebuilder:validation:XValidation:rule="has(self.consecutive5xx) || has(self.consecutiveGatewayErrors)",message="consecutive5xx or consecutiveGatewayErrors is required"
 type OutlierDetection struct {
@@ -182,6 +183,11 @@ type OutlierDetection struct {
 	// +kubebuilder:validation:Minimum=0
 	// +kubebuilder:validation:Maximum=100
 	MaxEjectionPercent *int32 `json:"maxEjectionPercent,omitempty"`
+	// MaxEjectionTime caps one ejection; default 300s (Envoy's).
+	// +optional
+	// +kubebuilder:default="300s"
+	// +kubebuilder:validation:XValidation:rule="duration(self) > duration('0s')",message="maxEjectionTime must be positive"
+	MaxEjectionTime *Duration `json:"maxEjectionTime,omitempty"`
 }
 
 // ConnectionPool tunes upstream connections.
