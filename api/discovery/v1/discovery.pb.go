@@ -3551,8 +3551,8 @@ func (x *HashCookie) GetPath() string {
 	return ""
 }
 
-// CircuitBreaker limits; 0 means the default (unlimited for connections
-// and requests, 1024 pending, 3 concurrent retries).
+// CircuitBreaker limits; 0 means Envoy's default (1024 connections, 1024
+// pending requests, 1024 requests, 3 concurrent retries).
 type CircuitBreaker struct {
 	state              protoimpl.MessageState `protogen:"open.v1"`
 	MaxConnections     uint32                 `protobuf:"varint,1,opt,name=max_connections,json=maxConnections,proto3" json:"max_connections,omitempty"`

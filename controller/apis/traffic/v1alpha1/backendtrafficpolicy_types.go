@@ -140,8 +140,9 @@ type HashCookie struct {
 	Path string `json:"path,omitempty"`
 }
 
-// CircuitBreaker limits; an unset field means the default (unlimited
-// connections and requests, 1024 pending requests, 3 concurrent retries).
+// CircuitBreaker limits per backend service port and waypoint replica;
+// an unset field means Envoy's default (1024 connections, 1024 pending
+// requests, 1024 requests, 3 concurrent retries).
 type CircuitBreaker struct {
 	// +optional
 	// +kubebuilder:validation:Minimum=1
