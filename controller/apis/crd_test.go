@@ -45,12 +45,14 @@ func TestCRDAdmission(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	// Every policy used by the translator's golden tests must be valid.
+	// Every policy used by the translator's golden tests must be valid,
+	// except those marked as stored before admission refused them, which
+	// must now be refused.
 	files, err := filepath.Glob(filepath.Join("..", "internal", "translate", "testdata", "*.in.yaml"))
 	if err != nil || len(files) == 0 {
 		t.Fatalf("golden inputs: %v (%d files)", err, len(files))
 	}
-	valid := 0
+	valid, refused := 0, 0
 	for _, f := range files {
 		b, err := os.ReadFile(f)
 		if err != nil {
@@ -65,14 +67,22 @@ func TestCRDAdmission(t *testing.T) {
 			u.SetName(u.GetName() + "-" + strings.TrimSuffix(filepath.Base(f), ".in.yaml"))
 			u.SetCreationTimestamp(metav1.Time{})
 			u.SetGeneration(0)
-			if err := c.Create(context.Background(), u, client.FieldValidation("Strict")); err != nil {
+			err := c.Create(context.Background(), u, client.FieldValidation("Strict"))
+			if u.GetAnnotations()[refusedAnnotation] == "refused" {
+				if err == nil {
+					t.Errorf("%s: %s %s accepted; it is marked %s: refused", f, u.GetKind(), u.GetName(), refusedAnnotation)
+				}
+				refused++
+				continue
+			}
+			if err != nil {
 				t.Errorf("%s: %s %s refused: %v", f, u.GetKind(), u.GetName(), err)
 			}
 			valid++
 		}
 	}
-	if valid < 15 {
-		t.Fatalf("only %d policies in the golden inputs", valid)
+	if valid < 15 || refused < 3 {
+		t.Fatalf("only %d valid and %d refused policies in the golden inputs", valid, refused)
 	}
 
 	// Defaults the schema fills in.
@@ -283,6 +293,30 @@ kind: BackendTrafficPolicy
 spec:
   targetRefs: [{group: "", kind: Service, name: a}]
   outlierDetection: {consecutive5xx: 1, maxEjectionTime: 0s}`, "maxEjectionTime must be positive"},
+		{"fill interval zero", `
+apiVersion: traffic.amesh.dev/v1alpha1
+kind: BackendTrafficPolicy
+spec:
+  targetRefs: [{group: "", kind: Service, name: a}]
+  localRateLimit: {maxTokens: 5, fillInterval: 0ms}`, "fillInterval must be positive"},
+		{"no fill interval", `
+apiVersion: traffic.amesh.dev/v1alpha1
+kind: BackendTrafficPolicy
+spec:
+  targetRefs: [{group: "", kind: Service, name: a}]
+  localRateLimit: {maxTokens: 5}`, "spec.localRateLimit.fillInterval: Required value"},
+		{"no max tokens", `
+apiVersion: traffic.amesh.dev/v1alpha1
+kind: BackendTrafficPolicy
+spec:
+  targetRefs: [{group: "", kind: Service, name: a}]
+  localRateLimit: {fillInterval: 1s}`, "spec.localRateLimit.maxTokens: Required value"},
+		{"zero max tokens", `
+apiVersion: traffic.amesh.dev/v1alpha1
+kind: BackendTrafficPolicy
+spec:
+  targetRefs: [{group: "", kind: Service, name: a}]
+  localRateLimit: {maxTokens: 0, fillInterval: 1s}`, "spec.localRateLimit.maxTokens"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			u := decode(t, tc.doc)
@@ -298,6 +332,10 @@ spec:
 		})
 	}
 }
+
+// refusedAnnotation marks a golden input object as one stored before
+// admission refused it: the translator must cope, the CRD must refuse it.
+const refusedAnnotation = "test.amesh.dev/admission"
 
 func decode(t *testing.T, doc string) *unstructured.Unstructured {
 	t.Helper()

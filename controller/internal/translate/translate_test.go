@@ -29,6 +29,7 @@ import (
 	gwv1beta1 "sigs.k8s.io/gateway-api/apis/v1beta1"
 	"sigs.k8s.io/yaml"
 
+	pb "github.com/amesh-dev/amesh/api/discovery/v1"
 	"github.com/amesh-dev/amesh/controller/apis/security/v1alpha1"
 	trafficv1alpha1 "github.com/amesh-dev/amesh/controller/apis/traffic/v1alpha1"
 )
@@ -309,4 +310,32 @@ func showIPs(v any) any {
 		}
 	}
 	return v
+}
+
+// TestLocalRateLimitsComplete: no translation of a golden input sends the
+// waypoints a LocalRateLimit without max_tokens or fill_interval (the
+// waypoint refuses every request under one), whatever the policies say.
+func TestLocalRateLimitsComplete(t *testing.T) {
+	files, err := filepath.Glob("testdata/*.in.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range files {
+		out := Translate(Config{}, loadInput(t, f))
+		check := func(where string, tp *pb.TrafficPolicy) {
+			rl := tp.GetLocalRateLimit()
+			if rl != nil && (rl.GetMaxTokens() == 0 || rl.GetFillInterval().AsDuration() <= 0) {
+				t.Errorf("%s: %s: incomplete LocalRateLimit %v", f, where, rl)
+			}
+		}
+		for _, ws := range out.WaypointServices {
+			check("WaypointService "+ws.GetService(), ws.GetTrafficPolicy())
+			for b, tp := range ws.GetBackendPolicies() {
+				check("WaypointService "+ws.GetService()+" backend "+b, tp)
+			}
+		}
+		for _, g := range out.WaypointGateways {
+			check("WaypointGateway "+g.GetGateway(), g.GetTrafficPolicy())
+		}
+	}
 }

@@ -321,15 +321,7 @@ func trafficPolicy(s *trafficv1alpha1.BackendTrafficPolicySpec) (tp *pb.TrafficP
 		}
 	}
 	if rl := s.LocalRateLimit; rl != nil {
-		fill := rl.FillInterval
-		tp.LocalRateLimit = &pb.LocalRateLimit{
-			MaxTokens:     uint32(max(rl.MaxTokens, 0)),
-			TokensPerFill: u32(rl.TokensPerFill),
-			FillInterval:  dur("localRateLimit.fillInterval", &fill),
-		}
-		if rl.TokensPerFill == nil {
-			tp.LocalRateLimit.TokensPerFill = tp.LocalRateLimit.MaxTokens
-		}
+		tp.LocalRateLimit, bad = localRateLimit(rl, bad)
 	}
 	if f := s.FaultInjection; f != nil {
 		fi := &pb.FaultInjection{}
@@ -343,6 +335,37 @@ func trafficPolicy(s *trafficv1alpha1.BackendTrafficPolicySpec) (tp *pb.TrafficP
 		tp.Fault = fi
 	}
 	return tp, bad
+}
+
+// localRateLimit converts a LocalRateLimit, or returns nil and appends the
+// reason to bad if it lacks maxTokens or fillInterval (or has a zero one):
+// admission refuses those, but a policy stored before it did may carry
+// one. The waypoint would answer every request under such a bucket with
+// 503; left out, the rate limit of the next policy that sets a valid one
+// (a Service's falls back to its Gateway's) applies, and the policy's
+// Accepted condition names the problem.
+func localRateLimit(rl *trafficv1alpha1.LocalRateLimit, bad []string) (*pb.LocalRateLimit, []string) {
+	var problems []string
+	if rl.MaxTokens <= 0 {
+		problems = append(problems, fmt.Sprintf("maxTokens %d: must be positive", rl.MaxTokens))
+	}
+	fill, err := time.ParseDuration(string(rl.FillInterval))
+	switch {
+	case rl.FillInterval == "":
+		problems = append(problems, "fillInterval is required")
+	case err != nil:
+		problems = append(problems, fmt.Sprintf("fillInterval %q: not a duration", rl.FillInterval))
+	case fill <= 0:
+		problems = append(problems, fmt.Sprintf("fillInterval %q: must be positive", rl.FillInterval))
+	}
+	if len(problems) > 0 {
+		return nil, append(bad, "localRateLimit not applied: "+strings.Join(problems, ", "))
+	}
+	out := &pb.LocalRateLimit{MaxTokens: uint32(rl.MaxTokens), TokensPerFill: uint32(rl.MaxTokens), FillInterval: durationpb.New(fill)}
+	if rl.TokensPerFill != nil {
+		out.TokensPerFill = uint32(max(*rl.TokensPerFill, 0))
+	}
+	return out, bad
 }
 
 // percent converts a percent or fraction (default: all) to 0–100.

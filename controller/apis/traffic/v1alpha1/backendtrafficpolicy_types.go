@@ -215,6 +215,7 @@ type LocalRateLimit struct {
 	// +kubebuilder:validation:Minimum=1
 	TokensPerFill *int32 `json:"tokensPerFill,omitempty"`
 	// +required
+	// +kubebuilder:validation:XValidation:rule="duration(self) > duration('0s')",message="fillInterval must be positive"
 	FillInterval Duration `json:"fillInterval"`
 }
 
