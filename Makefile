@@ -87,9 +87,9 @@ fuzz: ## Run every fuzz target for FUZZTIME (default 10s).
 	@hack/fuzz.sh "$(FUZZTIME)"
 
 .PHONY: bench
-bench: tools ## Run the benchmarks (baselines side by side).
+bench: tools ## Run the benchmarks (baselines side by side), one package at a time; the controller end-to-end one needs make kube-bins.
 	@for m in $(MODULES); do \
-	  (cd $$m && GOWORK=off $(GO) test -run '^$$' -bench . -benchmem -benchtime $(BENCHTIME) ./...) || exit 1; \
+	  (cd $$m && KUBEBUILDER_ASSETS=$(KUBE_BIN) GOWORK=off $(GO) test -p 1 -timeout 60m -run '^$$' -bench . -benchmem -benchtime $(BENCHTIME) ./...) || exit 1; \
 	done
 
 ##@ End to end and demo (root; the local cluster needs no container engine)

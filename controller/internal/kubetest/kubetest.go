@@ -34,6 +34,9 @@ type Options struct {
 	// AdmissionPlugins are enabled besides the apiserver's defaults (for
 	// example OwnerReferencesPermissionEnforcement, as OpenShift runs).
 	AdmissionPlugins []string
+	// ServiceClusterIPRange replaces envtest's /24 of Service cluster IPs
+	// (254 Services at most), for tests that need more Services.
+	ServiceClusterIPRange string
 }
 
 // Env is a running apiserver.
@@ -56,6 +59,9 @@ func Start(t testing.TB, opts Options) *Env {
 	te := &envtest.Environment{BinaryAssetsDirectory: assets, ErrorIfCRDPathMissing: true}
 	if len(opts.AdmissionPlugins) > 0 {
 		te.ControlPlane.GetAPIServer().Configure().Append("enable-admission-plugins", strings.Join(opts.AdmissionPlugins, ","))
+	}
+	if opts.ServiceClusterIPRange != "" {
+		te.ControlPlane.GetAPIServer().Configure().Set("service-cluster-ip-range", opts.ServiceClusterIPRange)
 	}
 	if !opts.NoCRDs {
 		dirs, err := CRDDirs()
