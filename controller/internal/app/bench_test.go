@@ -96,7 +96,8 @@ const (
 // make kube-bins). Run with -benchtime=1x. AMESH_BENCH_CONTROLLER_CPUPROFILE
 // and AMESH_BENCH_CONTROLLER_HEAPPROFILE name files for the measured
 // controller's CPU profile (whole run) and heap profile (at the end); the
-// size is appended to the name.
+// size is appended to the name. AMESH_BENCH_CONTROLLER_LOG_LEVEL (default
+// warn) sets the controllers' log level.
 func BenchmarkController(b *testing.B) {
 	assets, err := kubetest.Assets()
 	if err == nil {
@@ -125,6 +126,7 @@ func BenchmarkController(b *testing.B) {
 				b.ReportMetric(ms(r.burstAll), "burst-all-ms")
 				b.ReportMetric(ms(r.writeP50), "write-p50-ms")
 				b.ReportMetric(r.fullCPU.Seconds(), "full-push-cpu-s")
+				b.ReportMetric(r.subscribersCPU.Seconds(), "subscribers-cpu-s")
 				b.ReportMetric(ms(r.incrCPU), "incr-cpu-ms")
 				b.ReportMetric(mib(r.peakHeap), "peak-heap-MiB")
 				b.ReportMetric(mib(r.liveHeap), "live-heap-MiB")
@@ -160,6 +162,7 @@ type controllerResult struct {
 	liveHeap        uint64
 	peakRSS, rss    uint64
 	subscriberCount int
+	subscribersCPU  time.Duration
 }
 
 func runControllerScenario(b *testing.B, size benchSize) controllerResult {
@@ -299,12 +302,20 @@ func runControllerScenario(b *testing.B, size benchSize) controllerResult {
 	ctl := startController(b, kubeconfig, append(env, "AMESH_CTLBENCH_GRPC_ADDR="+grpcAddr, "AMESH_CTLBENCH_METRICS_ADDR="+metricsAddr))
 	mem := pollMemory(ctl.cmd.Process.Pid, "http://"+metricsAddr+"/metrics")
 	defer mem.stop()
+	subsCPU0 := procCPU(subs.cmd.Process.Pid)
+	startedAt := subs.awaitTime(b, "started", 5*time.Minute)
 	syncedAt := subs.awaitTime(b, "synced", 5*time.Minute)
 	r.full = syncedAt.Sub(start)
 	r.fullCPU = procCPU(ctl.cmd.Process.Pid)
+	r.subscribersCPU = procCPU(subs.cmd.Process.Pid) - subsCPU0
+	listening := ctl.awaitTime(b, "listening", time.Minute).Sub(start)
 	r.ready = ctl.awaitTime(b, "ready", time.Minute).Sub(start)
-	b.Logf("full push: controller ready after %v, %d subscribers hold everything after %v",
-		r.ready.Round(time.Millisecond), len(spec.Subscribers), r.full.Round(time.Millisecond))
+	round := func(d time.Duration) time.Duration { return d.Round(time.Millisecond) }
+	b.Logf("full push: the controller listens after %v and is ready (informers synced, first translation published) after %v; "+
+		"every one of the %d subscribers has had a response after %v and holds everything after %v; CPU: controller %v, subscribers %v",
+		round(listening), round(r.ready), len(spec.Subscribers), round(startedAt.Sub(start)), round(r.full),
+		round(r.fullCPU), round(r.subscribersCPU))
+	b.Logf("controller heap and RSS until then: %s", mem.timeline(start))
 
 	// Incremental: a label that is the workload's canonical revision,
 	// on pods spread over the namespaces and nodes.
@@ -322,6 +333,8 @@ func runControllerScenario(b *testing.B, size benchSize) controllerResult {
 		}
 		return t0, time.Since(t0)
 	}
+	metricsURL := "http://" + metricsAddr + "/metrics"
+	b.Logf("controller API requests until then: %v", apiRequests(metricsURL))
 	cpu0 := procCPU(ctl.cmd.Process.Pid)
 	sent := make([]time.Time, 2*benchUpdates)
 	writes := make([]time.Duration, benchUpdates)
@@ -343,6 +356,7 @@ func runControllerScenario(b *testing.B, size benchSize) controllerResult {
 	}
 	r.incr = percentiles(lat)
 	r.writeP50 = percentiles(writes).p50
+	b.Logf("controller API requests after the paced updates: %v", apiRequests(metricsURL))
 
 	// A burst: every target relabelled at once, from many clients.
 	wg.Go(func() {
@@ -372,6 +386,7 @@ func runControllerScenario(b *testing.B, size benchSize) controllerResult {
 
 	// Memory: the peaks seen, then the live heap after a collection.
 	mem.stop()
+	b.Logf("controller heap and RSS over the whole run: %s", mem.timeline(start))
 	r.peakHeap, r.peakRSS = mem.peaks()
 	r.rss = procStatus(ctl.cmd.Process.Pid, "VmRSS")
 	r.peakRSS = max(r.peakRSS, procStatus(ctl.cmd.Process.Pid, "VmHWM"))
@@ -601,12 +616,40 @@ func procStatus(pid int, field string) uint64 {
 // memPoller records a process's peak Go heap (from its metrics endpoint)
 // and resident set, every 100ms.
 type memPoller struct {
-	done chan struct{}
-	wg   sync.WaitGroup
-	once sync.Once
-	mu   sync.Mutex
-	heap uint64
-	rss  uint64
+	done    chan struct{}
+	wg      sync.WaitGroup
+	once    sync.Once
+	mu      sync.Mutex
+	heap    uint64
+	rss     uint64
+	samples []memSample
+}
+
+type memSample struct {
+	at        time.Time
+	heap, rss uint64
+}
+
+// timeline summarises the samples since start: one every half second,
+// and the peak.
+func (m *memPoller) timeline(start time.Time) string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var parts []string
+	var next time.Duration
+	peak := memSample{}
+	for _, s := range m.samples {
+		at := s.at.Sub(start)
+		if s.heap > peak.heap {
+			peak = s
+		}
+		if at >= next {
+			parts = append(parts, fmt.Sprintf("%.1fs %.0f/%.0f", at.Seconds(), mib(s.heap), mib(s.rss)))
+			next = at.Truncate(500*time.Millisecond) + 500*time.Millisecond
+		}
+	}
+	return fmt.Sprintf("heap/RSS MiB at %s; peak heap %.0f MiB at %.1fs",
+		strings.Join(parts, ", "), mib(peak.heap), peak.at.Sub(start).Seconds())
 }
 
 func pollMemory(pid int, url string) *memPoller {
@@ -620,6 +663,7 @@ func pollMemory(pid int, url string) *memPoller {
 			rss := procStatus(pid, "VmRSS")
 			m.mu.Lock()
 			m.heap, m.rss = max(m.heap, heap), max(m.rss, rss)
+			m.samples = append(m.samples, memSample{at: time.Now(), heap: heap, rss: rss})
 			m.mu.Unlock()
 			select {
 			case <-m.done:
@@ -664,6 +708,33 @@ func scrapeHeap(hc *http.Client, url string) uint64 {
 	return 0
 }
 
+// apiRequests sums a controller's requests to the API server by method
+// (client-go's rest_client_requests_total).
+func apiRequests(url string) map[string]int {
+	out := map[string]int{}
+	resp, err := http.Get(url)
+	if err != nil {
+		return out
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		l, ok := strings.CutPrefix(sc.Text(), "rest_client_requests_total{")
+		if !ok {
+			continue
+		}
+		_, after, ok := strings.Cut(l, `method="`)
+		if !ok {
+			continue
+		}
+		method, _, _ := strings.Cut(after, `"`)
+		v, _ := strconv.ParseFloat(l[strings.LastIndexByte(l, ' ')+1:], 64)
+		out[method] += int(v)
+	}
+	return out
+}
+
 // TestBenchControllerProcess is the controller of BenchmarkController,
 // run in a child process: app.Run with the production defaults and the
 // client settings of cmd/amesh-controller. It does nothing in a normal
@@ -696,7 +767,13 @@ func TestBenchControllerProcess(t *testing.T) {
 	cfg.GRPCAddr = os.Getenv("AMESH_CTLBENCH_GRPC_ADDR")
 	cfg.MetricsAddr = os.Getenv("AMESH_CTLBENCH_METRICS_ADDR")
 	zc := zap.NewProductionConfig()
-	zc.Level = zap.NewAtomicLevelAt(zap.WarnLevel)
+	level := zap.WarnLevel
+	if l := os.Getenv("AMESH_BENCH_CONTROLLER_LOG_LEVEL"); l != "" {
+		if err := level.Set(l); err != nil {
+			t.Fatal(err)
+		}
+	}
+	zc.Level = zap.NewAtomicLevelAt(level)
 	log, err := zc.Build()
 	if err != nil {
 		t.Fatal(err)
@@ -718,6 +795,16 @@ func TestBenchControllerProcess(t *testing.T) {
 	defer cancel()
 	var wg sync.WaitGroup
 	wg.Go(func() {
+		t := time.NewTicker(time.Millisecond)
+		defer t.Stop()
+		for a.GRPCAddr() == "" {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+		}
+		emit("listening %d", time.Now().UnixNano())
 		select {
 		case <-a.Ready():
 			emit("ready %d", time.Now().UnixNano())
@@ -788,17 +875,21 @@ type benchMirror struct {
 	n    int // total needed
 	rec  *revRecorder
 
-	mu     sync.Mutex
-	held   map[string]map[string]bool
-	have   int
-	done   bool
-	last   map[string]int // workload → highest revision seen
-	onDone func()
+	mu              sync.Mutex
+	held            map[string]map[string]bool
+	have            int
+	first, done     bool
+	last            map[string]int // workload → highest revision seen
+	onFirst, onDone func()
 }
 
 func (m *benchMirror) Apply(typeURL string, upserts []*xds.Resource, removes []string) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if !m.first {
+		m.first = true
+		m.onFirst()
+	}
 	held := m.held[typeURL]
 	if held == nil {
 		held = map[string]bool{}
@@ -928,6 +1019,7 @@ func TestBenchSubscriberProcess(t *testing.T) {
 	var (
 		syncMu  sync.Mutex
 		synced  int
+		started int
 		mirrors []*benchMirror
 	)
 	for _, s := range spec.Subscribers {
@@ -943,6 +1035,14 @@ func TestBenchSubscriberProcess(t *testing.T) {
 		m := &benchMirror{sub: s, need: need, rec: rec, held: map[string]map[string]bool{}, last: map[string]int{}}
 		for _, names := range need {
 			m.n += len(names)
+		}
+		m.onFirst = func() {
+			syncMu.Lock()
+			defer syncMu.Unlock()
+			started++
+			if started == len(spec.Subscribers) {
+				emit("started %d", time.Now().UnixNano())
+			}
 		}
 		m.onDone = func() {
 			syncMu.Lock()

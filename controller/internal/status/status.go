@@ -18,6 +18,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	corev1ac "k8s.io/client-go/applyconfigurations/core/v1"
 	metav1ac "k8s.io/client-go/applyconfigurations/meta/v1"
+	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	securityv1alpha1 "github.com/amesh-dev/amesh/controller/apis/security/v1alpha1"
@@ -38,6 +39,12 @@ func NewWriter(c client.Client) *Writer { return &Writer{c: c} }
 // that are gone, or whose generation moved on since the translation, are
 // skipped (the next translation covers them). It returns the number of
 // objects patched and the errors met.
+//
+// It is called after every translation with every policy, and nearly all
+// of them are current: each is first looked at in place (a cache-backed
+// client hands out the cached object, which is never modified), and only
+// one whose status differs is read again as a copy to patch. A copy of
+// every policy at every translation cost more than the translation.
 func (w *Writer) Write(ctx context.Context, desired []translate.Status) (patched int, err error) {
 	var errs []error
 	for _, d := range desired {
@@ -47,6 +54,22 @@ func (w *Writer) Write(ctx context.Context, desired []translate.Status) (patched
 			continue
 		}
 		key := types.NamespacedName{Namespace: d.Namespace, Name: d.Name}
+		if err := w.c.Get(ctx, key, obj, &client.GetOptions{UnsafeDisableDeepCopy: ptr.To(true)}); err != nil {
+			if !apierrors.IsNotFound(err) {
+				errs = append(errs, fmt.Errorf("status: get %s %s: %w", d.Kind, key, err))
+			}
+			continue
+		}
+		if obj.GetGeneration() != d.Generation {
+			continue
+		}
+		// obj may share its contents with the cache: apply works on
+		// copies of the status fields.
+		gen, conds := *st.observedGeneration, slices.Clone(*st.conditions)
+		if !apply(policyStatus{observedGeneration: &gen, conditions: &conds}, d) {
+			continue
+		}
+		obj, st, _ = newObject(d.Kind)
 		if err := w.c.Get(ctx, key, obj); err != nil {
 			if !apierrors.IsNotFound(err) {
 				errs = append(errs, fmt.Errorf("status: get %s %s: %w", d.Kind, key, err))
