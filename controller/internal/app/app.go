@@ -175,6 +175,15 @@ func (a *App) Run(ctx context.Context) error {
 		return fmt.Errorf("app: %w", err)
 	}
 	byObject[&appsv1.ReplicaSet{}] = cache.ByObject{Label: labels.NewSelector().Add(*waypointRS)}
+	// Pods are most of the cache: it keeps of each only what the
+	// translator and the authorizer read (translate.TrimPod, which drops
+	// the managed fields too).
+	byObject[&corev1.Pod{}] = cache.ByObject{Transform: func(o any) (any, error) {
+		if p, ok := o.(*corev1.Pod); ok {
+			return translate.TrimPod(p), nil
+		}
+		return o, nil
+	}}
 	mgr, err := ctrl.NewManager(a.rest, manager.Options{
 		Scheme:                        scheme,
 		Logger:                        zapr.NewLogger(a.log.Named("manager")),

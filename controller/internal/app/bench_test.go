@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"maps"
+	"math"
 	"net"
 	"net/http"
 	"os"
@@ -335,6 +336,8 @@ func runControllerScenario(b *testing.B, size benchSize) controllerResult {
 	}
 	metricsURL := "http://" + metricsAddr + "/metrics"
 	b.Logf("controller API requests until then: %v", apiRequests(metricsURL))
+	delay0 := scrapeHistogram(metricsURL, "amesh_controller_change_to_publish_seconds")
+	translation0 := scrapeHistogram(metricsURL, "amesh_controller_translation_duration_seconds")
 	cpu0 := procCPU(ctl.cmd.Process.Pid)
 	sent := make([]time.Time, 2*benchUpdates)
 	writes := make([]time.Duration, benchUpdates)
@@ -357,6 +360,10 @@ func runControllerScenario(b *testing.B, size benchSize) controllerResult {
 	r.incr = percentiles(lat)
 	r.writeP50 = percentiles(writes).p50
 	b.Logf("controller API requests after the paced updates: %v", apiRequests(metricsURL))
+	delay := scrapeHistogram(metricsURL, "amesh_controller_change_to_publish_seconds").minus(delay0)
+	translation := scrapeHistogram(metricsURL, "amesh_controller_translation_duration_seconds").minus(translation0)
+	b.Logf("inside the controller, paced updates: %d publications, change (informer event) to publication p50 %s p99 %s; translation and hand-over to the xDS server mean %v",
+		delay.count, delay.quantile(0.5), delay.quantile(0.99), translation.mean())
 
 	// A burst: every target relabelled at once, from many clients.
 	wg.Go(func() {
@@ -733,6 +740,84 @@ func apiRequests(url string) map[string]int {
 		out[method] += int(v)
 	}
 	return out
+}
+
+// histogram is a Prometheus histogram as scraped: cumulative counts by
+// upper bound.
+type histogram struct {
+	bounds []float64
+	counts []float64
+	sum    float64
+	count  int
+}
+
+// scrapeHistogram reads histogram name from a metrics endpoint.
+func scrapeHistogram(url, name string) histogram {
+	var h histogram
+	resp, err := http.Get(url)
+	if err != nil {
+		return h
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		l := sc.Text()
+		value := func() float64 {
+			v, _ := strconv.ParseFloat(l[strings.LastIndexByte(l, ' ')+1:], 64)
+			return v
+		}
+		switch {
+		case strings.HasPrefix(l, name+`_bucket{le="`):
+			le, _, _ := strings.Cut(strings.TrimPrefix(l, name+`_bucket{le="`), `"`)
+			bound, err := strconv.ParseFloat(le, 64) // +Inf parses too
+			if err != nil {
+				continue
+			}
+			h.bounds = append(h.bounds, bound)
+			h.counts = append(h.counts, value())
+		case strings.HasPrefix(l, name+"_sum "):
+			h.sum = value()
+		case strings.HasPrefix(l, name+"_count "):
+			h.count = int(value())
+		}
+	}
+	return h
+}
+
+// minus is what h recorded since earlier.
+func (h histogram) minus(earlier histogram) histogram {
+	out := histogram{bounds: h.bounds, sum: h.sum - earlier.sum, count: h.count - earlier.count}
+	for i, c := range h.counts {
+		if i < len(earlier.counts) {
+			c -= earlier.counts[i]
+		}
+		out.counts = append(out.counts, c)
+	}
+	return out
+}
+
+// quantile names the bucket holding quantile q: "≤ <its upper bound>".
+func (h histogram) quantile(q float64) string {
+	for i, c := range h.counts {
+		if h.count > 0 && c >= q*float64(h.count) {
+			if math.IsInf(h.bounds[i], 1) {
+				if i == 0 {
+					return "?"
+				}
+				return "> " + time.Duration(h.bounds[i-1]*float64(time.Second)).String()
+			}
+			return "≤ " + time.Duration(h.bounds[i]*float64(time.Second)).String()
+		}
+	}
+	return "?"
+}
+
+func (h histogram) mean() time.Duration {
+	if h.count == 0 {
+		return 0
+	}
+	return time.Duration(h.sum / float64(h.count) * float64(time.Second)).Round(10 * time.Microsecond)
 }
 
 // TestBenchControllerProcess is the controller of BenchmarkController,
