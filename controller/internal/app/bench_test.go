@@ -98,7 +98,8 @@ const (
 // and AMESH_BENCH_CONTROLLER_HEAPPROFILE name files for the measured
 // controller's CPU profile (whole run) and heap profile (at the end); the
 // size is appended to the name. AMESH_BENCH_CONTROLLER_LOG_LEVEL (default
-// warn) sets the controllers' log level.
+// warn) sets the controllers' log level; AMESH_BENCH_CONTROLLER_LOG_WRITES=1
+// logs their requests to the API server other than GETs.
 func BenchmarkController(b *testing.B) {
 	assets, err := kubetest.Assets()
 	if err == nil {
@@ -231,7 +232,7 @@ func runControllerScenario(b *testing.B, size benchSize) controllerResult {
 	}
 	deadline := time.Now().Add(5 * time.Minute)
 	for {
-		ok, why, err := settled(ctx, c)
+		ok, why, err := settled(ctx, c, size.namespaces, size.waypoints)
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -621,7 +622,7 @@ func procStatus(pid int, field string) uint64 {
 }
 
 // memPoller records a process's peak Go heap (from its metrics endpoint)
-// and resident set, every 100ms.
+// and resident set, every 200ms.
 type memPoller struct {
 	done    chan struct{}
 	wg      sync.WaitGroup
@@ -663,7 +664,7 @@ func pollMemory(pid int, url string) *memPoller {
 	m := &memPoller{done: make(chan struct{})}
 	hc := &http.Client{Timeout: time.Second}
 	m.wg.Go(func() {
-		t := time.NewTicker(100 * time.Millisecond)
+		t := time.NewTicker(200 * time.Millisecond)
 		defer t.Stop()
 		for {
 			heap := scrapeHeap(hc, url)
@@ -848,6 +849,16 @@ func TestBenchControllerProcess(t *testing.T) {
 	}
 	restCfg.QPS, restCfg.Burst = 50, 100
 	restCfg.UserAgent = "amesh-controller"
+	if os.Getenv("AMESH_BENCH_CONTROLLER_LOG_WRITES") != "" {
+		restCfg.Wrap(func(rt http.RoundTripper) http.RoundTripper {
+			return roundTripFunc(func(r *http.Request) (*http.Response, error) {
+				if r.Method != http.MethodGet {
+					fmt.Fprintf(os.Stderr, "controller API write: %s %s\n", r.Method, r.URL.Path)
+				}
+				return rt.RoundTrip(r)
+			})
+		})
+	}
 	cfg := app.Default()
 	cfg.GRPCAddr = os.Getenv("AMESH_CTLBENCH_GRPC_ADDR")
 	cfg.MetricsAddr = os.Getenv("AMESH_CTLBENCH_METRICS_ADDR")
@@ -925,6 +936,10 @@ func TestBenchControllerProcess(t *testing.T) {
 	cancel()
 	wg.Wait()
 }
+
+type roundTripFunc func(*http.Request) (*http.Response, error)
+
+func (f roundTripFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
 
 func isClosed(c <-chan struct{}) bool {
 	select {

@@ -12,6 +12,7 @@ import (
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	k8sdisc "k8s.io/api/discovery/v1"
+	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
@@ -22,6 +23,7 @@ import (
 	pb "github.com/amesh-dev/amesh/api/discovery/v1"
 	"github.com/amesh-dev/amesh/controller/apis/security/v1alpha1"
 	"github.com/amesh-dev/amesh/controller/internal/label"
+	"github.com/amesh-dev/amesh/controller/internal/translate"
 )
 
 // benchSize is the shape of the cluster BenchmarkController builds.
@@ -564,10 +566,12 @@ func runWaypointPods(ctx context.Context, c client.Client, size benchSize) ([]*c
 	return pods, err
 }
 
-// settled reports whether the leader has written every policy's status
-// and amesh's parent entry of every HTTPRoute: a controller restarted
-// afterwards finds a cluster at rest, as after a rollout.
-func settled(ctx context.Context, c client.Client) (bool, string, error) {
+// settled reports whether the leader has written every policy's status,
+// amesh's parent entry of every HTTPRoute, the WaypointBound condition of
+// every Service of the waypoint namespaces and the root certificate
+// ConfigMaps: a controller restarted afterwards finds a cluster at rest,
+// as after a rollout.
+func settled(ctx context.Context, c client.Client, namespaces, waypoints int) (bool, string, error) {
 	var aps v1alpha1.AuthorizationPolicyList
 	if err := c.List(ctx, &aps); err != nil {
 		return false, "", err
@@ -589,5 +593,26 @@ func settled(ctx context.Context, c client.Client) (bool, string, error) {
 			pending++
 		}
 	}
-	return pending == 0, fmt.Sprintf("%d policies and routes without status", pending), nil
+	// The WaypointBound condition of the Services bound to waypoints, and
+	// the root certificate ConfigMaps, come last.
+	var svcs corev1.ServiceList
+	if err := c.List(ctx, &svcs); err != nil {
+		return false, "", err
+	}
+	for _, svc := range svcs.Items {
+		if svc.Namespace < benchNamespace(0) || svc.Namespace >= benchNamespace(waypoints) || svc.Name == "waypoint" {
+			continue
+		}
+		if meta.FindStatusCondition(svc.Status.Conditions, translate.ConditionWaypointBound) == nil {
+			pending++
+		}
+	}
+	var cms corev1.ConfigMapList
+	if err := c.List(ctx, &cms, client.MatchingFields{"metadata.name": label.RootCertConfigMap}); err != nil {
+		return false, "", err
+	}
+	if len(cms.Items) < namespaces+1 {
+		pending++
+	}
+	return pending == 0, fmt.Sprintf("%d policies, routes, Services or root certificate ConfigMaps without status", pending), nil
 }
