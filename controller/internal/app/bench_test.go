@@ -862,6 +862,10 @@ func TestBenchControllerProcess(t *testing.T) {
 	cfg := app.Default()
 	cfg.GRPCAddr = os.Getenv("AMESH_CTLBENCH_GRPC_ADDR")
 	cfg.MetricsAddr = os.Getenv("AMESH_CTLBENCH_METRICS_ADDR")
+	// The address waypoints are given is the production one, whatever
+	// port this controller listens on: a restarted controller must not
+	// roll the waypoints out.
+	cfg.WaypointController = cfg.ServiceName + "." + cfg.Namespace + ".svc:15012"
 	zc := zap.NewProductionConfig()
 	level := zap.WarnLevel
 	if l := os.Getenv("AMESH_BENCH_CONTROLLER_LOG_LEVEL"); l != "" {
