@@ -310,12 +310,13 @@ func runControllerScenario(b *testing.B, size benchSize) controllerResult {
 	r.full = syncedAt.Sub(start)
 	r.fullCPU = procCPU(ctl.cmd.Process.Pid)
 	r.subscribersCPU = procCPU(subs.cmd.Process.Pid) - subsCPU0
+	begin := ctl.awaitTime(b, "begin", time.Minute).Sub(start)
 	listening := ctl.awaitTime(b, "listening", time.Minute).Sub(start)
 	r.ready = ctl.awaitTime(b, "ready", time.Minute).Sub(start)
 	round := func(d time.Duration) time.Duration { return d.Round(time.Millisecond) }
-	b.Logf("full push: the controller listens after %v and is ready (informers synced, first translation published) after %v; "+
+	b.Logf("full push: the controller process runs the test after %v, listens after %v and is ready (informers synced, first translation published) after %v; "+
 		"every one of the %d subscribers has had a response after %v and holds everything after %v; CPU: controller %v, subscribers %v",
-		round(listening), round(r.ready), len(spec.Subscribers), round(startedAt.Sub(start)), round(r.full),
+		round(begin), round(listening), round(r.ready), len(spec.Subscribers), round(startedAt.Sub(start)), round(r.full),
 		round(r.fullCPU), round(r.subscribersCPU))
 	b.Logf("controller heap and RSS until then: %s", mem.timeline(start))
 
@@ -830,6 +831,7 @@ func TestBenchControllerProcess(t *testing.T) {
 	if kubeconfig == "" {
 		t.Skip("only run by BenchmarkController")
 	}
+	fmt.Printf("EVENT begin %d\n", time.Now().UnixNano())
 	if path := os.Getenv("AMESH_CTLBENCH_CPUPROFILE"); path != "" {
 		f, err := os.Create(path)
 		if err != nil {
