@@ -90,14 +90,20 @@ const (
 // for as many in a burst, the controller's CPU time, and its memory: the
 // peak Go heap (go_memstats_heap_inuse_bytes of its metrics endpoint,
 // polled), the live heap after a collection at the end, and its peak and
-// final resident set (/proc). BenchmarkPush (internal/push) is the same
-// push path without the API server, informers and debounce.
+// final resident set (/proc). The 104 subscribers share the machine with
+// the controller and the API server, and decoding the full state takes
+// them several CPU-seconds; so the full push is measured once more, from
+// another restart, to ten ztunnels only, as an estimate of the full push
+// where each ztunnel decodes on a node of its own. BenchmarkPush
+// (internal/push) is the same push path without the API server, informers
+// and debounce.
 //
 // It needs the pinned kube-apiserver and etcd (KUBEBUILDER_ASSETS, or
 // make kube-bins). Run with -benchtime=1x. AMESH_BENCH_CONTROLLER_CPUPROFILE
 // and AMESH_BENCH_CONTROLLER_HEAPPROFILE name files for the measured
-// controller's CPU profile (whole run) and heap profile (at the end); the
-// size is appended to the name. AMESH_BENCH_CONTROLLER_LOG_LEVEL (default
+// controller's CPU profiles (<name>.<pods>.full until the full push is
+// done, then <name>.<pods>.incremental) and heap profile (<name>.<pods>, at
+// the end). AMESH_BENCH_CONTROLLER_LOG_LEVEL (default
 // warn) sets the controllers' log level; AMESH_BENCH_CONTROLLER_LOG_WRITES=1
 // logs their requests to the API server other than GETs.
 func BenchmarkController(b *testing.B) {
@@ -121,6 +127,7 @@ func BenchmarkController(b *testing.B) {
 				r := runControllerScenario(b, size)
 				b.ReportMetric(r.full.Seconds(), "full-push-s")
 				b.ReportMetric(r.ready.Seconds(), "ready-s")
+				b.ReportMetric(r.full10.Seconds(), "full-push-10-subscribers-s")
 				b.ReportMetric(ms(r.incr.p50), "incr-p50-ms")
 				b.ReportMetric(ms(r.incr.p99), "incr-p99-ms")
 				b.ReportMetric(ms(r.burst.p50), "burst-p50-ms")
@@ -165,6 +172,8 @@ type controllerResult struct {
 	peakRSS, rss    uint64
 	subscriberCount int
 	subscribersCPU  time.Duration
+	// full10 is the full push to ten of the subscribers.
+	full10 time.Duration
 }
 
 func runControllerScenario(b *testing.B, size benchSize) controllerResult {
@@ -275,21 +284,6 @@ func runControllerScenario(b *testing.B, size benchSize) controllerResult {
 			Gateway: p.Namespace + "/" + p.Labels[label.GatewayName],
 		})
 	}
-	grpcAddr, metricsAddr := freeAddr(b), freeAddr(b)
-	spec.Addr = grpcAddr
-	specPath := filepath.Join(dir, "subscribers.json")
-	js, err := json.Marshal(spec)
-	if err != nil {
-		b.Fatal(err)
-	}
-	if err := os.WriteFile(specPath, js, 0o600); err != nil {
-		b.Fatal(err)
-	}
-	// The subscribers wait for the controller's port, as ztunnels
-	// reconnecting to a restarted controller do.
-	subs := startProc(b, "subscribers", "TestBenchSubscriberProcess", []string{"AMESH_CTLBENCH_SUBSCRIBERS=" + specPath})
-	subs.await(b, "waiting", time.Minute)
-
 	// The measured controller.
 	var env []string
 	if p := os.Getenv("AMESH_BENCH_CONTROLLER_CPUPROFILE"); p != "" {
@@ -300,25 +294,13 @@ func runControllerScenario(b *testing.B, size benchSize) controllerResult {
 	}
 	var r controllerResult
 	r.subscriberCount = len(spec.Subscribers)
-	start := time.Now()
-	ctl := startController(b, kubeconfig, append(env, "AMESH_CTLBENCH_GRPC_ADDR="+grpcAddr, "AMESH_CTLBENCH_METRICS_ADDR="+metricsAddr))
-	mem := pollMemory(ctl.cmd.Process.Pid, "http://"+metricsAddr+"/metrics")
+	run := restartController(b, kubeconfig, dir, spec, env)
+	ctl, subs, mem, start := run.ctl, run.subs, run.mem, run.start
 	defer mem.stop()
-	subsCPU0 := procCPU(subs.cmd.Process.Pid)
-	startedAt := subs.awaitTime(b, "started", 5*time.Minute)
-	syncedAt := subs.awaitTime(b, "synced", 5*time.Minute)
-	r.full = syncedAt.Sub(start)
-	r.fullCPU = procCPU(ctl.cmd.Process.Pid)
-	r.subscribersCPU = procCPU(subs.cmd.Process.Pid) - subsCPU0
-	begin := ctl.awaitTime(b, "begin", time.Minute).Sub(start)
-	listening := ctl.awaitTime(b, "listening", time.Minute).Sub(start)
-	r.ready = ctl.awaitTime(b, "ready", time.Minute).Sub(start)
-	round := func(d time.Duration) time.Duration { return d.Round(time.Millisecond) }
-	b.Logf("full push: the controller process runs the test after %v, listens after %v and is ready (informers synced, first translation published) after %v; "+
-		"every one of the %d subscribers has had a response after %v and holds everything after %v; CPU: controller %v, subscribers %v",
-		round(begin), round(listening), round(r.ready), len(spec.Subscribers), round(startedAt.Sub(start)), round(r.full),
-		round(r.fullCPU), round(r.subscribersCPU))
+	r.full, r.ready, r.fullCPU, r.subscribersCPU = run.full, run.ready, run.fullCPU, run.subscribersCPU
 	b.Logf("controller heap and RSS until then: %s", mem.timeline(start))
+	metricsAddr := run.metricsAddr
+	ctl.send(b, "profile")
 
 	// Incremental: a label that is the workload's canonical revision,
 	// on pods spread over the namespaces and nodes.
@@ -405,6 +387,70 @@ func runControllerScenario(b *testing.B, size benchSize) controllerResult {
 	}
 	subs.stop(b)
 	ctl.stop(b)
+
+	// The same with ten subscribers: the full push when the subscribers'
+	// decoding does not take most of the machine, as on a cluster where
+	// each ztunnel has a node of its own.
+	few := spec
+	few.Subscribers = spec.Subscribers[:10]
+	again := restartController(b, kubeconfig, dir, few, nil)
+	again.mem.stop()
+	again.subs.stop(b)
+	again.ctl.stop(b)
+	r.full10 = again.full
+	return r
+}
+
+// restarted is a controller started into the cluster with subscribers
+// waiting for it, after its full push.
+type restarted struct {
+	ctl, subs   *benchProc
+	mem         *memPoller
+	start       time.Time
+	metricsAddr string
+	// full is the time from the start until every subscriber holds the
+	// full state; ready until the controller published its first
+	// translation.
+	full, ready             time.Duration
+	fullCPU, subscribersCPU time.Duration
+}
+
+// restartController starts the subscribers of spec, waiting for a
+// controller, then a controller (with env), and waits for the full push.
+func restartController(b *testing.B, kubeconfig, dir string, spec benchSpec, env []string) restarted {
+	b.Helper()
+	grpcAddr, metricsAddr := freeAddr(b), freeAddr(b)
+	spec.Addr = grpcAddr
+	specPath := filepath.Join(dir, fmt.Sprintf("subscribers-%d.json", len(spec.Subscribers)))
+	js, err := json.Marshal(spec)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := os.WriteFile(specPath, js, 0o600); err != nil {
+		b.Fatal(err)
+	}
+	// The subscribers wait for the controller's port, as ztunnels
+	// reconnecting to a restarted controller do.
+	r := restarted{metricsAddr: metricsAddr}
+	r.subs = startProc(b, "subscribers", "TestBenchSubscriberProcess", []string{"AMESH_CTLBENCH_SUBSCRIBERS=" + specPath})
+	r.subs.await(b, "waiting", time.Minute)
+	r.start = time.Now()
+	r.ctl = startController(b, kubeconfig, append(env, "AMESH_CTLBENCH_GRPC_ADDR="+grpcAddr, "AMESH_CTLBENCH_METRICS_ADDR="+metricsAddr))
+	r.mem = pollMemory(r.ctl.cmd.Process.Pid, "http://"+metricsAddr+"/metrics")
+	subsCPU0 := procCPU(r.subs.cmd.Process.Pid)
+	startedAt := r.subs.awaitTime(b, "started", 5*time.Minute)
+	syncedAt := r.subs.awaitTime(b, "synced", 5*time.Minute)
+	r.full = syncedAt.Sub(r.start)
+	r.fullCPU = procCPU(r.ctl.cmd.Process.Pid)
+	r.subscribersCPU = procCPU(r.subs.cmd.Process.Pid) - subsCPU0
+	begin := r.ctl.awaitTime(b, "begin", time.Minute).Sub(r.start)
+	listening := r.ctl.awaitTime(b, "listening", time.Minute).Sub(r.start)
+	r.ready = r.ctl.awaitTime(b, "ready", time.Minute).Sub(r.start)
+	round := func(d time.Duration) time.Duration { return d.Round(time.Millisecond) }
+	b.Logf("full push to %d subscribers: the controller process runs the test after %v, listens after %v and is ready (informers synced, first translation published) after %v; "+
+		"every subscriber has had a response after %v and holds everything after %v; CPU: controller %v, subscribers %v",
+		len(spec.Subscribers), round(begin), round(listening), round(r.ready), round(startedAt.Sub(r.start)), round(r.full),
+		round(r.fullCPU), round(r.subscribersCPU))
 	return r
 }
 
@@ -832,7 +878,10 @@ func TestBenchControllerProcess(t *testing.T) {
 		t.Skip("only run by BenchmarkController")
 	}
 	fmt.Printf("EVENT begin %d\n", time.Now().UnixNano())
-	if path := os.Getenv("AMESH_CTLBENCH_CPUPROFILE"); path != "" {
+	// The CPU profile: <path>.full until the parent says "profile"
+	// (after the full push), then <path>.incremental.
+	var profile *os.File
+	startProfile := func(path string) {
 		f, err := os.Create(path)
 		if err != nil {
 			t.Fatal(err)
@@ -840,11 +889,20 @@ func TestBenchControllerProcess(t *testing.T) {
 		if err := pprof.StartCPUProfile(f); err != nil {
 			t.Fatal(err)
 		}
-		defer func() {
-			pprof.StopCPUProfile()
-			f.Close()
-		}()
+		profile = f
 	}
+	stopProfile := func() {
+		if profile != nil {
+			pprof.StopCPUProfile()
+			profile.Close()
+			profile = nil
+		}
+	}
+	cpuProfile := os.Getenv("AMESH_CTLBENCH_CPUPROFILE")
+	if cpuProfile != "" {
+		startProfile(cpuProfile + ".full")
+	}
+	defer func() { stopProfile() }()
 	restCfg, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
 	if err != nil {
 		t.Fatal(err)
@@ -932,6 +990,11 @@ func TestBenchControllerProcess(t *testing.T) {
 				emit("heap %d", ms.HeapAlloc)
 			case "status":
 				emit("status ready=%v grpc=%s", isClosed(a.Ready()), a.GRPCAddr())
+			case "profile":
+				if cpuProfile != "" {
+					stopProfile()
+					startProfile(cpuProfile + ".incremental")
+				}
 			}
 		}
 		cancel()
