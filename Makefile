@@ -92,6 +92,10 @@ bench: tools ## Run the benchmarks (baselines side by side), one package at a ti
 	  (cd $$m && KUBEBUILDER_ASSETS=$(KUBE_BIN) GOWORK=off $(GO) test -p 1 -timeout 60m -run '^$$' -bench . -benchmem -benchtime $(BENCHTIME) ./...) || exit 1; \
 	done
 
+.PHONY: bench-smoke
+bench-smoke: tools kube-bins ## Every benchmark once at its smallest size (CI: they keep working; make bench measures).
+	@KUBEBUILDER_ASSETS=$(KUBE_BIN) hack/bench-smoke.sh
+
 ##@ End to end and demo (root; the local cluster needs no container engine)
 .PHONY: demo
 demo: build cluster-up ## The README's first command: local cluster, amesh, sample, waypoint, canary; prints identities, split, metrics. Leaves it running.
