@@ -3,7 +3,8 @@
 # the benchmarks must keep working — build, start their baselines and
 # peers (fortio, iperf3, wrk, nginx, a real kube-apiserver), and report.
 # The numbers mean nothing at this size; `make bench` measures. A benchmark
-# that skips (a missing tool, no root) fails the smoke run.
+# that skips (a missing tool, no root) fails the smoke run (-v: go test
+# reports a skipped benchmark only in verbose mode).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/bin/tools:$PATH"
@@ -15,7 +16,7 @@ run() {
   local m=$1
   shift
   echo "== bench-smoke $m: $*"
-  (cd "$m" && GOWORK=off go test -count=1 -run '^$' -benchtime 1x -timeout 15m "$@" 2>&1) | tee -a "$out"
+  (cd "$m" && GOWORK=off go test -v -count=1 -run '^$' -benchtime 1x -timeout 15m "$@" 2>&1) | tee -a "$out"
 }
 
 run api -bench . ./...
