@@ -35,6 +35,7 @@ var (
 	loadDuration = flag.Duration("load-duration", 10*time.Second, "duration of each fortio and iperf3 run in the benchmarks")
 	idleConns    = flag.Int("idle-conns", 1000, "idle tunnelled connections for BenchmarkIdle")
 	baselineBin  = flag.String("baseline-ztunnel", "", "another ztunnel build to measure in the same run (mesh-baseline), for before/after comparisons")
+	idleDump     = flag.String("idle-dump", "", "directory where BenchmarkIdle saves each idle ztunnel's smaps_rollup, heap profile and metrics")
 )
 
 // build is a ztunnel binary the mesh benchmarks measure.
@@ -204,17 +205,25 @@ func cpuSeconds(tb testing.TB, pid int) float64 {
 
 func rssMB(tb testing.TB, pid int) float64 {
 	tb.Helper()
+	return statusMB(tb, pid, "VmRSS")
+}
+
+// statusMB reads one memory field of /proc/<pid>/status ("VmRSS",
+// "RssAnon": the heap, stacks and runtime's memory; "RssFile": the
+// binary's pages touched so far, shared and reclaimable).
+func statusMB(tb testing.TB, pid int, field string) float64 {
+	tb.Helper()
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		tb.Fatal(err)
 	}
 	for _, l := range strings.Split(string(b), "\n") {
-		if strings.HasPrefix(l, "VmRSS:") {
-			kb, _ := strconv.ParseFloat(strings.Fields(l)[1], 64)
+		if v, ok := strings.CutPrefix(l, field+":"); ok {
+			kb, _ := strconv.ParseFloat(strings.Fields(v)[0], 64)
 			return kb / 1024
 		}
 	}
-	tb.Fatal("no VmRSS")
+	tb.Fatalf("no %s in /proc/%d/status", field, pid)
 	return 0
 }
 
@@ -523,9 +532,52 @@ func BenchmarkIdle(b *testing.B) {
 		b.Run(bd.name+"/rss", func(b *testing.B) {
 			b.ReportMetric(rssMB(b, z1.Pid()), "src-ztunnel-MB")
 			b.ReportMetric(rssMB(b, z2.Pid()), "dst-ztunnel-MB")
+			b.ReportMetric(statusMB(b, z1.Pid(), "RssAnon"), "src-anon-MB")
+			b.ReportMetric(statusMB(b, z1.Pid(), "RssFile"), "src-file-MB")
 			b.ReportMetric(0, "ns/op")
+			if *idleDump != "" {
+				dumpIdle(b, filepath.Join(*idleDump, bd.name+"-src"), z1)
+				dumpIdle(b, filepath.Join(*idleDump, bd.name+"-dst"), z2)
+			}
 		})
 		b.Run(bd.name+"/conns", func(b *testing.B) { idleConnsBench(b, w, z1, z2) })
+	}
+}
+
+// dumpIdle saves what an idle ztunnel's memory is made of under dir:
+// smaps_rollup, smaps, the heap profile (go tool pprof -sample_index=inuse_space)
+// and its metrics (the Go runtime's memory classes).
+func dumpIdle(tb testing.TB, dir string, z *Ztunnel) {
+	tb.Helper()
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		tb.Fatal(err)
+	}
+	for _, f := range []string{"smaps_rollup", "smaps", "status"} {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/%s", z.Pid(), f))
+		if err != nil {
+			tb.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, f), b, 0o644); err != nil {
+			tb.Fatal(err)
+		}
+	}
+	for name, url := range map[string]string{
+		"heap.pb.gz": "/debug/pprof/heap", "goroutine.txt": "/debug/pprof/goroutine?debug=1",
+	} {
+		code, body, err := z.HTTP(15000, url)
+		if err != nil || code != 200 {
+			tb.Fatalf("%s: %d %v", url, code, err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(body), 0o644); err != nil {
+			tb.Fatal(err)
+		}
+	}
+	code, body, err := z.HTTP(15020, "/metrics")
+	if err != nil || code != 200 {
+		tb.Fatalf("metrics: %d %v", code, err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "metrics.txt"), []byte(body), 0o644); err != nil {
+		tb.Fatal(err)
 	}
 }
 
