@@ -535,11 +535,11 @@ func BenchmarkIdle(b *testing.B) {
 			b.ReportMetric(statusMB(b, z1.Pid(), "RssAnon"), "src-anon-MB")
 			b.ReportMetric(statusMB(b, z1.Pid(), "RssFile"), "src-file-MB")
 			b.ReportMetric(0, "ns/op")
-			if *idleDump != "" {
-				dumpIdle(b, filepath.Join(*idleDump, bd.name+"-src"), z1)
-				dumpIdle(b, filepath.Join(*idleDump, bd.name+"-dst"), z2)
-			}
 		})
+		if *idleDump != "" { // after the measurement: it allocates
+			dumpIdle(b, filepath.Join(*idleDump, bd.name+"-src"), z1)
+			dumpIdle(b, filepath.Join(*idleDump, bd.name+"-dst"), z2)
+		}
 		b.Run(bd.name+"/conns", func(b *testing.B) { idleConnsBench(b, w, z1, z2) })
 	}
 }
