@@ -463,20 +463,34 @@ func (s *Stream) ReadFrom(r io.Reader) (int64, error) {
 
 // ---- receive buffer ----
 
-const chunkSize = 16 << 10
+// Received data waits in pooled chunks. A short message arriving on an empty
+// buffer (a request, a response, an RPC of a few hundred bytes) waits in a
+// small chunk, so that a stream holds 2 KiB for it rather than 16; data
+// that piles up waits in full-size ones.
+const (
+	chunkSize      = 16 << 10
+	smallChunkSize = 2 << 10
+)
 
-var chunkPool = sync.Pool{New: func() any { return new([chunkSize]byte) }}
+var (
+	chunkPool      = sync.Pool{New: func() any { b := make([]byte, chunkSize); return &b }}
+	smallChunkPool = sync.Pool{New: func() any { b := make([]byte, smallChunkSize); return &b }}
+)
 
-func putChunk(b *[chunkSize]byte) {
-	if b != nil {
+// putChunk returns a chunk to its pool.
+func putChunk(b *[]byte) {
+	switch len(*b) {
+	case chunkSize:
 		chunkPool.Put(b)
+	case smallChunkSize:
+		smallChunkPool.Put(b)
 	}
 }
 
-// recvBuf queues received bytes in pooled 16 KiB chunks that are released as
-// soon as they are read, so an idle stream holds no buffer.
+// recvBuf queues received bytes in pooled chunks that are released as soon
+// as they are read, so an idle stream holds no buffer.
 type recvBuf struct {
-	chunks []*[chunkSize]byte
+	chunks []*[]byte
 	head   int // read offset in chunks[0]
 	tail   int // write offset in the last chunk
 	n      int
@@ -484,25 +498,34 @@ type recvBuf struct {
 
 func (b *recvBuf) write(p []byte) {
 	for len(p) > 0 {
-		if len(b.chunks) == 0 || b.tail == chunkSize {
-			b.chunks = append(b.chunks, chunkPool.Get().(*[chunkSize]byte))
+		if len(b.chunks) == 0 || b.tail == len(*b.chunks[len(b.chunks)-1]) {
+			pool := &chunkPool
+			if b.n == 0 && len(p) <= smallChunkSize {
+				pool = &smallChunkPool
+			}
+			b.chunks = append(b.chunks, pool.Get().(*[]byte))
 			b.tail = 0
 		}
-		k := copy(b.chunks[len(b.chunks)-1][b.tail:], p)
+		k := copy((*b.chunks[len(b.chunks)-1])[b.tail:], p)
 		b.tail += k
 		b.n += k
 		p = p[k:]
 	}
 }
 
+// end is the end of the bytes written to chunks[0].
+func (b *recvBuf) end() int {
+	if len(b.chunks) == 1 {
+		return b.tail
+	}
+	return len(*b.chunks[0])
+}
+
 func (b *recvBuf) read(p []byte) int {
 	n := 0
 	for len(p) > 0 && b.n > 0 {
-		end := chunkSize
-		if len(b.chunks) == 1 {
-			end = b.tail
-		}
-		k := copy(p, b.chunks[0][b.head:end])
+		end := b.end()
+		k := copy(p, (*b.chunks[0])[b.head:end])
 		b.head += k
 		b.n -= k
 		n += k
@@ -516,13 +539,9 @@ func (b *recvBuf) read(p []byte) int {
 
 // pop removes the first chunk and returns it with its unread bytes; the
 // caller returns it with putChunk.
-func (b *recvBuf) pop() (*[chunkSize]byte, []byte) {
-	end := chunkSize
-	if len(b.chunks) == 1 {
-		end = b.tail
-	}
+func (b *recvBuf) pop() (*[]byte, []byte) {
 	chunk := b.chunks[0]
-	data := chunk[b.head:end]
+	data := (*chunk)[b.head:b.end()]
 	b.n -= len(data)
 	b.chunks[0] = nil
 	b.chunks = b.chunks[1:]
