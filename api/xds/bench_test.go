@@ -17,6 +17,7 @@ import (
 
 	discoveryv1 "github.com/amesh-dev/amesh/api/discovery/v1"
 	"github.com/amesh-dev/amesh/api/xds"
+	"github.com/amesh-dev/amesh/api/xds/xdsclient"
 )
 
 // The controller's targets (issue 3): a full push of 10,000 resources to 100
@@ -103,7 +104,7 @@ func rawClient(ctx context.Context, b *testing.B, conn grpc.ClientConnInterface,
 		b.Error(err)
 		return
 	}
-	if err := s.Send(&discoveryv3.DeltaDiscoveryRequest{Node: node(fmt.Sprint("raw-", sub)), TypeUrl: wlType}); err != nil {
+	if err := s.Send(&discoveryv3.DeltaDiscoveryRequest{Node: rawNode(fmt.Sprint("raw-", sub)), TypeUrl: wlType}); err != nil {
 		b.Error(err)
 		return
 	}
@@ -254,8 +255,8 @@ func setupBench(b *testing.B, mode string) *benchEnv {
 		conn := dial(b, p, addr, fmt.Sprint("bench-", i))
 		wg.Add(1)
 		if mode == "xds-client" {
-			c := xds.NewClient(xds.ClientOptions{Conn: conn, Node: node(fmt.Sprint("bench-", i)), TypeURLs: []string{wlType},
-				Handler: xds.HandlerFunc(func(_ string, ups []*xds.Resource, _ []string) error {
+			c := xdsclient.New(xdsclient.Options{Conn: conn, Node: node(fmt.Sprint("bench-", i)), TypeURLs: []string{wlType},
+				Handler: xdsclient.HandlerFunc(func(_ string, ups []*xds.Resource, _ []string) error {
 					byVersion := map[string]int{}
 					for _, r := range ups {
 						byVersion[r.Version]++

@@ -11,6 +11,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/amesh-dev/amesh/api/xds"
+	"github.com/amesh-dev/amesh/api/xds/xdsclient"
 )
 
 func newChunkingServer(t *testing.T, p *pki, auth *authenticator, maxN, maxB int) *testServer {
@@ -37,7 +38,7 @@ func TestChunkedPush(t *testing.T) {
 	srv := newChunkingServer(t, p, auth, 10, -1)
 	must(t, srv.Set(wlType, workloads(95, "w")))
 	r := openRaw(t, dial(t, p, srv.addr, "ztunnel-1"))
-	r.send(&discoveryv3.DeltaDiscoveryRequest{Node: node("raw"), TypeUrl: wlType})
+	r.send(&discoveryv3.DeltaDiscoveryRequest{Node: rawNode("raw"), TypeUrl: wlType})
 
 	// recvPush reads the responses of one push.
 	recvPush := func() (ups, rms []string, parts int) {
@@ -101,7 +102,7 @@ func TestChunkedByteBudget(t *testing.T) {
 	rs = append(rs, big)
 	must(t, srv.Set(wlType, rs))
 	r := openRaw(t, dial(t, p, srv.addr, "ztunnel-1"))
-	r.send(&discoveryv3.DeltaDiscoveryRequest{Node: node("raw"), TypeUrl: wlType})
+	r.send(&discoveryv3.DeltaDiscoveryRequest{Node: rawNode("raw"), TypeUrl: wlType})
 	total, parts := 0, 0
 	for {
 		resp := r.recv()
@@ -141,9 +142,9 @@ func TestClientSyncedAfterLastPart(t *testing.T) {
 			srv := newChunkingServer(t, p, auth, tc.maxN, -1)
 			must(t, srv.Set(wlType, workloads(tc.n, "w")))
 			st := newStore()
-			var cp atomic.Pointer[xds.Client]
+			var cp atomic.Pointer[xdsclient.Client]
 			early := make(chan int, 1)
-			checking := xds.HandlerFunc(func(typeURL string, ups []*xds.Resource, rms []string) error {
+			checking := xdsclient.HandlerFunc(func(typeURL string, ups []*xds.Resource, rms []string) error {
 				if c := cp.Load(); c != nil {
 					select {
 					case <-c.Synced():

@@ -29,6 +29,7 @@ import (
 	"github.com/amesh-dev/amesh/api/ca"
 	discoveryv1 "github.com/amesh-dev/amesh/api/discovery/v1"
 	"github.com/amesh-dev/amesh/api/xds"
+	"github.com/amesh-dev/amesh/api/xds/xdsclient"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -204,7 +205,7 @@ type store struct {
 	calls  []call
 	reject func(typeURL string, r *xds.Resource) error
 	// partial: apply the resources reject accepts and report the others
-	// in an *xds.RejectedError, instead of rejecting the whole response.
+	// in an *xdsclient.RejectedError, instead of rejecting the whole response.
 	partial bool
 	changed chan struct{}
 }
@@ -259,7 +260,7 @@ func (s *store) Apply(typeURL string, upserts []*xds.Resource, removes []string)
 	default:
 	}
 	if rejected != nil {
-		return &xds.RejectedError{Rejected: rejected}
+		return &xdsclient.RejectedError{Rejected: rejected}
 	}
 	return nil
 }
@@ -289,18 +290,18 @@ func (s *store) ncalls() int {
 }
 
 // runClient starts a client; it stops at test cleanup.
-func runClient(t testing.TB, conn grpc.ClientConnInterface, h xds.Handler, types ...string) *xds.Client {
+func runClient(t testing.TB, conn grpc.ClientConnInterface, h xdsclient.Handler, types ...string) *xdsclient.Client {
 	t.Helper()
-	return runClientOpts(t, xds.ClientOptions{Conn: conn, TypeURLs: types, Handler: h})
+	return runClientOpts(t, xdsclient.Options{Conn: conn, TypeURLs: types, Handler: h})
 }
 
 // runClientOpts starts a client with opts (node and quick backoffs filled
 // in); it stops at test cleanup.
-func runClientOpts(t testing.TB, opts xds.ClientOptions) *xds.Client {
+func runClientOpts(t testing.TB, opts xdsclient.Options) *xdsclient.Client {
 	t.Helper()
 	opts.Node = node("pod-" + fmt.Sprint(time.Now().UnixNano()))
 	opts.InitialBackoff, opts.MaxBackoff = 20*time.Millisecond, 200*time.Millisecond
-	c := xds.NewClient(opts)
+	c := xdsclient.New(opts)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- c.Run(ctx) }()
@@ -313,12 +314,18 @@ func runClientOpts(t testing.TB, opts xds.ClientOptions) *xds.Client {
 	return c
 }
 
-func node(pod string) *corev3.Node {
+func node(pod string) *xdsclient.Node {
 	md, _ := structpb.NewStruct(map[string]any{"kind": "ztunnel", "node": "node-1", "namespace": "amesh-system", "pod": pod})
-	return &corev3.Node{Id: pod, Metadata: md}
+	return &xdsclient.Node{ID: pod, Metadata: md}
 }
 
-func waitSynced(t testing.TB, c *xds.Client) {
+// rawNode is node for the tests' raw clients (go-control-plane's messages).
+func rawNode(pod string) *corev3.Node {
+	n := node(pod)
+	return &corev3.Node{Id: n.ID, Metadata: n.Metadata}
+}
+
+func waitSynced(t testing.TB, c *xdsclient.Client) {
 	t.Helper()
 	select {
 	case <-c.Synced():

@@ -12,6 +12,7 @@ import (
 
 	discoveryv1 "github.com/amesh-dev/amesh/api/discovery/v1"
 	"github.com/amesh-dev/amesh/api/xds"
+	"github.com/amesh-dev/amesh/api/xds/xdsclient"
 )
 
 // rejectPoison makes a store NACK every response carrying a workload of
@@ -73,7 +74,7 @@ func TestRejectedFirstPushSyncs(t *testing.T) {
 			must(t, srv.Set(svcType, []*xds.Resource{svc("s1")}))
 			reg := prometheus.NewRegistry()
 			st := rejectPoison(newStore())
-			c := runClientOpts(t, xds.ClientOptions{Conn: dial(t, p, srv.addr, "z"), TypeURLs: []string{wlType, svcType},
+			c := runClientOpts(t, xdsclient.Options{Conn: dial(t, p, srv.addr, "z"), TypeURLs: []string{wlType, svcType},
 				Handler: st, Registerer: reg})
 			waitSynced(t, c)
 			if got := st.names(wlType); !slices.Equal(got, tc.want) {
@@ -115,7 +116,7 @@ func TestNACKedVersionAfterReconnect(t *testing.T) {
 	must(t, srv1.Set(wlType, []*xds.Resource{wl("w1", "")}))
 	creg := prometheus.NewRegistry()
 	st := rejectPoison(newStore())
-	c := runClientOpts(t, xds.ClientOptions{Conn: dial(t, p, srv1.addr, "z"), TypeURLs: []string{wlType}, Handler: st, Registerer: creg})
+	c := runClientOpts(t, xdsclient.Options{Conn: dial(t, p, srv1.addr, "z"), TypeURLs: []string{wlType}, Handler: st, Registerer: creg})
 	waitSynced(t, c)
 	good := c.Versions(wlType)["w1"]
 	must(t, srv1.Update(wlType, []*xds.Resource{wl("w1", "", "poison")}, nil))
@@ -146,7 +147,7 @@ func TestNACKedVersionAfterReconnect(t *testing.T) {
 }
 
 // TestPartialRejection: a Handler that applies a response except some of
-// its resources (an *xds.RejectedError) NACKs it, and the client holds
+// its resources (an *xdsclient.RejectedError) NACKs it, and the client holds
 // what was applied at its version and the rejected names too (at the
 // version held before, or none), so that a later removal of any of them
 // still reaches the Handler — the Handler may hold something in their
@@ -158,7 +159,7 @@ func TestPartialRejection(t *testing.T) {
 	must(t, srv.Set(wlType, []*xds.Resource{wl("w1", ""), wl("w2", "", "poison"), wl("w3", "")}))
 	st := rejectPoison(newStore())
 	st.partial = true
-	c := runClientOpts(t, xds.ClientOptions{Conn: dial(t, p, srv.addr, "z"), TypeURLs: []string{wlType}, Handler: st})
+	c := runClientOpts(t, xdsclient.Options{Conn: dial(t, p, srv.addr, "z"), TypeURLs: []string{wlType}, Handler: st})
 	waitSynced(t, c)
 	if got := st.names(wlType); !slices.Equal(got, []string{"w1", "w3"}) {
 		t.Fatalf("handler holds %v, want [w1 w3]", got)
@@ -202,11 +203,11 @@ func TestPartialRejection(t *testing.T) {
 // TestRejectedErrorMessage: the NACK detail names the rejected resources,
 // sorted, and stays short when there are many.
 func TestRejectedErrorMessage(t *testing.T) {
-	e := &xds.RejectedError{Rejected: map[string]error{"b": errors.New("bad port"), "a": errors.New("bad cidr")}}
+	e := &xdsclient.RejectedError{Rejected: map[string]error{"b": errors.New("bad port"), "a": errors.New("bad cidr")}}
 	if got, want := e.Error(), "2 resources rejected: a: bad cidr; b: bad port"; got != want {
 		t.Errorf("Error() = %q, want %q", got, want)
 	}
-	many := &xds.RejectedError{Rejected: map[string]error{}}
+	many := &xdsclient.RejectedError{Rejected: map[string]error{}}
 	for i := range 100 {
 		many.Rejected[fmt.Sprintf("r%03d", i)] = errors.New("bad")
 	}

@@ -1,6 +1,8 @@
 // Package xds is amesh's delta-xDS (DeltaAggregatedResources, envoy's
-// discovery protos from go-control-plane) server and client, shared by the
-// controller, ztunnel and waypoints.
+// discovery protos from go-control-plane) server, run by the controller. Its
+// client, run by ztunnel and the waypoints, is package xdsclient, which
+// also holds the types both share (Resource, MoreToCome) and does not link
+// go-control-plane.
 //
 // Server keeps the current resources of each type (Set replaces a type's
 // whole set and diffs it by Version; Update applies upserts and removals) and
@@ -17,16 +19,6 @@
 // own; all but the last carry system_version_info MoreToCome. This bounds
 // what each stream holds while gRPC sends it.
 //
-// Client subscribes (wildcard) to a list of type URLs, hands every response
-// to a Handler (an error NACKs it and keeps the old state; a RejectedError
-// NACKs it with the names of the resources the handler could not apply and
-// keeps the rest), reconnects with
-// jittered exponential backoff, resumes with the versions it holds, and
-// keeps its state while disconnected. It is Synced once every type had a
-// whole first push handled (the last response of a split push), applied
-// or rejected: a rejected first push leaves the previous (empty) state, as
-// Envoy's warming does.
-//
 // Deviations from the API sketch: Set and Update return an error for invalid
 // input (nothing is applied then); Server.Recheck re-evaluates visibility
 // after a Subscriber's view changed; the client's Handler never sees Scope
@@ -42,21 +34,12 @@ import (
 
 	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
+
+	"github.com/amesh-dev/amesh/api/xds/xdsclient"
 )
 
-// Resource is one named discovery resource.
-type Resource struct {
-	Name string
-	// Version identifies the content; the server diffs by it. Empty means
-	// "derive it from the content" (a hash of the deterministic encoding).
-	Version string
-	// Body is the resource (a discoveryv1 message whose type matches the
-	// type URL it is published under).
-	Body proto.Message
-	// Scope is opaque to this package and lets a Subscriber decide
-	// visibility (for example "gateway/<ns>/<name>"). It is not sent.
-	Scope string
-}
+// Resource is one named discovery resource (xdsclient.Resource).
+type Resource = xdsclient.Resource
 
 // ErrInvalidResource: a resource without name or body, with a body of the
 // wrong type, or named twice in one call.

@@ -19,6 +19,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+
+	"github.com/amesh-dev/amesh/api/xds/xdsclient"
 )
 
 // Subscriber is the authenticated peer of one stream.
@@ -58,7 +60,7 @@ type ServerOptions struct {
 
 // MoreToCome is the SystemVersionInfo of a response that another response
 // of the same push follows: clients are synced only after the last one.
-const MoreToCome = "amesh.dev/more-to-come"
+const MoreToCome = xdsclient.MoreToCome
 
 // Default response bounds.
 const (

@@ -18,6 +18,7 @@ import (
 
 	discoveryv1 "github.com/amesh-dev/amesh/api/discovery/v1"
 	"github.com/amesh-dev/amesh/api/xds"
+	"github.com/amesh-dev/amesh/api/xds/xdsclient"
 )
 
 func newServer(t testing.TB, p *pki, auth *authenticator, reg prometheus.Registerer) *testServer {
@@ -311,7 +312,7 @@ func TestManyClients(t *testing.T) {
 	must(t, srv.Set(wlType, all))
 	const clients = 40
 	stores := make([]*store, clients)
-	var cs []*xds.Client
+	var cs []*xdsclient.Client
 	for i := range clients {
 		stores[i] = newStore()
 		cs = append(cs, runClient(t, dial(t, p, srv.addr, fmt.Sprintf("z%d", i)), stores[i], wlType))
@@ -451,7 +452,7 @@ func TestExplicitSubscription(t *testing.T) {
 	must(t, srv.Set(wlType, []*xds.Resource{wl("w1", ""), wl("w2", ""), wl("w3", "")}))
 	r := openRaw(t, dial(t, p, srv.addr, "z"))
 
-	r.send(&discoveryv3.DeltaDiscoveryRequest{Node: node("raw"), TypeUrl: wlType, ResourceNamesSubscribe: []string{"w1", "missing"}})
+	r.send(&discoveryv3.DeltaDiscoveryRequest{Node: rawNode("raw"), TypeUrl: wlType, ResourceNamesSubscribe: []string{"w1", "missing"}})
 	if ups, rms := names(r.recv()); !slices.Equal(ups, []string{"w1"}) || len(rms) != 0 {
 		t.Fatalf("explicit subscription got %v / %v", ups, rms)
 	}
@@ -497,7 +498,7 @@ func TestResumeClaims(t *testing.T) {
 		versions[r.Name] = r.Version
 	}
 	r := openRaw(t, dial(t, p, srv.addr, "z"))
-	r.send(&discoveryv3.DeltaDiscoveryRequest{Node: node("raw"), TypeUrl: wlType, InitialResourceVersions: map[string]string{
+	r.send(&discoveryv3.DeltaDiscoveryRequest{Node: rawNode("raw"), TypeUrl: wlType, InitialResourceVersions: map[string]string{
 		"same":   versions["same"],
 		"stale":  "old-version",
 		"gone":   "v1",               // the server no longer has it
@@ -510,7 +511,7 @@ func TestResumeClaims(t *testing.T) {
 	// Resuming with everything current still gets a first (empty) response,
 	// so that the client knows the subscription is live.
 	r2 := openRaw(t, dial(t, p, srv.addr, "z2"))
-	r2.send(&discoveryv3.DeltaDiscoveryRequest{Node: node("raw2"), TypeUrl: wlType, InitialResourceVersions: map[string]string{"same": versions["same"], "stale": versions["stale"]}})
+	r2.send(&discoveryv3.DeltaDiscoveryRequest{Node: rawNode("raw2"), TypeUrl: wlType, InitialResourceVersions: map[string]string{"same": versions["same"], "stale": versions["stale"]}})
 	if resp := r2.recv(); len(resp.GetResources())+len(resp.GetRemovedResources()) != 0 || resp.GetNonce() == "" {
 		t.Errorf("current resume got %v", resp)
 	}

@@ -25,7 +25,6 @@ import (
 	"testing"
 	"time"
 
-	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	"github.com/go-logr/zapr"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
@@ -48,6 +47,7 @@ import (
 	"github.com/amesh-dev/amesh/api/bearer"
 	pb "github.com/amesh-dev/amesh/api/discovery/v1"
 	"github.com/amesh-dev/amesh/api/xds"
+	"github.com/amesh-dev/amesh/api/xds/xdsclient"
 	"github.com/amesh-dev/amesh/controller/internal/app"
 	"github.com/amesh-dev/amesh/controller/internal/kubetest"
 	"github.com/amesh-dev/amesh/controller/internal/label"
@@ -1286,9 +1286,9 @@ func TestBenchSubscriberProcess(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		c := xds.NewClient(xds.ClientOptions{
+		c := xdsclient.New(xdsclient.Options{
 			Conn:           conn,
-			Node:           &corev3.Node{Id: m.sub.Pod, Metadata: md},
+			Node:           &xdsclient.Node{ID: m.sub.Pod, Metadata: md},
 			TypeURLs:       subscriberTypes(m.sub.Kind),
 			Handler:        m,
 			InitialBackoff: 20 * time.Millisecond,

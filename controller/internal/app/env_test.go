@@ -12,7 +12,6 @@ import (
 	"testing"
 	"time"
 
-	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
 	"google.golang.org/grpc"
@@ -34,6 +33,7 @@ import (
 	"github.com/amesh-dev/amesh/api/ca"
 	pb "github.com/amesh-dev/amesh/api/discovery/v1"
 	"github.com/amesh-dev/amesh/api/xds"
+	"github.com/amesh-dev/amesh/api/xds/xdsclient"
 	"github.com/amesh-dev/amesh/controller/internal/app"
 	"github.com/amesh-dev/amesh/controller/internal/kubetest"
 )
@@ -331,7 +331,7 @@ type mirror struct {
 	mu      sync.Mutex
 	state   map[string]map[string]proto.Message
 	changed chan struct{}
-	client  *xds.Client
+	client  *xdsclient.Client
 	errc    chan error
 }
 
@@ -393,9 +393,9 @@ func (e *env) subscribeTo(a *app.App, token string, meta map[string]string) *mir
 		e.t.Fatal(err)
 	}
 	m := &mirror{state: map[string]map[string]proto.Message{}, changed: make(chan struct{}, 1), errc: make(chan error, 1)}
-	m.client = xds.NewClient(xds.ClientOptions{
+	m.client = xdsclient.New(xdsclient.Options{
 		Conn:           e.dialTo(a, token, e.roots),
-		Node:           &corev3.Node{Id: meta["pod"], Metadata: st},
+		Node:           &xdsclient.Node{ID: meta["pod"], Metadata: st},
 		TypeURLs:       allTypes,
 		Handler:        m,
 		InitialBackoff: 50 * time.Millisecond,

@@ -38,6 +38,7 @@ import (
 	"github.com/amesh-dev/amesh/api/ca"
 	pb "github.com/amesh-dev/amesh/api/discovery/v1"
 	"github.com/amesh-dev/amesh/api/xds"
+	"github.com/amesh-dev/amesh/api/xds/xdsclient"
 	securityv1alpha1 "github.com/amesh-dev/amesh/controller/apis/security/v1alpha1"
 	"github.com/amesh-dev/amesh/controller/internal/label"
 )
@@ -369,7 +370,7 @@ func TestSubscriberProcess(t *testing.T) {
 	for i := range n {
 		held := map[string]bool{}
 		done := false
-		h := xds.HandlerFunc(func(typeURL string, upserts []*xds.Resource, removes []string) error {
+		h := xdsclient.HandlerFunc(func(typeURL string, upserts []*xds.Resource, removes []string) error {
 			if typeURL != pb.WorkloadType {
 				return nil
 			}
@@ -400,9 +401,9 @@ func TestSubscriberProcess(t *testing.T) {
 			}
 			return nil
 		})
-		c := xds.NewClient(xds.ClientOptions{
+		c := xdsclient.New(xdsclient.Options{
 			Conn:     conn,
-			Node:     &corev3.Node{Id: fmt.Sprintf("bench-%d", i)},
+			Node:     &xdsclient.Node{ID: fmt.Sprintf("bench-%d", i)},
 			TypeURLs: []string{pb.WorkloadType, pb.ServiceType, pb.AuthorizationType, pb.TrustBundleType},
 			Handler:  h,
 		})

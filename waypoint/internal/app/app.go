@@ -20,7 +20,7 @@ import (
 	discoveryv1 "github.com/amesh-dev/amesh/api/discovery/v1"
 	"github.com/amesh-dev/amesh/api/hbone"
 	"github.com/amesh-dev/amesh/api/identity"
-	"github.com/amesh-dev/amesh/api/xds"
+	"github.com/amesh-dev/amesh/api/xds/xdsclient"
 	"github.com/amesh-dev/amesh/waypoint/internal/admin"
 	"github.com/amesh-dev/amesh/waypoint/internal/authn"
 	"github.com/amesh-dev/amesh/waypoint/internal/catalog"
@@ -28,7 +28,6 @@ import (
 	"github.com/amesh-dev/amesh/waypoint/internal/telemetry"
 	"github.com/amesh-dev/amesh/waypoint/internal/tunnel"
 	"github.com/amesh-dev/amesh/waypoint/internal/upstream"
-	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -58,7 +57,7 @@ type App struct {
 	proxy    *proxy.Proxy
 	tunnel   *tunnel.Server
 	hserver  *hbone.Server
-	xds      *xds.Client
+	xds      *xdsclient.Client
 	admin    *admin.Server
 	tracer   *telemetry.Tracer
 	draining atomic.Bool
@@ -163,8 +162,8 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (*App, error) {
 	if err != nil {
 		return nil, fmt.Errorf("node metadata: %w", err)
 	}
-	a.xds = xds.NewClient(xds.ClientOptions{Conn: a.conn, Node: &corev3.Node{Id: cfg.PodName, Metadata: meta},
-		TypeURLs: typeURLs(), Handler: xds.HandlerFunc(a.apply), Logger: log.Named("xds"), Registerer: a.reg})
+	a.xds = xdsclient.New(xdsclient.Options{Conn: a.conn, Node: &xdsclient.Node{ID: cfg.PodName, Metadata: meta},
+		TypeURLs: typeURLs(), Handler: xdsclient.HandlerFunc(a.apply), Logger: log.Named("xds"), Registerer: a.reg})
 
 	listen := func(addr string) (net.Listener, error) {
 		if addr == "" {
@@ -239,7 +238,7 @@ func (a *App) Addrs() (hboneAddr, adminAddr, metricsAddr, readyAddr string) {
 func (a *App) Identity() spiffeid.ID { return a.self }
 
 // apply is the xDS handler.
-func (a *App) apply(typeURL string, upserts []*xds.Resource, removes []string) error {
+func (a *App) apply(typeURL string, upserts []*xdsclient.Resource, removes []string) error {
 	if typeURL == discoveryv1.TrustBundleType {
 		for _, r := range upserts {
 			tb, ok := r.Body.(*discoveryv1.TrustBundle)

@@ -20,8 +20,7 @@ import (
 	"github.com/amesh-dev/amesh/api/capture"
 	discoveryv1 "github.com/amesh-dev/amesh/api/discovery/v1"
 	"github.com/amesh-dev/amesh/api/identity"
-	"github.com/amesh-dev/amesh/api/xds"
-	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	"github.com/amesh-dev/amesh/api/xds/xdsclient"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -115,11 +114,11 @@ func Run(ctx context.Context, cfg config.Config, log *zap.Logger) error {
 	if nodeID == "" {
 		nodeID = "ztunnel-" + cfg.NodeName
 	}
-	xc := xds.NewClient(xds.ClientOptions{
+	xc := xdsclient.New(xdsclient.Options{
 		Conn:     conn,
-		Node:     &corev3.Node{Id: nodeID, Metadata: meta},
+		Node:     &xdsclient.Node{ID: nodeID, Metadata: meta},
 		TypeURLs: TypeURLs,
-		Handler:  xds.HandlerFunc(func(typeURL string, ups []*xds.Resource, rm []string) error { return apply(st, typeURL, ups, rm) }),
+		Handler:  xdsclient.HandlerFunc(func(typeURL string, ups []*xdsclient.Resource, rm []string) error { return apply(st, typeURL, ups, rm) }),
 		Logger:   log.Named("xds"),
 	})
 	synced := func() bool {
@@ -172,14 +171,14 @@ func Run(ctx context.Context, cfg config.Config, log *zap.Logger) error {
 // apply feeds one discovery response into the store. Resources the store
 // rejects are reported to the discovery client as such (it NACKs naming
 // them and keeps track of the rest, which the store applied).
-func apply(st *store.Store, typeURL string, ups []*xds.Resource, rm []string) error {
+func apply(st *store.Store, typeURL string, ups []*xdsclient.Resource, rm []string) error {
 	rs := make([]store.Resource, len(ups))
 	for i, u := range ups {
 		rs[i] = store.Resource{Name: u.Name, Body: u.Body}
 	}
 	err := st.Apply(typeURL, rs, rm)
 	if rej, ok := errors.AsType[*store.RejectedError](err); ok {
-		return &xds.RejectedError{Rejected: rej.Rejected}
+		return &xdsclient.RejectedError{Rejected: rej.Rejected}
 	}
 	return err
 }

@@ -1,4 +1,18 @@
-package xds
+// Package xdsclient is the data plane's delta-xDS client
+// (DeltaAggregatedResources, envoy's discovery protos as go-control-plane
+// generates them), and the types it shares with the server in package xds:
+// Resource and MoreToCome. It does not link go-control-plane (see wire.go),
+// so that ztunnel and the waypoint do not carry envoy's descriptors.
+//
+// Client subscribes (wildcard) to a list of type URLs, hands every response
+// to a Handler (an error NACKs it and keeps the old state; a RejectedError
+// NACKs it with the names of the resources the handler could not apply and
+// keeps the rest), reconnects with jittered exponential backoff, resumes
+// with the versions it holds, and keeps its state while disconnected. It is
+// Synced once every type had a whole first push handled (the last response
+// of a split push), applied or rejected: a rejected first push leaves the
+// previous (empty) state, as Envoy's warming does.
+package xdsclient
 
 import (
 	"context"
@@ -11,17 +25,33 @@ import (
 	"sync"
 	"time"
 
-	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
-	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
-	rpcstatus "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/reflect/protoregistry"
 )
+
+// Resource is one named discovery resource.
+type Resource struct {
+	Name string
+	// Version identifies the content; the server diffs by it. Empty means
+	// "derive it from the content" (a hash of the deterministic encoding).
+	Version string
+	// Body is the resource (a discoveryv1 message whose type matches the
+	// type URL it is published under).
+	Body proto.Message
+	// Scope is opaque to both packages and lets the server's Subscriber
+	// decide visibility (for example "gateway/<ns>/<name>"). It is not
+	// sent; the client leaves it empty.
+	Scope string
+}
+
+// MoreToCome is the SystemVersionInfo of a response that another response
+// of the same push follows: clients are synced only after the last one.
+const MoreToCome = "amesh.dev/more-to-come"
 
 // Handler applies the responses a Client receives.
 type Handler interface {
@@ -79,14 +109,14 @@ func (f HandlerFunc) Apply(typeURL string, upserts []*Resource, removes []string
 	return f(typeURL, upserts, removes)
 }
 
-// ClientOptions configures a Client.
-type ClientOptions struct {
+// Options configures a Client.
+type Options struct {
 	// Conn is the connection to the controller (TLS; bearer credentials
 	// via grpc.WithPerRPCCredentials(bearer.PerRPC(...))).
 	Conn grpc.ClientConnInterface
 	// Node identifies the client: Id = pod name; Metadata "kind"
 	// (ztunnel|waypoint), "node", "namespace", "pod", "gateway".
-	Node *corev3.Node
+	Node *Node
 	// TypeURLs are subscribed to (wildcard), in this order.
 	TypeURLs []string
 	Handler  Handler
@@ -107,7 +137,7 @@ type ClientOptions struct {
 
 // Client is a delta-ADS client.
 type Client struct {
-	opts    ClientOptions
+	opts    Options
 	log     *zap.Logger
 	updates *prometheus.CounterVec // type, result
 
@@ -126,8 +156,8 @@ type Client struct {
 	connect  int // streams opened (for tests and logs)
 }
 
-// NewClient returns a client; Run starts it.
-func NewClient(opts ClientOptions) *Client {
+// New returns a client; Run starts it.
+func New(opts Options) *Client {
 	if opts.Logger == nil {
 		opts.Logger = zap.NewNop()
 	}
@@ -153,7 +183,7 @@ func NewClient(opts ClientOptions) *Client {
 		}, []string{"type", "result"}),
 	}
 	if opts.Registerer != nil {
-		c.updates = register(opts.Registerer, opts.Logger, c.updates)
+		c.updates = registerUpdates(opts.Registerer, opts.Logger, c.updates)
 	}
 	for _, t := range opts.TypeURLs {
 		c.state[t] = map[string]string{}
@@ -196,6 +226,29 @@ func (c *Client) Connects() int {
 	return c.connect
 }
 
+// registerUpdates registers the updates counter, or returns the identical
+// one registered before (clients on one registry share it).
+func registerUpdates(reg prometheus.Registerer, log *zap.Logger, c *prometheus.CounterVec) *prometheus.CounterVec {
+	if err := reg.Register(c); err != nil {
+		var are prometheus.AlreadyRegisteredError
+		if errors.As(err, &are) {
+			if existing, ok := are.ExistingCollector.(*prometheus.CounterVec); ok {
+				return existing
+			}
+		}
+		log.Error("xds: cannot register metric", zap.Error(err))
+	}
+	return c
+}
+
+// shortType is the metric label of a type URL: its full message name.
+func shortType(typeURL string) string {
+	if i := strings.LastIndexByte(typeURL, '/'); i >= 0 {
+		return typeURL[i+1:]
+	}
+	return typeURL
+}
+
 var errNoTypes = errors.New("xds: no type URLs to subscribe to")
 
 // Run keeps a stream open until ctx ends, reconnecting with jittered
@@ -235,8 +288,8 @@ func (c *Client) Run(ctx context.Context) error {
 func (c *Client) session(ctx context.Context) (progressed bool, err error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	ads := discoveryv3.NewAggregatedDiscoveryServiceClient(c.opts.Conn)
-	s, err := ads.DeltaAggregatedResources(ctx, grpc.MaxCallRecvMsgSize(c.opts.MaxMessageSize))
+	s, err := c.opts.Conn.NewStream(ctx, &grpc.StreamDesc{StreamName: "DeltaAggregatedResources", ServerStreams: true, ClientStreams: true},
+		adsMethod, grpc.MaxCallRecvMsgSize(c.opts.MaxMessageSize), grpc.ForceCodecV2(codec{}))
 	if err != nil {
 		return false, fmt.Errorf("xds: open stream: %w", err)
 	}
@@ -248,28 +301,28 @@ func (c *Client) session(ctx context.Context) (progressed bool, err error) {
 	}
 	c.mu.Unlock()
 	for i, t := range c.opts.TypeURLs {
-		req := &discoveryv3.DeltaDiscoveryRequest{TypeUrl: t, InitialResourceVersions: initial[t]}
+		req := &request{typeURL: t, initial: initial[t]}
 		if i == 0 {
-			req.Node = c.opts.Node
+			req.node = c.opts.Node
 		}
-		if err := s.Send(req); err != nil {
+		if err := s.SendMsg(req); err != nil {
 			return false, fmt.Errorf("xds: subscribe %s: %w", t, err)
 		}
 	}
 	for {
-		resp, err := s.Recv()
-		if err != nil {
+		resp := new(response)
+		if err := s.RecvMsg(resp); err != nil {
 			return progressed, fmt.Errorf("xds: receive: %w", err)
 		}
 		progressed = true
-		ack := &discoveryv3.DeltaDiscoveryRequest{TypeUrl: resp.GetTypeUrl(), ResponseNonce: resp.GetNonce()}
+		ack := &request{typeURL: resp.typeURL, responseNonce: resp.nonce}
 		aerr := c.apply(resp)
 		if aerr != nil {
-			c.log.Warn("xds NACK", zap.String("type", resp.GetTypeUrl()), zap.String("nonce", resp.GetNonce()), zap.Error(aerr))
-			ack.ErrorDetail = &rpcstatus.Status{Code: int32(codes.InvalidArgument), Message: aerr.Error()}
+			c.log.Warn("xds NACK", zap.String("type", resp.typeURL), zap.String("nonce", resp.nonce), zap.Error(aerr))
+			ack.errCode, ack.errMessage = int32(codes.InvalidArgument), aerr.Error()
 		}
 		c.handled(resp, aerr)
-		if err := s.Send(ack); err != nil {
+		if err := s.SendMsg(ack); err != nil {
 			return progressed, fmt.Errorf("xds: acknowledge: %w", err)
 		}
 	}
@@ -277,46 +330,45 @@ func (c *Client) session(ctx context.Context) (progressed bool, err error) {
 
 // apply decodes and applies one response; on error nothing changes, except
 // for a *RejectedError from the handler (see there).
-func (c *Client) apply(resp *discoveryv3.DeltaDiscoveryResponse) error {
-	typeURL := resp.GetTypeUrl()
+func (c *Client) apply(resp *response) error {
+	typeURL := resp.typeURL
 	c.mu.Lock()
 	held, ok := c.state[typeURL]
 	c.mu.Unlock()
 	if !ok {
 		return fmt.Errorf("unsubscribed type %s", typeURL)
 	}
-	upserts := make([]*Resource, 0, len(resp.GetResources()))
-	seen := make(map[string]bool, len(resp.GetResources()))
+	upserts := make([]*Resource, 0, len(resp.resources))
+	seen := make(map[string]bool, len(resp.resources))
 	var mt protoreflect.MessageType // resolved once per response
-	for _, r := range resp.GetResources() {
-		if r.GetName() == "" {
+	for _, r := range resp.resources {
+		if r.name == "" {
 			return errors.New("resource without name")
 		}
-		if seen[r.GetName()] {
-			return fmt.Errorf("resource %s sent twice", r.GetName())
+		if seen[r.name] {
+			return fmt.Errorf("resource %s sent twice", r.name)
 		}
-		seen[r.GetName()] = true
-		a := r.GetResource()
-		if a == nil {
-			return fmt.Errorf("resource %s without body", r.GetName())
+		seen[r.name] = true
+		if !r.hasBody {
+			return fmt.Errorf("resource %s without body", r.name)
 		}
-		if a.GetTypeUrl() != typeURL {
-			return fmt.Errorf("resource %s of type %s in a %s response", r.GetName(), a.GetTypeUrl(), typeURL)
+		if r.bodyType != typeURL {
+			return fmt.Errorf("resource %s of type %s in a %s response", r.name, r.bodyType, typeURL)
 		}
 		if mt == nil {
 			var err error
 			if mt, err = protoregistry.GlobalTypes.FindMessageByURL(typeURL); err != nil {
-				return fmt.Errorf("resource %s: %w", r.GetName(), err)
+				return fmt.Errorf("resource %s: %w", r.name, err)
 			}
 		}
 		body := mt.New().Interface()
-		if err := proto.Unmarshal(a.GetValue(), body); err != nil {
-			return fmt.Errorf("resource %s: %w", r.GetName(), err)
+		if err := proto.Unmarshal(r.body, body); err != nil {
+			return fmt.Errorf("resource %s: %w", r.name, err)
 		}
-		upserts = append(upserts, &Resource{Name: r.GetName(), Version: r.GetVersion(), Body: body})
+		upserts = append(upserts, &Resource{Name: r.name, Version: r.version, Body: body})
 	}
 	var removes []string
-	for _, n := range resp.GetRemovedResources() {
+	for _, n := range resp.removed {
 		if seen[n] {
 			return fmt.Errorf("resource %s both updated and removed", n)
 		}
@@ -351,8 +403,8 @@ func (c *Client) apply(resp *discoveryv3.DeltaDiscoveryResponse) error {
 
 // handled records that resp was applied (aerr nil) or rejected, and marks
 // its type's first push complete at its last response either way.
-func (c *Client) handled(resp *discoveryv3.DeltaDiscoveryResponse, aerr error) {
-	typeURL := resp.GetTypeUrl()
+func (c *Client) handled(resp *response, aerr error) {
+	typeURL := resp.typeURL
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if _, ok := c.state[typeURL]; !ok {
@@ -369,7 +421,7 @@ func (c *Client) handled(resp *discoveryv3.DeltaDiscoveryResponse, aerr error) {
 	if aerr != nil {
 		c.rejected[typeURL] = aerr
 	}
-	if resp.GetSystemVersionInfo() == MoreToCome {
+	if resp.systemVersionInfo == MoreToCome {
 		return
 	}
 	c.complete[typeURL] = true
