@@ -37,7 +37,7 @@ func TestLinkerDropsUnusedMethods(t *testing.T) {
 			t.Errorf("cmd/ztunnel links %s", p)
 		}
 		// go-control-plane's generated packages register, at start, the
-		// descriptors of everything envoy's Node reaches: 1.3 MB of binary
+		// descriptors of everything envoy's Node reaches: 1 MB of binary
 		// and 0.4 MB of heap (api/xds/xdsclient speaks the protocol
 		// without them).
 		if strings.HasPrefix(p, "github.com/envoyproxy/") || strings.HasPrefix(p, "github.com/cncf/") {

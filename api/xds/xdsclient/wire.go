@@ -17,7 +17,7 @@ import (
 // data plane does not link go-control-plane: the generated packages
 // register, at start, the descriptors of everything
 // envoy.config.core.v3.Node reaches (addresses, sockets, matchers, their
-// validation code), 1.3 MB of binary and 0.4 MB of heap that ztunnel and
+// validation code), 1 MB of binary and 0.4 MB of heap that ztunnel and
 // the waypoint would keep for the lifetime of the process. The tests check
 // every encoding against the generated code.
 
