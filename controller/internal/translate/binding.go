@@ -27,7 +27,8 @@ const (
 	// ReasonGatewayNotFound: the named Gateway does not exist; the
 	// traffic bound to it is refused (see translator.boundWaypoint).
 	ReasonGatewayNotFound = "GatewayNotFound"
-	// ReasonNotAWaypoint: the Gateway is not of the waypoint class.
+	// ReasonNotAWaypoint: the Gateway is not of the waypoint class; the
+	// traffic bound to it is refused (see translator.boundWaypoint).
 	ReasonNotAWaypoint = "NotAWaypoint"
 	// ReasonWaypointForMismatch: the waypoint does not serve that kind of
 	// traffic (its amesh.dev/waypoint-for label).
@@ -56,19 +57,17 @@ type BindingProblem struct {
 func (t *translator) explainBinding(b binding, services bool) (w *waypoint, reason, msg string) {
 	w = t.boundWaypoint(b.key)
 	switch {
-	case w != nil && w.unavailable && w.serving(services):
+	case w.unavailable && w.serving(services):
 		return nil, w.reason, w.unavailableMessage()
-	case w != nil && w.serving(services):
+	case w.serving(services):
 		return w, ReasonBound, fmt.Sprintf("bound to waypoint %s", b.key)
-	case w != nil:
-		what := "services"
-		if !services {
-			what = "workloads"
-		}
-		return nil, ReasonWaypointForMismatch, fmt.Sprintf("waypoint %s does not serve %s (%s=%s): traffic does not go through it",
-			b.key, what, label.WaypointFor, w.serves)
 	}
-	return nil, ReasonNotAWaypoint, t.notAWaypoint(b.key)
+	what := "services"
+	if !services {
+		what = "workloads"
+	}
+	return nil, ReasonWaypointForMismatch, fmt.Sprintf("waypoint %s does not serve %s (%s=%s): traffic does not go through it",
+		b.key, what, label.WaypointFor, w.serves)
 }
 
 // serviceStatuses computes the WaypointBound condition of every Service

@@ -253,17 +253,17 @@ func (t *translator) serviceWaypoint(svc *corev1.Service) *waypoint {
 		return nil
 	}
 	w := t.boundWaypoint(b.key)
-	if w == nil || !w.servesServices() {
+	if !w.servesServices() {
 		return nil
 	}
 	return w
 }
 
 // boundWaypoint is the waypoint a binding to key sends traffic to: a
-// waypoint, else an unavailable one (traffic refused), else nil when the
-// Gateway exists but is not of the waypoint class.
+// waypoint, else an unavailable one (traffic refused); never nil.
 //
-// A binding to a Gateway that does not exist is refused too: the label says
+// A binding to a Gateway that does not exist, or is of another class, is
+// refused too: the label says
 // that the traffic goes through a waypoint, and a missing one (not created
 // yet, or deleted and about to be re-created) must not let it bypass the
 // waypoint's policies. Which traffic the missing waypoint would take is
@@ -277,11 +277,16 @@ func (t *translator) boundWaypoint(key string) *waypoint {
 	if w := t.unavailable[key]; w != nil {
 		return w
 	}
-	if t.gateways[key] != nil {
-		return nil
-	}
 	ns, name, _ := strings.Cut(key, "/")
 	w := &waypoint{ns: ns, name: name, serves: label.WaypointForAll}
+	if t.gateways[key] != nil {
+		// A Gateway of another class (an ingress gateway, say): whoever
+		// labelled the traffic wanted a waypoint's policies applied to
+		// it, and none runs, so it is refused like traffic bound to a
+		// missing Gateway — never sent around the waypoint.
+		t.markUnavailable(w, ReasonNotAWaypoint, fmt.Sprintf("its class is not %s", t.cfg.WaypointClass))
+		return w
+	}
 	t.markUnavailable(w, ReasonGatewayNotFound, "the Gateway does not exist")
 	return w
 }
@@ -339,7 +344,7 @@ func (t *translator) workloadBinding(b binding) *waypoint {
 		return nil
 	}
 	w := t.boundWaypoint(b.key)
-	if w == nil || !w.servesWorkloads() {
+	if !w.servesWorkloads() {
 		return nil
 	}
 	return w
@@ -360,6 +365,7 @@ func parseIP(s string) []byte {
 	}
 	return a.Unmap().AsSlice()
 }
+
 
 // notAWaypoint explains why the Gateway gw ("<ns>/<name>", which exists)
 // is not a waypoint.
