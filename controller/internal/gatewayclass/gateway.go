@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"strings"
 
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/util/validation"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
@@ -137,4 +139,36 @@ func checkListener(l gwv1.Listener) Listener {
 		v.Message = "the listener is accepted"
 	}
 	return v
+}
+
+// AdmitsNamespace reports whether the waypoint Gateway gw takes traffic
+// bound to it from namespace ns (whose labels are nsLabels), as Gateway
+// API listeners admit routes: its own namespace always; another only when
+// one of its valid listeners says so in allowedRoutes.namespaces (from All,
+// or from Selector with a selector matching ns). The default, from Same,
+// admits no other namespace: a Gateway's owner consents to serving others'
+// traffic, which its policies then govern.
+func AdmitsNamespace(gw *gwv1.Gateway, ns string, nsLabels map[string]string) bool {
+	if gw.Namespace == ns {
+		return true
+	}
+	for _, l := range gw.Spec.Listeners {
+		if !checkListener(l).OK || l.AllowedRoutes == nil || l.AllowedRoutes.Namespaces == nil ||
+			l.AllowedRoutes.Namespaces.From == nil {
+			continue
+		}
+		switch *l.AllowedRoutes.Namespaces.From {
+		case gwv1.NamespacesFromAll:
+			return true
+		case gwv1.NamespacesFromSelector:
+			if l.AllowedRoutes.Namespaces.Selector == nil {
+				continue
+			}
+			sel, err := metav1.LabelSelectorAsSelector(l.AllowedRoutes.Namespaces.Selector)
+			if err == nil && sel.Matches(labels.Set(nsLabels)) {
+				return true
+			}
+		}
+	}
+	return false
 }

@@ -85,3 +85,49 @@ func TestServes(t *testing.T) {
 		}
 	}
 }
+
+// TestAdmitsNamespace: which namespaces may bind to a waypoint in another
+// namespace, as Gateway API listeners admit routes.
+func TestAdmitsNamespace(t *testing.T) {
+	listener := func(port gwv1.PortNumber, protocol gwv1.ProtocolType, ar *gwv1.AllowedRoutes) gwv1.Listener {
+		return gwv1.Listener{Name: "l", Port: port, Protocol: protocol, AllowedRoutes: ar}
+	}
+	from := func(f gwv1.FromNamespaces, sel *metav1.LabelSelector) *gwv1.AllowedRoutes {
+		return &gwv1.AllowedRoutes{Namespaces: &gwv1.RouteNamespaces{From: &f, Selector: sel}}
+	}
+	shop := &metav1.LabelSelector{MatchLabels: map[string]string{"team": "shop"}}
+	bad := &metav1.LabelSelector{MatchExpressions: []metav1.LabelSelectorRequirement{{Key: "team", Operator: "Bogus"}}}
+	for _, tc := range []struct {
+		name      string
+		listeners []gwv1.Listener
+		ns        string
+		labels    map[string]string
+		want      bool
+	}{
+		{"own namespace, default", []gwv1.Listener{listener(15008, "HBONE", nil)}, "shared", nil, true},
+		{"other namespace, default (Same)", []gwv1.Listener{listener(15008, "HBONE", nil)}, "app", nil, false},
+		{"explicit Same", []gwv1.Listener{listener(15008, "HBONE", from(gwv1.NamespacesFromSame, nil))}, "app", nil, false},
+		{"All", []gwv1.Listener{listener(15008, "HBONE", from(gwv1.NamespacesFromAll, nil))}, "app", nil, true},
+		{"Selector matches", []gwv1.Listener{listener(15008, "HBONE", from(gwv1.NamespacesFromSelector, shop))},
+			"app", map[string]string{"team": "shop"}, true},
+		{"Selector does not match", []gwv1.Listener{listener(15008, "HBONE", from(gwv1.NamespacesFromSelector, shop))},
+			"app", map[string]string{"team": "ads"}, false},
+		{"Selector missing", []gwv1.Listener{listener(15008, "HBONE", from(gwv1.NamespacesFromSelector, nil))},
+			"app", map[string]string{"team": "shop"}, false},
+		{"invalid selector admits nobody", []gwv1.Listener{listener(15008, "HBONE", from(gwv1.NamespacesFromSelector, bad))},
+			"app", map[string]string{"team": "shop"}, false},
+		{"an ignored listener admits nothing", []gwv1.Listener{
+			listener(15008, "HBONE", nil), listener(80, gwv1.HTTPProtocolType, from(gwv1.NamespacesFromAll, nil)),
+		}, "app", nil, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			gw := &gwv1.Gateway{
+				ObjectMeta: metav1.ObjectMeta{Namespace: "shared", Name: "central"},
+				Spec:       gwv1.GatewaySpec{GatewayClassName: class, Listeners: tc.listeners},
+			}
+			if got := AdmitsNamespace(gw, tc.ns, tc.labels); got != tc.want {
+				t.Errorf("AdmitsNamespace(%s) = %v, want %v", tc.ns, got, tc.want)
+			}
+		})
+	}
+}

@@ -30,6 +30,10 @@ const (
 	// ReasonNotAWaypoint: the Gateway is not of the waypoint class; the
 	// traffic bound to it is refused (see translator.boundWaypoint).
 	ReasonNotAWaypoint = "NotAWaypoint"
+	// ReasonNotAllowed: the waypoint is in another namespace and its
+	// Gateway's listeners do not admit the bound object's namespace; the
+	// traffic bound to it is refused.
+	ReasonNotAllowed = "NotAllowedByListeners"
 	// ReasonWaypointForMismatch: the waypoint does not serve that kind of
 	// traffic (its amesh.dev/waypoint-for label).
 	ReasonWaypointForMismatch = "WaypointForMismatch"
@@ -55,7 +59,7 @@ type BindingProblem struct {
 // explainBinding says why a binding does not give traffic of that kind
 // (services or workloads) a waypoint; ok when it does.
 func (t *translator) explainBinding(b binding, services bool) (w *waypoint, reason, msg string) {
-	w = t.boundWaypoint(b.key)
+	w = t.boundWaypoint(b)
 	switch {
 	case w.unavailable && w.serving(services):
 		return nil, w.reason, w.unavailableMessage()

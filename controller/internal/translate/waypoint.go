@@ -29,8 +29,9 @@ type waypoint struct {
 	// is refused (see unavailableAddress).
 	unavailable bool
 	// reason and why say why an unavailable waypoint is: the binding
-	// status reason (ReasonGatewayNotFound or ReasonWaypointUnavailable)
-	// and a phrase for its message.
+	// status reason (ReasonGatewayNotFound, ReasonWaypointUnavailable,
+	// ReasonNotAWaypoint, or ReasonNotAllowed) and a phrase for its
+	// message (for ReasonNotAllowed, the namespace it does not admit).
 	reason, why string
 	// serves is the waypoint-for value: service, workload, all or none.
 	serves string
@@ -53,9 +54,13 @@ func (w *waypoint) serving(services bool) bool {
 // unavailableMessage is the binding status message of an unavailable
 // waypoint.
 func (w *waypoint) unavailableMessage() string {
-	if w.reason == ReasonGatewayNotFound {
+	switch w.reason {
+	case ReasonGatewayNotFound:
 		return fmt.Sprintf("waypoint Gateway %s not found: traffic bound to it is refused, never sent around it; "+
 			"create the waypoint, or set %s=%s to send the traffic directly", w.key(), label.UseWaypoint, label.UseWaypointNone)
+	case ReasonNotAllowed:
+		return fmt.Sprintf("waypoint %s does not admit namespace %s (a Gateway admits other namespaces in its listener's "+
+			"allowedRoutes.namespaces): traffic bound to it is refused, never sent around it", w.key(), w.why)
 	}
 	return fmt.Sprintf("Gateway %s is not a waypoint amesh runs (%s): traffic bound to it is refused, never sent around it",
 		w.key(), w.why)
@@ -158,6 +163,8 @@ type binding struct {
 	set  bool
 	none bool
 	key  string // "<ns>/<name>" of the Gateway
+	// from is the namespace of the bound object.
+	from string
 }
 
 // bindingFrom reads use-waypoint labels of an object in namespace ns.
@@ -169,10 +176,11 @@ func bindingFrom(labels map[string]string, ns string) binding {
 	if name == label.UseWaypointNone {
 		return binding{set: true, none: true}
 	}
+	from := ns
 	if wns := labels[label.UseWaypointNamespace]; wns != "" {
 		ns = wns
 	}
-	return binding{set: true, key: ns + "/" + name}
+	return binding{set: true, key: ns + "/" + name, from: from}
 }
 
 // bindingFor resolves the binding of an object: its own label first, then
@@ -252,7 +260,7 @@ func (t *translator) serviceWaypoint(svc *corev1.Service) *waypoint {
 	if !b.set || b.none {
 		return nil
 	}
-	w := t.boundWaypoint(b.key)
+	w := t.boundWaypoint(b)
 	if !w.servesServices() {
 		return nil
 	}
@@ -270,7 +278,31 @@ func (t *translator) serviceWaypoint(svc *corev1.Service) *waypoint {
 // unknown, so it is taken to take all; the operator removes the label or
 // sets it to none to send traffic directly. A missing Gateway claims no
 // service account.
-func (t *translator) boundWaypoint(key string) *waypoint {
+//
+// A waypoint in another namespace takes the binding only when its Gateway
+// admits the binding's namespace (gatewayclass.AdmitsNamespace); otherwise
+// the traffic is refused as well: a namespace cannot make someone else's
+// waypoint carry, and its policies decide over, traffic its owner never
+// agreed to serve.
+func (t *translator) boundWaypoint(b binding) *waypoint {
+	w := t.waypointAt(b.key)
+	if w.gw == nil || w.ns == b.from {
+		return w
+	}
+	var nsLabels map[string]string
+	if n := t.namespaces[b.from]; n != nil {
+		nsLabels = n.Labels
+	}
+	if gatewayclass.AdmitsNamespace(w.gw, b.from, nsLabels) {
+		return w
+	}
+	refused := &waypoint{ns: w.ns, name: w.name, gw: w.gw, serves: w.serves}
+	t.markUnavailable(refused, ReasonNotAllowed, b.from)
+	return refused
+}
+
+// waypointAt is the waypoint, or unavailable stand-in, for the Gateway key.
+func (t *translator) waypointAt(key string) *waypoint {
 	if w := t.waypoints[key]; w != nil {
 		return w
 	}
@@ -343,7 +375,7 @@ func (t *translator) workloadBinding(b binding) *waypoint {
 	if !b.set || b.none {
 		return nil
 	}
-	w := t.boundWaypoint(b.key)
+	w := t.boundWaypoint(b)
 	if !w.servesWorkloads() {
 		return nil
 	}
@@ -365,7 +397,6 @@ func parseIP(s string) []byte {
 	}
 	return a.Unmap().AsSlice()
 }
-
 
 // notAWaypoint explains why the Gateway gw ("<ns>/<name>", which exists)
 // is not a waypoint.

@@ -318,7 +318,11 @@ func (r *root) bindings(ctx context.Context, s *session, g *gwv1.Gateway) ([]str
 		return nil, s.explain(err, "list namespaces")
 	}
 	for _, n := range nsList.Items {
-		if boundHere(n.Labels, n.Name, g) {
+		switch {
+		case !boundHere(n.Labels, n.Name, g):
+		case !gatewayclass.AdmitsNamespace(g, n.Name, n.Labels):
+			out = append(out, "namespace "+n.Name+" (refused: the listeners' allowedRoutes.namespaces do not admit it)")
+		default:
 			out = append(out, "namespace "+n.Name)
 		}
 	}

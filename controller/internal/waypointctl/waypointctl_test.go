@@ -428,7 +428,7 @@ func TestPlugin(t *testing.T) {
 		r := p.ok("status", "-n", "shop", "waypoint")
 		contains(t, "status", r.out,
 			"Waypoint:", "shop/waypoint", "Serves:", "all traffic", "Deployment:", "1/1 ready",
-			"namespace far", "namespace shop", "service ratings",
+			"namespace far (refused: the listeners' allowedRoutes.namespaces do not admit it)", "namespace shop", "service ratings",
 			"Accepted", "Programmed", "True", "mesh", "15008", "HBONE")
 		for _, other := range []string{"namespace cart", "namespace remote"} {
 			if strings.Contains(r.out, other) {
