@@ -27,6 +27,11 @@ const (
 // Service has no waypoint: amesh applies HTTP and gRPC routes at waypoints.
 const ReasonWaypointRequired gwv1.RouteConditionReason = "WaypointRequired"
 
+// ReasonConflicted is the Accepted reason of an HTTPRoute parentRef whose
+// Service port a GRPCRoute also takes: GEP-1426 applies one route type per
+// Service and port, GRPCRoute first.
+const ReasonConflicted gwv1.RouteConditionReason = "Conflicted"
+
 // defaultRetryAttempts is the number of retries of an HTTPRoute retry
 // policy that does not say (the Gateway API leaves it to the
 // implementation; Istio's default).
@@ -99,40 +104,67 @@ type attachment struct {
 	all     bool
 }
 
+// portClaims records, per Service, the ports routes of one type attached
+// to, and the first route (namespace/name) that took each.
+type portClaims map[string]*portClaim
+
+type portClaim struct {
+	all   string            // the route on every port, if any
+	ports map[uint32]string // port → route
+}
+
+func (c portClaims) claim(a attachment, route string) {
+	pc := c[a.service]
+	if pc == nil {
+		pc = &portClaim{ports: map[uint32]string{}}
+		c[a.service] = pc
+	}
+	if len(a.ports) == 0 {
+		pc.all = cmp.Or(pc.all, route)
+		return
+	}
+	for _, p := range a.ports {
+		if _, ok := pc.ports[p]; !ok {
+			pc.ports[p] = route
+		}
+	}
+}
+
+// taken returns which of ports (nil: every port) of service the claims
+// hold, and the route holding the first of them; with ports nil and a
+// claim on some ports only, taken lists those.
+func (c portClaims) taken(service string, ports []uint32) (taken []uint32, all bool, by string) {
+	pc := c[service]
+	switch {
+	case pc == nil:
+		return nil, false, ""
+	case pc.all != "":
+		return ports, true, pc.all
+	case ports == nil:
+		for p := range pc.ports {
+			taken = append(taken, p)
+		}
+		slices.Sort(taken)
+	default:
+		for _, p := range ports {
+			if _, ok := pc.ports[p]; ok {
+				taken = append(taken, p)
+			}
+		}
+	}
+	if len(taken) > 0 {
+		by = pc.ports[taken[0]]
+	}
+	return taken, false, by
+}
+
 // routes translates the HTTPRoutes and GRPCRoutes attached to Services
 // (GAMMA): their rules go into the WaypointService of each parent Service's
 // waypoint, and their status into RouteStatuses.
 func (t *translator) routes() {
-	for _, r := range t.in.HTTPRoutes {
-		if r.DeletionTimestamp != nil {
-			continue
-		}
-		st := &routeState{kind: KindHTTPRoute, ns: r.Namespace}
-		rules := make([]*pb.HTTPRouteRule, 0, len(r.Spec.Rules))
-		for i, rule := range r.Spec.Rules {
-			pr, err := t.httpRule(st, rule)
-			if err != nil {
-				st.drop(i, rule.Name, err)
-				continue
-			}
-			rules = append(rules, pr)
-		}
-		parents, attached := t.routeParents(st, r.ObjectMeta, r.Spec.ParentRefs, len(rules) > 0 || len(r.Spec.Rules) == 0)
-		for _, a := range attached {
-			t.wpHTTPRoutes[a.service] = append(t.wpHTTPRoutes[a.service], &pb.HTTPRoute{
-				Name:              r.Name,
-				Namespace:         r.Namespace,
-				CreationTimestamp: unixTime(r.CreationTimestamp),
-				Hostnames:         hostnames(r.Spec.Hostnames),
-				Ports:             a.ports,
-				Rules:             rules,
-			})
-			t.routeBackends[a.service] = append(t.routeBackends[a.service], st.backends...)
-		}
-		t.outRouteStatuses = append(t.outRouteStatuses, RouteStatus{
-			Kind: KindHTTPRoute, Namespace: r.Namespace, Name: r.Name, Generation: r.Generation, Parents: parents,
-		})
-	}
+	// GRPCRoutes first: an HTTPRoute on a Service port a GRPCRoute takes
+	// is Conflicted (GEP-1426).
+	grpcPorts := portClaims{}
 	for _, r := range t.in.GRPCRoutes {
 		if r.DeletionTimestamp != nil {
 			continue
@@ -147,8 +179,9 @@ func (t *translator) routes() {
 			}
 			rules = append(rules, pr)
 		}
-		parents, attached := t.routeParents(st, r.ObjectMeta, r.Spec.ParentRefs, len(rules) > 0 || len(r.Spec.Rules) == 0)
+		parents, attached := t.routeParents(st, r.ObjectMeta, r.Spec.ParentRefs, len(rules) > 0 || len(r.Spec.Rules) == 0, nil)
 		for _, a := range attached {
+			grpcPorts.claim(a, r.Namespace+"/"+r.Name)
 			t.wpGRPCRoutes[a.service] = append(t.wpGRPCRoutes[a.service], &pb.GRPCRoute{
 				Name:              r.Name,
 				Namespace:         r.Namespace,
@@ -161,6 +194,36 @@ func (t *translator) routes() {
 		}
 		t.outRouteStatuses = append(t.outRouteStatuses, RouteStatus{
 			Kind: KindGRPCRoute, Namespace: r.Namespace, Name: r.Name, Generation: r.Generation, Parents: parents,
+		})
+	}
+	for _, r := range t.in.HTTPRoutes {
+		if r.DeletionTimestamp != nil {
+			continue
+		}
+		st := &routeState{kind: KindHTTPRoute, ns: r.Namespace}
+		rules := make([]*pb.HTTPRouteRule, 0, len(r.Spec.Rules))
+		for i, rule := range r.Spec.Rules {
+			pr, err := t.httpRule(st, rule)
+			if err != nil {
+				st.drop(i, rule.Name, err)
+				continue
+			}
+			rules = append(rules, pr)
+		}
+		parents, attached := t.routeParents(st, r.ObjectMeta, r.Spec.ParentRefs, len(rules) > 0 || len(r.Spec.Rules) == 0, grpcPorts)
+		for _, a := range attached {
+			t.wpHTTPRoutes[a.service] = append(t.wpHTTPRoutes[a.service], &pb.HTTPRoute{
+				Name:              r.Name,
+				Namespace:         r.Namespace,
+				CreationTimestamp: unixTime(r.CreationTimestamp),
+				Hostnames:         hostnames(r.Spec.Hostnames),
+				Ports:             a.ports,
+				Rules:             rules,
+			})
+			t.routeBackends[a.service] = append(t.routeBackends[a.service], st.backends...)
+		}
+		t.outRouteStatuses = append(t.outRouteStatuses, RouteStatus{
+			Kind: KindHTTPRoute, Namespace: r.Namespace, Name: r.Name, Generation: r.Generation, Parents: parents,
 		})
 	}
 	slices.SortFunc(t.outRouteStatuses, func(a, b RouteStatus) int {
@@ -194,13 +257,63 @@ type parentVerdict struct {
 	// every port).
 	service string
 	port    uint32
+	// tcpPorts are the Service's TCP ports; keep, when set, the ports
+	// the route keeps after conflicts (see resolveConflict).
+	tcpPorts, keep []uint32
+}
+
+// resolveConflict applies GEP-1426's route type precedence to an accepted
+// verdict: the ports conflicts hold are not the route's. With none left it
+// is Conflicted; with some, it keeps those (v.keep) and says so.
+func (t *translator) resolveConflict(v *parentVerdict, conflicts portClaims) {
+	var want []uint32 // nil: every port
+	if v.port != 0 {
+		want = []uint32{v.port}
+	}
+	taken, all, by := conflicts.taken(v.service, want)
+	if len(taken) == 0 && !all {
+		return
+	}
+	on := "on every port"
+	if !all {
+		on = "on port " + joinPorts(taken)
+	}
+	var keep []uint32
+	if !all && v.port == 0 {
+		for _, p := range v.tcpPorts {
+			if !slices.Contains(taken, p) {
+				keep = append(keep, p)
+			}
+		}
+	}
+	if len(keep) == 0 {
+		v.accepted, v.reason = false, ReasonConflicted
+		v.msg = fmt.Sprintf("GRPCRoute %s is attached to the same Service %s: when route types conflict on a Service port, "+
+			"the GRPCRoute applies (GEP-1426); this route is not applied", by, on)
+		return
+	}
+	v.keep = keep
+	v.msg += fmt.Sprintf(" on port %s only: GRPCRoute %s takes port %s (GEP-1426: on a conflicting Service port the GRPCRoute applies)",
+		joinPorts(keep), by, joinPorts(taken))
+}
+
+func joinPorts(ps []uint32) string {
+	s := make([]string, len(ps))
+	for i, p := range ps {
+		s[i] = fmt.Sprint(p)
+	}
+	return strings.Join(s, ", ")
 }
 
 // routeParents judges the route's parentRefs, returns the parent statuses
 // amesh owns and where the route attaches. hasRules is false when every
 // rule was dropped (the route is then not accepted anywhere); a route
-// written without rules is accepted (it matches nothing).
-func (t *translator) routeParents(st *routeState, meta metav1.ObjectMeta, refs []gwv1.ParentReference, hasRules bool) ([]gwv1.RouteParentStatus, []attachment) {
+// written without rules is accepted (it matches nothing). Ports that
+// higher-precedence routes hold (conflicts, nil for GRPCRoutes) are left
+// to them: a parentRef whose every port is held is Conflicted, one that
+// keeps some attaches to those only.
+func (t *translator) routeParents(st *routeState, meta metav1.ObjectMeta, refs []gwv1.ParentReference, hasRules bool,
+	conflicts portClaims) ([]gwv1.RouteParentStatus, []attachment) {
 	var verdicts []parentVerdict
 	for _, ref := range refs {
 		if v, ours := t.parentVerdict(meta.Namespace, ref); ours {
@@ -230,6 +343,9 @@ func (t *translator) routeParents(st *routeState, meta metav1.ObjectMeta, refs [
 	var order []string
 	out := make([]gwv1.RouteParentStatus, 0, len(verdicts))
 	for _, v := range verdicts {
+		if v.accepted && hasRules {
+			t.resolveConflict(&v, conflicts)
+		}
 		accepted := metav1.Condition{
 			Type:               string(gwv1.RouteConditionAccepted),
 			Status:             metav1.ConditionFalse,
@@ -259,9 +375,12 @@ func (t *translator) routeParents(st *routeState, meta metav1.ObjectMeta, refs [
 				byService[v.service] = a
 				order = append(order, v.service)
 			}
-			if v.port == 0 {
+			switch {
+			case v.keep != nil:
+				a.ports = append(a.ports, v.keep...)
+			case v.port == 0:
 				a.all = true
-			} else {
+			default:
 				a.ports = append(a.ports, v.port)
 			}
 		}
@@ -354,6 +473,13 @@ func (t *translator) parentVerdict(ns string, ref gwv1.ParentReference) (v paren
 		return v, true
 	}
 	v.accepted, v.service = true, key
+	if v.port == 0 {
+		for _, p := range svc.Spec.Ports {
+			if isTCP(p.Protocol) {
+				v.tcpPorts = append(v.tcpPorts, uint32(p.Port))
+			}
+		}
+	}
 	v.reason = gwv1.RouteReasonAccepted
 	v.msg = fmt.Sprintf("applied by waypoint %s to traffic for Service %s/%s", w.key(), pns, name)
 	if v.port != 0 {
