@@ -442,6 +442,17 @@ func (c *Cluster) acquireConn(ctx context.Context, limit int64) error {
 	}
 }
 
+// tryAcquireConn takes a connection slot if one is free.
+func (c *Cluster) tryAcquireConn(limit int64) bool {
+	c.connMu.Lock()
+	defer c.connMu.Unlock()
+	if c.conns >= limit {
+		return false
+	}
+	c.conns++
+	return true
+}
+
 func (c *Cluster) releaseConn() {
 	c.connMu.Lock()
 	c.conns--
@@ -492,7 +503,19 @@ func (c *Cluster) Overflows() int64 { return c.overflows.Load() }
 
 // DialEndpoint opens a raw connection (for L4 passthrough) to an endpoint
 // picked by the load balancer, trying another endpoint once on failure.
-func (c *Cluster) DialEndpoint(ctx context.Context, in *HashInput) (*Endpoint, net.Conn, error) {
+// The connection counts against max_connections until closed; at the
+// limit the passthrough is refused at once (ErrOverflow), as a TCP proxy
+// does, rather than queued like an HTTP request.
+func (c *Cluster) DialEndpoint(ctx context.Context, in *HashInput) (_ *Endpoint, _ net.Conn, err error) {
+	if limit := c.cur.Load().limits.maxConns; !c.tryAcquireConn(limit) {
+		c.overflows.Add(1)
+		return nil, nil, fmt.Errorf("%w: max connections %d", ErrOverflow, limit)
+	}
+	defer func() {
+		if err != nil {
+			c.releaseConn()
+		}
+	}()
 	var tried []*Endpoint
 	var lastErr error
 	for range 2 {
@@ -507,7 +530,7 @@ func (c *Cluster) DialEndpoint(ctx context.Context, in *HashInput) (*Endpoint, n
 		cancel()
 		if err == nil {
 			c.Report(ep, 200, nil)
-			return ep, conn, nil
+			return ep, &trackedConn{Conn: conn, c: c}, nil
 		}
 		lastErr = &ConnectError{Endpoint: ep.Addr, Err: err}
 		if ctx.Err() != nil {

@@ -584,3 +584,71 @@ func TestCircuitBreakerDefaults(t *testing.T) {
 		})
 	}
 }
+
+// TestPassthroughMaxConnections: L4 passthrough connections count against
+// max_connections while open, share the limit with pooled HTTP
+// connections, and beyond it are refused at once with ErrOverflow.
+func TestPassthroughMaxConnections(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { _, _ = io.Copy(io.Discard, c); c.Close() }()
+		}
+	}()
+	c := New(Options{Name: "x", Dial: tcpDial})
+	c.Update([]Endpoint{{Addr: netip.MustParseAddrPort(ln.Addr().String())}},
+		&discoveryv1.TrafficPolicy{CircuitBreaker: &discoveryv1.CircuitBreaker{MaxConnections: 2}})
+	defer c.Close()
+	var open []net.Conn
+	for range 2 {
+		_, conn, err := c.DialEndpoint(t.Context(), &HashInput{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		open = append(open, conn)
+	}
+	if n := c.Conns(); n != 2 {
+		t.Fatalf("%d connections counted, want 2", n)
+	}
+	start := time.Now()
+	if _, _, err := c.DialEndpoint(t.Context(), &HashInput{}); !errors.Is(err, ErrOverflow) {
+		t.Fatalf("third passthrough at max_connections 2: %v, want ErrOverflow", err)
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Errorf("refusal took %v: it must not wait for a slot", d)
+	}
+	if c.Overflows() != 1 {
+		t.Errorf("overflows %d, want 1", c.Overflows())
+	}
+	open[0].Close()
+	open[0].Close() // released once
+	if n := c.Conns(); n != 1 {
+		t.Fatalf("%d connections counted after one closed twice, want 1", n)
+	}
+	_, conn, err := c.DialEndpoint(t.Context(), &HashInput{})
+	if err != nil {
+		t.Fatalf("after a close: %v", err)
+	}
+	conn.Close()
+	open[1].Close()
+	if n := c.Conns(); n != 0 {
+		t.Fatalf("%d connections counted after all closed", n)
+	}
+	// A failed dial gives its slot back.
+	c.Update([]Endpoint{{Addr: netip.MustParseAddrPort("127.0.0.1:1")}},
+		&discoveryv1.TrafficPolicy{CircuitBreaker: &discoveryv1.CircuitBreaker{MaxConnections: 2}})
+	if _, _, err := c.DialEndpoint(t.Context(), &HashInput{}); err == nil || errors.Is(err, ErrOverflow) {
+		t.Fatalf("dial to a closed port: %v", err)
+	}
+	if n := c.Conns(); n != 0 {
+		t.Fatalf("%d connections counted after a failed dial", n)
+	}
+}
