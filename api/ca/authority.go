@@ -24,6 +24,7 @@ import (
 	"fmt"
 	"math/big"
 	"net/url"
+	"slices"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -180,14 +181,34 @@ func LoadAuthority(td spiffeid.TrustDomain, certPEM, keyPEM []byte, opts ...Opti
 	return a, nil
 }
 
+// WithTrustAnchors returns a copy of a that also publishes extra as trust
+// anchors (Roots) — the roots of a CA rotation: the outgoing one while
+// certificates it issued are still in use, the incoming one before it
+// signs. Each must be a CA certificate; duplicates of a root already
+// published are dropped. Signing is unchanged: a's own chain and anchor.
+func (a *Authority) WithTrustAnchors(extra []*x509.Certificate) (*Authority, error) {
+	b := *a
+	b.roots = slices.Clone(a.roots)
+	for i, c := range extra {
+		if !c.IsCA || !c.BasicConstraintsValid {
+			return nil, fmt.Errorf("ca: trust anchor %d (%s): %w: not a CA certificate", i, c.Subject, ErrInvalidAuthority)
+		}
+		if !slices.ContainsFunc(b.roots, func(r *x509.Certificate) bool { return r.Equal(c) }) {
+			b.roots = append(b.roots, c)
+		}
+	}
+	return &b, nil
+}
+
 // TrustDomain is the authority's trust domain.
 func (a *Authority) TrustDomain() spiffeid.TrustDomain { return a.td }
 
 // Certificate is the signing certificate.
 func (a *Authority) Certificate() *x509.Certificate { return a.cert }
 
-// Roots are the trust anchors that verify every certificate this authority
-// issues.
+// Roots are the trust anchors published to the mesh: first the one that
+// verifies every certificate this authority issues, then any added by
+// WithTrustAnchors.
 func (a *Authority) Roots() []*x509.Certificate {
 	return append([]*x509.Certificate(nil), a.roots...)
 }

@@ -414,3 +414,49 @@ func TestSignServer(t *testing.T) {
 		t.Errorf("SignServer with RSA 1024 = %v", err)
 	}
 }
+
+// TestWithTrustAnchors: a rotation publishes the outgoing and the incoming
+// root while signing with one of them; certificates of either verify
+// against the published roots, and signing is unchanged.
+func TestWithTrustAnchors(t *testing.T) {
+	old, next := newRoot(t), newRoot(t)
+	both, err := next.WithTrustAnchors([]*x509.Certificate{old.Certificate(), next.Certificate()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots := both.Roots()
+	if len(roots) != 2 || !roots[0].Equal(next.Certificate()) || !roots[1].Equal(old.Certificate()) {
+		t.Fatalf("roots %d: want the signing root then the extra one, without duplicates", len(roots))
+	}
+	if len(next.Roots()) != 1 {
+		t.Fatal("WithTrustAnchors changed the original authority")
+	}
+	if string(both.CertPEM()) != string(next.CertPEM()) {
+		t.Fatal("the signing chain changed")
+	}
+	chainNew, err := both.Sign(uriCSR(t, newKey(t), idA), idA, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	chainOld, err := old.Sign(uriCSR(t, newKey(t), idB), idB, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := verifySVID(t, chainNew, roots); got != idA {
+		t.Fatalf("new certificate verifies as %v", got)
+	}
+	if got := verifySVID(t, chainOld, roots); got != idB {
+		t.Fatalf("old certificate verifies as %v", got)
+	}
+	if _, _, err := x509svid.Verify(chainNew, x509bundle.FromX509Authorities(td, old.Roots())); err == nil {
+		t.Fatal("a certificate of the new root verifies against the old root alone")
+	}
+
+	leaf, err := both.Sign(uriCSR(t, newKey(t), idA), idA, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := next.WithTrustAnchors([]*x509.Certificate{leaf[0]}); !errors.Is(err, ErrInvalidAuthority) {
+		t.Fatalf("a workload certificate as trust anchor: %v, want ErrInvalidAuthority", err)
+	}
+}
