@@ -117,3 +117,46 @@ func LeafID(c *tls.Certificate) (spiffeid.ID, error) {
 	}
 	return x509svid.IDFromCert(leaf)
 }
+
+// ControllerTLS returns the client TLS configuration for the controller's
+// discovery and certificate service (TLS 1.3): the controller's server
+// certificate must be valid for serverName and chain to a root that b holds
+// for td at the time of the handshake. Unlike a fixed RootCAs pool read at
+// start, this follows the roots discovery publishes, so that a client
+// keeps reaching the controller across a root rotation (the controller
+// switches its serving certificate to the new root only after publishing
+// it); a root that discovery stops publishing stops being trusted.
+func ControllerTLS(serverName string, b *Bundle, td spiffeid.TrustDomain) *tls.Config {
+	return &tls.Config{
+		MinVersion: tls.VersionTLS13,
+		ServerName: serverName,
+		// The chain is verified in VerifyConnection, against the roots
+		// of the moment; Go's own verification takes a fixed pool.
+		InsecureSkipVerify: true,
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			switch {
+			case serverName == "":
+				// x509 would skip the name check.
+				return errors.New("controller: no server name to verify")
+			case len(cs.PeerCertificates) == 0:
+				return fmt.Errorf("controller %s: no server certificate", serverName)
+			}
+			roots := x509.NewCertPool()
+			for _, r := range b.Roots(td) {
+				roots.AddCert(r)
+			}
+			inter := x509.NewCertPool()
+			for _, c := range cs.PeerCertificates[1:] {
+				inter.AddCert(c)
+			}
+			_, err := cs.PeerCertificates[0].Verify(x509.VerifyOptions{
+				DNSName: serverName, Roots: roots, Intermediates: inter,
+				KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+			})
+			if err != nil {
+				return fmt.Errorf("controller %s: server certificate: %w", serverName, err)
+			}
+			return nil
+		},
+	}
+}

@@ -2,8 +2,6 @@ package app
 
 import (
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"net"
@@ -104,10 +102,6 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (*App, error) {
 	if err := a.bundle.SetPEM(a.td, rootPEM); err != nil {
 		return nil, fmt.Errorf("root certificates %s: %w", cfg.RootCertFile, err)
 	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(rootPEM) {
-		return nil, fmt.Errorf("root certificates %s: no PEM certificate", cfg.RootCertFile)
-	}
 	a.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
 	// Controller connection: TLS verified against the mesh roots, bearer
@@ -124,7 +118,10 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (*App, error) {
 		return strings.TrimSpace(string(b)), nil
 	}
 	a.conn, err = grpc.NewClient(cfg.ControllerAddr,
-		grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{RootCAs: pool, ServerName: serverName, MinVersion: tls.VersionTLS13})),
+		// Verified against the bundle's roots at each handshake: the root
+		// file until discovery publishes roots, then those (a root
+		// rotation).
+		grpc.WithTransportCredentials(credentials.NewTLS(identity.ControllerTLS(serverName, a.bundle, a.td))),
 		grpc.WithPerRPCCredentials(bearer.PerRPC(token)))
 	if err != nil {
 		return nil, fmt.Errorf("controller connection: %w", err)

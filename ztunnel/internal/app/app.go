@@ -7,8 +7,6 @@ package app
 
 import (
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -62,10 +60,6 @@ func Run(ctx context.Context, cfg config.Config, log *zap.Logger) error {
 	if err != nil {
 		return fmt.Errorf("root certificates: %w", err)
 	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(rootPEM) {
-		return fmt.Errorf("root certificates: no PEM certificate in %s", cfg.RootCertFile)
-	}
 	bundle := identity.NewBundle()
 	if err := bundle.SetPEM(td, rootPEM); err != nil {
 		return fmt.Errorf("root certificates: %w", err)
@@ -79,9 +73,10 @@ func Run(ctx context.Context, cfg config.Config, log *zap.Logger) error {
 		return strings.TrimSpace(string(b)), nil
 	}
 	conn, err := grpc.NewClient(cfg.Controller,
-		grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{
-			RootCAs: pool, ServerName: cfg.ControllerName, MinVersion: tls.VersionTLS12,
-		})),
+		// The controller is verified against the bundle's roots for the
+		// mesh's trust domain at each handshake: the root file until
+		// discovery publishes roots, then those (a root rotation).
+		grpc.WithTransportCredentials(credentials.NewTLS(identity.ControllerTLS(cfg.ControllerName, bundle, td))),
 		grpc.WithPerRPCCredentials(bearer.PerRPC(token)),
 	)
 	if err != nil {
