@@ -583,11 +583,15 @@ func (c *caWatcher) Start(ctx context.Context) error {
 				c.log.Error("CA secret changed but cannot be used; keeping the current authority", zap.Error(err))
 				continue
 			}
-			if bytes.Equal(na.CertPEM(), c.keys.get().CertPEM()) {
+			cur := c.keys.get()
+			// A change of the published roots alone (a rotation's
+			// first and last steps) is a change too.
+			if bytes.Equal(na.CertPEM(), cur.CertPEM()) && bytes.Equal(na.RootsPEM(), cur.RootsPEM()) {
 				continue
 			}
 			c.keys.set(na)
-			c.log.Info("mesh CA changed", zap.Time("notAfter", na.Certificate().NotAfter))
+			c.log.Info("mesh CA changed", zap.Time("notAfter", na.Certificate().NotAfter), zap.Int("roots", len(na.Roots())),
+				zap.Bool("signingChanged", !bytes.Equal(na.CertPEM(), cur.CertPEM())))
 			c.onChange(na)
 		}
 	}

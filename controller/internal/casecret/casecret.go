@@ -7,13 +7,22 @@
 // by its chain), "tls.key" (its private key) and optionally "ca.crt" (the
 // trust anchor, when tls.crt does not end with it) — the layout of a
 // kubernetes.io/tls Secret as cert-manager writes it for a CA.
+//
+// "ca.crt" may hold several roots: all of them are published to the mesh
+// as trust anchors, which is how an operator rotates the root without
+// refusing anybody's traffic (docs/DESIGN.md, "Rotating the root"):
+// publish old and new roots while still signing with the old CA, then sign
+// with the new one, then drop the old root once the certificates it signed
+// have expired.
 package casecret
 
 import (
 	"bytes"
 	"context"
+	"crypto/x509"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -106,22 +115,34 @@ func Load(s *corev1.Secret, o Options) (*ca.Authority, error) {
 		return nil, fmt.Errorf("casecret: %s/%s: %w: %s and %s are required", s.Namespace, s.Name, ErrInvalidSecret, KeyCert, KeyKey)
 	}
 	chain := cert
+	var roots []*x509.Certificate
 	if root := s.Data[KeyRoot]; len(root) > 0 {
 		certs, err := ca.ParseCertsPEM(cert)
 		if err != nil {
 			return nil, fmt.Errorf("casecret: %s/%s: %w: %s: %v", s.Namespace, s.Name, ErrInvalidSecret, KeyCert, err)
 		}
-		roots, err := ca.ParseCertsPEM(root)
+		roots, err = ca.ParseCertsPEM(root)
 		if err != nil {
 			return nil, fmt.Errorf("casecret: %s/%s: %w: %s: %v", s.Namespace, s.Name, ErrInvalidSecret, KeyRoot, err)
 		}
-		if !bytes.Equal(certs[len(certs)-1].Raw, roots[0].Raw) {
-			chain = append(append(bytes.Clone(cert), '\n'), root...)
+		// The chain ends at the root of ca.crt that signed its last
+		// certificate, unless it ends at a root already.
+		last := certs[len(certs)-1]
+		if !slices.ContainsFunc(roots, last.Equal) {
+			i := slices.IndexFunc(roots, func(r *x509.Certificate) bool { return last.CheckSignatureFrom(r) == nil })
+			if i < 0 {
+				return nil, fmt.Errorf("casecret: %s/%s: %w: no root in %s signed the last certificate of %s (%s)",
+					s.Namespace, s.Name, ErrInvalidSecret, KeyRoot, KeyCert, last.Subject)
+			}
+			chain = append(append(bytes.Clone(cert), '\n'), ca.EncodeCertsPEM(roots[i:i+1])...)
 		}
 	}
 	a, err := ca.LoadAuthority(o.TrustDomain, chain, key, o.CAOptions...)
 	if err != nil {
 		return nil, fmt.Errorf("casecret: %s/%s: %w: %w", s.Namespace, s.Name, ErrInvalidSecret, err)
+	}
+	if a, err = a.WithTrustAnchors(roots); err != nil {
+		return nil, fmt.Errorf("casecret: %s/%s: %w: %s: %w", s.Namespace, s.Name, ErrInvalidSecret, KeyRoot, err)
 	}
 	return a, nil
 }

@@ -122,3 +122,51 @@ func TestLoadInvalid(t *testing.T) {
 		})
 	}
 }
+
+// TestLoadRotation: the Secret at each step of a root rotation — old CA
+// with both roots, new CA with both roots (in either order), new CA alone
+// — signs with the CA of tls.crt and publishes every root of ca.crt, the
+// signing chain's own root first.
+func TestLoadRotation(t *testing.T) {
+	td := spiffeid.RequireTrustDomainFromString("cluster.local")
+	oldRoot, oldInter, oldKey := operatorCA(t)
+	newRoot, newInter, newKey := operatorCA(t)
+	bundle := func(cs ...*x509.Certificate) []byte { return ca.EncodeCertsPEM(cs) }
+	for _, tc := range []struct {
+		name      string
+		cert, key []byte
+		roots     []byte
+		signer    *x509.Certificate
+		want      []*x509.Certificate
+	}{
+		{"1: old CA, both roots", bundle(oldInter), oldKey, bundle(oldRoot, newRoot), oldInter, []*x509.Certificate{oldRoot, newRoot}},
+		{"1: old CA, both roots, new first", bundle(oldInter), oldKey, bundle(newRoot, oldRoot), oldInter, []*x509.Certificate{oldRoot, newRoot}},
+		{"2: new CA, both roots", bundle(newInter), newKey, bundle(oldRoot, newRoot), newInter, []*x509.Certificate{newRoot, oldRoot}},
+		{"2: new CA with its chain, both roots", bundle(newInter, newRoot), newKey, bundle(oldRoot, newRoot), newInter, []*x509.Certificate{newRoot, oldRoot}},
+		{"3: new CA, new root", bundle(newInter), newKey, bundle(newRoot), newInter, []*x509.Certificate{newRoot}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a, err := Load(&corev1.Secret{Data: map[string][]byte{KeyCert: tc.cert, KeyKey: tc.key, KeyRoot: tc.roots}}, Options{TrustDomain: td})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !a.Certificate().Equal(tc.signer) {
+				t.Fatalf("signs with %s", a.Certificate().Subject)
+			}
+			got := a.Roots()
+			if len(got) != len(tc.want) {
+				t.Fatalf("%d roots published, want %d", len(got), len(tc.want))
+			}
+			for i := range got {
+				if !got[i].Equal(tc.want[i]) {
+					t.Fatalf("root %d is not the expected one", i)
+				}
+			}
+			// What the controller stores back reads the same.
+			again, err := Load(&corev1.Secret{Data: map[string][]byte{KeyCert: a.CertPEM(), KeyKey: tc.key, KeyRoot: a.RootsPEM()}}, Options{TrustDomain: td})
+			if err != nil || string(again.RootsPEM()) != string(a.RootsPEM()) || string(again.CertPEM()) != string(a.CertPEM()) {
+				t.Fatalf("round trip: %v", err)
+			}
+		})
+	}
+}
