@@ -4,6 +4,8 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"maps"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -178,4 +180,133 @@ func issue(t *testing.T, e *env, tok string, roots *x509.CertPool) *x509.Certifi
 		t.Fatalf("certificate: %v", err)
 	}
 	return res.Chain[0]
+}
+
+// TestStagedRootRotation rotates the root as the operator procedure says,
+// with a ztunnel subscribed throughout: (1) ca.crt holds the old and the
+// new root while the old CA signs — both are published, certificates
+// still chain to the old root; (2) tls.crt/tls.key become the new CA —
+// certificates and the serving certificate chain to the new root, while
+// those of the old root still verify against what is published, and a
+// data-plane client that follows the published roots reaches the
+// controller; (3) ca.crt holds the new root only — the old root is no
+// longer published.
+func TestStagedRootRotation(t *testing.T) {
+	e := startEnv(t, nil)
+	ctx := context.Background()
+	e.node("node-a")
+	zt := e.pod("amesh-system", "ztunnel-a", "ztunnel", "node-a", "10.5.0.2", nil, nil)
+	e.create(&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "shop", Labels: map[string]string{
+		"amesh.dev/dataplane-mode": "ambient",
+	}}})
+	e.serviceAccount("shop", "web")
+	e.pod("shop", "web-1", "web", "node-a", "10.5.1.1", nil, nil)
+	tok := e.token("amesh-system", "ztunnel", zt, "amesh")
+	m := e.subscribe(tok, map[string]string{"kind": "ztunnel", "pod": "ztunnel-a"})
+	select {
+	case <-m.client.Synced():
+	case <-time.After(10 * time.Second):
+		t.Fatal("not synced")
+	}
+	td := spiffeid.RequireTrustDomainFromString("cluster.local")
+	var sec corev1.Secret
+	e.get("amesh-system", "amesh-ca", &sec)
+	oldRoot := strings.TrimSpace(string(sec.Data["ca.crt"]))
+	next, err := ca.NewRoot(td, 24*time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nextKey, err := next.KeyPEM()
+	if err != nil {
+		t.Fatal(err)
+	}
+	newRoot := strings.TrimSpace(string(next.RootsPEM()))
+	pool := func(pems ...string) *x509.CertPool {
+		p := x509.NewCertPool()
+		for _, s := range pems {
+			if !p.AppendCertsFromPEM([]byte(s)) {
+				t.Fatal("bad PEM")
+			}
+		}
+		return p
+	}
+	update := func(data map[string][]byte) {
+		t.Helper()
+		e.get("amesh-system", "amesh-ca", &sec)
+		maps.Copy(sec.Data, data)
+		if err := e.c.Update(ctx, &sec); err != nil {
+			t.Fatal(err)
+		}
+	}
+	published := func() []string {
+		tb, _ := m.get(pb.TrustBundleType, "cluster.local").(*pb.TrustBundle)
+		var out []string
+		for _, r := range tb.GetRootsPem() {
+			out = append(out, strings.TrimSpace(r))
+		}
+		return out
+	}
+	expectRoots := func(step string, want ...string) {
+		t.Helper()
+		within(t, 10*time.Second, m, func() bool { return slices.Equal(published(), want) },
+			func() string { return step + ": trust bundle " + describe(m.get(pb.TrustBundleType, "cluster.local")) })
+		within(t, 10*time.Second, nil, func() bool {
+			var cm corev1.ConfigMap
+			e.get("shop", "amesh-root-cert", &cm)
+			return strings.TrimSpace(cm.Data["root-cert.pem"]) == strings.Join(want, "\n")
+		}, func() string { return step + ": root ConfigMap not updated" })
+	}
+	verifies := func(leaf *x509.Certificate, roots *x509.CertPool) bool {
+		_, err := leaf.Verify(x509.VerifyOptions{Roots: roots, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}})
+		return err == nil
+	}
+
+	// 1: both roots published; the old CA still signs and serves.
+	update(map[string][]byte{"ca.crt": []byte(oldRoot + "\n" + newRoot + "\n")})
+	expectRoots("step 1", oldRoot, newRoot)
+	oldLeaf := issue(t, e, tok, pool(oldRoot))
+	if !verifies(oldLeaf, pool(oldRoot)) {
+		t.Fatal("step 1: the certificate does not chain to the old root")
+	}
+
+	// 2: the new CA signs and serves; both roots still published.
+	update(map[string][]byte{"tls.crt": next.CertPEM(), "tls.key": nextKey})
+	expectRoots("step 2", newRoot, oldRoot)
+	var newLeaf *x509.Certificate
+	within(t, 10*time.Second, nil, func() bool {
+		newLeaf = issue(t, e, tok, pool(newRoot, oldRoot))
+		return verifies(newLeaf, pool(newRoot))
+	}, func() string { return "step 2: certificates do not chain to the new root" })
+	if !verifies(oldLeaf, pool(published()...)) {
+		t.Fatal("step 2: a certificate of the old root no longer verifies against the published roots")
+	}
+	// A data-plane client that started with the old root file and follows
+	// the published roots reaches the controller, now serving from the
+	// new root.
+	b := identity.NewBundle()
+	if err := b.SetPEM(td, []byte(strings.Join(published(), "\n"))); err != nil {
+		t.Fatal(err)
+	}
+	cfg := identity.ControllerTLS("amesh-controller.amesh-system.svc", b, td)
+	cfg.NextProtos = []string{"h2"}
+	conn, err := tls.Dial("tcp", e.app.GRPCAddr(), cfg)
+	if err != nil {
+		t.Fatalf("step 2: a client following the published roots cannot reach the controller: %v", err)
+	}
+	conn.Close()
+	if conn, err := tls.Dial("tcp", e.app.GRPCAddr(), &tls.Config{RootCAs: pool(oldRoot),
+		ServerName: "amesh-controller.amesh-system.svc", NextProtos: []string{"h2"}}); err == nil {
+		conn.Close()
+		t.Fatal("step 2: the serving certificate still chains to the old root")
+	}
+
+	// 3: the old root is dropped.
+	update(map[string][]byte{"ca.crt": []byte(newRoot + "\n")})
+	expectRoots("step 3", newRoot)
+	if verifies(oldLeaf, pool(published()...)) {
+		t.Fatal("step 3: a certificate of the old root still verifies against the published roots")
+	}
+	if !verifies(newLeaf, pool(published()...)) {
+		t.Fatal("step 3: a certificate of the new root does not verify")
+	}
 }
