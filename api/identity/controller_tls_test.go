@@ -3,6 +3,8 @@ package identity_test
 import (
 	"crypto/tls"
 	"net"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -45,7 +47,8 @@ func TestControllerTLS(t *testing.T) {
 	}
 	b := identity.NewBundle()
 	b.Set(td, oldCA.Roots())
-	client := identity.ControllerTLS(name, b, td)
+	file := filepath.Join(t.TempDir(), "root-cert.pem")
+	client := identity.ControllerTLS(name, identity.ControllerRoots(b, td, file))
 	dial := func(server *tls.Config) error {
 		t.Helper()
 		ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -95,6 +98,15 @@ func TestControllerTLS(t *testing.T) {
 	b.Set(td, newCA.Roots()) // step 3
 	refused("old root after it was dropped", serving(oldCA, name), "unknown authority")
 	ok("new root", serving(newCA, name))
+
+	// A component that missed the publication: its bundle holds the old
+	// root only, but the root file (the ConfigMap) has the new one.
+	b.Set(td, oldCA.Roots())
+	refused("new root, neither in the bundle nor in the file", serving(newCA, name), "unknown authority")
+	if err := os.WriteFile(file, append(oldCA.RootsPEM(), newCA.RootsPEM()...), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ok("new root from the root file", serving(newCA, name))
 
 	old12 := serving(newCA, name)
 	old12.MinVersion, old12.MaxVersion = tls.VersionTLS12, tls.VersionTLS12

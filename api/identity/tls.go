@@ -5,8 +5,10 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"os"
 	"slices"
 
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 )
@@ -120,13 +122,12 @@ func LeafID(c *tls.Certificate) (spiffeid.ID, error) {
 
 // ControllerTLS returns the client TLS configuration for the controller's
 // discovery and certificate service (TLS 1.3): the controller's server
-// certificate must be valid for serverName and chain to a root that b holds
-// for td at the time of the handshake. Unlike a fixed RootCAs pool read at
-// start, this follows the roots discovery publishes, so that a client
-// keeps reaching the controller across a root rotation (the controller
-// switches its serving certificate to the new root only after publishing
-// it); a root that discovery stops publishing stops being trusted.
-func ControllerTLS(serverName string, b *Bundle, td spiffeid.TrustDomain) *tls.Config {
+// certificate must be valid for serverName and chain to one of the roots
+// that roots returns at the time of the handshake. Unlike a fixed RootCAs
+// pool read at start, this follows a root rotation: the controller
+// switches its serving certificate to a new root only after publishing it
+// (see ControllerRoots).
+func ControllerTLS(serverName string, roots func() []*x509.Certificate) *tls.Config {
 	return &tls.Config{
 		MinVersion: tls.VersionTLS13,
 		ServerName: serverName,
@@ -141,16 +142,16 @@ func ControllerTLS(serverName string, b *Bundle, td spiffeid.TrustDomain) *tls.C
 			case len(cs.PeerCertificates) == 0:
 				return fmt.Errorf("controller %s: no server certificate", serverName)
 			}
-			roots := x509.NewCertPool()
-			for _, r := range b.Roots(td) {
-				roots.AddCert(r)
+			pool := x509.NewCertPool()
+			for _, r := range roots() {
+				pool.AddCert(r)
 			}
 			inter := x509.NewCertPool()
 			for _, c := range cs.PeerCertificates[1:] {
 				inter.AddCert(c)
 			}
 			_, err := cs.PeerCertificates[0].Verify(x509.VerifyOptions{
-				DNSName: serverName, Roots: roots, Intermediates: inter,
+				DNSName: serverName, Roots: pool, Intermediates: inter,
 				KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 			})
 			if err != nil {
@@ -158,5 +159,23 @@ func ControllerTLS(serverName string, b *Bundle, td spiffeid.TrustDomain) *tls.C
 			}
 			return nil
 		},
+	}
+}
+
+// ControllerRoots are the roots a data-plane component trusts for the
+// controller: those b holds for td (published through discovery, or the
+// root file's until discovery publishes some) and those in the root file
+// now (the amesh-root-cert ConfigMap as the kubelet keeps it current), so
+// that a component that was away while a new root was published can
+// still reconnect. Both drop a root the operator removes.
+func ControllerRoots(b *Bundle, td spiffeid.TrustDomain, rootFile string) func() []*x509.Certificate {
+	return func() []*x509.Certificate {
+		roots := b.Roots(td)
+		if pemRoots, err := os.ReadFile(rootFile); err == nil {
+			if fb, err := x509bundle.Parse(td, pemRoots); err == nil {
+				roots = append(roots, fb.X509Authorities()...)
+			}
+		}
+		return roots
 	}
 }

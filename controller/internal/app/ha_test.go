@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"maps"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -287,7 +288,7 @@ func TestStagedRootRotation(t *testing.T) {
 	if err := b.SetPEM(td, []byte(strings.Join(published(), "\n"))); err != nil {
 		t.Fatal(err)
 	}
-	cfg := identity.ControllerTLS("amesh-controller.amesh-system.svc", b, td)
+	cfg := identity.ControllerTLS("amesh-controller.amesh-system.svc", identity.ControllerRoots(b, td, filepath.Join(t.TempDir(), "none")))
 	cfg.NextProtos = []string{"h2"}
 	conn, err := tls.Dial("tcp", e.app.GRPCAddr(), cfg)
 	if err != nil {

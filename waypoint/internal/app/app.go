@@ -118,10 +118,10 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (*App, error) {
 		return strings.TrimSpace(string(b)), nil
 	}
 	a.conn, err = grpc.NewClient(cfg.ControllerAddr,
-		// Verified against the bundle's roots at each handshake: the root
-		// file until discovery publishes roots, then those (a root
-		// rotation).
-		grpc.WithTransportCredentials(credentials.NewTLS(identity.ControllerTLS(serverName, a.bundle, a.td))),
+		// Verified at each handshake against the roots discovery
+		// publishes and those of the root file now (a root rotation;
+		// identity.ControllerRoots).
+		grpc.WithTransportCredentials(credentials.NewTLS(identity.ControllerTLS(serverName, identity.ControllerRoots(a.bundle, a.td, cfg.RootCertFile)))),
 		grpc.WithPerRPCCredentials(bearer.PerRPC(token)))
 	if err != nil {
 		return nil, fmt.Errorf("controller connection: %w", err)

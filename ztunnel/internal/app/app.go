@@ -73,10 +73,10 @@ func Run(ctx context.Context, cfg config.Config, log *zap.Logger) error {
 		return strings.TrimSpace(string(b)), nil
 	}
 	conn, err := grpc.NewClient(cfg.Controller,
-		// The controller is verified against the bundle's roots for the
-		// mesh's trust domain at each handshake: the root file until
-		// discovery publishes roots, then those (a root rotation).
-		grpc.WithTransportCredentials(credentials.NewTLS(identity.ControllerTLS(cfg.ControllerName, bundle, td))),
+		// The controller is verified at each handshake against the roots
+		// discovery publishes and those of the root file now (a root
+		// rotation; identity.ControllerRoots).
+		grpc.WithTransportCredentials(credentials.NewTLS(identity.ControllerTLS(cfg.ControllerName, identity.ControllerRoots(bundle, td, cfg.RootCertFile)))),
 		grpc.WithPerRPCCredentials(bearer.PerRPC(token)),
 	)
 	if err != nil {
