@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -47,15 +48,19 @@ func (o StoreOptions) withDefaults() StoreOptions {
 
 // CertInfo describes one identity's certificate for admin dumps.
 type CertInfo struct {
-	ID        spiffeid.ID         `json:"identity"`
-	State     string              `json:"state"` // "pending", "valid", "expired"
-	Serial    string              `json:"serialNumber,omitempty"`
-	NotBefore time.Time           `json:"validFrom,omitzero"`
-	NotAfter  time.Time           `json:"expirationTime,omitzero"`
-	RefreshAt time.Time           `json:"nextRefresh,omitzero"` // next issue attempt
-	Failures  int                 `json:"failures,omitempty"`   // consecutive failed attempts
-	LastError string              `json:"lastError,omitempty"`
-	Chain     []*x509.Certificate `json:"-"` // current chain, leaf first
+	ID     spiffeid.ID `json:"identity"`
+	State  string      `json:"state"` // "pending", "valid", "expired"
+	Serial string      `json:"serialNumber,omitempty"`
+	// AuthorityKeyID (hex) names the CA that signed the certificate — its
+	// subject key identifier: which root a certificate is under during a
+	// root rotation.
+	AuthorityKeyID string              `json:"authorityKeyId,omitempty"`
+	NotBefore      time.Time           `json:"validFrom,omitzero"`
+	NotAfter       time.Time           `json:"expirationTime,omitzero"`
+	RefreshAt      time.Time           `json:"nextRefresh,omitzero"` // next issue attempt
+	Failures       int                 `json:"failures,omitempty"`   // consecutive failed attempts
+	LastError      string              `json:"lastError,omitempty"`
+	Chain          []*x509.Certificate `json:"-"` // current chain, leaf first
 	// Previous is the replaced certificate's chain while it is still valid
 	// (connections established with it keep working until it expires).
 	Previous []*x509.Certificate `json:"-"`
@@ -343,6 +348,7 @@ func (s *Store) Snapshot() []CertInfo {
 				ci.State = "expired"
 			}
 			ci.Serial = leaf.SerialNumber.Text(16)
+			ci.AuthorityKeyID = hex.EncodeToString(leaf.AuthorityKeyId)
 			ci.NotBefore, ci.NotAfter = leaf.NotBefore, leaf.NotAfter
 			ci.Chain = parsedChain(e.cert)
 		}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/hex"
 	"errors"
 	"sync"
 	"sync/atomic"
@@ -87,6 +88,9 @@ func TestStoreSharesFirstFetch(t *testing.T) {
 	snap := s.Snapshot()
 	if len(snap) != 1 || snap[0].ID != testID || snap[0].State != "valid" || len(snap[0].Chain) != 1 {
 		t.Fatalf("snapshot %+v", snap)
+	}
+	if want := hex.EncodeToString(iss.CA.Roots()[0].SubjectKeyId); want == "" || snap[0].AuthorityKeyID != want {
+		t.Fatalf("snapshot authority key ID %q, want the root's subject key ID %q", snap[0].AuthorityKeyID, want)
 	}
 }
 
