@@ -87,7 +87,9 @@ func (r *request) marshal() ([]byte, error) {
 		var n []byte
 		n = appendString(n, nodeIDField, r.node.ID)
 		if r.node.Metadata != nil {
-			md, err := proto.Marshal(r.node.Metadata)
+			// Deterministic: the Struct's map in sorted order, so that
+			// one node's requests encode alike.
+			md, err := proto.MarshalOptions{Deterministic: true}.Marshal(r.node.Metadata)
 			if err != nil {
 				return nil, fmt.Errorf("node metadata: %w", err)
 			}
