@@ -91,22 +91,8 @@ func TestReplicas(t *testing.T) {
 // with it and serves with a certificate from it; a broken Secret is
 // ignored and the current authority kept.
 func TestCARotation(t *testing.T) {
-	e := startEnv(t, nil)
+	e, m, tok := caEnv(t, "4")
 	ctx := context.Background()
-	e.node("node-a")
-	zt := e.pod("amesh-system", "ztunnel-a", "ztunnel", "node-a", "10.4.0.2", nil, nil)
-	e.create(&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "shop", Labels: map[string]string{
-		"amesh.dev/dataplane-mode": "ambient",
-	}}})
-	e.serviceAccount("shop", "web")
-	e.pod("shop", "web-1", "web", "node-a", "10.4.1.1", nil, nil)
-	tok := e.token("amesh-system", "ztunnel", zt, "amesh")
-	m := e.subscribe(tok, map[string]string{"kind": "ztunnel", "pod": "ztunnel-a"})
-	select {
-	case <-m.client.Synced():
-	case <-time.After(10 * time.Second):
-		t.Fatal("not synced")
-	}
 
 	// A broken Secret changes nothing.
 	var sec corev1.Secret
@@ -193,22 +179,8 @@ func issue(t *testing.T, e *env, tok string, roots *x509.CertPool) *x509.Certifi
 // controller; (3) ca.crt holds the new root only — the old root is no
 // longer published.
 func TestStagedRootRotation(t *testing.T) {
-	e := startEnv(t, nil)
+	e, m, tok := caEnv(t, "5")
 	ctx := context.Background()
-	e.node("node-a")
-	zt := e.pod("amesh-system", "ztunnel-a", "ztunnel", "node-a", "10.5.0.2", nil, nil)
-	e.create(&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "shop", Labels: map[string]string{
-		"amesh.dev/dataplane-mode": "ambient",
-	}}})
-	e.serviceAccount("shop", "web")
-	e.pod("shop", "web-1", "web", "node-a", "10.5.1.1", nil, nil)
-	tok := e.token("amesh-system", "ztunnel", zt, "amesh")
-	m := e.subscribe(tok, map[string]string{"kind": "ztunnel", "pod": "ztunnel-a"})
-	select {
-	case <-m.client.Synced():
-	case <-time.After(10 * time.Second):
-		t.Fatal("not synced")
-	}
 	td := spiffeid.RequireTrustDomainFromString("cluster.local")
 	var sec corev1.Secret
 	e.get("amesh-system", "amesh-ca", &sec)
@@ -310,4 +282,27 @@ func TestStagedRootRotation(t *testing.T) {
 	if !verifies(newLeaf, pool(published()...)) {
 		t.Fatal("step 3: a certificate of the new root does not verify")
 	}
+}
+
+// caEnv starts a controller with one node, a ztunnel subscribed to it and
+// a pod of shop/web on that node (addresses in 10.<net>.0.0/16); it
+// returns the ztunnel's discovery mirror and token.
+func caEnv(t *testing.T, net string) (*env, *mirror, string) {
+	t.Helper()
+	e := startEnv(t, nil)
+	e.node("node-a")
+	zt := e.pod("amesh-system", "ztunnel-a", "ztunnel", "node-a", "10."+net+".0.2", nil, nil)
+	e.create(&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "shop", Labels: map[string]string{
+		"amesh.dev/dataplane-mode": "ambient",
+	}}})
+	e.serviceAccount("shop", "web")
+	e.pod("shop", "web-1", "web", "node-a", "10."+net+".1.1", nil, nil)
+	tok := e.token("amesh-system", "ztunnel", zt, "amesh")
+	m := e.subscribe(tok, map[string]string{"kind": "ztunnel", "pod": "ztunnel-a"})
+	select {
+	case <-m.client.Synced():
+	case <-time.After(10 * time.Second):
+		t.Fatal("not synced")
+	}
+	return e, m, tok
 }
