@@ -1,6 +1,7 @@
 package casecret
 
 import (
+	"bytes"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -9,6 +10,8 @@ import (
 	"encoding/pem"
 	"errors"
 	"math/big"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -169,4 +172,65 @@ func TestLoadRotation(t *testing.T) {
 			}
 		})
 	}
+}
+
+// FuzzLoad: whatever an operator puts in the Secret, Load returns an
+// authority that can sign — a CA certificate matching its key, publishing
+// at least the root its chain ends at — or ErrInvalidSecret; never a panic.
+func FuzzLoad(f *testing.F) {
+	td := spiffeid.RequireTrustDomainFromString("cluster.local")
+	// Seeds from files (valid 2026–2126): every fuzzing process must see
+	// the same seed corpus, which freshly generated keys would not give.
+	seed := func(name string) []byte {
+		b, err := os.ReadFile(filepath.Join("testdata", "seed", name))
+		if err != nil {
+			f.Fatal(err)
+		}
+		return b
+	}
+	root, rootKey, inter, interKey, other := seed("root.pem"), seed("root-key.pem"), seed("intermediate.pem"), seed("intermediate-key.pem"), seed("other-root.pem")
+	cat := func(bs ...[]byte) []byte { return bytes.Join(bs, nil) }
+	f.Add(inter, interKey, root)
+	f.Add(inter, interKey, cat(other, root))
+	f.Add(cat(inter, root), interKey, []byte(nil))
+	f.Add(root, rootKey, root)
+	f.Add(root, rootKey, cat(root, other))
+	f.Add(inter, interKey, other)
+	f.Add([]byte("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"), interKey, root)
+	f.Fuzz(func(t *testing.T, cert, key, roots []byte) {
+		s := &corev1.Secret{Data: map[string][]byte{KeyCert: cert, KeyKey: key}}
+		if roots != nil {
+			s.Data[KeyRoot] = roots
+		}
+		a, err := Load(s, Options{TrustDomain: td})
+		if err != nil {
+			if !errors.Is(err, ErrInvalidSecret) {
+				t.Fatalf("error %v is not ErrInvalidSecret", err)
+			}
+			return
+		}
+		if c := a.Certificate(); !c.IsCA || len(a.Roots()) == 0 {
+			t.Fatalf("loaded a non-CA or no roots")
+		}
+		id := spiffeid.RequireFromString("spiffe://cluster.local/ns/a/sa/b")
+		k, _ := identity.NewKey()
+		csr, err := identity.NewCSR(k, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		chain, err := a.Sign(csr, id, time.Minute)
+		if err != nil {
+			return // e.g. a CA whose key type cannot sign what x509 wants; not a parse failure
+		}
+		pool, inters := x509.NewCertPool(), x509.NewCertPool()
+		for _, r := range a.Roots() {
+			pool.AddCert(r)
+		}
+		for _, c := range chain[1:] {
+			inters.AddCert(c)
+		}
+		if _, err := chain[0].Verify(x509.VerifyOptions{Roots: pool, Intermediates: inters, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
+			t.Fatalf("a certificate it signed does not verify against the roots it publishes: %v", err)
+		}
+	})
 }
