@@ -104,8 +104,27 @@ func TestRootRotation(t *testing.T) {
 	if err != nil {
 		t.Fatalf("step 1: %v", err)
 	}
-	t.Log("step 1: both roots published")
-	time.Sleep(5 * time.Second) // the push reaches every ztunnel within this
+	// Every ztunnel holds both roots before the new CA signs.
+	for _, node := range shared.nodes[:2] {
+		err := kube.Poll(ctx, 500*time.Millisecond, 30*time.Second, func(ctx context.Context) (bool, error) {
+			d, err := ztunnelDump(ctx, node)
+			if err != nil {
+				return false, err
+			}
+			var have []string
+			for _, r := range d.TrustBundles[mesh.TrustDomain].Roots {
+				have = append(have, r.SubjectKeyID)
+			}
+			if !slices.Contains(have, oldKeyID) || !slices.Contains(have, newKeyID) {
+				return false, fmt.Errorf("ztunnel on %s holds roots %v, want %s and %s", node, have, oldKeyID, newKeyID)
+			}
+			return true, nil
+		})
+		if err != nil {
+			t.Fatalf("step 1: %v", err)
+		}
+	}
+	t.Log("step 1: both roots published and held by every ztunnel")
 
 	// 2: the new CA signs; the controller restarts, and every ztunnel
 	// reconnects to it serving from the new root.
@@ -158,54 +177,72 @@ func TestRootRotation(t *testing.T) {
 	}
 }
 
-// ztunnelCertAuthority returns the authority key ID of the certificate the
-// ztunnel of node holds for id, from its config dump.
-func ztunnelCertAuthority(ctx context.Context, node, id string) (string, error) {
+// ztunnelDumpData is what the tests read of a ztunnel's config dump.
+type ztunnelDumpData struct {
+	TrustBundles map[string]struct {
+		Roots []struct {
+			SubjectKeyID string `json:"subjectKeyId"`
+		} `json:"roots"`
+	} `json:"trustBundles"`
+	Certificates []struct {
+		Identity       string `json:"identity"`
+		State          string `json:"state"`
+		AuthorityKeyID string `json:"authorityKeyId"`
+	} `json:"certificates"`
+}
+
+// ztunnelDump reads the config dump of the ztunnel of node (its admin
+// port, localhost only, through a port-forward).
+func ztunnelDump(ctx context.Context, node string) (*ztunnelDumpData, error) {
 	c := shared.c
 	pods, err := c.Pods(ctx, mesh.SystemNamespace, "app=ztunnel")
 	if err != nil {
-		return "", err
+		return nil, err
 	}
 	i := slices.IndexFunc(pods, func(p corev1.Pod) bool { return p.Spec.NodeName == node })
 	if i < 0 {
-		return "", fmt.Errorf("no ztunnel on %s", node)
+		return nil, fmt.Errorf("no ztunnel on %s", node)
 	}
 	addr, stop, err := c.Forward(ctx, mesh.SystemNamespace, pods[i].Name, 15000)
 	if err != nil {
-		return "", err
+		return nil, err
 	}
 	defer stop()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+"/config_dump", nil)
 	if err != nil {
-		return "", err
+		return nil, err
 	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
-		return "", fmt.Errorf("ztunnel %s config dump: %w", pods[i].Name, err)
+		return nil, fmt.Errorf("ztunnel %s config dump: %w", pods[i].Name, err)
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(resp.Body)
 	if err != nil {
+		return nil, err
+	}
+	var d ztunnelDumpData
+	if err := json.Unmarshal(body, &d); err != nil {
+		return nil, fmt.Errorf("ztunnel %s config dump: %w", pods[i].Name, err)
+	}
+	return &d, nil
+}
+
+// ztunnelCertAuthority returns the authority key ID of the certificate the
+// ztunnel of node holds for id.
+func ztunnelCertAuthority(ctx context.Context, node, id string) (string, error) {
+	d, err := ztunnelDump(ctx, node)
+	if err != nil {
 		return "", err
 	}
-	var dump struct {
-		Certificates []struct {
-			Identity       string `json:"identity"`
-			State          string `json:"state"`
-			AuthorityKeyID string `json:"authorityKeyId"`
-		} `json:"certificates"`
-	}
-	if err := json.Unmarshal(body, &dump); err != nil {
-		return "", fmt.Errorf("ztunnel %s config dump: %w", pods[i].Name, err)
-	}
 	var have []string
-	for _, ci := range dump.Certificates {
+	for _, ci := range d.Certificates {
 		if ci.Identity == id && ci.State == "valid" {
 			return ci.AuthorityKeyID, nil
 		}
 		have = append(have, ci.Identity+" ("+ci.State+")")
 	}
-	return "", fmt.Errorf("ztunnel %s holds no valid certificate for %s; it holds %s", pods[i].Name, id, strings.Join(have, ", "))
+	return "", fmt.Errorf("ztunnel on %s holds no valid certificate for %s; it holds %s", node, id, strings.Join(have, ", "))
 }
 
 // newRootCA makes a self-signed ECDSA root for the mesh's trust domain, as

@@ -8,6 +8,7 @@ package store
 
 import (
 	"crypto/x509"
+	"encoding/hex"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -826,6 +827,9 @@ type DumpBundle struct {
 type DumpCert struct {
 	Subject  string `json:"subject"`
 	NotAfter string `json:"notAfter"`
+	// SubjectKeyID (hex) tells roots of one subject apart (a rotation's)
+	// and matches the authority key ID of the certificates they signed.
+	SubjectKeyID string `json:"subjectKeyId,omitempty"`
 }
 
 // Snapshot returns copies of everything, sorted by name, for dumps.
@@ -845,7 +849,8 @@ func (s *Store) Snapshot() Dump {
 	for n, b := range s.bundles {
 		var db DumpBundle
 		for _, c := range b.Roots {
-			db.Roots = append(db.Roots, DumpCert{Subject: c.Subject.String(), NotAfter: c.NotAfter.UTC().Format("2006-01-02T15:04:05Z")})
+			db.Roots = append(db.Roots, DumpCert{Subject: c.Subject.String(), NotAfter: c.NotAfter.UTC().Format("2006-01-02T15:04:05Z"),
+				SubjectKeyID: hex.EncodeToString(c.SubjectKeyId)})
 		}
 		d.TrustBundles[n] = db
 	}

@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/hex"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -496,7 +497,7 @@ func TestChangedAndBundles(t *testing.T) {
 		t.Fatalf("roots = %v", r)
 	}
 	d := s.Snapshot()
-	if len(d.TrustBundles["cluster.local"].Roots) != 1 {
+	if rs := d.TrustBundles["cluster.local"].Roots; len(rs) != 1 || rs[0].SubjectKeyID == "" || rs[0].SubjectKeyID != hex.EncodeToString(root.SubjectKeyId) {
 		t.Fatalf("snapshot bundles = %+v", d.TrustBundles)
 	}
 }
