@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"strings"
 	"time"
 
@@ -174,7 +175,12 @@ func (r *root) apply(ctx context.Context, o *applyOptions) error {
 	verb := "created"
 	if exists {
 		verb = "configured"
-		if gw.ResourceVersion != nil && *gw.ResourceVersion == existing.ResourceVersion {
+		// Unchanged when neither the spec (its generation) nor the
+		// metadata the command sets moved; the resourceVersion also
+		// moves with the controller's status writes, which may land
+		// between the read and the apply.
+		if gw.Generation != nil && *gw.Generation == existing.Generation &&
+			maps.Equal(gw.Labels, existing.Labels) && maps.Equal(gw.Annotations, existing.Annotations) {
 			verb = "unchanged"
 		}
 	}
