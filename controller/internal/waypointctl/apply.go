@@ -14,6 +14,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/validation"
+	metav1ac "k8s.io/client-go/applyconfigurations/meta/v1"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 	gwac "sigs.k8s.io/gateway-api/applyconfiguration/apis/v1"
@@ -32,6 +33,9 @@ type applyOptions struct {
 	wait            bool
 	timeout         time.Duration
 	output          string
+	// allowNamespaces is --allow-namespaces: "" (keep the current
+	// setting), "same", "all", or a label selector of namespaces.
+	allowNamespaces string
 }
 
 // defaults fills in the flags the user did not give: the name ("waypoint",
@@ -74,13 +78,60 @@ func (o *applyOptions) validate() error {
 	if err := checkOutput(o.output); err != nil {
 		errs = append(errs, err)
 	}
+	if _, err := o.routeNamespaces(); err != nil {
+		errs = append(errs, err)
+	}
 	return errors.Join(errs...)
+}
+
+// routeNamespaces is the listener's allowedRoutes.namespaces that
+// --allow-namespaces asks for; nil when the flag is not given.
+func (o *applyOptions) routeNamespaces() (*gwac.RouteNamespacesApplyConfiguration, error) {
+	switch v := strings.TrimSpace(o.allowNamespaces); v {
+	case "":
+		return nil, nil
+	case "same", "Same":
+		return gwac.RouteNamespaces().WithFrom(gwv1.NamespacesFromSame), nil
+	case "all", "All":
+		return gwac.RouteNamespaces().WithFrom(gwv1.NamespacesFromAll), nil
+	default:
+		sel, err := metav1.ParseToLabelSelector(v)
+		if err != nil {
+			return nil, fmt.Errorf("--allow-namespaces %q: must be same, all or a label selector: %w", o.allowNamespaces, err)
+		}
+		return gwac.RouteNamespaces().WithFrom(gwv1.NamespacesFromSelector).WithSelector(labelSelectorAC(sel)), nil
+	}
+}
+
+// keepRouteNamespaces is the apply configuration of the current
+// allowedRoutes.namespaces of the Gateway's mesh listener, so that an
+// apply without --allow-namespaces leaves it as it is.
+func keepRouteNamespaces(gw *gwv1.Gateway) *gwac.RouteNamespacesApplyConfiguration {
+	for _, l := range gw.Spec.Listeners {
+		if l.Name != "mesh" || l.AllowedRoutes == nil || l.AllowedRoutes.Namespaces == nil || l.AllowedRoutes.Namespaces.From == nil {
+			continue
+		}
+		rn := gwac.RouteNamespaces().WithFrom(*l.AllowedRoutes.Namespaces.From)
+		if sel := l.AllowedRoutes.Namespaces.Selector; sel != nil {
+			rn.WithSelector(labelSelectorAC(sel))
+		}
+		return rn
+	}
+	return nil
+}
+
+func labelSelectorAC(sel *metav1.LabelSelector) *metav1ac.LabelSelectorApplyConfiguration {
+	ac := metav1ac.LabelSelector().WithMatchLabels(sel.MatchLabels)
+	for _, e := range sel.MatchExpressions {
+		ac.WithMatchExpressions(metav1ac.LabelSelectorRequirement().WithKey(e.Key).WithOperator(e.Operator).WithValues(e.Values...))
+	}
+	return ac
 }
 
 func (r *root) applyCommand() *cobra.Command {
 	o := &applyOptions{timeout: 90 * time.Second}
 	cmd := &cobra.Command{
-		Use:   "apply [-n namespace] [--name waypoint] [--for service|workload|all] [--service-account sa] [--enroll-namespace [--overwrite]] [--wait [--timeout 90s]]",
+		Use:   "apply [-n namespace] [--name waypoint] [--for service|workload|all] [--service-account sa] [--allow-namespaces same|all|selector] [--enroll-namespace [--overwrite]] [--wait [--timeout 90s]]",
 		Short: "Create or update a waypoint",
 		Long: `Create or update a waypoint in a namespace.
 
@@ -89,11 +140,15 @@ service account (no label needed); its name then defaults to <sa>-waypoint
 and --for to workload (with --for service it would not take their traffic).
 With --enroll-namespace the namespace is bound to the waypoint (label
 amesh.dev/use-waypoint); a namespace already bound to another waypoint is
-left alone unless --overwrite is given. With --wait the command returns once
+left alone unless --overwrite is given. A waypoint serves only its own
+namespace's traffic unless --allow-namespaces admits others (all, or those
+a label selector matches), which then bind to it with amesh.dev/use-waypoint
+and amesh.dev/use-waypoint-namespace. With --wait the command returns once
 the waypoint is programmed, showing its progress.`,
 		Example: `  kubectl waypoint apply -n bookinfo --enroll-namespace --wait
   kubectl waypoint apply -n bookinfo --service-account reviews
-  kubectl waypoint apply -n bookinfo --name l7 --for all -o yaml`,
+  kubectl waypoint apply -n bookinfo --name l7 --for all -o yaml
+  kubectl waypoint apply -n shared --name central --allow-namespaces team=shop`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			o.defaults(cmd.Flags().Changed("name"), cmd.Flags().Changed("for"))
@@ -112,6 +167,7 @@ the waypoint is programmed, showing its progress.`,
 	f.BoolVar(&o.wait, "wait", false, "wait until the waypoint is programmed")
 	f.DurationVar(&o.timeout, "timeout", o.timeout, "how long --wait waits")
 	f.StringVarP(&o.output, "output", "o", "", "print the waypoint: yaml or json")
+	f.StringVar(&o.allowNamespaces, "allow-namespaces", "", "namespaces whose traffic may be bound to this waypoint besides its own: same, all or a label selector (default: keep the current setting; a new waypoint admits only its own)")
 	return cmd
 }
 
@@ -158,14 +214,22 @@ func (r *root) apply(ctx context.Context, o *applyOptions) error {
 		}
 	}
 
+	listener := gwac.Listener().
+		WithName("mesh").
+		WithPort(label.HBONEPort).
+		WithProtocol("HBONE")
+	rn, _ := o.routeNamespaces() // validated
+	if rn == nil && exists {
+		rn = keepRouteNamespaces(&existing)
+	}
+	if rn != nil {
+		listener.WithAllowedRoutes(gwac.AllowedRoutes().WithNamespaces(rn))
+	}
 	gw := gwac.Gateway(o.name, ns).
 		WithLabels(map[string]string{label.WaypointFor: o.forTraffic}).
 		WithSpec(gwac.GatewaySpec().
 			WithGatewayClassName(gwv1.ObjectName(r.class)).
-			WithListeners(gwac.Listener().
-				WithName("mesh").
-				WithPort(label.HBONEPort).
-				WithProtocol("HBONE")))
+			WithListeners(listener))
 	if o.serviceAccount != "" {
 		gw.WithAnnotations(map[string]string{label.ForServiceAccount: o.serviceAccount})
 	}

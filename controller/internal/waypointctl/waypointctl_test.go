@@ -447,6 +447,52 @@ func TestPlugin(t *testing.T) {
 		p.fails("no waypoints in namespace empty", "status", "-n", "empty")
 	})
 
+	t.Run("other namespaces are admitted with --allow-namespaces", func(t *testing.T) {
+		p := &plugin{t: t, kubeconfig: p.kubeconfig}
+		from := func() (string, string) {
+			t.Helper()
+			gw, err := gateway("shop", "waypoint")
+			if err != nil {
+				t.Fatal(err)
+			}
+			ar := gw.Spec.Listeners[0].AllowedRoutes
+			if ar == nil || ar.Namespaces == nil || ar.Namespaces.From == nil {
+				return "", ""
+			}
+			sel := ""
+			if ar.Namespaces.Selector != nil {
+				sel = metav1.FormatLabelSelector(ar.Namespaces.Selector)
+			}
+			return string(*ar.Namespaces.From), sel
+		}
+		p.fails(`--allow-namespaces "team in (": must be same, all or a label selector`, "apply", "-n", "shop", "--allow-namespaces", "team in (")
+		r := p.ok("apply", "-n", "shop", "--allow-namespaces", "kubernetes.io/metadata.name=far")
+		contains(t, "apply --allow-namespaces", r.out, "waypoint shop/waypoint configured")
+		if f, sel := from(); f != "Selector" || sel != "kubernetes.io/metadata.name=far" {
+			t.Fatalf("allowedRoutes from %q selector %q", f, sel)
+		}
+		r = p.ok("status", "-n", "shop", "waypoint")
+		if strings.Contains(r.out, "namespace far (refused") || !strings.Contains(r.out, "namespace far") {
+			t.Errorf("namespace far not shown as admitted:\n%s", r.out)
+		}
+		// Without the flag the setting stays.
+		r = p.ok("apply", "-n", "shop")
+		contains(t, "apply without --allow-namespaces", r.out, "waypoint shop/waypoint unchanged")
+		if f, sel := from(); f != "Selector" || sel != "kubernetes.io/metadata.name=far" {
+			t.Fatalf("after an apply without the flag: allowedRoutes from %q selector %q", f, sel)
+		}
+		p.ok("apply", "-n", "shop", "--allow-namespaces", "all")
+		if f, _ := from(); f != "All" {
+			t.Fatalf("allowedRoutes from %q, want All", f)
+		}
+		p.ok("apply", "-n", "shop", "--allow-namespaces", "same")
+		if f, _ := from(); f != "Same" {
+			t.Fatalf("allowedRoutes from %q, want Same", f)
+		}
+		r = p.ok("status", "-n", "shop", "waypoint")
+		contains(t, "status after --allow-namespaces same", r.out, "namespace far (refused")
+	})
+
 	t.Run("Gateways of other classes are not touched", func(t *testing.T) {
 		p := &plugin{t: t, kubeconfig: p.kubeconfig}
 		create(&gwv1.Gateway{
