@@ -371,6 +371,8 @@ type translator struct {
 	// unavailable holds the Gateways of the waypoint class that nobody
 	// runs (see waypoint.unavailable), by "<ns>/<name>".
 	unavailable map[string]*waypoint
+	// bound memoizes boundWaypoint.
+	bound map[binding]*waypoint
 	// gateways holds every Gateway by "<ns>/<name>".
 	gateways map[string]*gwv1.Gateway
 	// ReplicaSets and Deployments by UID.
@@ -442,6 +444,7 @@ func newTranslator(cfg Config, full *Input) *translator {
 		svcSelector:      map[string]map[string][]*corev1.Service{},
 		waypoints:        map[string]*waypoint{},
 		unavailable:      map[string]*waypoint{},
+		bound:            map[binding]*waypoint{},
 		gateways:         make(map[string]*gwv1.Gateway, len(in.Gateways)),
 		replicaSets:      make(map[types.UID]*appsv1.ReplicaSet, len(in.ReplicaSets)),
 		deployments:      make(map[types.UID]*appsv1.Deployment, len(in.Deployments)),

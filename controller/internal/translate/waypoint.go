@@ -284,7 +284,20 @@ func (t *translator) serviceWaypoint(svc *corev1.Service) *waypoint {
 // the traffic is refused as well: a namespace cannot make someone else's
 // waypoint carry, and its policies decide over, traffic its owner never
 // agreed to serve.
+//
+// The answer depends only on the context (Gateways, namespaces), not on
+// the pod or Service asking, so it is computed once per binding: every pod
+// of a namespace shares its namespace's binding.
 func (t *translator) boundWaypoint(b binding) *waypoint {
+	if w, ok := t.bound[b]; ok {
+		return w
+	}
+	w := t.resolveBinding(b)
+	t.bound[b] = w
+	return w
+}
+
+func (t *translator) resolveBinding(b binding) *waypoint {
 	w := t.waypointAt(b.key)
 	if w.gw == nil || w.ns == b.from {
 		return w
