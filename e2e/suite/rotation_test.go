@@ -4,17 +4,12 @@ package suite
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
 	"fmt"
 	"io"
-	"math/big"
 	"net/http"
 	"net/url"
 	"slices"
@@ -27,6 +22,7 @@ import (
 
 	"github.com/amesh-dev/amesh/e2e/internal/kube"
 	"github.com/amesh-dev/amesh/e2e/internal/mesh"
+	"github.com/amesh-dev/amesh/e2e/internal/pki"
 	"github.com/amesh-dev/amesh/e2e/sample"
 )
 
@@ -58,10 +54,17 @@ func TestRootRotation(t *testing.T) {
 	if err != nil || len(oldRoots) == 0 {
 		t.Fatalf("CA Secret ca.crt: %d certificates, %v", len(oldRoots), err)
 	}
-	nextRoot, nextCertPEM, nextKey := newRootCA(t)
+	next, err := pki.NewCA("amesh e2e rotated root")
+	if err != nil {
+		t.Fatal(err)
+	}
+	nextKey, err := next.KeyPEM()
+	if err != nil {
+		t.Fatal(err)
+	}
 	oldKeyID := hex.EncodeToString(oldRoots[0].SubjectKeyId)
-	newKeyID := hex.EncodeToString(nextRoot.SubjectKeyId)
-	both := append(append([]byte(nil), sec.Data["ca.crt"]...), nextCertPEM...)
+	newKeyID := hex.EncodeToString(next.Cert.SubjectKeyId)
+	both := append(append([]byte(nil), sec.Data["ca.crt"]...), next.CertPEM...)
 	update := func(data map[string][]byte) {
 		t.Helper()
 		s, err := secrets.Get(ctx, "amesh-ca", metav1.GetOptions{})
@@ -128,7 +131,7 @@ func TestRootRotation(t *testing.T) {
 
 	// 2: the new CA signs; the controller restarts, and every ztunnel
 	// reconnects to it serving from the new root.
-	update(map[string][]byte{"tls.crt": nextCertPEM, "tls.key": nextKey})
+	update(map[string][]byte{"tls.crt": next.CertPEM, "tls.key": nextKey})
 	t.Log("step 2: the new CA signs")
 	time.Sleep(3 * time.Second)
 	restartPod(ctx, t, "app=amesh-controller", "")
@@ -243,45 +246,6 @@ func ztunnelCertAuthority(ctx context.Context, node, id string) (string, error) 
 		have = append(have, ci.Identity+" ("+ci.State+")")
 	}
 	return "", fmt.Errorf("ztunnel on %s holds no valid certificate for %s; it holds %s", node, id, strings.Join(have, ", "))
-}
-
-// newRootCA makes a self-signed ECDSA root for the mesh's trust domain, as
-// an operator would for a rotation: the certificate, its PEM and its key's
-// PKCS#8 PEM.
-func newRootCA(t *testing.T) (*x509.Certificate, []byte, []byte) {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
-	if err != nil {
-		t.Fatal(err)
-	}
-	td, err := url.Parse("spiffe://" + mesh.TrustDomain)
-	if err != nil {
-		t.Fatal(err)
-	}
-	now := time.Now()
-	tmpl := &x509.Certificate{
-		SerialNumber: serial, Subject: pkix.Name{Organization: []string{"amesh e2e"}, CommonName: "rotated root"},
-		NotBefore: now.Add(-time.Minute), NotAfter: now.Add(48 * time.Hour),
-		KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature,
-		IsCA:     true, BasicConstraintsValid: true, URIs: []*url.URL{td},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return cert, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER})
 }
 
 // parseCerts parses the PEM certificates in b.

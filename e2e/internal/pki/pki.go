@@ -134,9 +134,12 @@ func (ca *CA) Issue(req Request) (Pair, error) {
 	return Pair{CertPEM: encodeCert(der), KeyPEM: keyPEM}, nil
 }
 
+// KeyPEM is the CA's private key, PKCS#8 PEM.
+func (ca *CA) KeyPEM() ([]byte, error) { return encodeKey(ca.Key) }
+
 // Write stores the CA as <dir>/<name>.crt and <dir>/<name>.key.
 func (ca *CA) Write(dir, name string) error {
-	keyPEM, err := encodeKey(ca.Key)
+	keyPEM, err := ca.KeyPEM()
 	if err != nil {
 		return err
 	}
