@@ -814,13 +814,7 @@ func TestRestartKeepsPods(t *testing.T) {
 	h.startAgent()
 	z := h.ztunnel()
 	nsName := h.namespace("restart", true)
-	p := h.pod(nsName, "p", nil)
-	if err := h.add(p); err != nil {
-		t.Fatal(err)
-	}
-	h.runIn(p)
-	h.setRunning(p)
-	h.wantAnnotation(p, "enabled")
+	p := h.enrolRunning(nsName, "p")
 	if !strings.Contains(h.metrics(), "amesh_cni_unacknowledged_pods 0") {
 		t.Errorf("metrics: want amesh_cni_unacknowledged_pods 0")
 	}
@@ -891,13 +885,7 @@ func TestSnapshotRejectionRetried(t *testing.T) {
 	h.startAgent()
 	z := h.ztunnel()
 	nsName := h.namespace("reject", true)
-	p := h.pod(nsName, "p", nil)
-	if err := h.add(p); err != nil {
-		t.Fatal(err)
-	}
-	h.runIn(p)
-	h.setRunning(p)
-	h.wantAnnotation(p, "enabled")
+	p := h.enrolRunning(nsName, "p")
 
 	// ztunnel restarts and now refuses the pod (it cannot get its
 	// certificate yet, say).
@@ -1055,13 +1043,7 @@ func TestLeaveWithLiveConnection(t *testing.T) {
 	h.startAgent()
 	z := h.ztunnel()
 	nsName := h.namespace("leave", true)
-	p := h.pod(nsName, "p", nil)
-	if err := h.add(p); err != nil {
-		t.Fatal(err)
-	}
-	h.runIn(p)
-	h.setRunning(p)
-	h.wantAnnotation(p, "enabled")
+	p := h.enrolRunning(nsName, "p")
 	// The node answers on 7777 itself: a direct connection reaches it.
 	var nodeLn net.Listener
 	if err := h.inNode(func() (err error) {
