@@ -30,7 +30,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"strings"
 
 	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
@@ -49,14 +48,6 @@ var ErrInvalidResource = errors.New("invalid resource")
 // ("type.googleapis.com/<full name>").
 func TypeURL(m proto.Message) string {
 	return "type.googleapis.com/" + string(m.ProtoReflect().Descriptor().FullName())
-}
-
-// shortType is the metric label of a type URL: its full message name.
-func shortType(typeURL string) string {
-	if i := strings.LastIndexByte(typeURL, '/'); i >= 0 {
-		return typeURL[i+1:]
-	}
-	return typeURL
 }
 
 // entry is a resource prepared for sending: encoded once, shared by every

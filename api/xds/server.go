@@ -474,7 +474,7 @@ func (st *stream) handle(r *discoveryv3.DeltaDiscoveryRequest) error {
 		case !ok:
 			st.log.Debug("xds response for an unknown nonce", zap.String("type", typeURL), zap.String("nonce", nonce))
 		case r.GetErrorDetail() != nil:
-			st.srv.metrics.nacks.WithLabelValues(shortType(sentType)).Inc()
+			st.srv.metrics.nacks.WithLabelValues(xdsclient.ShortType(sentType)).Inc()
 			st.log.Warn("xds NACK", zap.String("type", sentType), zap.String("nonce", nonce),
 				zap.Int32("code", r.GetErrorDetail().GetCode()), zap.String("reason", r.GetErrorDetail().GetMessage()))
 		default:
@@ -637,7 +637,7 @@ func (st *stream) flush(gs grpc.BidiStreamingServer[discoveryv3.DeltaDiscoveryRe
 	st.srv.mu.RUnlock()
 
 	for _, o := range out {
-		label := shortType(o.typeURL)
+		label := xdsclient.ShortType(o.typeURL)
 		chunks := st.srv.split(o.upserts, o.removes)
 		for i, c := range chunks {
 			if i > 0 {

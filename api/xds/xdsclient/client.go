@@ -241,8 +241,8 @@ func registerUpdates(reg prometheus.Registerer, log *zap.Logger, c *prometheus.C
 	return c
 }
 
-// shortType is the metric label of a type URL: its full message name.
-func shortType(typeURL string) string {
+// ShortType is the metric label of a type URL: its full message name.
+func ShortType(typeURL string) string {
 	if i := strings.LastIndexByte(typeURL, '/'); i >= 0 {
 		return typeURL[i+1:]
 	}
@@ -414,7 +414,7 @@ func (c *Client) handled(resp *response, aerr error) {
 	if aerr != nil {
 		result = "rejected"
 	}
-	c.updates.WithLabelValues(shortType(typeURL), result).Inc()
+	c.updates.WithLabelValues(ShortType(typeURL), result).Inc()
 	if c.complete[typeURL] {
 		return
 	}
